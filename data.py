@@ -1,0 +1,727 @@
+"""
+The data of nanoVLP: the shapes world (procedural scenes whose ground truth is known), its
+tokenizer, preparation into memory-mapped arrays, and batches sliced from those arrays.
+
+A prepared dataset is a directory:
+    meta.json                  what is in it (splits, sizes, vocabularies, tokenizer)
+    tokenizer.tiktoken         the BPE ranks in tiktoken's own file format
+    {split}.images.npy         (N, S, S, 3) uint8 images
+    {split}.tokens.npy         (N, C, T) int32 captions: <bos> text <eos> <pad>...
+    {split}.scene.npy          (N,) int64 id of the scene each image shows (see scene_id)
+    {split}.objects.npy        (N, 3, 7) int16 shape, colour, size, x0, y0, x1, y1 (-1: none)
+    {split}.classmap.npy       (N, S, S) uint8 per-pixel class: 0 background, 1 + shape index
+and, for some splits, extra arrays (web corruption, held-out flags, multi-image questions).
+Every array is opened with np.load(mmap_mode='r'): a batch is one fancy-indexed slice.
+"""
+
+import base64
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+import regex
+import tiktoken
+from PIL import Image, UnidentifiedImageError
+
+WORLD_VERSION = 1  # bump when the generator changes: cached worlds are then regenerated
+
+# -----------------------------------------------------------------------------
+# the vocabulary of the world
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")  # named in pretraining
+NOVEL_SHAPES = ("star", "heart", "moon")  # never named in any caption: for few-shot prompting
+ALL_SHAPES = SHAPES + NOVEL_SHAPES
+PLURALS = {"cross": "crosses"}  # every other shape takes an "s"
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 240), "yellow": (235, 215, 40),
+    "purple": (150, 60, 210), "orange": (245, 140, 30), "cyan": (40, 210, 220), "white": (240, 240, 240),
+}
+COLOUR_NAMES = tuple(COLOURS)
+SIZES = ("small", "large")
+RADIUS = (0.075, 0.13)  # half extent of a small and a large object, as a fraction of the image side
+AXES = ("none", "horizontal", "vertical")  # how the objects of a scene are laid out
+
+# Caption templates. Objects are named in order along the layout axis; a relation word says
+# which way ("left of" or "right of" reads the same row in the two directions).
+TEMPLATES = {
+    1: ("a {0}", "a photo of a {0}", "there is a {0}", "an image with a {0}"),
+    2: ("a {0} {rel} a {1}", "a photo of a {0} {rel} a {1}", "there is a {0} {rel} a {1}",
+        "an image with a {0} {rel} a {1}"),
+    3: ("a {0}, a {1} and a {2} from {dir}", "from {dir}: a {0}, a {1} and a {2}",
+        "a photo of a {0}, a {1} and a {2} from {dir}", "there is a {0}, a {1} and a {2} from {dir}"),
+}
+# (axis, reversed) -> words; "reversed" names the objects from the far end of the axis
+RELATIONS = {(1, False): "left of", (1, True): "right of", (2, False): "above", (2, True): "below"}
+DIRECTIONS = {(1, False): "left to right", (1, True): "right to left",
+              (2, False): "top to bottom", (2, True): "bottom to top"}
+
+# web caption corruptions (recorded per web caption so that filtering can be scored)
+CORRUPTIONS = ("none", "attribute", "relation", "swapped")
+# multi-image question types
+QTYPES = ("count", "most", "largest", "change", "sequence")
+CHANGES = ("colour", "shape", "position", "added", "removed")
+SEQUENCES = ("grows", "shrinks", "moves")
+
+# special tokens the model uses, appended after the BPE ranks
+BOS, EOS, PAD, MASK, GLOB = "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|mask|>", "<|glob|>"
+SPECIAL_TOKENS = (EOS, BOS, PAD, MASK, GLOB)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@dataclass
+class WorldConfig:
+    world_seed: int = 0  # the whole world is a function of this seed and the fields below
+    n_train: int = 20000  # clean image-caption pairs for pretraining
+    n_val: int = 1000
+    n_test: int = 1000  # half of it shows held-out colour-shape pairs
+    n_web: int = 20000  # noisy "web" pairs (CapFilt)
+    web_noise: float = 0.3  # fraction of web captions corrupted
+    n_novel_train: int = 1000  # images with novel shapes (few-shot prompting)
+    n_novel_val: int = 500
+    n_multi_train: int = 4000  # multi-image question sets
+    n_multi_val: int = 500
+    max_images: int = 4  # most images in a multi-image set
+    captions_per_image: int = 4  # paraphrases per clean image
+    n_heldout_pairs: int = 6  # colour-shape pairs shown only in the test split
+
+
+# -----------------------------------------------------------------------------
+# scenes: sampling objects and laying them out
+
+
+def scene_id(axis, objects):
+    """One int64 for a scene: its layout axis and its objects (shape, colour, size) in order
+    along the axis. Two captions describe the same scene iff they parse to the same id."""
+    n_codes = len(ALL_SHAPES) * len(COLOURS) * len(SIZES) + 1
+    sid, base = axis, len(AXES)
+    for s, c, z in objects:
+        sid += base * (1 + (s * len(COLOURS) + c) * len(SIZES) + z)
+        base *= n_codes
+    return sid
+
+
+def heldout_pairs(cfg):
+    """The colour-shape pairs kept out of every split but test, chosen so that each colour and
+    each shape still appears in training with others."""
+    rng = np.random.default_rng([cfg.world_seed, 99])
+    pairs = set()
+    for i in rng.permutation(len(SHAPES) * len(COLOURS)):
+        s, c = divmod(int(i), len(COLOURS))
+        if len(pairs) == cfg.n_heldout_pairs:
+            break
+        if all(s != s2 for s2, _ in pairs) and all(c != c2 for _, c2 in pairs):
+            pairs.add((s, c))
+    return sorted(pairs)
+
+
+def sample_object(rng, shapes, pairs_ok):
+    """(shape, colour, size) drawn uniformly among the allowed colour-shape pairs; shapes is a
+    sequence of shape indices."""
+    while True:
+        s, c, z = int(rng.choice(shapes)), int(rng.integers(len(COLOURS))), int(rng.integers(2))
+        if pairs_ok(s, c):
+            return s, c, z
+
+
+def radius_px(rng, z, S):
+    return RADIUS[z] * S * rng.uniform(0.94, 1.06)
+
+
+def layout_row(rng, objects, S):
+    """Place objects in a row (axis 1) or column (axis 2): strictly apart along the axis,
+    near one line across it, so that exactly one relation holds between neighbours.
+    Returns (axis, [(cx, cy, r)]) with the objects in order along the axis."""
+    n = len(objects)
+    radii = [radius_px(rng, z, S) for _, _, z in objects]
+    if n == 1:
+        r = radii[0]
+        return 0, [(rng.uniform(r + 1, S - r - 1), rng.uniform(r + 1, S - r - 1), r)]
+    axis = int(rng.integers(1, 3))
+    gap, margin = 2.0, 1.0
+    slack = S - 2 * margin - 2 * sum(radii) - gap * (n - 1)
+    assert slack > 0, f"image size {S} is too small for {n} objects in a row"
+    parts = rng.dirichlet(np.ones(n + 1)) * slack
+    along, pos = [], margin
+    for i, r in enumerate(radii):
+        pos += parts[i] + r
+        along.append(pos)
+        pos += r + gap
+    rmax, jitter = max(radii), 0.04 * S
+    line = rng.uniform(rmax + jitter + 1, S - rmax - jitter - 1)
+    across = [line + rng.uniform(-jitter, jitter) for _ in radii]
+    xy = zip(along, across) if axis == 1 else zip(across, along)
+    return axis, [(x, y, r) for (x, y), r in zip(xy, radii)]
+
+
+def place_free(rng, radii, S, placed=(), tries=200):
+    """Place objects anywhere, their boxes apart from each other and from `placed`.
+    Returns [(cx, cy, r)] or None when the image is too full."""
+    out = list(placed)
+    for r in radii:
+        for _ in range(tries):
+            x, y = rng.uniform(r + 1, S - r - 1, size=2)
+            if all(max(abs(x - x2), abs(y - y2)) > r + r2 + 2 for x2, y2, r2 in out):
+                out.append((x, y, r))
+                break
+        else:
+            return None
+    return out[len(placed):]
+
+
+# -----------------------------------------------------------------------------
+# rendering: each shape is an implicit function on coordinates normalised by the radius
+
+
+def shape_mask(shape, u, v):
+    """Boolean mask of a shape centred at 0 with radius 1; u right, v down."""
+    name = ALL_SHAPES[shape]
+    d2 = u * u + v * v
+    if name == "circle":
+        return d2 <= 1.0
+    if name == "square":
+        return np.maximum(abs(u), abs(v)) <= 0.85
+    if name == "triangle":  # apex up, base at v = 0.7
+        return (v <= 0.7) & (abs(u) * 1.7 <= v + 1.0)
+    if name == "diamond":
+        return abs(u) + abs(v) <= 1.1
+    if name == "cross":
+        return ((abs(u) <= 0.35) & (abs(v) <= 1.0)) | ((abs(v) <= 0.35) & (abs(u) <= 1.0))
+    if name == "ring":
+        return (d2 <= 1.0) & (d2 >= 0.3)
+    if name == "star":  # five points
+        theta = np.arctan2(v, u) + np.pi / 2
+        return np.sqrt(d2) <= 0.45 + 0.55 * np.abs(np.cos(2.5 * theta)) ** 3
+    if name == "heart":
+        x, y = 1.15 * u, -1.15 * v + 0.25
+        return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
+    if name == "moon":
+        return (d2 <= 1.0) & ((u - 0.45) ** 2 + (v + 0.1) ** 2 >= 0.7)
+    raise ValueError(f"unknown shape {name}")
+
+
+def render(rng, objects, placement, S):
+    """Draw one image. Returns (image (S,S,3) uint8, classmap (S,S) uint8, boxes [(x0,y0,x1,y1)]).
+    Objects never overlap, so each object's pixels are exactly its mask."""
+    image = np.empty((S, S, 3), np.uint8)
+    image[:] = rng.integers(0, 50, size=3)  # dark background of a random tint
+    classmap = np.zeros((S, S), np.uint8)
+    boxes = []
+    for (s, c, _), (cx, cy, r) in zip(objects, placement):
+        x0, y0 = max(int(cx - r) - 1, 0), max(int(cy - r) - 1, 0)
+        x1, y1 = min(int(cx + r) + 2, S), min(int(cy + r) + 2, S)
+        u = (np.arange(x0, x1) + 0.5 - cx) / r  # pixel centres
+        v = (np.arange(y0, y1) + 0.5 - cy) / r
+        mask = shape_mask(s, u[None, :], v[:, None])
+        colour = np.clip(np.array(COLOURS[COLOUR_NAMES[c]]) + rng.integers(-20, 21, size=3), 0, 255)
+        image[y0:y1, x0:x1][mask] = colour
+        classmap[y0:y1, x0:x1][mask] = 1 + s
+        ys, xs = np.nonzero(mask)
+        boxes.append((x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1))
+    return image, classmap, boxes
+
+
+# -----------------------------------------------------------------------------
+# captions: written from templates, and parsed back with the same templates
+
+
+def object_phrase(obj):
+    s, c, z = obj
+    return f"{SIZES[z]} {COLOUR_NAMES[c]} {ALL_SHAPES[s]}"
+
+
+def write_caption(axis, objects, template, reverse):
+    """Caption of a scene (objects in order along the axis) with one template, named from the
+    near end of the axis or, if reverse, from the far end."""
+    order = objects[::-1] if reverse else objects
+    return TEMPLATES[len(objects)][template].format(
+        *map(object_phrase, order), rel=RELATIONS.get((axis, reverse)), dir=DIRECTIONS.get((axis, reverse)))
+
+
+def _template_regex(template):
+    obj = r"(small|large) (" + "|".join(COLOUR_NAMES) + r") (" + "|".join(ALL_SHAPES) + r")"
+    pattern = regex.escape(template)
+    for i in range(3):
+        pattern = pattern.replace(regex.escape("{%d}" % i), obj)
+    pattern = pattern.replace(regex.escape("{rel}"), "(" + "|".join(RELATIONS.values()) + ")")
+    pattern = pattern.replace(regex.escape("{dir}"), "(" + "|".join(DIRECTIONS.values()) + ")")
+    return regex.compile(pattern)
+
+
+CAPTION_PATTERNS = [(n, _template_regex(t)) for n, ts in TEMPLATES.items() for t in ts]
+
+
+def parse_caption(text):
+    """The scene_id a caption describes, or None if it is not a well-formed world caption."""
+    text = text.strip()
+    for n, pattern in CAPTION_PATTERNS:
+        m = pattern.fullmatch(text)
+        if m is None:
+            continue
+        groups = list(m.groups())
+        word = next((g for g in groups if g in RELATIONS.values() or g in DIRECTIONS.values()), None)
+        groups = [g for g in groups if g != word]
+        objects = [(ALL_SHAPES.index(groups[i + 2]), COLOUR_NAMES.index(groups[i + 1]), SIZES.index(groups[i]))
+                   for i in range(0, len(groups), 3)]
+        if n == 1:
+            return scene_id(0, objects)
+        table = RELATIONS if n == 2 else DIRECTIONS
+        axis, reverse = next(k for k, w in table.items() if w == word)
+        return scene_id(axis, objects[::-1] if reverse else objects)
+    return None
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer: byte-level BPE trained on the world's texts, used through tiktoken
+
+
+def train_bpe(texts, max_merges=2000):
+    """Byte-level BPE ranks (as tiktoken wants them) learned from texts: every byte is a token,
+    then the most frequent adjacent pair is merged, ties broken by the pair's bytes, until
+    every word of the texts is one token (the world's vocabulary is small) or max_merges.
+    Words are split with GPT-2's pattern, as the encoding will split them."""
+    counts = {}
+    for text in texts:
+        for word in regex.findall(GPT2_PATTERN, text):
+            counts[word] = counts.get(word, 0) + 1
+    words = [[bytes([b]) for b in w.encode("utf-8")] for w in counts]
+    freq = list(counts.values())
+    ranks = {bytes([i]): i for i in range(256)}
+    for _ in range(max_merges):
+        pairs = {}
+        for w, f in zip(words, freq):
+            for pair in zip(w, w[1:]):
+                pairs[pair] = pairs.get(pair, 0) + f
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merged = best[0] + best[1]
+        ranks[merged] = len(ranks)
+        for k, w in enumerate(words):
+            i, out = 0, []
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            words[k] = out
+    return ranks
+
+
+def bpe_to_text(ranks):
+    """tiktoken's file format: one 'base64(token) rank' line per token, by rank."""
+    return "".join(base64.b64encode(tok).decode() + f" {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda x: x[1]))
+
+
+def bpe_from_text(text):
+    """Inverse of bpe_to_text (what tiktoken.load.load_tiktoken_bpe does with a file)."""
+    return {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in text.splitlines() if line)}
+
+
+def make_encoding(name, ranks, pattern=GPT2_PATTERN, specials=None):
+    """A tiktoken Encoding with our special tokens numbered after the ranks (keeping any the
+    base encoding already has, such as GPT-2's <|endoftext|>)."""
+    specials = dict(specials or {})
+    for tok in SPECIAL_TOKENS:
+        if tok not in specials:
+            specials[tok] = len(ranks) + len(specials)
+    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+
+
+def get_tokenizer(kind, bpe_text=None):
+    """'bpe': the world's encoding from the text of its tiktoken file; 'gpt2': tiktoken's
+    GPT-2 encoding (its file must be cached or downloadable)."""
+    if kind == "gpt2":
+        base = tiktoken.get_encoding("gpt2")
+        return make_encoding("gpt2-vlp", base._mergeable_ranks, base._pat_str, base._special_tokens)
+    if kind == "bpe":
+        return make_encoding("shapes-bpe", bpe_from_text(bpe_text))
+    raise ValueError(f"unknown tokenizer {kind!r}: expected 'bpe' or 'gpt2'")
+
+
+def encode_texts(enc, texts, length):
+    """(n, length) int32: <bos> tokens <eos> <pad>... . Raises if a text does not fit."""
+    bos, eos, pad = (enc.encode_single_token(t) for t in (BOS, EOS, PAD))
+    out = np.full((len(texts), length), pad, np.int32)
+    for i, ids in enumerate(enc.encode_ordinary_batch(list(texts))):
+        if len(ids) + 2 > length:
+            raise ValueError(f"text of {len(ids)} tokens does not fit a context of {length}: {texts[i]!r}")
+        out[i, 0], out[i, 1:len(ids) + 1], out[i, len(ids) + 1] = bos, ids, eos
+    return out
+
+
+def decode_tokens(enc, ids):
+    """Text of one token row, stopping at <eos> and dropping <bos>/<pad>."""
+    eos = enc.encode_single_token(EOS)
+    specials = {enc.encode_single_token(t) for t in SPECIAL_TOKENS}
+    out = []
+    for t in ids:
+        t = int(t)
+        if t == eos:
+            break
+        if t not in specials:
+            out.append(t)
+    return enc.decode(out)
+
+
+# -----------------------------------------------------------------------------
+# generating the splits
+
+
+def gen_captioned(rng, n, S, cfg, shapes=range(len(SHAPES)), pairs_ok=None, n_captions=1):
+    """n single images with 1-3 objects laid out in a row, their class maps, objects and
+    captions. Returns a dict of arrays plus 'scenes' (axis, objects) and 'captions' (strings)."""
+    images = np.empty((n, S, S, 3), np.uint8)
+    classmap = np.empty((n, S, S), np.uint8)
+    objects = np.full((n, 3, 7), -1, np.int16)
+    scene = np.empty(n, np.int64)
+    scenes, captions = [], []
+    for i in range(n):
+        count = int(rng.integers(1, 4))
+        objs = [sample_object(rng, shapes, pairs_ok) for _ in range(count)]
+        axis, placement = layout_row(rng, objs, S)
+        images[i], classmap[i], boxes = render(rng, objs, placement, S)
+        for j, (o, b) in enumerate(zip(objs, boxes)):
+            objects[i, j] = (*o, *b)
+        scene[i] = scene_id(axis, objs)
+        scenes.append((axis, objs))
+        templates = rng.permutation(len(TEMPLATES[count]))  # paraphrases use different templates
+        captions.append([write_caption(axis, objs, int(templates[k % len(templates)]), bool(rng.integers(2)))
+                         for k in range(n_captions)])
+    return dict(images=images, classmap=classmap, objects=objects, scene=scene), scenes, captions
+
+
+def corrupt(rng, axis, objs, all_scenes, pairs_ok):
+    """A wrong description of a scene: (kind, axis, objects). Kinds: a wrong attribute of one
+    object, a wrong relation (the other axis, or the order reversed), or another image's scene."""
+    kinds = ["attribute", "swapped"] + (["relation"] if len(objs) > 1 else [])
+    kind = kinds[int(rng.integers(len(kinds)))]
+    sid = scene_id(axis, objs)
+    while True:
+        new_axis, new = axis, list(objs)
+        if kind == "attribute":
+            j, field = int(rng.integers(len(objs))), int(rng.integers(3))
+            o = list(new[j])
+            o[field] = int(rng.integers((len(SHAPES), len(COLOURS), len(SIZES))[field]))
+            new[j] = tuple(o)
+            if not pairs_ok(o[0], o[1]):
+                continue
+        elif kind == "relation":
+            if rng.integers(2):
+                new_axis = 3 - axis
+            else:
+                new = new[::-1]
+        else:
+            new_axis, new = all_scenes[int(rng.integers(len(all_scenes)))]
+        if scene_id(new_axis, new) != sid:
+            return CORRUPTIONS.index(kind), new_axis, new
+
+
+def gen_web(rng, n, S, cfg, pairs_ok):
+    """The noisy split: one caption per image, a fraction web_noise of them wrong."""
+    arrays, scenes, _ = gen_captioned(rng, n, S, cfg, pairs_ok=pairs_ok, n_captions=0)
+    corruption = np.zeros(n, np.int8)
+    caption_scene = arrays["scene"].copy()
+    captions = []
+    for i, (axis, objs) in enumerate(scenes):
+        if rng.random() < cfg.web_noise:
+            corruption[i], axis, objs = corrupt(rng, axis, objs, scenes, pairs_ok)
+            caption_scene[i] = scene_id(axis, objs)
+        captions.append([write_caption(axis, objs, int(rng.integers(4)), bool(rng.integers(2)))])
+    arrays.update(corruption=corruption, caption_scene=caption_scene)
+    return arrays, captions
+
+
+def gen_multi(rng, n_sets, S, cfg, pairs_ok):
+    """Multi-image question sets. Each set is 2..max_images images of free-placed objects, a
+    question that needs more than one image, and a short answer."""
+    pool, sets, questions, answers, qtypes = [], [], [], [], []
+
+    def random_objs(count, sizes=(0, 1)):
+        return [(*sample_object(rng, range(len(SHAPES)), pairs_ok)[:2], int(rng.choice(sizes))) for _ in range(count)]
+
+    def add(objs, placement):
+        pool.append(render(rng, objs, placement, S)[0])
+        return len(pool) - 1
+
+    def free(objs):  # resample counts would bias answers, so retry the placement only
+        while (p := place_free(rng, [radius_px(rng, z, S) for *_, z in objs], S)) is None:
+            pass
+        return p
+
+    while len(sets) < n_sets:
+        qtype = QTYPES[len(sets) % len(QTYPES)]
+        K = int(rng.integers(2, cfg.max_images + 1))
+        if qtype == "count":
+            scenes = [random_objs(int(rng.integers(1, 4))) for _ in range(K)]
+            everything = [o for objs in scenes for o in objs]
+            if rng.integers(2):
+                c = everything[int(rng.integers(len(everything)))][1] if rng.random() < 0.8 else int(rng.integers(len(COLOURS)))
+                q, answer = f"how many {COLOUR_NAMES[c]} objects are there?", sum(o[1] == c for o in everything)
+            else:
+                s = everything[int(rng.integers(len(everything)))][0] if rng.random() < 0.8 else int(rng.integers(len(SHAPES)))
+                name = ALL_SHAPES[s]
+                q, answer = f"how many {PLURALS.get(name, name + 's')} are there?", sum(o[0] == s for o in everything)
+            ids = [add(objs, free(objs)) for objs in scenes]
+            a = str(answer)
+        elif qtype == "most":
+            counts = rng.integers(1, 4, size=K)
+            if (counts == counts.max()).sum() > 1:
+                continue
+            ids = [add(objs, free(objs)) for objs in (random_objs(int(c)) for c in counts)]
+            q, a = "which image has the most objects?", f"image {int(counts.argmax()) + 1}"
+        elif qtype == "largest":
+            big = int(rng.integers(K))
+            scenes = [random_objs(int(rng.integers(1, 4)), sizes=(0,)) for _ in range(K)]
+            scenes[big][0] = (*scenes[big][0][:2], 1)
+            ids = [add(objs, free(objs)) for objs in scenes]
+            q, a = "which image has the largest object?", f"image {big + 1}"
+        elif qtype == "change":
+            K, change = 2, CHANGES[int(rng.integers(len(CHANGES)))]
+            count = int(rng.integers(2 if change == "removed" else 1, 3 if change == "added" else 4))
+            objs = random_objs(count)
+            place = free(objs)
+            objs2, place2 = list(objs), list(place)
+            j = int(rng.integers(count))
+            if change in ("colour", "shape"):
+                field = 1 if change == "colour" else 0
+                o = list(objs[j])
+                choices = [x for x in range(len(COLOURS) if field else len(SHAPES)) if x != o[field]
+                           and pairs_ok(*((o[0], x) if field else (x, o[1])))]
+                o[field] = int(rng.choice(choices))
+                objs2[j] = tuple(o)
+            elif change == "position":
+                others = place[:j] + place[j + 1:]
+                moved = place_free(rng, [place[j][2]], S, placed=others)
+                if moved is None or math.dist(moved[0][:2], place[j][:2]) < S / 4:
+                    continue
+                place2[j] = moved[0]
+            elif change == "added":
+                new = random_objs(1)
+                extra = place_free(rng, [radius_px(rng, new[0][2], S)], S, placed=place)
+                if extra is None:
+                    continue
+                objs2, place2 = objs + new, place + extra
+            else:
+                del objs2[j], place2[j]
+            ids = [add(objs, place), add(objs2, place2)]
+            q, a = "what changed between the two images?", change
+        else:  # sequence: one object that grows, shrinks or moves across K >= 3 images
+            K = max(K, 3)
+            kind = SEQUENCES[int(rng.integers(3))]
+            obj = random_objs(1)[0]
+            r0, r1 = RADIUS[0] * S, RADIUS[1] * S
+            if kind == "moves":
+                r = RADIUS[obj[2]] * S
+                a0, a1 = sorted(rng.uniform(r + 1, S - r - 1, size=2))
+                if a1 - a0 < S / 3:
+                    continue
+                path = np.linspace(a0, a1, K) if rng.integers(2) else np.linspace(a1, a0, K)
+                other = rng.uniform(r + 1, S - r - 1)
+                horizontal = bool(rng.integers(2))
+                places = [[(p, other, r) if horizontal else (other, p, r)] for p in path]
+            else:
+                radii = np.linspace(r0, r1, K) if kind == "grows" else np.linspace(r1, r0, K)
+                cx, cy = rng.uniform(r1 + 1, S - r1 - 1, size=2)
+                places = [[(cx, cy, r)] for r in radii]
+            ids = [add([obj], p) for p in places]
+            q, a = "does the object grow, shrink or move?", kind
+        sets.append(ids + [-1] * (cfg.max_images - len(ids)))
+        questions.append(q)
+        answers.append(a)
+        qtypes.append(QTYPES.index(qtype))
+    arrays = dict(images=np.stack(pool), sets=np.array(sets, np.int32), qtype=np.array(qtypes, np.int8))
+    return arrays, questions, answers
+
+
+def world_dir(root, cfg, image_size, context_length):
+    """Cache directory of a world: named by a hash of everything that shapes its arrays."""
+    key = json.dumps(dict(asdict(cfg), image_size=image_size, context_length=context_length,
+                          version=WORLD_VERSION), sort_keys=True)
+    return os.path.join(root, "shapes-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+
+
+def prepare_world(root, cfg, image_size, context_length, log=print):
+    """Generate the shapes world into root/shapes-<hash> unless it is there already; return
+    the path. Written to a temporary directory and renamed, so a killed run leaves no half
+    world behind and concurrent callers do not clash."""
+    path = world_dir(root, cfg, image_size, context_length)
+    if os.path.exists(os.path.join(path, "meta.json")):
+        return path
+    log(f"generating the shapes world into {path} ...")
+    S = image_size
+    held = heldout_pairs(cfg)
+    seen_ok = lambda s, c: (s, c) not in held  # noqa: E731
+    rng = lambda i: np.random.default_rng([cfg.world_seed, i])  # noqa: E731  one stream per split
+    C = cfg.captions_per_image
+    splits, texts = {}, {}
+    for i, (name, n) in enumerate([("train", cfg.n_train), ("val", cfg.n_val)]):
+        splits[name], _, texts[name] = gen_captioned(rng(i), n, S, cfg, pairs_ok=seen_ok, n_captions=C)
+    # test: the first half shows only held-out colour-shape pairs, the second half none
+    r = rng(2)
+    n_held = cfg.n_test // 2
+    held_set = set(held)
+    a, _, ta = gen_captioned(r, n_held, S, cfg, pairs_ok=lambda s, c: (s, c) in held_set, n_captions=C)
+    b, _, tb = gen_captioned(r, cfg.n_test - n_held, S, cfg, pairs_ok=seen_ok, n_captions=C)
+    splits["test"] = {k: np.concatenate([a[k], b[k]]) for k in a}
+    splits["test"]["heldout"] = np.arange(cfg.n_test) < n_held
+    texts["test"] = ta + tb
+    splits["web"], texts["web"] = gen_web(rng(3), cfg.n_web, S, cfg, seen_ok)
+    # novel: every image has a novel shape first, maybe base shapes beside it
+    for i, (name, n) in enumerate([("novel_train", cfg.n_novel_train), ("novel_val", cfg.n_novel_val)]):
+        r = rng(4 + i)
+        shape_set = lambda k: [len(SHAPES) + int(r.integers(len(NOVEL_SHAPES)))] if k == 0 else range(len(ALL_SHAPES))  # noqa: E731
+        arrays = dict(images=[], classmap=[], objects=[])
+        for _ in range(n):
+            objs = [sample_object(r, shape_set(k), lambda s, c: True) for k in range(int(r.integers(1, 4)))]
+            while (place := place_free(r, [radius_px(r, z, S) for *_, z in objs], S)) is None:
+                pass
+            image, cmap, boxes = render(r, objs, place, S)
+            o = np.full((3, 7), -1, np.int16)
+            o[:len(objs)] = [(*ob, *bx) for ob, bx in zip(objs, boxes)]
+            for k, v in zip(arrays, (image, cmap, o)):
+                arrays[k].append(v)
+        splits[name] = {k: np.stack(v) for k, v in arrays.items()}
+    multi_texts = {}
+    for i, (name, n) in enumerate([("multi_train", cfg.n_multi_train), ("multi_val", cfg.n_multi_val)]):
+        splits[name], q, a = gen_multi(rng(6 + i), n, S, cfg, seen_ok)
+        multi_texts[name] = (q, a)
+    # the tokenizer learns from the pretraining captions and the questions, never novel names
+    corpus = [t for caps in texts["train"] for t in caps] + [t for q, a in multi_texts.values() for t in q + a]
+    ranks = train_bpe(corpus)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    bpe_text = bpe_to_text(ranks)
+    with open(os.path.join(tmp, "tokenizer.tiktoken"), "w") as f:
+        f.write(bpe_text)
+    enc = get_tokenizer("bpe", bpe_text)
+    for name, caps in texts.items():
+        flat = encode_texts(enc, [t for cs in caps for t in cs], context_length)
+        splits[name]["tokens"] = flat.reshape(len(caps), -1, context_length)
+    for name, (q, a) in multi_texts.items():
+        splits[name]["question"] = encode_texts(enc, q, context_length)
+        splits[name]["answer"] = encode_texts(enc, a, 8)
+    for name, arrays in splits.items():
+        for key, arr in arrays.items():
+            np.save(os.path.join(tmp, f"{name}.{key}.npy"), arr)
+    meta = dict(kind="shapes", version=WORLD_VERSION, world=asdict(cfg), image_size=S, context_length=context_length,
+                splits={name: len(arrays["images"]) if "sets" not in arrays else len(arrays["sets"])
+                        for name, arrays in splits.items()},
+                shapes=list(SHAPES), novel_shapes=list(NOVEL_SHAPES), colours=list(COLOUR_NAMES), sizes=list(SIZES),
+                heldout_pairs=[[ALL_SHAPES[s], COLOUR_NAMES[c]] for s, c in held],
+                corruptions=list(CORRUPTIONS), qtypes=list(QTYPES),
+                tokenizer=dict(kind="bpe", file="tokenizer.tiktoken", n_vocab=enc.n_vocab,
+                               special_tokens={t: enc.encode_single_token(t) for t in SPECIAL_TOKENS}))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# reading prepared data
+
+
+class Dataset:
+    """A prepared dataset directory: its metadata, tokenizer and memory-mapped splits."""
+
+    def __init__(self, path):
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{path} is not a prepared dataset: {meta_path} is missing")
+        self.path = path
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.image_size = self.meta["image_size"]
+        self.context_length = self.meta["context_length"]
+        tok = self.meta["tokenizer"]
+        self.bpe_text = None
+        if tok["kind"] == "bpe":
+            with open(os.path.join(path, tok["file"])) as f:
+                self.bpe_text = f.read()
+        self.tokenizer = get_tokenizer(tok["kind"], self.bpe_text)
+        self._arrays = {}
+
+    def array(self, split, key):
+        """One memory-mapped array, e.g. array('train', 'images')."""
+        if (split, key) not in self._arrays:
+            file = os.path.join(self.path, f"{split}.{key}.npy")
+            if not os.path.exists(file):
+                raise FileNotFoundError(f"{self.path} has no array {key!r} for split {split!r}")
+            self._arrays[split, key] = np.load(file, mmap_mode="r")
+        return self._arrays[split, key]
+
+    def __len__(self):
+        return self.meta["splits"]["train"]
+
+    def split_size(self, split):
+        return self.meta["splits"][split]
+
+    def image_text_batch(self, split, idx, caption=None):
+        """Images (B,S,S,3) uint8 and one caption each (B,T) int32 for the index array idx.
+        caption: (B,) which caption of each image; default the first."""
+        idx = np.asarray(idx)
+        images = self.array(split, "images")[idx]
+        tokens = self.array(split, "tokens")
+        caption = np.zeros(len(idx), np.int64) if caption is None else caption
+        return images, tokens[idx, caption]
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(n, seed, epoch):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(n, batch_size, step, seed, rank=0, world_size=1):
+    """Indices of this rank's part of the global batch at `step`: the data is walked in a new
+    random order each epoch, and the global batch of step s is positions
+    [s*B*W, (s+1)*B*W) of that walk, split into W disjoint runs of B, one per rank.
+    Stateless: a resumed run draws the same batches from the step alone."""
+    pos = (step * world_size + rank) * batch_size + np.arange(batch_size)
+    epoch, within = np.divmod(pos, n)
+    out = np.empty(batch_size, np.int64)
+    for e in np.unique(epoch):
+        sel = epoch == e
+        out[sel] = _epoch_permutation(n, seed, int(e))[within[sel]]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# image files
+
+
+def load_image(path, size):
+    """Read any common image file (RGB, RGBA, L, P, CMYK, 16-bit) as (size, size, 3) uint8:
+    the shorter side resized to size, then centre-cropped. Raises ValueError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
+                a = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if a.max() > 255 else 255.0
+                im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+            elif im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                im = Image.new("RGB", rgba.size)
+                im.paste(rgba, mask=rgba.split()[-1])  # transparent parts on black, like the world
+            im = im.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    w, h = im.size
+    scale = size / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)

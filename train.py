@@ -1,0 +1,429 @@
+"""
+Train a nanoVLP model.
+
+    python train.py --config small                        # one CPU or GPU
+    python train.py --config tiny --max_iters=50          # any field can be overridden
+    torchrun --standalone --nproc_per_node=8 train.py --config base   # DDP on 8 GPUs
+
+Every field of TrainConfig below, of VLMConfig (model.py) and of WorldConfig (data.py) is a
+flag: `--key=value` (or `--key value`; a bare `--flag` means true). A run writes
+out_dir/ckpt.pt, out_dir/log.jsonl (one JSON object per logged step) and out_dir/eval.json
+(the final metrics); `--resume` continues from out_dir/ckpt.pt.
+"""
+
+import copy
+import math
+import os
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+
+import json
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from data import WorldConfig
+from eval import evaluate, write_json
+from model import VLM, VLMConfig
+
+STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    data: str = "shapes"  # 'shapes': generate (once) and use the shapes world; or a prepared dataset directory
+    data_dir: str = "data"  # where generated worlds are cached
+    stage: str = "pretrain"  # one of STAGES
+    init_from: str = ""  # start from the weights of this checkpoint
+    resume: bool = False  # continue from out_dir/ckpt.pt
+    eval_interval: int = 200  # steps between evaluations on the first eval_images val images
+    eval_images: int = 256
+    log_interval: int = 10  # steps between log.jsonl lines
+    ckpt_interval: int = 200  # steps between checkpoints (the last step is always saved)
+    # data
+    batch_size: int = 128  # per rank and micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    # optimizer: AdamW, linear warmup, then cosine decay to min_lr at max_iters
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0  # 0 disables clipping
+    warmup_iters: int = 100
+    max_iters: int = 2000
+    # system
+    device: str = "auto"  # 'auto' picks cuda, then mps, then cpu
+    dtype: str = "auto"  # 'auto': bfloat16 on CUDA where supported, else float16 with a grad scaler; float32 off CUDA
+    compile: str = "auto"  # 'auto' (on for CUDA, off elsewhere), 'true' or 'false'
+    seed: int = 1337
+    # the model and the shapes world
+    model: VLMConfig = field(default_factory=VLMConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+
+
+PRESETS = {
+    # tests: seconds on a CPU
+    "tiny": TrainConfig(
+        out_dir="out-tiny", batch_size=32, max_iters=40, warmup_iters=5, eval_interval=20, eval_images=32,
+        log_interval=5, ckpt_interval=20,
+        model=VLMConfig(image_size=48, patch_size=16, vit_width=32, vit_layers=2, vit_heads=2,
+                        text_width=32, text_layers=2, text_heads=2, embed_dim=32),
+        world=WorldConfig(n_train=512, n_val=64, n_test=64, n_web=128, n_novel_train=32, n_novel_val=16,
+                          n_multi_train=40, n_multi_val=10)),
+    # the embedded default: a 2-core CPU in under 10 minutes, world generation included
+    "small": TrainConfig(
+        out_dir="out", batch_size=128, max_iters=600, warmup_iters=50, eval_interval=200, lr=2e-3, min_lr=2e-4,
+        model=VLMConfig(image_size=64, patch_size=8, vit_width=128, vit_layers=4, vit_heads=4,
+                        text_width=128, text_layers=4, text_heads=4, embed_dim=128)),
+    # GPU: ViT-B/16 at 224 px, a CLIP-B text transformer
+    "base": TrainConfig(
+        out_dir="out-base", batch_size=256, max_iters=20000, warmup_iters=2000, eval_interval=2000, eval_images=1000,
+        lr=5e-4, min_lr=5e-5, weight_decay=0.2, ckpt_interval=1000,
+        model=VLMConfig(image_size=224, patch_size=16, vit_width=768, vit_layers=12, vit_heads=12,
+                        text_width=512, text_layers=12, text_heads=8, embed_dim=512, context_length=77,
+                        activation="quick_gelu")),
+}
+
+# -----------------------------------------------------------------------------
+# configuration from the command line
+
+
+def config_fields():
+    """{flag name: (dataclass holding it, attribute path)}; every name is unique."""
+    out = {}
+    for f in fields(TrainConfig):
+        if f.name in ("model", "world"):
+            for g in fields(VLMConfig if f.name == "model" else WorldConfig):
+                assert g.name not in out, f"config name {g.name} is ambiguous"
+                out[g.name] = (f.name, g.name)
+        else:
+            out[f.name] = (None, f.name)
+    return out
+
+
+def parse_value(key, raw, typ):
+    """Convert a command-line string to the field's type, or raise ValueError saying why."""
+    if typ is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{key} takes true or false, got {raw!r}")
+    if typ is tuple:
+        try:
+            return tuple(float(x) for x in raw.split(","))
+        except ValueError:
+            raise ValueError(f"--{key} takes comma-separated numbers, got {raw!r}") from None
+    try:
+        return typ(raw)
+    except ValueError:
+        raise ValueError(f"--{key} takes a{'n' if typ is int else ''} {typ.__name__}, got {raw!r}") from None
+
+
+def parse_args(argv):
+    """(preset name, {field: value}) from argv; any mistake is a SystemExit naming it."""
+    known = config_fields()
+    preset, overrides, i = "small", {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"unexpected argument {arg!r}: flags look like --key=value")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:  # --key value, or a bare boolean --flag
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if key in known and known[key][0] is None and typing.get_type_hints(TrainConfig)[key] is bool \
+                    and (nxt is None or nxt.startswith("--")):
+                raw = "true"
+            elif nxt is None:
+                raise SystemExit(f"--{key} needs a value")
+            else:
+                raw, i = nxt, i + 1
+        i += 1
+        if key == "config":
+            if raw not in PRESETS:
+                raise SystemExit(f"unknown --config {raw!r}; presets: {', '.join(PRESETS)}")
+            preset = raw
+            continue
+        if key not in known:
+            raise SystemExit(f"unknown config key --{key}. Valid keys:\n  config, " + ", ".join(sorted(known)))
+        owner, name = known[key]
+        cls = {None: TrainConfig, "model": VLMConfig, "world": WorldConfig}[owner]
+        try:
+            overrides[key] = parse_value(key, raw, typing.get_type_hints(cls)[name])
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    if overrides.get("stage", "pretrain") not in STAGES:
+        raise SystemExit(f"unknown --stage {overrides['stage']!r}; stages: {', '.join(STAGES)}")
+    return preset, overrides
+
+
+def apply_overrides(cfg, overrides):
+    cfg = copy.deepcopy(cfg)
+    known = config_fields()
+    for key, value in overrides.items():
+        owner, name = known[key]
+        setattr(cfg if owner is None else getattr(cfg, owner), name, value)
+    return cfg
+
+
+def config_from_dict(d):
+    d = dict(d)
+    return TrainConfig(**{**d, "model": VLMConfig(**d["model"]), "world": WorldConfig(**d["world"])})
+
+
+# -----------------------------------------------------------------------------
+# pieces of the run
+
+
+def setup_distributed(cfg):
+    """(rank, local_rank, world_size); torchrun sets RANK for DDP. NCCL on CUDA, else gloo."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def pick_device(cfg, local_rank):
+    if cfg.device != "auto":
+        return cfg.device
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(cfg, device_type):
+    if cfg.dtype != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_data(cfg, rank, world_size):
+    """The prepared dataset; the shapes world is generated by rank 0 while the others wait."""
+    if cfg.data != "shapes":
+        return data.Dataset(cfg.data)
+    if rank == 0:
+        data.prepare_world(cfg.data_dir, cfg.world, cfg.model.image_size, cfg.model.context_length)
+    if world_size > 1:
+        dist.barrier()
+    return data.Dataset(data.world_dir(cfg.data_dir, cfg.world, cfg.model.image_size, cfg.model.context_length))
+
+
+def fit_model_to_data(mcfg, ds):
+    """The model config with the tokenizer's vocabulary and special tokens, checked against
+    the dataset's image size and caption length."""
+    if ds.image_size != mcfg.image_size:
+        raise SystemExit(f"{ds.path} holds {ds.image_size} px images but the model takes {mcfg.image_size}: "
+                         f"set --image_size={ds.image_size}")
+    if ds.context_length > mcfg.context_length:
+        raise SystemExit(f"{ds.path} holds captions of {ds.context_length} tokens, more than the model's "
+                         f"--context_length={mcfg.context_length}")
+    tok = ds.tokenizer
+    ids = {k: tok.encode_single_token(t) for k, t in (("bos_id", data.BOS), ("eos_id", data.EOS), ("pad_id", data.PAD))}
+    return VLMConfig(**{**asdict(mcfg), "vocab_size": tok.n_vocab, **ids})
+
+
+def configure_optimizer(model, cfg, device_type):
+    """AdamW; no weight decay on 1-D parameters (biases, norms), embeddings and the temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or "embedding" in name or name == "logit_scale" else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type in ("cuda", "cpu"))
+
+
+def get_lr(it, cfg):
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / cfg.warmup_iters
+    if it >= cfg.max_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+def save_checkpoint(path, raw_model, optimizer, scaler, step, cfg, ds):
+    """Everything a resume needs, written to a temporary file and renamed into place. The
+    batches need no saved state: they are a function of (seed, step)."""
+    ckpt = {
+        "model": raw_model.state_dict(),  # the plain module: no DDP or torch.compile prefixes
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "config": asdict(cfg),
+        "tokenizer": {"kind": ds.meta["tokenizer"]["kind"], "bpe": ds.bpe_text},
+        "data_path": ds.path,
+    }
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+class Logger:
+    """log.jsonl on rank 0: one JSON object per line. On resume the lines after the
+    checkpoint's step (work that was lost) are dropped."""
+
+    def __init__(self, path, enabled, resume_step=None):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+        elif enabled and resume_step is None and os.path.exists(path):
+            os.remove(path)
+
+    def log(self, **record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def train(cfg, ckpt=None):
+    rank, local_rank, world_size = setup_distributed(cfg)
+    master = rank == 0
+    device = pick_device(cfg, local_rank)
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    dtype = pick_dtype(cfg, device_type)
+    ctx = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    ds = load_data(cfg, rank, world_size)
+    if cfg.init_from and ckpt is None:
+        init = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+        cfg.model = VLMConfig(**init["config"]["model"])  # the architecture comes with the weights
+    cfg.model = fit_model_to_data(cfg.model, ds)
+    model = VLM(cfg.model)
+    if cfg.init_from and ckpt is None:
+        model.load_state_dict(init["model"])
+    model.to(device)
+    optimizer = configure_optimizer(model, cfg, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] and device_type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        step = ckpt["step"]
+    start_step = step
+    raw_model = model
+    if use_compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        unused = cfg.model.itc_weight == 0 or cfg.model.caption_weight == 0  # some parameters get no gradient
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, find_unused_parameters=unused)
+    logger = Logger(os.path.join(cfg.out_dir, "log.jsonl"), master, start_step if ckpt is not None else None)
+    if master:
+        print(f"{raw_model.num_params() / 1e6:.2f}M parameters | device {device} | {dtype} | compile {use_compile} "
+              f"| {world_size} rank(s) | data {ds.path}")
+
+    n_train = ds.split_size("train")
+    n_captions = ds.array("train", "tokens").shape[1]
+
+    def get_batch(micro_step):
+        """This rank's batch of micro-step s: images by index arrays, one caption each."""
+        idx = data.batch_indices(n_train, cfg.batch_size, micro_step, cfg.seed, rank, world_size)
+        caption = np.random.default_rng([cfg.seed, micro_step, rank]).integers(n_captions, size=cfg.batch_size)
+        images, tokens = ds.image_text_batch("train", idx, caption)
+        images = torch.from_numpy(images).to(device, non_blocking=True)
+        return raw_model.normalize_pixels(images), torch.from_numpy(tokens).long().to(device, non_blocking=True)
+
+    samples_per_step = cfg.batch_size * cfg.grad_accum * world_size
+    pbar = tqdm(total=cfg.max_iters, initial=step, disable=not master, dynamic_ncols=True, desc=cfg.stage)
+    t_start = t_log = time.time()
+    while True:
+        if master and step > start_step and step % cfg.eval_interval == 0 and step < cfg.max_iters:
+            metrics = evaluate(raw_model, ds, device, max_images=cfg.eval_images, heldout=False, ctx=ctx)
+            logger.log(step=step, kind="eval", **metrics)
+            pbar.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                                     if k.endswith(("r1", "acc"))))
+        if master and step > start_step and (step % cfg.ckpt_interval == 0 or step == cfg.max_iters):
+            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), raw_model, optimizer, scaler, step, cfg, ds)
+        if step >= cfg.max_iters:
+            break
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.grad_accum):
+            pixels, tokens = get_batch(step * cfg.grad_accum + micro)
+            # DDP averages gradients only on the last micro-step
+            sync = model.no_sync() if world_size > 1 and micro < cfg.grad_accum - 1 else nullcontext()
+            with sync:
+                with ctx:
+                    losses = model(pixels, tokens)
+                scaler.scale(losses["loss"] / cfg.grad_accum).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        pbar.update(1)
+        if step % cfg.log_interval == 0 and master:
+            dt, t_log = time.time() - t_log, time.time()
+            values = {k: v.item() for k, v in losses.items()}  # the last micro-step's, like nanoGPT
+            speed = samples_per_step * cfg.log_interval / dt
+            logger.log(step=step, lr=lr, samples_per_s=speed, time_s=time.time() - t_start, **values)
+            pbar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.1e}", samples_s=f"{speed:.0f}")
+    pbar.close()
+    if master:
+        metrics = evaluate(raw_model, ds, device, ctx=ctx)
+        metrics.update(step=step, train_time_s=time.time() - t_start)
+        write_json(os.path.join(cfg.out_dir, "eval.json"), metrics)
+        logger.log(kind="eval", **metrics)
+        for k, v in metrics.items():
+            print(f"{k:32s} {v:.4f}")
+    if world_size > 1:
+        dist.destroy_process_group()
+    return metrics if master else None
+
+
+def main(argv=None):
+    preset, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = apply_overrides(PRESETS[preset], overrides)
+    if cfg.stage != "pretrain":
+        raise SystemExit(f"--stage {cfg.stage} is not built yet; only --stage pretrain runs for now")
+    ckpt = None
+    if cfg.resume:
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        if not os.path.exists(path):
+            raise SystemExit(f"--resume: no checkpoint at {path}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # the run continues with its own config; flags given now (say a larger max_iters) still apply
+        cfg = apply_overrides(config_from_dict(ckpt["config"]), overrides)
+    return train(cfg, ckpt)
+
+
+if __name__ == "__main__":
+    main()
