@@ -17,7 +17,6 @@ Every array is opened with np.load(mmap_mode='r'): a batch is one fancy-indexed 
 import base64
 import hashlib
 import json
-import math
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -43,7 +42,7 @@ COLOURS = {
 }
 COLOUR_NAMES = tuple(COLOURS)
 SIZES = ("small", "large")
-RADIUS = (0.075, 0.13)  # half extent of a small and a large object, as a fraction of the image side
+RADIUS = (0.3, 0.47)  # half extent of a small and a large object, as a fraction of a grid cell
 AXES = ("none", "horizontal", "vertical")  # how the objects of a scene are laid out
 
 # Caption templates. Objects are named in order along the layout axis; a relation word says
@@ -85,6 +84,7 @@ class WorldConfig:
     n_novel_val: int = 500
     n_multi_train: int = 4000  # multi-image question sets
     n_multi_val: int = 500
+    grid: int = 4  # objects sit in the cells of a grid x grid layout (at least 3: rows of three)
     max_images: int = 4  # most images in a multi-image set
     captions_per_image: int = 4  # paraphrases per clean image
     n_heldout_pairs: int = 6  # colour-shape pairs shown only in the test split
@@ -128,49 +128,42 @@ def sample_object(rng, shapes, pairs_ok):
             return s, c, z
 
 
-def radius_px(rng, z, S):
-    return RADIUS[z] * S * rng.uniform(0.94, 1.06)
+def radius_px(rng, z, cell):
+    """Radius of a small (z=0) or large (z=1) object in pixels, for cells of `cell` pixels."""
+    return RADIUS[z] * cell * rng.uniform(0.94, 1.0)
 
 
-def layout_row(rng, objects, S):
-    """Place objects in a row (axis 1) or column (axis 2): strictly apart along the axis,
-    near one line across it, so that exactly one relation holds between neighbours.
-    Returns (axis, [(cx, cy, r)]) with the objects in order along the axis."""
-    n = len(objects)
-    radii = [radius_px(rng, z, S) for _, _, z in objects]
+def in_cell(rng, col, row, r, cell):
+    """(cx, cy, r): an object centred in a grid cell, jittered as far as it stays inside."""
+    j = max(cell / 2 - r - 0.5, 0.0)
+    return (col + 0.5) * cell + rng.uniform(-j, j), (row + 0.5) * cell + rng.uniform(-j, j), r
+
+
+def cell_of(placement, cell):
+    return int(placement[0] // cell), int(placement[1] // cell)
+
+
+def layout_row(rng, objects, S, grid):
+    """Place captioned objects: one object in any cell; two or three in one row (axis 1) or
+    one column (axis 2) of the grid, in distinct cells, so that exactly one relation holds
+    between neighbours. Returns (axis, [(cx, cy, r)]) with the objects in order along the axis."""
+    n, cell = len(objects), S / grid
+    radii = [radius_px(rng, z, cell) for *_, z in objects]
     if n == 1:
-        r = radii[0]
-        return 0, [(rng.uniform(r + 1, S - r - 1), rng.uniform(r + 1, S - r - 1), r)]
-    axis = int(rng.integers(1, 3))
-    gap, margin = 2.0, 1.0
-    slack = S - 2 * margin - 2 * sum(radii) - gap * (n - 1)
-    assert slack > 0, f"image size {S} is too small for {n} objects in a row"
-    parts = rng.dirichlet(np.ones(n + 1)) * slack
-    along, pos = [], margin
-    for i, r in enumerate(radii):
-        pos += parts[i] + r
-        along.append(pos)
-        pos += r + gap
-    rmax, jitter = max(radii), 0.04 * S
-    line = rng.uniform(rmax + jitter + 1, S - rmax - jitter - 1)
-    across = [line + rng.uniform(-jitter, jitter) for _ in radii]
-    xy = zip(along, across) if axis == 1 else zip(across, along)
-    return axis, [(x, y, r) for (x, y), r in zip(xy, radii)]
+        col, row = rng.integers(grid, size=2)
+        return 0, [in_cell(rng, int(col), int(row), radii[0], cell)]
+    axis, line = int(rng.integers(1, 3)), int(rng.integers(grid))
+    along = np.sort(rng.choice(grid, n, replace=False))
+    cells = [(int(a), line) if axis == 1 else (line, int(a)) for a in along]
+    return axis, [in_cell(rng, col, row, r, cell) for (col, row), r in zip(cells, radii)]
 
 
-def place_free(rng, radii, S, placed=(), tries=200):
-    """Place objects anywhere, their boxes apart from each other and from `placed`.
-    Returns [(cx, cy, r)] or None when the image is too full."""
-    out = list(placed)
-    for r in radii:
-        for _ in range(tries):
-            x, y = rng.uniform(r + 1, S - r - 1, size=2)
-            if all(max(abs(x - x2), abs(y - y2)) > r + r2 + 2 for x2, y2, r2 in out):
-                out.append((x, y, r))
-                break
-        else:
-            return None
-    return out[len(placed):]
+def place_free(rng, radii, S, grid, taken=()):
+    """Objects of the given radii in distinct random cells, none of them in `taken`."""
+    cell = S / grid
+    free = [(col, row) for row in range(grid) for col in range(grid) if (col, row) not in taken]
+    picks = rng.choice(len(free), len(radii), replace=False)
+    return [in_cell(rng, *free[p], r, cell) for p, r in zip(picks, radii)]
 
 
 # -----------------------------------------------------------------------------
@@ -223,6 +216,14 @@ def render(rng, objects, placement, S):
         ys, xs = np.nonzero(mask)
         boxes.append((x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1))
     return image, classmap, boxes
+
+
+def object_rows(objects, boxes):
+    """(3, 7) int16 rows of shape, colour, size, x0, y0, x1, y1; -1 where there is no object."""
+    rows = np.full((3, 7), -1, np.int16)
+    for j, (o, b) in enumerate(zip(objects, boxes)):
+        rows[j] = (*o, *b)
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -374,21 +375,21 @@ def decode_tokens(enc, ids):
 # generating the splits
 
 
-def gen_captioned(rng, n, S, cfg, shapes=range(len(SHAPES)), pairs_ok=None, n_captions=1):
-    """n single images with 1-3 objects laid out in a row, their class maps, objects and
-    captions. Returns a dict of arrays plus 'scenes' (axis, objects) and 'captions' (strings)."""
+def gen_captioned(rng, n, S, grid, pairs_ok, n_captions):
+    """n images of 1-3 objects laid out by layout_row, with class maps, objects, scene ids and
+    n_captions captions each (distinct templates, random direction). Returns (arrays, scenes
+    as (axis, objects), captions as lists of strings)."""
     images = np.empty((n, S, S, 3), np.uint8)
     classmap = np.empty((n, S, S), np.uint8)
-    objects = np.full((n, 3, 7), -1, np.int16)
+    objects = np.empty((n, 3, 7), np.int16)
     scene = np.empty(n, np.int64)
     scenes, captions = [], []
     for i in range(n):
         count = int(rng.integers(1, 4))
-        objs = [sample_object(rng, shapes, pairs_ok) for _ in range(count)]
-        axis, placement = layout_row(rng, objs, S)
+        objs = [sample_object(rng, range(len(SHAPES)), pairs_ok) for _ in range(count)]
+        axis, placement = layout_row(rng, objs, S, grid)
         images[i], classmap[i], boxes = render(rng, objs, placement, S)
-        for j, (o, b) in enumerate(zip(objs, boxes)):
-            objects[i, j] = (*o, *b)
+        objects[i] = object_rows(objs, boxes)
         scene[i] = scene_id(axis, objs)
         scenes.append((axis, objs))
         templates = rng.permutation(len(TEMPLATES[count]))  # paraphrases use different templates
@@ -423,72 +424,80 @@ def corrupt(rng, axis, objs, all_scenes, pairs_ok):
             return CORRUPTIONS.index(kind), new_axis, new
 
 
-def gen_web(rng, n, S, cfg, pairs_ok):
-    """The noisy split: one caption per image, a fraction web_noise of them wrong."""
-    arrays, scenes, _ = gen_captioned(rng, n, S, cfg, pairs_ok=pairs_ok, n_captions=0)
+def gen_web(rng, n, S, grid, noise, pairs_ok):
+    """The noisy split: one caption per image, a fraction `noise` of them wrong, the kind of
+    corruption and the scene each caption describes recorded."""
+    arrays, scenes, _ = gen_captioned(rng, n, S, grid, pairs_ok, n_captions=0)
     corruption = np.zeros(n, np.int8)
     caption_scene = arrays["scene"].copy()
     captions = []
     for i, (axis, objs) in enumerate(scenes):
-        if rng.random() < cfg.web_noise:
+        if rng.random() < noise:
             corruption[i], axis, objs = corrupt(rng, axis, objs, scenes, pairs_ok)
             caption_scene[i] = scene_id(axis, objs)
-        captions.append([write_caption(axis, objs, int(rng.integers(4)), bool(rng.integers(2)))])
+        captions.append([write_caption(axis, objs, int(rng.integers(len(TEMPLATES[len(objs)]))), bool(rng.integers(2)))])
     arrays.update(corruption=corruption, caption_scene=caption_scene)
     return arrays, captions
 
 
-def gen_multi(rng, n_sets, S, cfg, pairs_ok):
-    """Multi-image question sets. Each set is 2..max_images images of free-placed objects, a
-    question that needs more than one image, and a short answer."""
-    pool, sets, questions, answers, qtypes = [], [], [], [], []
+def gen_multi(rng, n_sets, S, grid, max_images, pairs_ok):
+    """Multi-image question sets: 2..max_images images of objects in random cells, a question
+    that needs more than one image, and a short answer. Question types (QTYPES):
+        count     how many objects of a colour or shape there are in all the images
+        most      which image has the most objects
+        largest   which image has the (only) large object
+        change    what changed from the first image to the second (CHANGES)
+        sequence  whether one object grows, shrinks or moves across 3+ images (SEQUENCES)"""
+    cell = S / grid
+    pool, pool_objects, sets, questions, answers, qtypes = [], [], [], [], [], []
 
     def random_objs(count, sizes=(0, 1)):
         return [(*sample_object(rng, range(len(SHAPES)), pairs_ok)[:2], int(rng.choice(sizes))) for _ in range(count)]
 
-    def add(objs, placement):
-        pool.append(render(rng, objs, placement, S)[0])
-        return len(pool) - 1
+    def place(objs, taken=()):
+        return place_free(rng, [radius_px(rng, z, cell) for *_, z in objs], S, grid, taken)
 
-    def free(objs):  # resample counts would bias answers, so retry the placement only
-        while (p := place_free(rng, [radius_px(rng, z, S) for *_, z in objs], S)) is None:
-            pass
-        return p
+    def add(objs, placement):
+        image, _, boxes = render(rng, objs, placement, S)
+        pool.append(image)
+        pool_objects.append(object_rows(objs, boxes))
+        return len(pool) - 1
 
     while len(sets) < n_sets:
         qtype = QTYPES[len(sets) % len(QTYPES)]
-        K = int(rng.integers(2, cfg.max_images + 1))
+        K = int(rng.integers(2, max_images + 1))
         if qtype == "count":
             scenes = [random_objs(int(rng.integers(1, 4))) for _ in range(K)]
             everything = [o for objs in scenes for o in objs]
+            present = everything[int(rng.integers(len(everything)))]  # mostly ask about something shown
             if rng.integers(2):
-                c = everything[int(rng.integers(len(everything)))][1] if rng.random() < 0.8 else int(rng.integers(len(COLOURS)))
+                c = present[1] if rng.random() < 0.8 else int(rng.integers(len(COLOURS)))
                 q, answer = f"how many {COLOUR_NAMES[c]} objects are there?", sum(o[1] == c for o in everything)
             else:
-                s = everything[int(rng.integers(len(everything)))][0] if rng.random() < 0.8 else int(rng.integers(len(SHAPES)))
-                name = ALL_SHAPES[s]
+                s = present[0] if rng.random() < 0.8 else int(rng.integers(len(SHAPES)))
+                name = SHAPES[s]
                 q, answer = f"how many {PLURALS.get(name, name + 's')} are there?", sum(o[0] == s for o in everything)
-            ids = [add(objs, free(objs)) for objs in scenes]
-            a = str(answer)
+            ids, a = [add(objs, place(objs)) for objs in scenes], str(answer)
         elif qtype == "most":
             counts = rng.integers(1, 4, size=K)
             if (counts == counts.max()).sum() > 1:
                 continue
-            ids = [add(objs, free(objs)) for objs in (random_objs(int(c)) for c in counts)]
+            ids = [add(objs, place(objs)) for objs in (random_objs(int(c)) for c in counts)]
             q, a = "which image has the most objects?", f"image {int(counts.argmax()) + 1}"
         elif qtype == "largest":
             big = int(rng.integers(K))
             scenes = [random_objs(int(rng.integers(1, 4)), sizes=(0,)) for _ in range(K)]
             scenes[big][0] = (*scenes[big][0][:2], 1)
-            ids = [add(objs, free(objs)) for objs in scenes]
+            ids = [add(objs, place(objs)) for objs in scenes]
             q, a = "which image has the largest object?", f"image {big + 1}"
         elif qtype == "change":
-            K, change = 2, CHANGES[int(rng.integers(len(CHANGES)))]
+            change = CHANGES[int(rng.integers(len(CHANGES)))]
             count = int(rng.integers(2 if change == "removed" else 1, 3 if change == "added" else 4))
             objs = random_objs(count)
-            place = free(objs)
-            objs2, place2 = list(objs), list(place)
+            before = place(objs)
+            objs2, after = list(objs), list(before)
             j = int(rng.integers(count))
+            taken = [cell_of(p, cell) for p in before]
             if change in ("colour", "shape"):
                 field = 1 if change == "colour" else 0
                 o = list(objs[j])
@@ -497,47 +506,53 @@ def gen_multi(rng, n_sets, S, cfg, pairs_ok):
                 o[field] = int(rng.choice(choices))
                 objs2[j] = tuple(o)
             elif change == "position":
-                others = place[:j] + place[j + 1:]
-                moved = place_free(rng, [place[j][2]], S, placed=others)
-                if moved is None or math.dist(moved[0][:2], place[j][:2]) < S / 4:
-                    continue
-                place2[j] = moved[0]
+                after[j] = place_free(rng, [before[j][2]], S, grid, taken)[0]
             elif change == "added":
                 new = random_objs(1)
-                extra = place_free(rng, [radius_px(rng, new[0][2], S)], S, placed=place)
-                if extra is None:
-                    continue
-                objs2, place2 = objs + new, place + extra
+                objs2, after = objs + new, before + place(new, taken)
             else:
-                del objs2[j], place2[j]
-            ids = [add(objs, place), add(objs2, place2)]
+                del objs2[j], after[j]
+            ids = [add(objs, before), add(objs2, after)]
             q, a = "what changed between the two images?", change
-        else:  # sequence: one object that grows, shrinks or moves across K >= 3 images
-            K = max(K, 3)
+        else:
             kind = SEQUENCES[int(rng.integers(3))]
+            K = min(max(K, 3), grid) if kind == "moves" else max(K, 3)
             obj = random_objs(1)[0]
-            r0, r1 = RADIUS[0] * S, RADIUS[1] * S
-            if kind == "moves":
-                r = RADIUS[obj[2]] * S
-                a0, a1 = sorted(rng.uniform(r + 1, S - r - 1, size=2))
-                if a1 - a0 < S / 3:
-                    continue
-                path = np.linspace(a0, a1, K) if rng.integers(2) else np.linspace(a1, a0, K)
-                other = rng.uniform(r + 1, S - r - 1)
+            col, row = (int(x) for x in rng.integers(grid, size=2))
+            if kind == "moves":  # through K neighbouring cells of a row or column
+                start = int(rng.integers(grid - K + 1))
+                path = range(start, start + K) if rng.integers(2) else range(start + K - 1, start - 1, -1)
+                r = radius_px(rng, obj[2], cell)
                 horizontal = bool(rng.integers(2))
-                places = [[(p, other, r) if horizontal else (other, p, r)] for p in path]
-            else:
-                radii = np.linspace(r0, r1, K) if kind == "grows" else np.linspace(r1, r0, K)
-                cx, cy = rng.uniform(r1 + 1, S - r1 - 1, size=2)
-                places = [[(cx, cy, r)] for r in radii]
+                places = [[in_cell(rng, p, row, r, cell) if horizontal else in_cell(rng, col, p, r, cell)] for p in path]
+            else:  # one cell, the radius from small to large or back
+                radii = np.linspace(RADIUS[0] * 0.8, RADIUS[1], K) * cell
+                radii = radii if kind == "grows" else radii[::-1]
+                centre = ((col + 0.5) * cell, (row + 0.5) * cell)
+                places = [[(*centre, r)] for r in radii]
             ids = [add([obj], p) for p in places]
             q, a = "does the object grow, shrink or move?", kind
-        sets.append(ids + [-1] * (cfg.max_images - len(ids)))
+        sets.append(ids + [-1] * (max_images - len(ids)))
         questions.append(q)
         answers.append(a)
         qtypes.append(QTYPES.index(qtype))
-    arrays = dict(images=np.stack(pool), sets=np.array(sets, np.int32), qtype=np.array(qtypes, np.int8))
+    arrays = dict(images=np.stack(pool), objects=np.stack(pool_objects), sets=np.array(sets, np.int32),
+                  qtype=np.array(qtypes, np.int8))
     return arrays, questions, answers
+
+
+def gen_novel(rng, n, S, grid):
+    """Images for few-shot prompting: a novel shape first, maybe base shapes beside it, in
+    random cells. No captions: novel shapes are never named."""
+    arrays = dict(images=[], classmap=[], objects=[])
+    for _ in range(n):
+        objs = [sample_object(rng, range(len(SHAPES), len(ALL_SHAPES)) if k == 0 else range(len(ALL_SHAPES)),
+                              lambda s, c: True) for k in range(int(rng.integers(1, 4)))]
+        place = place_free(rng, [radius_px(rng, z, S / grid) for *_, z in objs], S, grid)
+        image, classmap, boxes = render(rng, objs, place, S)
+        for key, value in zip(arrays, (image, classmap, object_rows(objs, boxes))):
+            arrays[key].append(value)
+    return {key: np.stack(value) for key, value in arrays.items()}
 
 
 def world_dir(root, cfg, image_size, context_length):
@@ -554,43 +569,31 @@ def prepare_world(root, cfg, image_size, context_length, log=print):
     path = world_dir(root, cfg, image_size, context_length)
     if os.path.exists(os.path.join(path, "meta.json")):
         return path
+    S, G = image_size, cfg.grid
+    if G < 3 or S / G < 8:
+        raise ValueError(f"grid {G} on {S} px images: need a grid of at least 3 cells of at least 8 px")
     log(f"generating the shapes world into {path} ...")
-    S = image_size
     held = heldout_pairs(cfg)
     seen_ok = lambda s, c: (s, c) not in held  # noqa: E731
+    held_ok = lambda s, c: (s, c) in held  # noqa: E731
     rng = lambda i: np.random.default_rng([cfg.world_seed, i])  # noqa: E731  one stream per split
     C = cfg.captions_per_image
     splits, texts = {}, {}
     for i, (name, n) in enumerate([("train", cfg.n_train), ("val", cfg.n_val)]):
-        splits[name], _, texts[name] = gen_captioned(rng(i), n, S, cfg, pairs_ok=seen_ok, n_captions=C)
+        splits[name], _, texts[name] = gen_captioned(rng(i), n, S, G, seen_ok, C)
     # test: the first half shows only held-out colour-shape pairs, the second half none
-    r = rng(2)
     n_held = cfg.n_test // 2
-    held_set = set(held)
-    a, _, ta = gen_captioned(r, n_held, S, cfg, pairs_ok=lambda s, c: (s, c) in held_set, n_captions=C)
-    b, _, tb = gen_captioned(r, cfg.n_test - n_held, S, cfg, pairs_ok=seen_ok, n_captions=C)
+    a, _, ta = gen_captioned(rng(2), n_held, S, G, held_ok, C)
+    b, _, tb = gen_captioned(rng(3), cfg.n_test - n_held, S, G, seen_ok, C)
     splits["test"] = {k: np.concatenate([a[k], b[k]]) for k in a}
     splits["test"]["heldout"] = np.arange(cfg.n_test) < n_held
     texts["test"] = ta + tb
-    splits["web"], texts["web"] = gen_web(rng(3), cfg.n_web, S, cfg, seen_ok)
-    # novel: every image has a novel shape first, maybe base shapes beside it
+    splits["web"], texts["web"] = gen_web(rng(4), cfg.n_web, S, G, cfg.web_noise, seen_ok)
     for i, (name, n) in enumerate([("novel_train", cfg.n_novel_train), ("novel_val", cfg.n_novel_val)]):
-        r = rng(4 + i)
-        shape_set = lambda k: [len(SHAPES) + int(r.integers(len(NOVEL_SHAPES)))] if k == 0 else range(len(ALL_SHAPES))  # noqa: E731
-        arrays = dict(images=[], classmap=[], objects=[])
-        for _ in range(n):
-            objs = [sample_object(r, shape_set(k), lambda s, c: True) for k in range(int(r.integers(1, 4)))]
-            while (place := place_free(r, [radius_px(r, z, S) for *_, z in objs], S)) is None:
-                pass
-            image, cmap, boxes = render(r, objs, place, S)
-            o = np.full((3, 7), -1, np.int16)
-            o[:len(objs)] = [(*ob, *bx) for ob, bx in zip(objs, boxes)]
-            for k, v in zip(arrays, (image, cmap, o)):
-                arrays[k].append(v)
-        splits[name] = {k: np.stack(v) for k, v in arrays.items()}
+        splits[name] = gen_novel(rng(5 + i), n, S, G)
     multi_texts = {}
     for i, (name, n) in enumerate([("multi_train", cfg.n_multi_train), ("multi_val", cfg.n_multi_val)]):
-        splits[name], q, a = gen_multi(rng(6 + i), n, S, cfg, seen_ok)
+        splits[name], q, a = gen_multi(rng(7 + i), n, S, G, cfg.max_images, seen_ok)
         multi_texts[name] = (q, a)
     # the tokenizer learns from the pretraining captions and the questions, never novel names
     corpus = [t for caps in texts["train"] for t in caps] + [t for q, a in multi_texts.values() for t in q + a]

@@ -156,6 +156,16 @@ class Block(nn.Module):
 # the towers
 
 
+def sincos_2d(grid, width):
+    """(grid*grid, width) 2-D sin-cos position map (MAE): a quarter of the channels each for
+    sin and cos of the column and of the row, at geometrically spaced frequencies."""
+    assert width % 4 == 0, f"width {width} is not divisible by 4"
+    omega = 1.0 / 10000 ** (torch.arange(width // 4) / (width // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    x, y = cols.flatten()[:, None] * omega, rows.flatten()[:, None] * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
 class VisionTransformer(nn.Module):
     """ViT as in CLIP: patches by a strided conv without bias, a class token, learned
     positions, ln_pre, pre-LN blocks, ln_post; proj maps the class token into the joint space."""
@@ -229,16 +239,22 @@ class TextTransformer(nn.Module):
 
 
 class MLPConverter(nn.Module):
-    """ViT tokens -> text width, one token per patch: a two-layer MLP as in LLaVA-1.5."""
+    """ViT tokens -> text width, one token per patch: a two-layer MLP as in LLaVA-1.5, plus a
+    learned position per patch. The text transformer has no positions for its prefix (LLaVA's
+    language model gives image tokens sequence positions); without them the patch tokens of a
+    CLIP-trained ViT say what is in a patch but barely where, and a captioner trained for
+    minutes cannot tell left from right."""
 
     def __init__(self, cfg):
         super().__init__()
+        grid = cfg.image_size // cfg.patch_size
         self.c_fc = nn.Linear(cfg.vit_width, cfg.text_width)
         self.act = nn.GELU()
         self.c_proj = nn.Linear(cfg.text_width, cfg.text_width)
+        self.positional_embedding = nn.Parameter(sincos_2d(grid, cfg.text_width))
 
     def forward(self, patches):
-        return self.c_proj(self.act(self.c_fc(patches)))
+        return self.c_proj(self.act(self.c_fc(patches))) + self.positional_embedding
 
 
 # -----------------------------------------------------------------------------
@@ -306,18 +322,39 @@ class VLM(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(cfg.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.image_std).view(1, 3, 1, 1), persistent=False)
         self.apply(self._init_weights)
-        n_layer = max(cfg.vit_layers, cfg.text_layers)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # residual projections scaled down, as in GPT-2
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
-        for p in (self.visual.class_embedding, self.visual.positional_embedding, self.text.positional_embedding):
-            nn.init.normal_(p, std=0.02)
+        for tower, width, layers in ((self.visual, cfg.vit_width, cfg.vit_layers), (self.text, cfg.text_width, cfg.text_layers)):
+            self._init_tower(tower, width, layers)
+        # the converter's output on the scale of its positions, so neither drowns the other
+        nn.init.normal_(self.converter.c_fc.weight, std=cfg.vit_width ** -0.5)
+        nn.init.normal_(self.converter.c_proj.weight, std=cfg.text_width ** -0.5)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    @staticmethod
+    def _init_tower(tower, width, layers):
+        """CLIP's initialisation: attention and MLP weights scaled by the width, the residual
+        projections further by the depth. Large enough that, at step 0, the class token
+        already reads the patches (with GPT-2's 0.02 it does not, and the image embeddings of
+        all images start out equal, which stalls contrastive learning)."""
+        attn_std, fc_std, proj_std = width ** -0.5, (2 * width) ** -0.5, width ** -0.5 * (2 * layers) ** -0.5
+        for block in tower.blocks:
+            nn.init.normal_(block.attn.c_attn.weight, std=attn_std)
+            nn.init.normal_(block.attn.c_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        if isinstance(tower, VisionTransformer):
+            for p in (tower.class_embedding, tower.proj.weight):
+                nn.init.normal_(p, std=attn_std)
+            with torch.no_grad():  # learned positions, started from a 2-D sin-cos map so that space is known from step 0
+                tower.positional_embedding[0].zero_()
+                tower.positional_embedding[1:] = sincos_2d(int(math.isqrt(tower.n_patches)), width)
+        else:
+            nn.init.normal_(tower.positional_embedding, std=0.01)
+            nn.init.normal_(tower.text_projection.weight, std=attn_std)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

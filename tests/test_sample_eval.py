@@ -1,0 +1,132 @@
+"""sample.py on image files it writes itself, and the evaluation protocols against references."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import eval as evaluation
+from conftest import ROOT
+
+
+def run_sample(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory, tiny_world):
+    """Val images of the world saved as PNGs in several modes (the content stays the same)."""
+    d = tmp_path_factory.mktemp("images")
+    img = tiny_world.array("val", "images")[0]
+    paths = {"rgb": d / "rgb.png", "rgba": d / "rgba.png", "palette": d / "palette.png"}
+    Image.fromarray(img).save(paths["rgb"])
+    Image.fromarray(np.concatenate([img, np.full(img.shape[:2] + (1,), 255, np.uint8)], -1)).save(paths["rgba"])
+    Image.fromarray(img).quantize(256).save(paths["palette"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def test_sample_captions_images_like_the_evaluation_does(tiny_run, tiny_world, image_files):
+    ckpt = os.path.join(tiny_run, "ckpt.pt")
+    result = run_sample("--ckpt", ckpt, "caption", image_files["rgb"], image_files["rgba"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(image_files["rgb"] + ": ")
+    model, tok, _ = evaluation.load_checkpoint(ckpt)
+    expect = evaluation.generate_captions(model, tok, tiny_world.array("val", "images")[:1], "cpu")[0]
+    assert lines[0] == f"{image_files['rgb']}: {expect}"
+    assert lines[1].split(": ", 1)[1] == expect  # the RGBA copy reads as the same image
+    sampled = run_sample("--ckpt", ckpt, "caption", image_files["palette"], "--temperature=1.0", "--top_p=0.9",
+                         "--num_samples=2")
+    assert sampled.returncode == 0 and len(sampled.stdout.strip().splitlines()) == 2
+
+
+def test_sample_scores_and_classifies(tiny_run, image_files):
+    ckpt = os.path.join(tiny_run, "ckpt.pt")
+    texts = ["a small red circle", "a large blue square", "a small white ring"]
+    result = run_sample("--ckpt", ckpt, "score", image_files["rgb"], "--texts", *texts)
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.strip().splitlines()
+    assert [r.split("  ")[-1] for r in rows] == texts
+    assert abs(sum(float(r.split("%")[0]) for r in rows) - 100) < 0.1
+    result = run_sample("--ckpt", ckpt, "classify", image_files["rgb"], "--labels", "circle", "square",
+                        "--template", "a small red {}", "--template", "a large blue {}")
+    assert result.returncode == 0, result.stderr
+    assert sorted(r.split()[-1] for r in result.stdout.strip().splitlines()) == ["circle", "square"]
+
+
+def test_sample_reports_bad_files_clearly(tiny_run, tmp_path):
+    ckpt = os.path.join(tiny_run, "ckpt.pt")
+    missing = run_sample("--ckpt", ckpt, "caption", str(tmp_path / "nope.png"))
+    assert missing.returncode != 0 and "image file not found" in missing.stderr and "Traceback" not in missing.stderr
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    broken = run_sample("--ckpt", ckpt, "caption", str(tmp_path / "broken.jpg"))
+    assert broken.returncode != 0 and "broken.jpg" in broken.stderr and "Traceback" not in broken.stderr
+    no_ckpt = run_sample("--ckpt", str(tmp_path / "none.pt"), "caption", str(tmp_path / "broken.jpg"))
+    assert no_ckpt.returncode != 0 and "checkpoint not found" in no_ckpt.stderr
+
+
+def test_every_template_parses_back_to_its_scene():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 4))
+        objs = [(int(rng.integers(len(data.SHAPES))), int(rng.integers(8)), int(rng.integers(2))) for _ in range(n)]
+        axis = 0 if n == 1 else int(rng.integers(1, 3))
+        sid = data.scene_id(axis, objs)
+        for t in range(len(data.TEMPLATES[n])):
+            for reverse in (False, True):
+                if n == 1 and reverse:
+                    continue
+                assert data.parse_caption(data.write_caption(axis, objs, t, reverse)) == sid
+        if n > 1 and objs != objs[::-1]:
+            # naming the objects in the other order with the same relation word is another scene
+            assert data.parse_caption(data.write_caption(axis, objs[::-1], 0, False)) != sid
+    for bad in ["", "a small red", "a small red circle left of", "a tiny red circle", "a small red circle extra"]:
+        assert data.parse_caption(bad) is None
+
+
+def test_recall_at_k_matches_a_direct_count():
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randn(30, 40, generator=g)
+    relevant = torch.rand(30, 40, generator=g) < 0.05
+    got = evaluation.recall_at_k(sim, relevant, ks=(1, 5, 10))
+    for k in (1, 5, 10):
+        hits = 0
+        for i in range(30):
+            top = sorted(range(40), key=lambda j: -sim[i, j].item())[:k]
+            hits += any(relevant[i, j] for j in top)
+        assert got[k] == pytest.approx(hits / 30)
+
+
+def test_retrieval_counts_any_caption_of_the_same_scene_as_a_hit():
+    # three images, two of them the same scene; one caption each (the scene's)
+    scenes = np.array([7, 7, 9])
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # both scene-7 captions point one way
+    out = evaluation.retrieval(image, text, scenes, scenes, ks=(1,))
+    # image 0 -> caption 0 or 1 (scene 7): hit; image 1 -> caption 2 (scene 9): miss; image 2 -> caption 2: hit
+    assert out["retrieval_i2t_r1"] == pytest.approx(2 / 3)
+    # caption 0, 1 -> image 0 or 2 by similarity: image 0 (hit); caption 2 -> image 1 (scene 7): miss
+    assert out["retrieval_t2i_r1"] == pytest.approx(2 / 3)
+
+
+def test_zero_shot_prompts_name_one_class_each():
+    for kind, names in (("shape", data.SHAPES), ("colour", data.COLOUR_NAMES)):
+        prompts = evaluation.class_prompts(kind)
+        assert list(prompts) == list(names)
+        for name, texts in prompts.items():
+            assert len(texts) == len(set(texts)) == (len(data.COLOURS) if kind == "shape" else len(data.SHAPES)) * 2 * 4
+            assert all(name in t.split() and data.parse_caption(t) is not None for t in texts)
+
+
+def test_caption_parse_accuracy_is_exact_match():
+    scene = data.scene_id(1, [(0, 0, 0), (1, 1, 1)])
+    right = data.write_caption(1, [(0, 0, 0), (1, 1, 1)], 2, True)
+    wrong = data.write_caption(1, [(0, 0, 0), (1, 2, 1)], 2, True)  # one colour off
+    out = evaluation.caption_parse_accuracy([right, wrong, "gibberish"], [scene] * 3, np.array([2, 2, 2]))
+    assert out["caption_parse_acc"] == pytest.approx(1 / 3) and out["caption_parse_acc_2obj"] == pytest.approx(1 / 3)

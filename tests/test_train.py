@@ -1,0 +1,104 @@
+"""The training script: configuration errors, learning, checkpoints, resume and DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT
+
+
+def run_script(args, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, **kw)
+
+
+def test_unknown_key_is_a_clear_error_listing_the_valid_keys():
+    result = run_script(["--config", "tiny", "--batchsize=8"])
+    assert result.returncode != 0
+    assert "unknown config key --batchsize" in result.stderr and "batch_size" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch_size=eight"], "--batch_size takes an int, got 'eight'"),
+    (["--lr=fast"], "--lr takes a float"),
+    (["--resume=maybe"], "--resume takes true or false"),
+    (["--config", "huge"], "unknown --config 'huge'"),
+    (["--stage", "finetune"], "--stage finetune is not built yet"),
+    (["--stage", "dance"], "unknown --stage 'dance'"),
+    (["--max_iters"], "--max_iters needs a value"),
+])
+def test_bad_values_are_clear_errors(args, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", "tiny", *args])
+    assert message in str(e.value)
+
+
+def test_overrides_reach_every_config_and_keep_types():
+    preset, overrides = train.parse_args(["--config", "tiny", "--lr=3e-4", "--vit_layers", "3", "--n_val=7",
+                                          "--resume", "--image_mean=0.5,0.5,0.5"])
+    cfg = train.apply_overrides(train.PRESETS[preset], overrides)
+    assert (cfg.lr, cfg.model.vit_layers, cfg.world.n_val, cfg.resume) == (3e-4, 3, 7, True)
+    assert cfg.model.image_mean == (0.5, 0.5, 0.5)
+    assert train.PRESETS["tiny"].lr != 3e-4  # presets are not modified
+
+
+def test_tiny_run_lowers_its_loss_and_writes_its_files(tiny_run):
+    lines = [json.loads(line) for line in open(os.path.join(tiny_run, "log.jsonl"))]
+    steps = [d for d in lines if "loss" in d]
+    first, last = steps[0], steps[-1]
+    assert last["step"] == 60 and last["loss"] < 0.8 * first["loss"]
+    metrics = json.load(open(os.path.join(tiny_run, "eval.json")))
+    for key in ("retrieval_i2t_r1", "retrieval_t2i_r10", "zeroshot_shape_acc", "zeroshot_colour_acc",
+                "caption_parse_acc", "heldout_retrieval_i2t_r1", "heldout_caption_parse_acc"):
+        assert 0.0 <= metrics[key] <= 1.0
+    ckpt = torch.load(os.path.join(tiny_run, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 60 and set(ckpt) >= {"model", "optimizer", "scaler", "rng", "config", "tokenizer"}
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    assert train.config_from_dict(ckpt["config"]).model.vocab_size == ckpt["model"]["text.token_embedding.weight"].shape[0]
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, world_root, tiny_world):
+    common = ["--config", "tiny", f"--data_dir={world_root}", "--max_iters=80", "--ckpt_interval=5",
+              "--eval_interval=1000"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    assert run_script(common + [f"--out_dir={full}"]).returncode == 0
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *common, f"--out_dir={cut}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_path = os.path.join(cut, "ckpt.pt")
+    deadline = time.time() + 300
+    while not os.path.exists(ckpt_path) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    killed_at = torch.load(ckpt_path, weights_only=True)["step"]
+    assert killed_at < 80, "the run finished before it could be killed"
+    result = run_script(common + [f"--out_dir={cut}", "--resume"])
+    assert result.returncode == 0, result.stderr
+    a = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
+    b = torch.load(ckpt_path, weights_only=True)
+    assert a["step"] == b["step"] == 80
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    steps = [json.loads(line).get("step") for line in open(os.path.join(cut, "log.jsonl")) if "loss" in line]
+    assert steps == sorted(set(steps)), "log.jsonl has each step once after the resume"
+
+
+def test_two_process_torchrun_on_cpu(tmp_path, world_root, tiny_world):
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train.py"), "--config", "tiny", f"--data_dir={world_root}",
+                             f"--out_dir={out}", "--max_iters=10", "--eval_interval=1000"],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 rank(s)" in result.stdout
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 10 and os.path.exists(os.path.join(out, "eval.json"))
