@@ -7,8 +7,8 @@ split and on the test images that show held-out colour-shape pairs.
 Protocols (shapes world):
 - Retrieval. The gallery is every caption of every image of the split (C per image). Many
   images share a scene, so a hit is judged by meaning, not by index: the true captions of an
-  image are all the captions the world can write for its scene (every template, named in
-  either direction), and a retrieved caption is a hit if its text is one of them. As every
+  image are all the captions the world can write for its scene (one per template), and a
+  retrieved caption is a hit if its text is one of them. As every
   caption is written from one scene, this is "the caption's scene id equals the image's".
   Image-to-text R@K: an image is a hit if one of its true captions is among its K nearest
   captions. Text-to-image R@K: a caption is a hit if an image showing its scene is among its
@@ -93,7 +93,7 @@ def class_prompts(kind):
     for i, name in enumerate(names):
         objects = [(i, c, z) for c in range(len(data.COLOURS)) for z in range(len(data.SIZES))] if kind == "shape" \
             else [(s, i, z) for s in range(len(data.SHAPES)) for z in range(len(data.SIZES))]
-        prompts[name] = [data.write_caption(0, [o], t, False) for o in objects for t in range(len(data.TEMPLATES[1]))]
+        prompts[name] = [data.write_caption(0, [o], t) for o in objects for t in range(len(data.TEMPLATES[1]))]
     return prompts
 
 
@@ -118,12 +118,21 @@ def generate_captions(model, tokenizer, images, device, batch_size=256, ctx=null
 
 
 def caption_parse_accuracy(captions, scenes, counts):
-    """Overall and per object count: the fraction of captions that parse to the true scene."""
-    right = np.array([data.parse_caption(c) == s for c, s in zip(captions, scenes)])
+    """Overall and per object count: the fraction of captions that parse to the true scene.
+    Two parts of it, to see what a captioner gets wrong: `caption_objects_acc`, the captions
+    that name the right objects (in any order, on any axis), and, over the images of two or
+    three objects, `caption_axis_acc`, the captions that put them on the right axis (a row
+    or a column)."""
+    parsed = [data.parse_caption(c) for c in captions]
+    right = np.array([p == s for p, s in zip(parsed, scenes)])
     out = {"caption_parse_acc": float(right.mean())}
     for n in (1, 2, 3):
         if (counts == n).any():
             out[f"caption_parse_acc_{n}obj"] = float(right[counts == n].mean())
+    pairs = [(data.decode_scene(p) if p is not None else (-1, []), data.decode_scene(s)) for p, s in zip(parsed, scenes)]
+    out["caption_objects_acc"] = float(np.mean([sorted(p[1]) == sorted(t[1]) for p, t in pairs]))
+    if (counts > 1).any():
+        out["caption_axis_acc"] = float(np.mean([p[0] == t[0] for (p, t), n in zip(pairs, counts) if n > 1]))
     return out
 
 

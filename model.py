@@ -239,22 +239,16 @@ class TextTransformer(nn.Module):
 
 
 class MLPConverter(nn.Module):
-    """ViT tokens -> text width, one token per patch: a two-layer MLP as in LLaVA-1.5, plus a
-    learned position per patch. The text transformer has no positions for its prefix (LLaVA's
-    language model gives image tokens sequence positions); without them the patch tokens of a
-    CLIP-trained ViT say what is in a patch but barely where, and a captioner trained for
-    minutes cannot tell left from right."""
+    """ViT tokens -> text width, one token per patch: a two-layer MLP as in LLaVA-1.5."""
 
     def __init__(self, cfg):
         super().__init__()
-        grid = cfg.image_size // cfg.patch_size
         self.c_fc = nn.Linear(cfg.vit_width, cfg.text_width)
         self.act = nn.GELU()
         self.c_proj = nn.Linear(cfg.text_width, cfg.text_width)
-        self.positional_embedding = nn.Parameter(sincos_2d(grid, cfg.text_width))
 
     def forward(self, patches):
-        return self.c_proj(self.act(self.c_fc(patches))) + self.positional_embedding
+        return self.c_proj(self.act(self.c_fc(patches)))
 
 
 # -----------------------------------------------------------------------------
@@ -280,7 +274,7 @@ def itc_loss(image_emb, text_emb, logit_scale, tokens):
     scale = logit_scale.exp().clamp(max=100)
     logits_i2t = scale * image_emb @ all_text.t()  # (B, N)
     logits_t2i = scale * text_emb @ all_image.t()
-    same = (tokens[:, None, :] == all_tokens[None, :, :]).all(-1).float()  # (B, N) identical captions
+    same = (tokens[:, None, :] == all_tokens[None, :, :]).all(-1).to(logits_i2t.dtype)  # (B, N) identical captions
     target = same / same.sum(1, keepdim=True)
     return (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_t2i, target)) / 2
 
@@ -324,9 +318,6 @@ class VLM(nn.Module):
         self.apply(self._init_weights)
         for tower, width, layers in ((self.visual, cfg.vit_width, cfg.vit_layers), (self.text, cfg.text_width, cfg.text_layers)):
             self._init_tower(tower, width, layers)
-        # the converter's output on the scale of its positions, so neither drowns the other
-        nn.init.normal_(self.converter.c_fc.weight, std=cfg.vit_width ** -0.5)
-        nn.init.normal_(self.converter.c_proj.weight, std=cfg.text_width ** -0.5)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
@@ -391,7 +382,9 @@ class VLM(nn.Module):
         h = self.text(tokens[:, :-1], prefix=image_tokens, mask="prefix")
         logits = self.text.lm_head(h[:, image_tokens.size(1):])  # text positions only
         targets = tokens[:, 1:].masked_fill(tokens[:, 1:] == self.cfg.pad_id, -100)
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        if logits.element_size() < 4:  # bf16/fp16 logits: the softmax over the vocabulary in fp32
+            logits = logits.float()
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
     def forward(self, pixels, tokens):
         """pixels (B, 3, H, W) normalised, tokens (B, T) -> dict of named losses and 'loss',

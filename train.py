@@ -12,6 +12,7 @@ out_dir/ckpt.pt, out_dir/log.jsonl (one JSON object per logged step) and out_dir
 """
 
 import copy
+import json
 import math
 import os
 import sys
@@ -20,7 +21,6 @@ import typing
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
-import json
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -81,8 +81,8 @@ PRESETS = {
                           n_multi_train=40, n_multi_val=10, grid=3)),
     # the embedded default: a 2-core CPU in under 10 minutes, world generation included
     "small": TrainConfig(
-        out_dir="out", batch_size=128, max_iters=600, warmup_iters=50, eval_interval=200, lr=2e-3, min_lr=2e-4,
-        model=VLMConfig(image_size=64, patch_size=8, vit_width=128, vit_layers=4, vit_heads=4,
+        out_dir="out", batch_size=128, max_iters=900, warmup_iters=50, eval_interval=300, lr=1e-3, min_lr=1e-4,
+        model=VLMConfig(image_size=64, patch_size=16, vit_width=128, vit_layers=4, vit_heads=4,
                         text_width=128, text_layers=4, text_heads=4, embed_dim=128)),
     # GPU: ViT-B/16 at 224 px, a CLIP-B text transformer
     "base": TrainConfig(
@@ -270,7 +270,7 @@ def save_checkpoint(path, raw_model, optimizer, scaler, step, cfg, ds):
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "config": asdict(cfg),
         "tokenizer": {"kind": ds.meta["tokenizer"]["kind"], "bpe": ds.bpe_text},
-        "data_path": ds.path,
+        "data_path": os.path.abspath(ds.path),
     }
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)

@@ -78,14 +78,24 @@ def test_every_template_parses_back_to_its_scene():
         objs = [(int(rng.integers(len(data.SHAPES))), int(rng.integers(8)), int(rng.integers(2))) for _ in range(n)]
         axis = 0 if n == 1 else int(rng.integers(1, 3))
         sid = data.scene_id(axis, objs)
-        for t in range(len(data.TEMPLATES[n])):
+        assert data.decode_scene(sid) == (axis, objs)
+        for t, template in enumerate(data.TEMPLATES[n]):
+            caption = data.write_caption(axis, objs, t)
+            assert data.parse_caption(caption) == sid
+            if n == 1:
+                continue
+            # the template fixes the direction: even ones name from the left or top
+            words = data.RELATIONS if n == 2 else data.DIRECTIONS
+            assert words[axis, t % 2 == 1] in caption
+            # a caption written in the other direction, by hand, parses to the same scene
             for reverse in (False, True):
-                if n == 1 and reverse:
-                    continue
-                assert data.parse_caption(data.write_caption(axis, objs, t, reverse)) == sid
+                order = objs[::-1] if reverse else objs
+                phrases = [f"{data.SIZES[z]} {data.COLOUR_NAMES[c]} {data.ALL_SHAPES[s]}" for s, c, z in order]
+                by_hand = template.format(*phrases, rel=data.RELATIONS[axis, reverse], dir=data.DIRECTIONS[axis, reverse])
+                assert data.parse_caption(by_hand) == sid
         if n > 1 and objs != objs[::-1]:
             # naming the objects in the other order with the same relation word is another scene
-            assert data.parse_caption(data.write_caption(axis, objs[::-1], 0, False)) != sid
+            assert data.parse_caption(data.write_caption(axis, objs[::-1], 0)) != sid
     for bad in ["", "a small red", "a small red circle left of", "a tiny red circle", "a small red circle extra"]:
         assert data.parse_caption(bad) is None
 
@@ -126,7 +136,10 @@ def test_zero_shot_prompts_name_one_class_each():
 
 def test_caption_parse_accuracy_is_exact_match():
     scene = data.scene_id(1, [(0, 0, 0), (1, 1, 1)])
-    right = data.write_caption(1, [(0, 0, 0), (1, 1, 1)], 2, True)
-    wrong = data.write_caption(1, [(0, 0, 0), (1, 2, 1)], 2, True)  # one colour off
-    out = evaluation.caption_parse_accuracy([right, wrong, "gibberish"], [scene] * 3, np.array([2, 2, 2]))
-    assert out["caption_parse_acc"] == pytest.approx(1 / 3) and out["caption_parse_acc_2obj"] == pytest.approx(1 / 3)
+    right = data.write_caption(1, [(0, 0, 0), (1, 1, 1)], 1)
+    wrong = data.write_caption(1, [(0, 0, 0), (1, 2, 1)], 1)  # one colour off
+    column = data.write_caption(2, [(0, 0, 0), (1, 1, 1)], 0)  # right objects, wrong axis
+    out = evaluation.caption_parse_accuracy([right, wrong, "gibberish", column], [scene] * 4, np.array([2, 2, 2, 2]))
+    assert out["caption_parse_acc"] == pytest.approx(1 / 4) and out["caption_parse_acc_2obj"] == pytest.approx(1 / 4)
+    assert out["caption_objects_acc"] == pytest.approx(2 / 4)  # right and column
+    assert out["caption_axis_acc"] == pytest.approx(2 / 4)  # right and wrong (one colour off, same row)
