@@ -48,7 +48,7 @@ def load_checkpoint(path, device="cpu"):
 
 def to_pixels(model, images, device):
     """uint8 (B, H, W, 3) numpy -> normalised float pixels on device."""
-    return model.normalize_pixels(torch.from_numpy(np.ascontiguousarray(images)).to(device))
+    return model.normalize_pixels(torch.from_numpy(np.array(images)).to(device))  # a copy: memmaps are read-only
 
 
 @torch.no_grad()

@@ -38,13 +38,14 @@ def test_world_is_deterministic_and_depends_on_its_seed(tmp_path):
 
 def test_world_is_cached_and_regenerated_when_its_parameters_change(tmp_path):
     cfg = small_world()
-    calls = []
-    p1 = data.prepare_world(str(tmp_path), cfg, 48, 24, log=calls.append)
+    calls = []  # one "generating ..." message per world generated
+    log = lambda msg: calls.append(msg) if msg.startswith("generating") else None  # noqa: E731
+    p1 = data.prepare_world(str(tmp_path), cfg, 48, 24, log=log)
     mtime = os.path.getmtime(os.path.join(p1, "meta.json"))
-    assert data.prepare_world(str(tmp_path), cfg, 48, 24, log=calls.append) == p1
+    assert data.prepare_world(str(tmp_path), cfg, 48, 24, log=log) == p1
     assert len(calls) == 1 and os.path.getmtime(os.path.join(p1, "meta.json")) == mtime  # reused, not rewritten
-    p2 = data.prepare_world(str(tmp_path), replace(cfg, n_val=20), 48, 24, log=calls.append)
-    p3 = data.prepare_world(str(tmp_path), cfg, 48, 32, log=calls.append)
+    p2 = data.prepare_world(str(tmp_path), replace(cfg, n_val=20), 48, 24, log=log)
+    p3 = data.prepare_world(str(tmp_path), cfg, 48, 32, log=log)
     assert len({p1, p2, p3}) == 3 and len(calls) == 3
     assert data.Dataset(p2).split_size("val") == 20
     assert np.load(os.path.join(p3, "val.tokens.npy")).shape[-1] == 32
