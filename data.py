@@ -101,26 +101,27 @@ class WorldConfig:
 # scenes: sampling objects and laying them out
 
 
+N_OBJECT_CODES = len(ALL_SHAPES) * len(COLOURS) * len(SIZES) + 1  # 0: no object
+
+
 def scene_id(axis, objects):
     """One int64 for a scene: its layout axis and its objects (shape, colour, size) in order
     along the axis. Two captions describe the same scene iff they parse to the same id."""
-    n_codes = len(ALL_SHAPES) * len(COLOURS) * len(SIZES) + 1
     sid, base = axis, len(AXES)
     for s, c, z in objects:
         sid += base * (1 + (s * len(COLOURS) + c) * len(SIZES) + z)
-        base *= n_codes
+        base *= N_OBJECT_CODES
     return sid
 
 
 def decode_scene(sid):
     """(axis, objects) of a scene id: the inverse of scene_id."""
-    n_codes = len(ALL_SHAPES) * len(COLOURS) * len(SIZES) + 1
     axis, sid = int(sid % len(AXES)), int(sid // len(AXES))
     objects = []
     while sid:
-        code = sid % n_codes - 1
+        code = sid % N_OBJECT_CODES - 1
         objects.append((code // (len(COLOURS) * len(SIZES)), code // len(SIZES) % len(COLOURS), code % len(SIZES)))
-        sid //= n_codes
+        sid //= N_OBJECT_CODES
     return axis, objects
 
 
@@ -183,6 +184,11 @@ def place_free(rng, radii, S, grid, taken=()):
     free = [(col, row) for row in range(grid) for col in range(grid) if (col, row) not in taken]
     picks = rng.choice(len(free), len(radii), replace=False)
     return [in_cell(rng, *free[p], r, cell) for p, r in zip(picks, radii)]
+
+
+def place_objects(rng, objects, S, grid, taken=()):
+    """Objects (shape, colour, size) in distinct random cells, each at its size's radius."""
+    return place_free(rng, [radius_px(rng, z, S / grid) for *_, z in objects], S, grid, taken)
 
 
 # -----------------------------------------------------------------------------
@@ -399,7 +405,7 @@ def decode_tokens(enc, ids):
 
 def gen_captioned(rng, n, S, grid, pairs_ok, n_captions):
     """n images of 1-3 objects laid out by layout_row, with class maps, objects, scene ids and
-    n_captions captions each (distinct templates, random direction). Returns (arrays, scenes
+    n_captions captions each (distinct templates, each naming the objects in its direction). Returns (arrays, scenes
     as (axis, objects), captions as lists of strings)."""
     images = np.empty((n, S, S, 3), np.uint8)
     classmap = np.empty((n, S, S), np.uint8)
@@ -476,9 +482,6 @@ def gen_multi(rng, n_sets, S, grid, max_images, pairs_ok):
     def random_objs(count, sizes=(0, 1)):
         return [(*sample_object(rng, range(len(SHAPES)), pairs_ok)[:2], int(rng.choice(sizes))) for _ in range(count)]
 
-    def place(objs, taken=()):
-        return place_free(rng, [radius_px(rng, z, cell) for *_, z in objs], S, grid, taken)
-
     def add(objs, placement):
         image, _, boxes = render(rng, objs, placement, S)
         pool.append(image)
@@ -499,24 +502,24 @@ def gen_multi(rng, n_sets, S, grid, max_images, pairs_ok):
                 s = present[0] if rng.random() < 0.8 else int(rng.integers(len(SHAPES)))
                 name = SHAPES[s]
                 q, answer = f"how many {PLURALS.get(name, name + 's')} are there?", sum(o[0] == s for o in everything)
-            ids, a = [add(objs, place(objs)) for objs in scenes], str(answer)
+            ids, a = [add(objs, place_objects(rng, objs, S, grid)) for objs in scenes], str(answer)
         elif qtype == "most":
             counts = rng.integers(1, 4, size=K)
             if (counts == counts.max()).sum() > 1:
                 continue
-            ids = [add(objs, place(objs)) for objs in (random_objs(int(c)) for c in counts)]
+            ids = [add(objs, place_objects(rng, objs, S, grid)) for objs in (random_objs(int(c)) for c in counts)]
             q, a = "which image has the most objects?", f"image {int(counts.argmax()) + 1}"
         elif qtype == "largest":
             big = int(rng.integers(K))
             scenes = [random_objs(int(rng.integers(1, 4)), sizes=(0,)) for _ in range(K)]
             scenes[big][0] = (*scenes[big][0][:2], 1)
-            ids = [add(objs, place(objs)) for objs in scenes]
+            ids = [add(objs, place_objects(rng, objs, S, grid)) for objs in scenes]
             q, a = "which image has the largest object?", f"image {big + 1}"
         elif qtype == "change":
             change = CHANGES[int(rng.integers(len(CHANGES)))]
             count = int(rng.integers(2 if change == "removed" else 1, 3 if change == "added" else 4))
             objs = random_objs(count)
-            before = place(objs)
+            before = place_objects(rng, objs, S, grid)
             objs2, after = list(objs), list(before)
             j = int(rng.integers(count))
             taken = [cell_of(p, cell) for p in before]
@@ -531,7 +534,7 @@ def gen_multi(rng, n_sets, S, grid, max_images, pairs_ok):
                 after[j] = place_free(rng, [before[j][2]], S, grid, taken)[0]
             elif change == "added":
                 new = random_objs(1)
-                objs2, after = objs + new, before + place(new, taken)
+                objs2, after = objs + new, before + place_objects(rng, new, S, grid, taken)
             else:
                 del objs2[j], after[j]
             ids = [add(objs, before), add(objs2, after)]
@@ -570,8 +573,7 @@ def gen_novel(rng, n, S, grid):
     for _ in range(n):
         objs = [sample_object(rng, range(len(SHAPES), len(ALL_SHAPES)) if k == 0 else range(len(ALL_SHAPES)),
                               lambda s, c: True) for k in range(int(rng.integers(1, 4)))]
-        place = place_free(rng, [radius_px(rng, z, S / grid) for *_, z in objs], S, grid)
-        image, classmap, boxes = render(rng, objs, place, S)
+        image, classmap, boxes = render(rng, objs, place_objects(rng, objs, S, grid), S)
         for key, value in zip(arrays, (image, classmap, object_rows(objs, boxes))):
             arrays[key].append(value)
     return {key: np.stack(value) for key, value in arrays.items()}

@@ -36,7 +36,12 @@ def score(model, tokenizer, images, texts, device):
     img = model.encode_image(to_pixels(model, images, device))
     txt = model.encode_text(torch.from_numpy(tokens).long().to(device))
     sim = img @ txt.t()
-    return sim, (model.logit_scale.exp().clamp(max=100) * sim).softmax(-1)
+    return sim, probabilities(model, sim)
+
+
+def probabilities(model, sim):
+    """Softmax over the last dimension of cosine similarities at the model's learned temperature."""
+    return (model.logit_scale.exp().clamp(max=100) * sim).softmax(-1)
 
 
 def main(argv=None):
@@ -83,7 +88,7 @@ def main(argv=None):
         texts = [t.format(label) for label in args.labels for t in templates]
         sim, _ = score(model, tokenizer, load_images([args.image], size), texts, args.device)
         per_label = sim[0].view(len(args.labels), len(templates)).mean(1)  # prompt ensembling by mean similarity
-        prob = (model.logit_scale.exp().clamp(max=100) * per_label).softmax(-1)
+        prob = probabilities(model, per_label)
         for i in prob.argsort(descending=True).tolist():
             print(f"{prob[i].item():7.2%}  {args.labels[i]}")
 
