@@ -690,6 +690,9 @@ class Dataset:
             self._arrays[split, key] = np.load(file, mmap_mode="r")
         return self._arrays[split, key]
 
+    def has(self, split, key):
+        return os.path.exists(os.path.join(self.path, f"{split}.{key}.npy"))
+
     def __len__(self):
         return self.meta["splits"]["train"]
 
@@ -704,6 +707,95 @@ class Dataset:
         tokens = self.array(split, "tokens")
         caption = np.zeros(len(idx), np.int64) if caption is None else caption
         return images, tokens[idx, caption]
+
+    def codebook(self, patch_size, n_codes):
+        """(K, p*p*3) float32 centroids in [0, 1] pixels, written by prepare_codebook."""
+        file = os.path.join(self.path, f"codebook-p{patch_size}-k{n_codes}.npy")
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{self.path} has no visual codebook of {n_codes} codes for {patch_size} px patches "
+                                    f"(data.prepare_codebook writes it)")
+        return np.load(file)
+
+    def codes(self, split, patch_size, n_codes):
+        """(N, P) int16: the visual code of every patch of a split (prepare_codebook)."""
+        return self.array(split, codebook_name(patch_size, n_codes))
+
+
+# -----------------------------------------------------------------------------
+# the visual codebook (the image vocabulary of ELECTRA's generator)
+
+
+def codebook_name(patch_size, n_codes):
+    return f"codes-p{patch_size}-k{n_codes}"
+
+
+def patchify(images, p):
+    """uint8 (N, S, S, 3) -> float32 (N, P, p*p*3) in [0, 1]: the patches in the ViT's
+    row-major order, the pixels of each patch as (row, column, channel)."""
+    N, S = images.shape[:2]
+    g = S // p
+    x = np.asarray(images).reshape(N, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(N, g * g, p * p * 3).astype(np.float32) / 255.0
+
+
+def nearest_code(x, centroids):
+    """(n,) index of the nearest centroid (squared Euclidean) of each row of x (n, d)."""
+    return ((centroids ** 2).sum(1)[None, :] - 2.0 * (x @ centroids.T)).argmin(1)
+
+
+def kmeans(x, k, iters, rng):
+    """Lloyd's k-means on the rows of x, started from k distinct rows; a cluster that empties
+    is re-seeded with the row farthest from its centroid. Returns (k, d) centroids."""
+    distinct = np.unique(x, axis=0)
+    if len(distinct) < k:
+        raise ValueError(f"k-means: {len(distinct)} distinct patches, fewer than the {k} codes asked for")
+    centroids = distinct[rng.choice(len(distinct), k, replace=False)]
+    for _ in range(iters):
+        code = nearest_code(x, centroids)
+        counts = np.bincount(code, minlength=k)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, code, x)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+        if not filled.all():
+            far = ((x - centroids[code]) ** 2).sum(1).argsort()[::-1]
+            centroids[~filled] = x[far[:(~filled).sum()]]
+    return centroids
+
+
+def prepare_codebook(path, patch_size, n_codes, iters=15, max_fit=65536, seed=0, log=print):
+    """The visual codebook of ELECTRA's MOC objective, stored with a prepared dataset: k-means
+    (n_codes centroids) over the patches of up to max_fit train images' patches, pixels scaled
+    to [0, 1]; then every patch of every captioned split gets the index of its nearest
+    centroid. Writes codebook-p{p}-k{K}.npy (K, p*p*3) float32 and {split}.codes-p{p}-k{K}.npy
+    (N, P) int16, each atomically, the codebook last (it marks the work done)."""
+    name = codebook_name(patch_size, n_codes)
+    book_file = os.path.join(path, f"codebook-p{patch_size}-k{n_codes}.npy")
+    if os.path.exists(book_file):
+        return book_file
+    ds = Dataset(path)
+    if ds.image_size % patch_size:
+        raise ValueError(f"image size {ds.image_size} is not a multiple of patch size {patch_size}")
+    t0 = time.time()
+    rng = np.random.default_rng(seed)
+    train = ds.array("train", "images")
+    per_image = (ds.image_size // patch_size) ** 2
+    pick = np.sort(rng.choice(len(train), min(len(train), max(1, max_fit // per_image)), replace=False))
+    centroids = kmeans(patchify(train[pick], patch_size).reshape(-1, 3 * patch_size ** 2), n_codes, iters, rng)
+    splits = [s for s in ds.meta["splits"] if ds.has(s, "tokens")]
+    for split in splits:
+        images = ds.array(split, "images")
+        codes = np.empty((len(images), per_image), np.int16)
+        for i in range(0, len(images), 1024):
+            x = patchify(images[i:i + 1024], patch_size)
+            codes[i:i + 1024] = nearest_code(x.reshape(-1, x.shape[-1]), centroids).reshape(len(x), -1)
+        file = os.path.join(path, f"{split}.{name}.npy")
+        np.save(file + ".tmp.npy", codes)
+        os.replace(file + ".tmp.npy", file)
+    np.save(book_file + ".tmp.npy", centroids)
+    os.replace(book_file + ".tmp.npy", book_file)
+    log(f"visual codebook ({n_codes} codes of {patch_size}x{patch_size} patches) ready in {time.time() - t0:.1f} s")
+    return book_file
 
 
 @lru_cache(maxsize=4)

@@ -3,6 +3,7 @@ Evaluate a nanoVLP model: retrieval, zero-shot classification and captioning, on
 split and on the test images that show held-out colour-shape pairs.
 
     python eval.py --ckpt out/ckpt.pt            # prints the metrics, writes out/eval.json
+    python eval.py --ablation --train_split=web  # trains each objective subset, writes a table
 
 Protocols (shapes world):
 - Retrieval. The gallery is every caption of every image of the split (C per image). Many
@@ -20,6 +21,15 @@ Protocols (shapes world):
 - Caption parse accuracy. Greedy captions are parsed back with the world's templates; a
   caption is right if it names exactly the image's objects, with their sizes, colours and
   shapes, in the right order along the right axis.
+- ITM. Each image is paired with its first caption (a match) and with the caption of
+  another scene that ITC finds most similar to it (a hard non-match); itm_acc is the
+  fraction of the 2N pairs on the right side of p(match) = 0.5, itm_auc the ROC-AUC of
+  p(match) over them. Re-ranked retrieval (retrieval_itm_*): the top rerank_k of ITC for each
+  query are put in the order of the ITM match logit, the rest keep their ITC order.
+- RTD / R2D. Val images and their first captions are masked and filled in by the generator
+  as in training (a fixed seed); over every non-padding text position (RTD) and every patch
+  (R2D), "replaced" is the positive class: ROC-AUC of the discriminator's logit, and
+  precision and recall at logit 0 (p = 0.5).
 """
 
 import argparse
@@ -86,6 +96,95 @@ def retrieval(image_emb, text_emb, image_scene, text_scene, ks=(1, 5, 10)):
     return out
 
 
+def roc_auc(scores, labels):
+    """Area under the ROC curve: the probability that a random positive scores above a random
+    negative, ties counting half (the Mann-Whitney U statistic). NaN if a class is empty."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based, tied scores share their mean rank
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def binary_metrics(prefix, logits, labels):
+    """ROC-AUC, and precision and recall at logit 0, of a binary head."""
+    logits, labels = np.asarray(logits), np.asarray(labels, bool)
+    pred = logits > 0
+    tp = (pred & labels).sum()
+    return {f"{prefix}_auc": roc_auc(logits, labels),
+            f"{prefix}_precision": float(tp / max(1, pred.sum())), f"{prefix}_recall": float(tp / max(1, labels.sum()))}
+
+
+@torch.no_grad()
+def image_tokens_of(model, images, device, batch_size=256, ctx=nullcontext()):
+    """The image tokens the text transformer reads, (N, P, w), for uint8 images."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        with ctx:
+            out.append(model.image_tokens(model.visual(to_pixels(model, images[i:i + batch_size], device))))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def itm_margins(model, image_tokens, tokens, pairs, device, batch_size=512, ctx=nullcontext()):
+    """ITM logit(match) - logit(no match) for the (image, caption) index pairs (n, 2)."""
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        p = pairs[i:i + batch_size]
+        with ctx:
+            logits = model.itm_logits(image_tokens[p[:, 0]], tokens[p[:, 1]].to(device)).float()
+        out.append(logits[:, 1] - logits[:, 0])
+    return torch.cat(out)
+
+
+def itm_evaluation(model, image_tokens, tokens, sim, relevant, k, device, ctx=nullcontext()):
+    """ITM accuracy and AUC on matched and hard non-matched val pairs, and ITC retrieval
+    re-ranked by ITM over its top k (see the module docstring). sim (N, N*C) ITC similarity
+    of images and captions, relevant (N, N*C) bool, tokens (N*C, T)."""
+    N, G = sim.shape
+    C = G // N
+    hard = sim.masked_fill(relevant, float("-inf")).argmax(1)  # the most similar caption of another scene
+    rows = torch.arange(N)
+    pairs = torch.cat([torch.stack([rows, rows * C], 1), torch.stack([rows, hard], 1)])
+    margin = itm_margins(model, image_tokens, tokens, pairs, device, ctx=ctx).cpu()
+    labels = torch.arange(2 * N) < N
+    out = {"itm_acc": float(((margin > 0) == labels).float().mean()), "itm_auc": roc_auc(margin, labels)}
+    for name, s, rel, image_first in (("i2t", sim, relevant, True), ("t2i", sim.t(), relevant.t(), False)):
+        top = s.topk(min(k, s.size(1)), dim=1).indices  # (Q, k)
+        q = torch.arange(s.size(0))[:, None].expand_as(top)
+        pairs = torch.stack([q, top] if image_first else [top, q], -1).reshape(-1, 2)
+        reranked = s.clone()
+        reranked[q, top] = 1e4 + itm_margins(model, image_tokens, tokens, pairs, device, ctx=ctx).cpu().view_as(top)
+        out.update({f"retrieval_itm_{name}_r{kk}": v for kk, v in recall_at_k(reranked, rel).items()})
+    return out
+
+
+@torch.no_grad()
+def electra_evaluation(model, images, tokens, codes, device, batch_size=256, seed=0, ctx=nullcontext()):
+    """RTD and R2D metrics on replaced val inputs (see the module docstring)."""
+    rng = torch.Generator(device=device).manual_seed(seed)
+    logits = {"rtd": [], "r2d": []}
+    labels = {"rtd": [], "r2d": []}
+    for i in range(0, len(images), batch_size):
+        t = torch.from_numpy(np.ascontiguousarray(tokens[i:i + batch_size])).long().to(device)
+        c = torch.from_numpy(np.asarray(codes[i:i + batch_size], np.int64)).to(device)
+        with ctx:
+            E = model.electra_inputs(to_pixels(model, images[i:i + batch_size], device), t, c, rng=rng)
+            image_tokens = model.image_tokens(model.visual(E["pixels"]))
+            h = model.fuse(image_tokens, E["tokens"])
+        P, text = image_tokens.size(1), t != model.cfg.pad_id
+        logits["rtd"].append(model.rtd_head(h[:, P:]).squeeze(-1).float()[text].cpu())
+        labels["rtd"].append(E["rtd_label"][text].cpu())
+        logits["r2d"].append(model.r2d_head(h[:, :P]).squeeze(-1).float().flatten().cpu())
+        labels["r2d"].append(E["r2d_label"].flatten().cpu())
+    out = {}
+    for head in ("rtd", "r2d"):
+        out.update(binary_metrics(head, torch.cat(logits[head]).numpy(), torch.cat(labels[head]).numpy()))
+    return out
+
+
 def class_prompts(kind):
     """{class name: all single-object captions naming it}, kind 'shape' or 'colour'."""
     names = data.SHAPES if kind == "shape" else data.COLOUR_NAMES
@@ -137,8 +236,10 @@ def caption_parse_accuracy(captions, scenes, counts):
 
 
 @torch.no_grad()
-def evaluate_split(model, ds, split, device, select=None, ctx=nullcontext()):
-    """Every metric on one split (or the rows `select` of it). Flat dict of floats."""
+def evaluate_split(model, ds, split, device, select=None, ctx=nullcontext(), rerank_k=8):
+    """Every metric on one split (or the rows `select` of it) that the model's objectives
+    give: retrieval and zero-shot (ITC), ITM, RTD and R2D (ELECTRA), caption parse accuracy.
+    Flat dict of floats."""
     images = ds.array(split, "images")
     idx = np.arange(len(images)) if select is None else np.asarray(select)
     images = images[idx]
@@ -150,6 +251,15 @@ def evaluate_split(model, ds, split, device, select=None, ctx=nullcontext()):
     image_emb = embed_images(model, images, device, ctx=ctx)
     text_emb = embed_texts(model, tokens.reshape(N * C, T), device, ctx=ctx)
     out = retrieval(image_emb, text_emb, scene, np.repeat(scene, C))
+    cfg = model.cfg
+    if cfg.itm_weight > 0:
+        relevant = torch.as_tensor(scene)[:, None] == torch.as_tensor(np.repeat(scene, C))[None, :]
+        out.update(itm_evaluation(model, image_tokens_of(model, images, device, ctx=ctx),
+                                  torch.from_numpy(tokens.reshape(N * C, T)).long(),
+                                  (image_emb @ text_emb.t()).cpu(), relevant, rerank_k, device, ctx))
+    if cfg.rtd_weight > 0 or cfg.r2d_weight > 0:
+        codes = ds.codes(split, cfg.patch_size, cfg.n_codes)[idx]
+        out.update(electra_evaluation(model, images, tokens[:, 0], codes, device, ctx=ctx))
     single = counts == 1
     for kind, field in (("shape", 0), ("colour", 1)):
         if single.any():
@@ -161,16 +271,16 @@ def evaluate_split(model, ds, split, device, select=None, ctx=nullcontext()):
     return out
 
 
-def evaluate(model, ds, device, max_images=None, heldout=True, ctx=nullcontext()):
+def evaluate(model, ds, device, max_images=None, heldout=True, ctx=nullcontext(), rerank_k=8):
     """The metrics of a run: val (its first max_images images, or all), and, with heldout,
     the same on the test images whose objects are held-out compositions (keys 'heldout_*')."""
     was_training = model.training
     model.eval()
     n = ds.split_size("val")
-    out = evaluate_split(model, ds, "val", device, np.arange(min(n, max_images or n)), ctx)
+    out = evaluate_split(model, ds, "val", device, np.arange(min(n, max_images or n)), ctx, rerank_k)
     if heldout:
         held = np.flatnonzero(ds.array("test", "heldout"))
-        out.update({f"heldout_{k}": v for k, v in evaluate_split(model, ds, "test", device, held, ctx).items()})
+        out.update({f"heldout_{k}": v for k, v in evaluate_split(model, ds, "test", device, held, ctx, rerank_k).items()})
     model.train(was_training)
     return out
 
@@ -182,19 +292,100 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
+# -----------------------------------------------------------------------------
+# the ablation runner: one `python train.py` process per row, the same budget and seed
+
+_OFF = dict(itc_weight=0, caption_weight=0, itm_weight=0, mlm_weight=0, moc_weight=0, rtd_weight=0, r2d_weight=0,
+            momentum_alpha=0)
+_ELECTRA = dict(mlm_weight=1, moc_weight=1, rtd_weight=10, r2d_weight=10)
+ABLATION_ROWS = {
+    "ITC": dict(_OFF, itc_weight=1),
+    "ITC+LM": dict(_OFF, itc_weight=1, caption_weight=1),
+    "ITC+LM+ITM": dict(_OFF, itc_weight=1, caption_weight=1, itm_weight=1),
+    "ITC+LM+ELECTRA": dict(_OFF, itc_weight=1, caption_weight=1, **_ELECTRA),
+    "ITC+LM+MoD": dict(_OFF, itc_weight=1, caption_weight=1, momentum_alpha=0.4),
+    "all": dict(_OFF, itc_weight=1, caption_weight=1, itm_weight=1, momentum_alpha=0.4, **_ELECTRA),
+}
+
+
+def markdown_table(rows, keys):
+    """rows {name: metrics}; one table row per name, '-' where a metric does not apply."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| config | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += ["| " + name + " | " + " | ".join(fmt(m.get(k)) for k in keys) + " |" for name, m in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_ablation(args, train_args):
+    """Train every row of ABLATION_ROWS (or --rows) as its own `python train.py` process,
+    evaluate it (train.py writes eval.json), and write a Markdown table: one row per config,
+    every val metric, then the held-out ones, wall time and samples/s."""
+    import subprocess
+    import sys
+    import time
+    names = args.rows.split(",") if args.rows else list(ABLATION_ROWS)
+    unknown = [n for n in names if n not in ABLATION_ROWS]
+    if unknown:
+        raise SystemExit(f"unknown ablation rows {unknown}; rows: {', '.join(ABLATION_ROWS)}")
+    os.makedirs(args.ablation_dir, exist_ok=True)
+    results = {}
+    for name in names:
+        out = os.path.join(args.ablation_dir, name.replace("+", "_"))
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--config", args.config,
+               f"--out_dir={out}", f"--train_split={args.train_split}", f"--max_iters={args.max_iters}",
+               f"--eval_interval={10 ** 9}", *[f"--{k}={v}" for k, v in ABLATION_ROWS[name].items()], *train_args]
+        print(f"[{name}] " + " ".join(cmd[1:]), flush=True)
+        t0 = time.time()
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"ablation row {name} failed: {' '.join(cmd)}")
+        with open(os.path.join(out, "eval.json")) as f:
+            metrics = json.load(f)
+        with open(os.path.join(out, "log.jsonl")) as f:
+            speeds = [json.loads(line)["samples_per_s"] for line in f if "samples_per_s" in line]
+        metrics.update(wall_time_s=round(time.time() - t0), samples_per_s=round(float(np.median(speeds))))
+        results[name] = metrics
+    keys = [k for k in dict.fromkeys(k for m in results.values() for k in m)
+            if k not in ("step", "train_time_s", "wall_time_s", "samples_per_s")]
+    val = [k for k in keys if not k.startswith("heldout_")]
+    held = [k for k in keys if k.startswith("heldout_")]
+    text = (f"Ablation: `python eval.py --ablation --config {args.config} --train_split={args.train_split} "
+            f"--max_iters={args.max_iters}{' ' + ' '.join(train_args) if train_args else ''}`; "
+            f"{args.max_iters} steps per row, the same seed.\n\nVal split:\n\n"
+            + markdown_table(results, val + ["wall_time_s", "samples_per_s"])
+            + "\nTest images with held-out colour-shape pairs:\n\n" + markdown_table(results, held))
+    os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)
+    with open(args.table + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(args.table + ".tmp", args.table)
+    print(text)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="out/ckpt.pt")
     parser.add_argument("--data", default=None, help="prepared dataset directory (default: the checkpoint's)")
     parser.add_argument("--out", default=None, help="where to write the metrics (default: eval.json beside the checkpoint)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    parser.add_argument("--rerank_k", type=int, default=8, help="ITM re-ranks the top k of ITC retrieval")
+    ab = parser.add_argument_group("ablation (--ablation; any other --key=value goes to every train.py run)")
+    ab.add_argument("--ablation", action="store_true", help="train and evaluate the objective subsets, write a table")
+    ab.add_argument("--rows", default="", help=f"comma-separated subset of: {', '.join(ABLATION_ROWS)}")
+    ab.add_argument("--config", default="small")
+    ab.add_argument("--train_split", default="train", help="'train' (clean) or 'web' (noisy captions)")
+    ab.add_argument("--max_iters", type=int, default=300)
+    ab.add_argument("--ablation_dir", default="out-ablation")
+    ab.add_argument("--table", default="results/ablation.md")
+    args, rest = parser.parse_known_args()
+    if args.ablation:
+        return run_ablation(args, rest)
+    if rest:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
     try:
         model, _, ckpt = load_checkpoint(args.ckpt, args.device)
     except FileNotFoundError as e:
         raise SystemExit(str(e))
     ds = data.Dataset(args.data or ckpt["data_path"])
-    metrics = evaluate(model, ds, args.device)
+    metrics = evaluate(model, ds, args.device, rerank_k=args.rerank_k)
     for k, v in metrics.items():
         print(f"{k:32s} {v:.4f}")
     write_json(args.out or os.path.join(os.path.dirname(args.ckpt), "eval.json"), metrics)

@@ -13,6 +13,7 @@ References:
 3) BLIP (image-grounded decoding): https://arxiv.org/abs/2201.12086
 """
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -43,8 +44,25 @@ class VLMConfig:
     embed_dim: int = 128  # the joint image-text space of ITC
     converter: str = "mlp"  # image tokens -> text width: 'mlp' (one token per patch)
     # loss weights: 0 switches an objective off and it costs nothing
-    itc_weight: float = 1.0
-    caption_weight: float = 1.0
+    itc_weight: float = 1.0  # M4 contrastive
+    itm_weight: float = 1.0  # M5 image-text matching with hard negatives
+    mlm_weight: float = 1.0  # M6 generator: masked text tokens
+    moc_weight: float = 1.0  # M6 generator: visual codes of masked patches
+    rtd_weight: float = 10.0  # M6 discriminator: replaced text tokens (lambda; ELECTRA used 50, see README)
+    r2d_weight: float = 10.0  # M6 discriminator: replaced image patches
+    caption_weight: float = 1.0  # M8 captioning
+    # ELECTRA (M6)
+    text_mask_rate: float = 0.15  # of the non-special text tokens
+    patch_mask_rate: float = 0.15  # of the image patches
+    n_codes: int = 256  # visual codebook size (k-means over patches: data.prepare_codebook)
+    gen_width: int = 0  # the generator's width; 0: text_width // 4 (at most that)
+    gen_layers: int = 2
+    gen_heads: int = 2
+    # momentum distillation (M7): alpha is the weight of the momentum model's soft targets,
+    # ramped up from 0 over the first epoch; 0 switches it off (no EMA copy, no queues)
+    momentum_alpha: float = 0.4
+    momentum: float = 0.995  # EMA decay of the momentum encoders
+    queue_size: int = 4096  # momentum image and text features of earlier batches: extra ITC negatives
     # pixels are normalised with these (CLIP's)
     image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
@@ -52,6 +70,7 @@ class VLMConfig:
     bos_id: int = 450
     eos_id: int = 449
     pad_id: int = 451
+    mask_id: int = 452
 
 
 # -----------------------------------------------------------------------------
@@ -251,6 +270,60 @@ class MLPConverter(nn.Module):
         return self.c_proj(self.act(self.c_fc(patches)))
 
 
+def patchify(pixels, p):
+    """(B, 3, H, W) -> (B, P, p*p*3): the patches in the ViT's row-major order, the pixels of
+    each patch as (row, column, channel), the layout of data.patchify and the codebook."""
+    B, C, H, W = pixels.shape
+    x = pixels.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(patches, p):
+    """The inverse of patchify for square images."""
+    B, P, _ = patches.shape
+    g = math.isqrt(P)
+    return patches.view(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, g * p, g * p)
+
+
+class Generator(nn.Module):
+    """ELECTRA's generator over both modalities: a small bidirectional transformer over
+    [masked patches | masked text]. Text comes in through the main model's token embedding
+    table (the same Parameter, projected to the generator's width, as ELECTRA's
+    embeddings_project) and goes out through it (MLM logits = h @ table^T). Patches come in as
+    normalised pixels through a linear map, a masked one as a learned vector, and go out as
+    logits over the visual codes (MOC)."""
+
+    def __init__(self, cfg, token_embedding):
+        super().__init__()
+        w = cfg.gen_width or cfg.text_width // 4
+        if w > cfg.text_width // 4:
+            raise ValueError(f"gen_width {w} is more than a quarter of text_width {cfg.text_width}")
+        p = cfg.patch_size
+        self.n_patches = (cfg.image_size // p) ** 2
+        self.token_embedding = token_embedding  # shared with the text transformer, not a copy
+        self.embed_proj = nn.Linear(cfg.text_width, w)
+        self.patch_embed = nn.Linear(3 * p * p, w)
+        self.mask_embedding = nn.Parameter(torch.zeros(w))
+        self.positional_embedding = nn.Parameter(torch.zeros(self.n_patches + cfg.context_length, w))
+        self.blocks = nn.ModuleList(Block(w, cfg.gen_heads, cfg) for _ in range(cfg.gen_layers))
+        self.ln_f = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
+        self.mlm_head = nn.Linear(w, cfg.text_width)  # back to the table's width
+        self.moc_head = nn.Linear(w, cfg.n_codes)
+
+    def forward(self, patches, patch_mask, tokens):
+        """patches (B, P, 3*p*p) normalised pixels, patch_mask (B, P) bool, tokens (B, T) with
+        the masked ones already <mask>. Returns MLM logits (B, T, vocab) and MOC logits (B, P, K)."""
+        P, T = patches.size(1), tokens.size(1)
+        img = self.patch_embed(patches)
+        img = torch.where(patch_mask[..., None], self.mask_embedding.to(img.dtype), img)
+        txt = self.embed_proj(self.token_embedding(tokens))
+        x = torch.cat([img, txt], dim=1) + self.positional_embedding[:P + T]
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_f(x)
+        return self.mlm_head(x[:, P:]) @ self.token_embedding.weight.t(), self.moc_head(x[:, :P])
+
+
 # -----------------------------------------------------------------------------
 # losses
 
@@ -264,19 +337,66 @@ def gather_with_grad(x):
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
-def itc_loss(image_emb, text_emb, logit_scale, tokens):
+def fp32(x):
+    """Half-precision logits upcast to float32 for a softmax or a loss; other dtypes kept."""
+    return x.float() if x.element_size() < 4 else x
+
+
+def positive_mates(tokens, groups, all_tokens, all_groups):
+    """(B, N) bool: column j is a positive of row i when their captions are the same text or,
+    where the data knows it (groups >= 0), describe the same thing (the shapes world: the same
+    scene). Such pairs are never negatives, in ITC or ITM."""
+    same = (tokens[:, None, :] == all_tokens[None, :, :]).all(-1)
+    if groups is not None:
+        same |= (groups[:, None] == all_groups[None, :]) & (groups[:, None] >= 0)
+    return same
+
+
+def itc_loss(image_emb, text_emb, logit_scale, same, image_cols=None, text_cols=None, hidden=None, soft=None,
+             alpha=0.0):
     """CLIP's symmetric InfoNCE on L2-normalised embeddings, with negatives from every rank.
-    Each rank scores its own rows against all columns (open_clip's local loss). Rows whose
-    caption text is identical are positives of each other, the target spread evenly over
-    them; with distinct captions this is exactly CLIP's loss."""
+    Each rank scores its own rows against all N columns (open_clip's local loss). same (B, N):
+    which columns are positives of each row, the target spread evenly over them; with one
+    positive per row this is exactly CLIP's loss.
+    The momentum queue adds Q columns (image_cols, text_cols: no gradient) that are negatives
+    only: hidden (B, Q) marks the queued captions that are mates of a row, left out of its
+    softmax (an earlier copy of the same caption is neither a negative nor a target).
+    soft: (i2t, t2i) momentum-model softmax targets over the N + Q columns, mixed in as
+    alpha * soft + (1 - alpha) * target (ALBEF's momentum distillation)."""
     all_image, all_text = gather_with_grad(image_emb), gather_with_grad(text_emb)
-    all_tokens = gather_with_grad(tokens)  # integer: no gradient flows anyway
+    if image_cols is not None:
+        all_image, all_text = torch.cat([all_image, image_cols.to(all_image.dtype)]), torch.cat([all_text, text_cols.to(all_text.dtype)])
     scale = logit_scale.exp().clamp(max=100)
-    logits_i2t = scale * image_emb @ all_text.t()  # (B, N)
-    logits_t2i = scale * text_emb @ all_image.t()
-    same = (tokens[:, None, :] == all_tokens[None, :, :]).all(-1).to(logits_i2t.dtype)  # (B, N) identical captions
-    target = same / same.sum(1, keepdim=True)
-    return (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_t2i, target)) / 2
+    logits_i2t = fp32(scale * image_emb @ all_text.t())  # (B, N + Q)
+    logits_t2i = fp32(scale * text_emb @ all_image.t())
+    if image_cols is not None:
+        hide = torch.cat([torch.zeros_like(same), hidden], dim=1)
+        same = torch.cat([same, torch.zeros_like(hidden)], dim=1)
+        logits_i2t, logits_t2i = logits_i2t.masked_fill(hide, -1e4), logits_t2i.masked_fill(hide, -1e4)  # exp() = 0, finite
+    target = same.to(logits_i2t.dtype) / same.sum(1, keepdim=True)
+    t_i2t = t_t2i = target
+    if soft is not None:
+        t_i2t, t_t2i = alpha * soft[0] + (1 - alpha) * target, alpha * soft[1] + (1 - alpha) * target
+    return (F.cross_entropy(logits_i2t, t_i2t) + F.cross_entropy(logits_t2i, t_t2i)) / 2
+
+
+def hard_negatives(logits, same, generator=None):
+    """One hard negative per row: column j drawn with probability softmax(logits[i]) over the
+    columns that are not positives of row i (same[i, j] False: the positive itself and any
+    identical caption). Returns (index (B,), valid (B,) bool). A row with no candidate (a batch
+    of one, or of identical captions) gets valid False and index i, to be left out of the
+    loss rather than turn into NaN."""
+    valid = (~same).any(1)
+    weights = logits.detach().float().masked_fill(same, float("-inf")).softmax(1)
+    own = torch.eye(same.size(0), same.size(1), device=same.device)
+    weights = torch.where(valid[:, None], weights, own)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1), valid
+
+
+def masked_mean(x, mask):
+    """Mean of x over the positions where mask is True; 0 (with a gradient path) if none."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -309,15 +429,34 @@ class VLM(nn.Module):
         if cfg.converter != "mlp":
             raise ValueError(f"converter {cfg.converter!r} is not built yet: use 'mlp'")
         self.cfg = cfg
+        w = cfg.text_width
         self.visual = VisionTransformer(cfg)
         self.text = TextTransformer(cfg)
         self.converter = MLPConverter(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+        self.generator = Generator(cfg, self.text.token_embedding)
+        self.itm_head = nn.Linear(w, 2)  # on the fused state of <bos>: (no match, match)
+        self.rtd_head = nn.Linear(w, 1)  # on every text position: replaced?
+        self.r2d_head = nn.Linear(w, 1)  # on every image position: replaced?
         self.register_buffer("pixel_mean", torch.tensor(cfg.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.image_std).view(1, 3, 1, 1), persistent=False)
+        # the visual codebook, (K, p*p*3) pixels in [0, 1]: filled from the data (data.prepare_codebook)
+        self.register_buffer("codebook", torch.zeros(cfg.n_codes, 3 * cfg.patch_size ** 2))
         self.apply(self._init_weights)
         for tower, width, layers in ((self.visual, cfg.vit_width, cfg.vit_layers), (self.text, cfg.text_width, cfg.text_layers)):
             self._init_tower(tower, width, layers)
+        self.momentum = None
+        if cfg.momentum_alpha > 0:
+            # the momentum encoders: an EMA copy (one deepcopy keeps the shared embedding shared)
+            self.momentum = copy.deepcopy(self._online())
+            self.momentum.requires_grad_(False)
+            Q, L = cfg.queue_size, cfg.context_length
+            self.register_buffer("image_queue", torch.zeros(Q, cfg.embed_dim))
+            self.register_buffer("text_queue", torch.zeros(Q, cfg.embed_dim))
+            self.register_buffer("token_queue", torch.full((Q, L), -1, dtype=torch.long))
+            self.register_buffer("group_queue", torch.full((Q,), -1, dtype=torch.long))
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next slot to write
+            self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # slots holding features
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
@@ -348,7 +487,52 @@ class VLM(nn.Module):
             nn.init.normal_(tower.text_projection.weight, std=attn_std)
 
     def num_params(self):
-        return sum(p.numel() for p in self.parameters())
+        """Trainable parameters (the momentum copy is not counted)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def loss_weights(self):
+        c = self.cfg
+        return {"itc": c.itc_weight, "itm": c.itm_weight, "mlm": c.mlm_weight, "moc": c.moc_weight,
+                "rtd": c.rtd_weight, "r2d": c.r2d_weight, "caption": c.caption_weight}
+
+    # -- momentum encoders (M7) --
+
+    def _online(self):
+        """The encoders that have a momentum copy, in one fixed order."""
+        return nn.ModuleDict({"visual": self.visual, "text": self.text, "generator": self.generator})
+
+    @torch.no_grad()
+    def momentum_update(self):
+        """theta_m <- m * theta_m + (1 - m) * theta, after each optimizer step."""
+        if self.momentum is not None:
+            for pm, p in zip(self.momentum.parameters(), self._online().parameters()):
+                pm.lerp_(p.detach(), 1.0 - self.cfg.momentum)
+
+    @torch.no_grad()
+    def reset_momentum(self):
+        """Momentum encoders equal to the online ones, queues empty (a stage started from
+        weights that had none)."""
+        if self.momentum is not None:
+            self.momentum.load_state_dict(self._online().state_dict())
+            self.queue_ptr.zero_()
+            self.queue_filled.zero_()
+
+    @torch.no_grad()
+    def _enqueue(self, image_feat, text_feat, tokens, groups):
+        """Add every rank's momentum features of this batch to the ring-buffer queues."""
+        feats = [gather_with_grad(x) for x in (image_feat, text_feat, self._full_length(tokens), groups)]
+        Q = self.cfg.queue_size
+        n = min(feats[0].size(0), Q)
+        slots = (self.queue_ptr + torch.arange(n, device=tokens.device)) % Q
+        for queue, x in zip((self.image_queue, self.text_queue, self.token_queue, self.group_queue), feats):
+            queue[slots] = x[-n:].to(queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + n) % Q)
+        self.queue_filled.add_(n).clamp_(max=Q)
+
+    def _full_length(self, tokens):
+        return F.pad(tokens, (0, self.cfg.context_length - tokens.size(1)), value=self.cfg.pad_id)
+
+    # -- the encoders --
 
     def normalize_pixels(self, images):
         """uint8 (B, H, W, 3) -> float (B, 3, H, W) normalised with the config's mean and std."""
@@ -359,22 +543,70 @@ class VLM(nn.Module):
         """ViT tokens -> the image tokens the text transformer reads (patches only)."""
         return self.converter(vit_tokens[:, 1:])
 
-    def _image_embedding(self, vit_tokens):
-        return F.normalize(self.visual.proj(vit_tokens[:, 0]), dim=-1)
+    @staticmethod
+    def _image_embedding(visual, vit_tokens):
+        return F.normalize(visual.proj(vit_tokens[:, 0]), dim=-1)
 
-    def _text_embedding(self, tokens):
-        h = self.text(tokens, mask="causal")
+    def _text_embedding(self, text, tokens):
+        h = text(tokens, mask="causal")
         eos = (tokens == self.cfg.eos_id).int().argmax(-1)  # pool at the first <eos>
         pooled = h[torch.arange(tokens.size(0), device=tokens.device), eos]
-        return F.normalize(self.text.text_projection(pooled), dim=-1)
+        return F.normalize(text.text_projection(pooled), dim=-1)
 
     def encode_image(self, pixels):
         """pixels (B, 3, H, W) float, normalised -> (B, embed_dim) L2-normalised."""
-        return self._image_embedding(self.visual(pixels))
+        return self._image_embedding(self.visual, self.visual(pixels))
 
     def encode_text(self, tokens):
         """tokens (B, T) <bos> ... <eos> <pad>... -> (B, embed_dim) L2-normalised."""
-        return self._text_embedding(tokens)
+        return self._text_embedding(self.text, tokens)
+
+    def fuse(self, image_tokens, tokens):
+        """The fusion encoder: the text transformer, bidirectional over [image tokens | text],
+        padding hidden from every query. Returns hidden states (B, P + T, w)."""
+        valid = torch.cat([torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=tokens.device),
+                           tokens != self.cfg.pad_id], dim=1)
+        return self.text(tokens, prefix=image_tokens, mask="bidirectional", key_valid=valid)
+
+    def itm_logits(self, image_tokens, tokens):
+        """(B, 2) ITM logits (no match, match) of image-text pairs, read at <bos>."""
+        return self.itm_head(self.fuse(image_tokens, tokens)[:, image_tokens.size(1)])
+
+    # -- ELECTRA (M6) --
+
+    def electra_inputs(self, pixels, tokens, codes, rng=None):
+        """Mask, let the generator fill in, replace. Masks: text_mask_rate of the non-special
+        tokens and patch_mask_rate of the patches. A masked token becomes a token sampled from
+        the generator's MLM distribution; a masked patch becomes the pixels of the centroid of
+        a code sampled from its MOC distribution. Labels: a token is replaced when it differs
+        from the original; a patch when its sampled code differs from its original code (so a
+        sample equal to the original counts as original). Returns a dict: text_mask, patch_mask,
+        mlm_logits, moc_logits (with gradient, for the generator's losses), gen_input (what the
+        generator read, for the momentum generator), pixels, tokens, rtd_label, r2d_label."""
+        cfg = self.cfg
+        p = cfg.patch_size
+        patches = patchify(pixels, p)
+        special = (tokens == cfg.bos_id) | (tokens == cfg.eos_id) | (tokens == cfg.pad_id)
+        text_mask = (torch.rand(tokens.shape, generator=rng, device=tokens.device) < cfg.text_mask_rate) & ~special
+        patch_mask = torch.rand(patches.shape[:2], generator=rng, device=tokens.device) < cfg.patch_mask_rate
+        gen_input = (patches, patch_mask, tokens.masked_fill(text_mask, cfg.mask_id))
+        mlm_logits, moc_logits = self.generator(*gen_input)
+        with torch.no_grad():
+            logits = mlm_logits.detach().float().clone()
+            logits[..., [cfg.bos_id, cfg.eos_id, cfg.pad_id, cfg.mask_id]] = float("-inf")  # never sample specials
+            sampled = torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=rng).view(tokens.shape)
+            new_tokens = torch.where(text_mask, sampled, tokens)
+            probs = moc_logits.detach().float().softmax(-1).flatten(0, 1)
+            sampled_code = torch.multinomial(probs, 1, generator=rng).view(patch_mask.shape)
+            mean = self.pixel_mean.view(1, 3).repeat(p * p, 1).view(-1)  # per (row, column, channel)
+            std = self.pixel_std.view(1, 3).repeat(p * p, 1).view(-1)
+            centroid = (self.codebook[sampled_code] - mean) / std
+            new_pixels = unpatchify(torch.where(patch_mask[..., None], centroid.to(patches.dtype), patches), p)
+        return dict(text_mask=text_mask, patch_mask=patch_mask, mlm_logits=mlm_logits, moc_logits=moc_logits,
+                    gen_input=gen_input, pixels=new_pixels, tokens=new_tokens,
+                    rtd_label=new_tokens != tokens, r2d_label=patch_mask & (sampled_code != codes))
+
+    # -- training --
 
     def caption_loss(self, image_tokens, tokens):
         """Prefix-LM next-token loss on the caption given the image tokens; <pad> is ignored,
@@ -382,22 +614,88 @@ class VLM(nn.Module):
         h = self.text(tokens[:, :-1], prefix=image_tokens, mask="prefix")
         logits = self.text.lm_head(h[:, image_tokens.size(1):])  # text positions only
         targets = tokens[:, 1:].masked_fill(tokens[:, 1:] == self.cfg.pad_id, -100)
-        if logits.element_size() < 4:  # bf16/fp16 logits: the softmax over the vocabulary in fp32
-            logits = logits.float()
+        logits = fp32(logits)  # bf16/fp16 logits: the softmax over the vocabulary in fp32
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
-    def forward(self, pixels, tokens):
+    def forward(self, pixels, tokens, codes=None, groups=None, alpha=0.0):
         """pixels (B, 3, H, W) normalised, tokens (B, T) -> dict of named losses and 'loss',
-        their weighted sum. An objective whose weight is 0 is not computed."""
+        their weighted sum. An objective whose weight is 0 is not computed.
+        codes (B, P): the visual code of every patch (needed by ELECTRA's MOC and R2D).
+        groups (B,): captions in one group (>= 0) describe the same thing and are never
+        negatives of each other; None: only identical captions are.
+        alpha: weight of the momentum model's soft targets (ramped up by the training loop)."""
         cfg = self.cfg
+        on = {k: w > 0 for k, w in self.loss_weights().items()}
+        electra = on["mlm"] or on["moc"] or on["rtd"] or on["r2d"]
+        distill = self.momentum is not None and (on["itc"] or on["mlm"])
+        B = tokens.size(0)
         vit = self.visual(pixels)
         losses = {}
-        if cfg.itc_weight > 0:
-            losses["itc"] = itc_loss(self._image_embedding(vit), self._text_embedding(tokens), self.logit_scale, tokens)
-        if cfg.caption_weight > 0:
+        if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the ITC similarity
+            image_emb, text_emb = self._image_embedding(self.visual, vit), self._text_embedding(self.text, tokens)
+        if distill:
+            m = self.momentum
+            with torch.no_grad():
+                image_m = self._image_embedding(m.visual, m.visual(pixels))
+                text_m = self._text_embedding(m.text, tokens)
+        if on["itc"]:
+            same = positive_mates(tokens, groups, gather_with_grad(tokens),
+                                  None if groups is None else gather_with_grad(groups))
+            extra = {}
+            if distill:  # the queue adds negatives; the momentum model gives soft targets over all columns
+                n = int(self.queue_filled)
+                image_cols, text_cols = self.image_queue[:n], self.text_queue[:n]
+                hidden = positive_mates(self._full_length(tokens), groups, self.token_queue[:n], self.group_queue[:n])
+                hide = torch.cat([torch.zeros_like(same), hidden], dim=1)
+                with torch.no_grad():
+                    scale = self.logit_scale.exp().clamp(max=100)
+                    soft = tuple((scale * q @ torch.cat([gather_with_grad(k), cols]).t()).masked_fill(hide, float("-inf"))
+                                 .softmax(1) for q, k, cols in ((image_m, text_m, text_cols), (text_m, image_m, image_cols)))
+                extra = dict(image_cols=image_cols, text_cols=text_cols, hidden=hidden, soft=soft, alpha=alpha)
+            losses["itc"] = itc_loss(image_emb, text_emb, self.logit_scale, same, **extra)
+        fused_vit, fused_tokens = vit, tokens  # what the fused pass reads: the replaced inputs when ELECTRA is on
+        if electra:
+            if codes is None:
+                raise ValueError("ELECTRA's objectives need the visual codes of the patches (codes=...)")
+            E = self.electra_inputs(pixels, tokens, codes)
+            logp = fp32(E["mlm_logits"]).log_softmax(-1)
+            target = F.one_hot(tokens, logp.size(-1)).to(logp.dtype)
+            if distill and on["mlm"]:
+                with torch.no_grad():
+                    mlm_m, _ = self.momentum.generator(*E["gen_input"])
+                target = alpha * fp32(mlm_m).softmax(-1) + (1 - alpha) * target
+            losses["mlm"] = masked_mean(-(target * logp).sum(-1), E["text_mask"])
+            moc = F.cross_entropy(fp32(E["moc_logits"]).transpose(1, 2), codes.long(), reduction="none")
+            losses["moc"] = masked_mean(moc, E["patch_mask"])
+            if on["rtd"] or on["r2d"] or on["itm"]:
+                fused_vit, fused_tokens = self.visual(E["pixels"]), E["tokens"]
+        if on["itm"] or on["rtd"] or on["r2d"]:
+            image_tokens = self.image_tokens(fused_vit)
+            P = image_tokens.size(1)
+            rows_i = rows_t = torch.arange(B, device=tokens.device)  # the matched pairs first
+            if on["itm"]:  # then each image with a hard negative text, each text with a hard negative image
+                local = positive_mates(tokens, groups, tokens, groups)
+                neg_t, valid_t = hard_negatives(image_emb @ text_emb.t(), local)
+                neg_i, valid_i = hard_negatives(text_emb @ image_emb.t(), local.t())
+                rows_i, rows_t = torch.cat([rows_i, rows_i, neg_i]), torch.cat([rows_t, neg_t, rows_t])
+            h = self.fuse(image_tokens[rows_i], fused_tokens[rows_t])
+            if on["itm"]:
+                labels = (torch.arange(3 * B, device=tokens.device) < B).long()
+                keep = torch.cat([valid_t.new_ones(B), valid_t, valid_i])
+                itm = F.cross_entropy(fp32(self.itm_head(h[:, P])), labels, reduction="none")
+                losses["itm"] = masked_mean(itm, keep)
+            if electra:  # the discriminator: the matched rows, every non-padding position
+                rtd = fp32(self.rtd_head(h[:B, P:]).squeeze(-1))
+                losses["rtd"] = masked_mean(F.binary_cross_entropy_with_logits(
+                    rtd, E["rtd_label"].to(rtd.dtype), reduction="none"), tokens != cfg.pad_id)
+                r2d = fp32(self.r2d_head(h[:B, :P]).squeeze(-1))
+                losses["r2d"] = F.binary_cross_entropy_with_logits(r2d, E["r2d_label"].to(r2d.dtype))
+        if on["caption"]:
             losses["caption"] = self.caption_loss(self.image_tokens(vit), tokens)
-        weights = {"itc": cfg.itc_weight, "caption": cfg.caption_weight}
-        losses["loss"] = sum(weights[k] * v for k, v in losses.items())
+        if distill and on["itc"]:
+            self._enqueue(image_m, text_m, tokens, groups if groups is not None else torch.full_like(tokens[:, 0], -1))
+        weights = self.loss_weights()
+        losses["loss"] = sum(weights[k] * v for k, v in losses.items() if weights[k] > 0)
         return losses
 
     @torch.no_grad()

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import VLM, VLMConfig, attention_mask, itc_loss, sample_next
+from model import VLM, VLMConfig, attention_mask, itc_loss, positive_mates, sample_next
 
 CFG = VLMConfig(image_size=32, patch_size=8, vit_width=32, vit_layers=2, vit_heads=2, text_width=32, text_layers=2,
-                text_heads=2, embed_dim=16, vocab_size=50, context_length=12, bos_id=47, eos_id=48, pad_id=49)
+                text_heads=2, embed_dim=16, vocab_size=50, context_length=12, bos_id=47, eos_id=48, pad_id=49,
+                mask_id=46, n_codes=16, queue_size=8)
 
 
 def make_model(dtype=torch.float64, **changes):
@@ -170,18 +171,19 @@ def test_itc_loss_equals_the_formula():
             total += sum(targets[i][j] * (lse_r - row[j]) + targets[i][j] * (lse_c - col[j]) for j in range(B)) / 2
         return total / B
 
+    mates = lambda t: positive_mates(t, None, t, None)  # noqa: E731
     eye = [[float(i == j) for j in range(B)] for i in range(B)]
-    assert math.isclose(itc_loss(img, txt, scale, tokens).item(), reference(eye), rel_tol=1e-12)
+    assert math.isclose(itc_loss(img, txt, scale, mates(tokens)).item(), reference(eye), rel_tol=1e-12)
     # captions 0, 1 and 4 are the same text: each is a positive of the others, weight 1/3
     tokens[1] = tokens[0]
     tokens[4] = tokens[0]
     group = {0, 1, 4}
     soft = [[(1 / 3 if j in group else 0.0) if i in group else float(i == j) for j in range(B)] for i in range(B)]
-    assert math.isclose(itc_loss(img, txt, scale, tokens).item(), reference(soft), rel_tol=1e-12)
+    assert math.isclose(itc_loss(img, txt, scale, mates(tokens)).item(), reference(soft), rel_tol=1e-12)
     # the temperature is clamped at 100
     big = torch.tensor(math.log(1000.0), dtype=torch.float64)
-    assert math.isclose(itc_loss(img, txt, big, tokens).item(),
-                        itc_loss(img, txt, torch.tensor(math.log(100.0), dtype=torch.float64), tokens).item(),
+    assert math.isclose(itc_loss(img, txt, big, mates(tokens)).item(),
+                        itc_loss(img, txt, torch.tensor(math.log(100.0), dtype=torch.float64), mates(tokens)).item(),
                         rel_tol=1e-12)
 
 
@@ -234,7 +236,8 @@ def test_caption_loss_equals_the_log_likelihood_from_incremental_decoding():
 
 
 def test_zero_weight_switches_an_objective_off():
-    model = make_model(dtype=torch.float32, itc_weight=0.0)
+    model = make_model(dtype=torch.float32, itc_weight=0.0, itm_weight=0.0, mlm_weight=0.0, moc_weight=0.0,
+                       rtd_weight=0.0, r2d_weight=0.0)
     pixels = torch.randn(2, 3, CFG.image_size, CFG.image_size)
     losses = model(pixels, captions(2, [3, 4]))
     assert set(losses) == {"caption", "loss"}
