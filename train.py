@@ -78,7 +78,7 @@ PRESETS = {
         out_dir="out-tiny", batch_size=32, max_iters=40, warmup_iters=5, eval_interval=20, eval_images=32,
         log_interval=5, ckpt_interval=20,
         model=VLMConfig(image_size=48, patch_size=16, vit_width=32, vit_layers=2, vit_heads=2,
-                        text_width=32, text_layers=2, text_heads=2, embed_dim=32),
+                        text_width=32, text_layers=2, text_heads=2, embed_dim=32, queue_size=128),
         world=WorldConfig(n_train=512, n_val=64, n_test=64, n_web=128, n_novel_train=32, n_novel_val=16,
                           n_multi_train=40, n_multi_val=10, grid=3)),
     # the embedded default: a 2-core CPU in under 10 minutes, world generation included

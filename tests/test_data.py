@@ -268,3 +268,20 @@ def test_load_image_reads_every_common_mode(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(ValueError, match="bad.png"):
         data.load_image(str(tmp_path / "bad.png"), S)
+
+
+def test_visual_codebook_gives_every_patch_its_nearest_centroid(tiny_world):
+    p, K = 16, 16
+    data.prepare_codebook(tiny_world.path, p, K, log=lambda *a: None)
+    book = tiny_world.codebook(p, K)
+    assert book.shape == (K, 3 * p * p) and book.min() >= 0 and book.max() <= 1
+    for split in ("train", "val", "test", "web"):
+        images, codes = tiny_world.array(split, "images"), tiny_world.codes(split, p, K)
+        assert codes.shape == (len(images), (images.shape[1] // p) ** 2)
+        patches = data.patchify(images[:20], p)  # brute force: the nearest centroid of each patch
+        want = ((patches[:, :, None, :] - book[None, None]) ** 2).sum(-1).argmin(-1)
+        assert (codes[:20] == want).mean() > 0.99  # float ties aside
+    # prepared once: a second call finds it and changes nothing
+    stamp = os.path.getmtime(os.path.join(tiny_world.path, f"train.{data.codebook_name(p, K)}.npy"))
+    data.prepare_codebook(tiny_world.path, p, K, log=lambda *a: None)
+    assert os.path.getmtime(os.path.join(tiny_world.path, f"train.{data.codebook_name(p, K)}.npy")) == stamp

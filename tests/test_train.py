@@ -54,7 +54,10 @@ def test_tiny_run_lowers_its_loss_and_writes_its_files(tiny_run):
     lines = [json.loads(line) for line in open(os.path.join(tiny_run, "log.jsonl"))]
     steps = [d for d in lines if "loss" in d]
     first, last = steps[0], steps[-1]
-    assert last["step"] == 60 and last["loss"] < 0.8 * first["loss"]
+    # the losses against fixed targets fall (ITC's columns grow while the momentum queue fills,
+    # and RTD gets harder as the generator improves, so their sum is not the measure)
+    assert last["step"] == 60 and last["caption"] < 0.9 * first["caption"] and last["mlm"] < first["mlm"]
+    assert last["rtd"] < 0.6 * first["rtd"] and last["loss"] < 0.9 * first["loss"]
     metrics = json.load(open(os.path.join(tiny_run, "eval.json")))
     for key in ("retrieval_i2t_r1", "retrieval_t2i_r10", "zeroshot_shape_acc", "zeroshot_colour_acc",
                 "caption_parse_acc", "heldout_retrieval_i2t_r1", "heldout_caption_parse_acc"):
@@ -85,6 +88,8 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, world_root, tiny_wo
     a = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     b = torch.load(ckpt_path, weights_only=True)
     assert a["step"] == b["step"] == 80
+    # the momentum encoders and the queues are part of the saved state, and resume to the same values
+    assert int(a["model"]["queue_filled"]) > 0 and any(k.startswith("momentum.") for k in a["model"])
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     steps = [json.loads(line).get("step") for line in open(os.path.join(cut, "log.jsonl")) if "loss" in line]
