@@ -342,7 +342,7 @@ def run_ablation(args, train_args):
             metrics = json.load(f)
         with open(os.path.join(out, "log.jsonl")) as f:
             speeds = [json.loads(line)["samples_per_s"] for line in f if "samples_per_s" in line]
-        metrics.update(wall_time_s=round(time.time() - t0), samples_per_s=round(float(np.median(speeds))))
+        metrics.update(wall_time_s=round(time.time() - t0), samples_per_s=round(float(np.median(speeds))) if speeds else None)
         results[name] = metrics
     keys = [k for k in dict.fromkeys(k for m in results.values() for k in m)
             if k not in ("step", "train_time_s", "wall_time_s", "samples_per_s")]

@@ -1,5 +1,6 @@
 """sample.py on image files it writes itself, and the evaluation protocols against references."""
 
+import json
 import os
 import subprocess
 import sys
@@ -143,3 +144,22 @@ def test_caption_parse_accuracy_is_exact_match():
     assert out["caption_parse_acc"] == pytest.approx(1 / 4) and out["caption_parse_acc_2obj"] == pytest.approx(1 / 4)
     assert out["caption_objects_acc"] == pytest.approx(2 / 4)  # right and column
     assert out["caption_axis_acc"] == pytest.approx(2 / 4)  # right and wrong (one colour off, same row)
+
+
+def test_ablation_runner_trains_each_row_and_writes_a_table(tmp_path, world_root, tiny_world):
+    table = tmp_path / "ablation.md"
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--ablation", "--config", "tiny", "--rows", "ITC,ITC+LM+ITM",
+           "--max_iters=4", "--log_interval=2", f"--ablation_dir={tmp_path / 'runs'}", f"--table={table}", f"--data_dir={world_root}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = table.read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| config"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert {"retrieval_i2t_r1", "itm_acc", "wall_time_s", "samples_per_s"} <= set(cols)
+    # each config once in the val table and once in the held-out table
+    assert [line.split("|")[1].strip() for line in lines if line.startswith("| ITC")] == ["ITC", "ITC+LM+ITM"] * 2
+    cells = lambda name: [c.strip() for c in next(li for li in lines if li.startswith(f"| {name} |")).strip("|").split("|")]  # noqa: E731
+    # a metric exists only where its objective was trained: '-' for ITM in the ITC row
+    assert cells("ITC")[cols.index("itm_acc")] == "-" and cells("ITC")[cols.index("retrieval_i2t_r1")] != "-"
+    itm = json.load(open(tmp_path / "runs" / "ITC_LM_ITM" / "eval.json"))
+    assert itm["step"] == 4 and float(cells("ITC+LM+ITM")[cols.index("itm_acc")]) == pytest.approx(itm["itm_acc"], abs=5e-4)
