@@ -710,7 +710,7 @@ class Dataset:
 
     def codebook(self, patch_size, n_codes):
         """(K, p*p*3) float32 centroids in [0, 1] pixels, written by prepare_codebook."""
-        file = os.path.join(self.path, f"codebook-p{patch_size}-k{n_codes}.npy")
+        file = codebook_file(self.path, patch_size, n_codes)
         if not os.path.exists(file):
             raise FileNotFoundError(f"{self.path} has no visual codebook of {n_codes} codes for {patch_size} px patches "
                                     f"(data.prepare_codebook writes it)")
@@ -726,7 +726,12 @@ class Dataset:
 
 
 def codebook_name(patch_size, n_codes):
+    """The array name of the per-patch codes: {split}.codes-p{p}-k{K}.npy."""
     return f"codes-p{patch_size}-k{n_codes}"
+
+
+def codebook_file(path, patch_size, n_codes):
+    return os.path.join(path, f"codebook-p{patch_size}-k{n_codes}.npy")
 
 
 def patchify(images, p):
@@ -770,7 +775,7 @@ def prepare_codebook(path, patch_size, n_codes, iters=15, max_fit=65536, seed=0,
     centroid. Writes codebook-p{p}-k{K}.npy (K, p*p*3) float32 and {split}.codes-p{p}-k{K}.npy
     (N, P) int16, each atomically, the codebook last (it marks the work done)."""
     name = codebook_name(patch_size, n_codes)
-    book_file = os.path.join(path, f"codebook-p{patch_size}-k{n_codes}.npy")
+    book_file = codebook_file(path, patch_size, n_codes)
     if os.path.exists(book_file):
         return book_file
     ds = Dataset(path)

@@ -328,6 +328,11 @@ class Generator(nn.Module):
 # losses
 
 
+def uses_electra(cfg):
+    """Whether any of ELECTRA's losses is on (then the generator runs and needs the codebook)."""
+    return any(w > 0 for w in (cfg.mlm_weight, cfg.moc_weight, cfg.rtd_weight, cfg.r2d_weight))
+
+
 def gather_with_grad(x):
     """Concatenate x from every rank along dim 0, keeping the gradient path to each rank's
     own rows (open_clip's gather_with_grad). Identity when not distributed."""
@@ -456,7 +461,7 @@ class VLM(nn.Module):
             self.register_buffer("token_queue", torch.full((Q, L), -1, dtype=torch.long))
             self.register_buffer("group_queue", torch.full((Q,), -1, dtype=torch.long))
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next slot to write
-            self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # slots holding features
+            self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # slots written so far (at most Q)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
@@ -516,6 +521,8 @@ class VLM(nn.Module):
             self.momentum.load_state_dict(self._online().state_dict())
             self.queue_ptr.zero_()
             self.queue_filled.zero_()
+            self.token_queue.fill_(-1)
+            self.group_queue.fill_(-1)
 
     @torch.no_grad()
     def _enqueue(self, image_feat, text_feat, tokens, groups):
@@ -626,32 +633,32 @@ class VLM(nn.Module):
         alpha: weight of the momentum model's soft targets (ramped up by the training loop)."""
         cfg = self.cfg
         on = {k: w > 0 for k, w in self.loss_weights().items()}
-        electra = on["mlm"] or on["moc"] or on["rtd"] or on["r2d"]
-        distill = self.momentum is not None and (on["itc"] or on["mlm"])
+        electra = uses_electra(cfg)
+        distill = self.momentum is not None  # soft targets for ITC and MLM, queued negatives for ITC
         B = tokens.size(0)
         vit = self.visual(pixels)
         losses = {}
         if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the ITC similarity
             image_emb, text_emb = self._image_embedding(self.visual, vit), self._text_embedding(self.text, tokens)
-        if distill:
-            m = self.momentum
-            with torch.no_grad():
-                image_m = self._image_embedding(m.visual, m.visual(pixels))
-                text_m = self._text_embedding(m.text, tokens)
         if on["itc"]:
             same = positive_mates(tokens, groups, gather_with_grad(tokens),
                                   None if groups is None else gather_with_grad(groups))
             extra = {}
             if distill:  # the queue adds negatives; the momentum model gives soft targets over all columns
-                n = int(self.queue_filled)
-                image_cols, text_cols = self.image_queue[:n], self.text_queue[:n]
-                hidden = positive_mates(self._full_length(tokens), groups, self.token_queue[:n], self.group_queue[:n])
+                m = self.momentum
+                with torch.no_grad():
+                    image_m = self._image_embedding(m.visual, m.visual(pixels))
+                    text_m = self._text_embedding(m.text, tokens)
+                # every slot takes part (a fixed shape, no sync to the CPU); empty slots (token -1) are hidden like mates
+                hidden = positive_mates(self._full_length(tokens), groups, self.token_queue, self.group_queue)
+                hidden |= self.token_queue[None, :, 0] < 0
                 hide = torch.cat([torch.zeros_like(same), hidden], dim=1)
                 with torch.no_grad():
                     scale = self.logit_scale.exp().clamp(max=100)
                     soft = tuple((scale * q @ torch.cat([gather_with_grad(k), cols]).t()).masked_fill(hide, float("-inf"))
-                                 .softmax(1) for q, k, cols in ((image_m, text_m, text_cols), (text_m, image_m, image_cols)))
-                extra = dict(image_cols=image_cols, text_cols=text_cols, hidden=hidden, soft=soft, alpha=alpha)
+                                 .softmax(1) for q, k, cols in ((image_m, text_m, self.text_queue),
+                                                                (text_m, image_m, self.image_queue)))
+                extra = dict(image_cols=self.image_queue, text_cols=self.text_queue, hidden=hidden, soft=soft, alpha=alpha)
             losses["itc"] = itc_loss(image_emb, text_emb, self.logit_scale, same, **extra)
         fused_vit, fused_tokens = vit, tokens  # what the fused pass reads: the replaced inputs when ELECTRA is on
         if electra:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import data
 from data import WorldConfig
 from eval import evaluate, write_json
-from model import VLM, VLMConfig
+from model import VLM, VLMConfig, uses_electra
 
 STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
 
@@ -214,10 +214,6 @@ def pick_dtype(cfg, device_type):
     if device_type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def uses_electra(mcfg):
-    return any(w > 0 for w in (mcfg.mlm_weight, mcfg.moc_weight, mcfg.rtd_weight, mcfg.r2d_weight))
 
 
 def load_data(cfg, rank, world_size):
