@@ -153,6 +153,7 @@ def test_ablation_runner_trains_each_row_and_writes_a_table(tmp_path, world_root
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = table.read_text().splitlines()
+    assert "4 steps per row" in lines[0]
     header = next(line for line in lines if line.startswith("| config"))
     cols = [c.strip() for c in header.strip("|").split("|")]
     assert {"retrieval_i2t_r1", "itm_acc", "wall_time_s", "samples_per_s"} <= set(cols)
