@@ -332,8 +332,9 @@ def run_ablation(args, train_args):
     for name in names:
         out = os.path.join(args.ablation_dir, name.replace("+", "_"))
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--config", args.config,
-               f"--out_dir={out}", f"--train_split={args.train_split}",
-               *([f"--max_iters={args.max_iters}"] if args.max_iters else []), f"--eval_interval={10 ** 9}", *[f"--{k}={v}" for k, v in ABLATION_ROWS[name].items()], *train_args]
+               f"--out_dir={out}", f"--train_split={args.train_split}", f"--eval_interval={10 ** 9}",
+               *([f"--max_iters={args.max_iters}"] if args.max_iters else []),
+               *[f"--{k}={v}" for k, v in ABLATION_ROWS[name].items()], *train_args]
         print(f"[{name}] " + " ".join(cmd[1:]), flush=True)
         t0 = time.time()
         if subprocess.run(cmd).returncode != 0:
@@ -348,11 +349,11 @@ def run_ablation(args, train_args):
             if k not in ("step", "train_time_s", "wall_time_s", "samples_per_s")]
     val = [k for k in keys if not k.startswith("heldout_")]
     held = [k for k in keys if k.startswith("heldout_")]
-    steps = {m.get("step") for m in results.values()}
+    steps = ", ".join(sorted({str(m.get("step")) for m in results.values()}))
     text = (f"Ablation: `python eval.py --ablation --config {args.config} --train_split={args.train_split}"
             f"{f' --max_iters={args.max_iters}' if args.max_iters else ''}"
             f"{' ' + ' '.join(train_args) if train_args else ''}`; "
-            f"{', '.join(map(str, sorted(steps, key=str)))} steps per row, the same seed.\n\nVal split:\n\n"
+            f"{steps} steps per row, the same seed.\n\nVal split:\n\n"
             + markdown_table(results, val + ["wall_time_s", "samples_per_s"])
             + "\nTest images with held-out colour-shape pairs:\n\n" + markdown_table(results, held))
     os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)

@@ -632,7 +632,8 @@ class VLM(nn.Module):
         negatives of each other; None: only identical captions are.
         alpha: weight of the momentum model's soft targets (ramped up by the training loop)."""
         cfg = self.cfg
-        on = {k: w > 0 for k, w in self.loss_weights().items()}
+        weights = self.loss_weights()
+        on = {k: w > 0 for k, w in weights.items()}
         electra = uses_electra(cfg)
         distill = self.momentum is not None  # soft targets for ITC and MLM, queued negatives for ITC
         B = tokens.size(0)
@@ -701,8 +702,7 @@ class VLM(nn.Module):
             losses["caption"] = self.caption_loss(self.image_tokens(vit), tokens)
         if distill and on["itc"]:
             self._enqueue(image_m, text_m, tokens, groups if groups is not None else torch.full_like(tokens[:, 0], -1))
-        weights = self.loss_weights()
-        losses["loss"] = sum(weights[k] * v for k, v in losses.items() if weights[k] > 0)
+        losses["loss"] = sum(weights[k] * v for k, v in losses.items() if on[k])
         return losses
 
     @torch.no_grad()
