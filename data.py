@@ -708,6 +708,18 @@ class Dataset:
         caption = np.zeros(len(idx), np.int64) if caption is None else caption
         return images, tokens[idx, caption]
 
+    def multi_batch(self, split, idx):
+        """Multi-image question sets idx: images (B, K, S, S, 3) uint8 with zeros in the padding
+        slots, valid (B, K) bool, question (B, T) and answer (B, Ta) int32 token rows. K is the
+        most images of any set of the batch: sets of different sizes share a batch."""
+        sets = self.array(split, "sets")[np.asarray(idx)]  # (B, max_images) pool indices, -1: no image
+        valid = sets >= 0
+        K = max(1, int(valid.sum(1).max()))
+        sets, valid = sets[:, :K], valid[:, :K]
+        images = self.array(split, "images")[np.where(valid, sets, 0)]
+        images[~valid] = 0
+        return images, valid, self.array(split, "question")[idx], self.array(split, "answer")[idx]
+
     def codebook(self, patch_size, n_codes):
         """(K, p*p*3) float32 centroids in [0, 1] pixels, written by prepare_codebook."""
         file = codebook_file(self.path, patch_size, n_codes)

@@ -4,6 +4,7 @@ split and on the test images that show held-out colour-shape pairs.
 
     python eval.py --ckpt out/ckpt.pt            # prints the metrics, writes out/eval.json
     python eval.py --ablation --train_split=web  # trains each objective subset, writes a table
+    python eval.py --ablation --stage=instruct --init_from=out/ckpt.pt   # the two-pass rows
 
 Protocols (shapes world):
 - Retrieval. The gallery is every caption of every image of the split (C per image). Many
@@ -30,6 +31,11 @@ Protocols (shapes world):
   as in training (a fixed seed); over every non-padding text position (RTD) and every patch
   (R2D), "replaced" is the positive class: ROC-AUC of the discriminator's logit, and
   precision and recall at logit 0 (p = 0.5).
+- Instruction following (a checkpoint of the instruct stage). Greedy answers to the val
+  question sets, exact match of the answer text, overall and per question type, beside each
+  type's majority-answer baseline; the same with the instruction, the images or the relation
+  tokens hidden from the answering pass; forward FLOPs per set (VLM.instruct_flops) and the
+  median latency of answering one set alone.
 """
 
 import argparse
@@ -285,6 +291,86 @@ def evaluate(model, ds, device, max_images=None, heldout=True, ctx=nullcontext()
     return out
 
 
+# -----------------------------------------------------------------------------
+# multi-image instruction following (the instruct stage)
+
+
+def multi_pixels(model, images, device):
+    """uint8 (B, K, H, W, 3) numpy -> normalised (B, K, 3, H, W) on device."""
+    B, K = images.shape[:2]
+    x = to_pixels(model, images.reshape(B * K, *images.shape[2:]), device)
+    return x.view(B, K, *x.shape[1:])
+
+
+@torch.no_grad()
+def answer_sets(model, ds, split, idx, device, drop=None, batch_size=256, ctx=nullcontext()):
+    """Greedy answers (texts) to the question sets idx of a split; drop: the modalities
+    ('instruction', 'images', 'relation') hidden from pass 2 for every set."""
+    texts = []
+    for i in range(0, len(idx), batch_size):
+        images, valid, question, _ = ds.multi_batch(split, idx[i:i + batch_size])
+        B = len(valid)
+        hidden = {k: torch.full((B,), k in (drop or ()), device=device) for k in ("instruction", "images", "relation")}
+        with ctx:
+            out = model.answer(multi_pixels(model, images, device), torch.from_numpy(valid).to(device),
+                               torch.from_numpy(np.asarray(question, np.int64)).to(device), drop=hidden)
+        texts += [data.decode_tokens(ds.tokenizer, row) for row in out.tolist()]
+    return texts
+
+
+@torch.no_grad()
+def latency_ms(model, ds, split, idx, device, ctx=nullcontext()):
+    """Median wall time of answering one question set alone (batch 1), in milliseconds."""
+    import time
+    times = []
+    for i in idx:
+        t0 = time.perf_counter()
+        answer_sets(model, ds, split, np.array([i]), device, ctx=ctx)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
+def evaluate_instruct(model, ds, device, max_sets=None, split="multi_val", latency_sets=32, ctx=nullcontext()):
+    """Exact-match accuracy of greedy answers on the val question sets (the first max_sets),
+    overall and per question type, beside each type's majority-answer baseline (the most
+    common training answer of that type, scored on the same sets); the accuracy with the
+    instruction, the images or the relation tokens hidden from the answering pass (pass 2;
+    pass 1 still reads everything); forward GFLOPs per set by model.instruct_flops, averaged
+    over the sets' image counts (total and pass 2 alone); and latency_ms, the median time to
+    answer one set alone."""
+    was_training = model.training
+    model.eval()
+    n = ds.split_size(split)
+    idx = np.arange(min(n, max_sets or n))
+    qtypes = ds.meta["qtypes"]
+    answers = lambda s, i: [data.decode_tokens(ds.tokenizer, row) for row in ds.array(s, "answer")[i]]  # noqa: E731
+    truth, qtype = np.array(answers(split, idx)), ds.array(split, "qtype")[idx]
+    train_answers, train_qtype = np.array(answers("multi_train", slice(None))), ds.array("multi_train", "qtype")
+    right = np.array(answer_sets(model, ds, split, idx, device, ctx=ctx)) == truth
+    majority = np.zeros(len(idx), bool)
+    out = {"instruct_acc": float(right.mean())}
+    for t, name in enumerate(qtypes):
+        values, counts = np.unique(train_answers[train_qtype == t], return_counts=True)
+        majority[qtype == t] = truth[qtype == t] == values[counts.argmax()]
+        if (qtype == t).any():
+            out[f"instruct_acc_{name}"] = float(right[qtype == t].mean())
+            out[f"instruct_majority_{name}"] = float(majority[qtype == t].mean())
+    out["instruct_majority"] = float(majority.mean())
+    for drop in ("instruction", "images", "relation"):
+        if drop != "relation" or model.cfg.relation:
+            out[f"instruct_acc_no_{drop}"] = float(np.mean(np.array(answer_sets(model, ds, split, idx, device, (drop,),
+                                                                                  ctx=ctx)) == truth))
+    n_images = (ds.array(split, "sets")[idx] >= 0).sum(1)
+    flops = [model.instruct_flops(int(k)) for k in n_images]
+    out["instruct_gflops"] = float(np.mean([sum(f.values()) for f in flops])) / 1e9
+    out["instruct_pass2_gflops"] = float(np.mean([f["pass2"] for f in flops])) / 1e9
+    out["instruct_latency_ms"] = latency_ms(model, ds, split, idx[:latency_sets], device, ctx)
+    model.train(was_training)
+    return out
+
+
 def write_json(path, obj):
     """Write atomically: a reader sees the old file or the new one, never half of one."""
     with open(path + ".tmp", "w") as f:
@@ -308,6 +394,22 @@ ABLATION_ROWS = {
 }
 
 
+# the instruct stage's rows: each changes one thing of the default (two passes, keep_ratio 0.5,
+# modality dropping, the relation encoder, the mlp converter)
+_INSTRUCT_BASE = dict(two_pass=True, keep_ratio=0.5, drop_instruction=0.1, drop_images=0.1, drop_relation=0.1,
+                      relation=True, converter="mlp")
+_NO_DROP = dict(drop_instruction=0, drop_images=0, drop_relation=0)
+INSTRUCT_ROWS = {
+    "one-pass": dict(_INSTRUCT_BASE, two_pass=False),
+    "keep-1.0": dict(_INSTRUCT_BASE, keep_ratio=1.0),
+    "keep-0.5": dict(_INSTRUCT_BASE),
+    "keep-0.25": dict(_INSTRUCT_BASE, keep_ratio=0.25),
+    "keep-0.5-no-dropping": dict(_INSTRUCT_BASE, **_NO_DROP),
+    "keep-0.5-no-relation": dict(_INSTRUCT_BASE, relation=False),
+    "keep-0.5-resampler": dict(_INSTRUCT_BASE, converter="resampler"),
+}
+
+
 def markdown_table(rows, keys):
     """rows {name: metrics}; one table row per name, '-' where a metric does not apply."""
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -317,24 +419,29 @@ def markdown_table(rows, keys):
 
 
 def run_ablation(args, train_args):
-    """Train every row of ABLATION_ROWS (or --rows) as its own `python train.py` process,
-    evaluate it (train.py writes eval.json), and write a Markdown table: one row per config,
-    every val metric, then the held-out ones, wall time and samples/s."""
+    """Train every row of ABLATION_ROWS (INSTRUCT_ROWS with --stage instruct; or --rows) as its
+    own `python train.py` process, evaluate it (train.py writes eval.json), and write a
+    Markdown table: one row per config, every val metric (then the held-out ones), wall time
+    and samples/s."""
     import subprocess
     import sys
     import time
-    names = args.rows.split(",") if args.rows else list(ABLATION_ROWS)
-    unknown = [n for n in names if n not in ABLATION_ROWS]
+    instruct = args.stage == "instruct"
+    table = INSTRUCT_ROWS if instruct else ABLATION_ROWS
+    names = args.rows.split(",") if args.rows else list(table)
+    unknown = [n for n in names if n not in table]
     if unknown:
-        raise SystemExit(f"unknown ablation rows {unknown}; rows: {', '.join(ABLATION_ROWS)}")
+        raise SystemExit(f"unknown ablation rows {unknown}; rows: {', '.join(table)}")
+    if instruct and not any(a.startswith("--init_from") for a in train_args):
+        raise SystemExit("--stage instruct: give the pretrained checkpoint every row starts from, --init_from=PATH")
     os.makedirs(args.ablation_dir, exist_ok=True)
     results = {}
     for name in names:
         out = os.path.join(args.ablation_dir, name.replace("+", "_"))
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--config", args.config,
-               f"--out_dir={out}", f"--train_split={args.train_split}", f"--eval_interval={10 ** 9}",
-               *([f"--max_iters={args.max_iters}"] if args.max_iters else []),
-               *[f"--{k}={v}" for k, v in ABLATION_ROWS[name].items()], *train_args]
+               f"--out_dir={out}", "--stage=instruct" if instruct else f"--train_split={args.train_split}",
+               f"--eval_interval={10 ** 9}", *([f"--max_iters={args.max_iters}"] if args.max_iters else []),
+               *[f"--{k}={v}" for k, v in table[name].items()], *train_args]
         print(f"[{name}] " + " ".join(cmd[1:]), flush=True)
         t0 = time.time()
         if subprocess.run(cmd).returncode != 0:
@@ -347,15 +454,20 @@ def run_ablation(args, train_args):
         results[name] = metrics
     keys = [k for k in dict.fromkeys(k for m in results.values() for k in m)
             if k not in ("step", "train_time_s", "wall_time_s", "samples_per_s")]
-    val = [k for k in keys if not k.startswith("heldout_")]
-    held = [k for k in keys if k.startswith("heldout_")]
     steps = ", ".join(sorted({str(m.get("step")) for m in results.values()}))
-    text = (f"Ablation: `python eval.py --ablation --config {args.config} --train_split={args.train_split}"
-            f"{f' --max_iters={args.max_iters}' if args.max_iters else ''}"
-            f"{' ' + ' '.join(train_args) if train_args else ''}`; "
-            f"{steps} steps per row, the same seed.\n\nVal split:\n\n"
-            + markdown_table(results, val + ["wall_time_s", "samples_per_s"])
-            + "\nTest images with held-out colour-shape pairs:\n\n" + markdown_table(results, held))
+    command = (f"python eval.py --ablation --config {args.config} "
+               f"{'--stage=instruct' if instruct else f'--train_split={args.train_split}'}"
+               f"{f' --max_iters={args.max_iters}' if args.max_iters else ''}{' ' + ' '.join(train_args) if train_args else ''}")
+    text = f"Ablation: `{command}`; {steps} steps per row, the same seed.\n\nVal split:\n\n"
+    if instruct:  # the majority-answer baseline as a row of its own
+        majority = {k.replace("majority", "acc"): v for k, v in next(iter(results.values())).items() if "majority" in k}
+        rows = {**results, "majority answer": majority}
+        text += markdown_table(rows, [k for k in keys if "majority" not in k] + ["wall_time_s", "samples_per_s"])
+    else:
+        val = [k for k in keys if not k.startswith("heldout_")]
+        held = [k for k in keys if k.startswith("heldout_")]
+        text += (markdown_table(results, val + ["wall_time_s", "samples_per_s"])
+                 + "\nTest images with held-out colour-shape pairs:\n\n" + markdown_table(results, held))
     os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)
     with open(args.table + ".tmp", "w") as f:
         f.write(text)
@@ -372,7 +484,10 @@ def main():
     parser.add_argument("--rerank_k", type=int, default=8, help="ITM re-ranks the top k of ITC retrieval")
     ab = parser.add_argument_group("ablation (--ablation; any other --key=value goes to every train.py run)")
     ab.add_argument("--ablation", action="store_true", help="train and evaluate the objective subsets, write a table")
-    ab.add_argument("--rows", default="", help=f"comma-separated subset of: {', '.join(ABLATION_ROWS)}")
+    ab.add_argument("--stage", default="pretrain", choices=("pretrain", "instruct"),
+                    help="pretrain: the objective subsets; instruct: the two-pass rows (give --init_from=PATH)")
+    ab.add_argument("--rows", default="", help=f"comma-separated subset of: {', '.join(ABLATION_ROWS)}; "
+                                               f"with --stage instruct: {', '.join(INSTRUCT_ROWS)}")
     ab.add_argument("--config", default="small")
     ab.add_argument("--train_split", default="train", help="'train' (clean) or 'web' (noisy captions)")
     ab.add_argument("--max_iters", type=int, default=0, help="steps per row (default: the preset's)")
@@ -388,7 +503,10 @@ def main():
     except FileNotFoundError as e:
         raise SystemExit(str(e))
     ds = data.Dataset(args.data or ckpt["data_path"])
-    metrics = evaluate(model, ds, args.device, rerank_k=args.rerank_k)
+    if model.cfg.instruct:
+        metrics = evaluate_instruct(model, ds, args.device)
+    else:
+        metrics = evaluate(model, ds, args.device, rerank_k=args.rerank_k)
     for k, v in metrics.items():
         print(f"{k:32s} {v:.4f}")
     write_json(args.out or os.path.join(os.path.dirname(args.ckpt), "eval.json"), metrics)

@@ -42,7 +42,9 @@ class VLMConfig:
     activation: str = "gelu"  # 'gelu' or 'quick_gelu' (OpenAI CLIP)
     layer_norm_eps: float = 1e-5
     embed_dim: int = 128  # the joint image-text space of ITC
-    converter: str = "mlp"  # image tokens -> text width: 'mlp' (one token per patch)
+    converter: str = "mlp"  # image tokens -> text width: 'mlp' (one token per patch) or 'resampler'
+    n_queries: int = 8  # the resampler's learned queries: image tokens per image
+    resampler_layers: int = 2
     # loss weights: 0 switches an objective off and it costs nothing
     itc_weight: float = 1.0  # M4 contrastive
     itm_weight: float = 1.0  # M5 image-text matching with hard negatives
@@ -63,6 +65,17 @@ class VLMConfig:
     momentum_alpha: float = 0.4
     momentum: float = 0.995  # EMA decay of the momentum encoders
     queue_size: int = 4096  # momentum image and text features of earlier batches: extra ITC negatives
+    # multi-image instruction following (M9-M11): built when instruct is true (--stage instruct sets it)
+    instruct: bool = False
+    image_slots: int = 4  # most images of one sample (the image-index embeddings)
+    relation: bool = True  # M9: the relation encoder, one relation token per image
+    relation_layers: int = 2
+    two_pass: bool = True  # M10: pass 1 gives the global vector g that selects the image tokens of pass 2
+    keep_ratio: float = 0.5  # of each image's tokens, kept for pass 2
+    drop_instruction: float = 0.1  # M11: per-sample probability of hiding a modality in pass 2 (training only)
+    drop_images: float = 0.1
+    drop_relation: float = 0.1
+    answer_length: int = 8  # the answer block, <bos> answer <eos> <pad>...; the question gets the rest of the context
     # pixels are normalised with these (CLIP's)
     image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
@@ -71,6 +84,7 @@ class VLMConfig:
     eos_id: int = 449
     pad_id: int = 451
     mask_id: int = 452
+    glob_id: int = 453
 
 
 # -----------------------------------------------------------------------------
@@ -83,13 +97,15 @@ def attention_mask(n_prefix, q_len, k_len, q_start=0, key_valid=None, device=Non
         causal:        n_prefix = 0
         prefix-LM:     n_prefix = number of prefix tokens (image tokens, instruction)
         bidirectional: n_prefix = k_len
-    key_valid: optional (B, k_len) bool, False for padding keys. Returns (q_len, k_len) or
+    key_valid: optional (B, k_len) bool, False for keys hidden from every query (padding, a
+    dropped modality); a query still sees itself, so that no row is empty (SDPA turns an empty
+    row into NaN, which then spreads even through hidden keys). Returns (q_len, k_len), or
     (B, 1, q_len, k_len) when key_valid is given."""
     q = torch.arange(q_start, q_start + q_len, device=device)[:, None]
     k = torch.arange(k_len, device=device)[None, :]
     mask = (k < n_prefix) | (k <= q)
     if key_valid is not None:
-        mask = mask[None, None] & key_valid[:, None, None, :]
+        mask = mask[None, None] & key_valid[:, None, None, :] | (k == q)
     return mask
 
 
@@ -123,10 +139,17 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(width, 3 * width)  # q, k, v in one matmul
         self.c_proj = nn.Linear(width, width)
 
-    def forward(self, x, mask=None, is_causal=False, cache=None):
+    def forward(self, x, mask=None, is_causal=False, cache=None, context=None):
+        """Self-attention over x, or, given context (B, S, C), cross-attention: queries from x,
+        keys and values from context (the same c_attn weights, split)."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if context is None:
+            q, k, v = self.c_attn(x).split(C, dim=2)
+        else:
+            w, b = self.c_attn.weight, self.c_attn.bias
+            q = F.linear(x, w[:C], b[:C])
+            k, v = F.linear(context, w[C:], b[C:]).split(C, dim=2)
+        q, k, v = (t.view(B, t.size(1), self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nh, L, hs): every position so far
         # flash / memory-efficient attention kernels; is_causal takes the fastest path
@@ -166,8 +189,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
         self.mlp = MLP(width, cfg.mlp_ratio * width, cfg.activation)
 
-    def forward(self, x, mask=None, is_causal=False, cache=None):
-        x = x + self.attn(self.ln_1(x), mask, is_causal, cache)
+    def forward(self, x, mask=None, is_causal=False, cache=None, context=None):
+        x = x + self.attn(self.ln_1(x), mask, is_causal, cache, context)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -234,9 +257,11 @@ class TextTransformer(nn.Module):
         self.lm_head = nn.Linear(w, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # tied, as in GPT-2
 
-    def forward(self, tokens, prefix=None, mask="causal", key_valid=None, caches=None, pos=0):
+    def forward(self, tokens, prefix=None, mask="causal", key_valid=None, caches=None, pos=0, n_prefix=None):
         """tokens (B, T) at text positions pos..pos+T-1, after an optional prefix (B, M, w).
         mask: 'causal', 'prefix' (prefix visible to all, text causal) or 'bidirectional'.
+        n_prefix: with mask 'prefix', the positions that form the prefix (default M; more takes
+        the first text tokens in, as an instruction before its answer).
         caches: one KVCache per layer when generating. Returns hidden states (B, M+T, w)."""
         x = self.token_embedding(tokens) + self.positional_embedding[pos:pos + tokens.size(1)]
         if prefix is not None:
@@ -249,8 +274,9 @@ class TextTransformer(nn.Module):
         elif mask == "bidirectional" and key_valid is None:
             pass  # everything sees everything
         elif not (mask == "causal" and L == 1 and key_valid is None):  # one new token sees all before it
-            n_prefix = {"causal": 0, "prefix": prefix.size(1) if prefix is not None else 0,
-                        "bidirectional": past + L}[mask]
+            if n_prefix is None or mask != "prefix":
+                n_prefix = {"causal": 0, "prefix": prefix.size(1) if prefix is not None else 0,
+                            "bidirectional": past + L}[mask]
             attn_mask = attention_mask(n_prefix, L, past + L, past, key_valid, x.device)
         for i, block in enumerate(self.blocks):
             x = block(x, attn_mask, is_causal, caches[i] if caches is not None else None)
@@ -266,8 +292,77 @@ class MLPConverter(nn.Module):
         self.act = nn.GELU()
         self.c_proj = nn.Linear(cfg.text_width, cfg.text_width)
 
-    def forward(self, patches):
+    def forward(self, patches, context=None, context_valid=None):
+        """patches (B, P, vit_width) -> (B, P, text_width); the context is the resampler's."""
         return self.c_proj(self.act(self.c_fc(patches)))
+
+
+class Resampler(nn.Module):
+    """ViT tokens -> n_queries tokens in the text width (Flamingo's Perceiver resampler, BLIP-2's
+    Q-Former without its text side): learned queries cross-attend to one image's patches, and
+    to the context tokens when given (the relation tokens of the image's sample), then pass an
+    MLP; resampler_layers such blocks. A fixed number of tokens per image, whatever its size."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        w = cfg.text_width
+        self.c_in = nn.Linear(cfg.vit_width, w)
+        self.queries = nn.Parameter(0.02 * torch.randn(cfg.n_queries, w))
+        self.ln_kv = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
+        self.blocks = nn.ModuleList(Block(w, cfg.text_heads, cfg) for _ in range(cfg.resampler_layers))
+        self.ln_post = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
+
+    def forward(self, patches, context=None, context_valid=None):
+        """patches (B, P, vit_width); context (B, S, text_width) with context_valid (B, S) bool.
+        Returns (B, n_queries, text_width)."""
+        kv = self.c_in(patches)
+        mask = None
+        if context is not None:
+            kv = torch.cat([kv, context.to(kv.dtype)], dim=1)
+            valid = torch.cat([context_valid.new_ones(patches.shape[:2]), context_valid], dim=1)
+            mask = valid[:, None, None, :]  # (B, 1, 1, P + S): every query sees the same keys
+        kv = self.ln_kv(kv)
+        x = self.queries.to(kv.dtype).expand(patches.size(0), -1, -1)
+        for block in self.blocks:
+            x = block(x, mask, context=kv)
+        return self.ln_post(x)
+
+
+class RelationEncoder(nn.Module):
+    """M9: one relation token per image of a sample. A small bidirectional transformer over the
+    images' pooled ViT features (the class token) plus learned image-index embeddings, so each
+    output can carry what sets its image apart from the others: comparison, order, change.
+    Padding slots (valid False) are hidden from every image."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        w = cfg.text_width
+        self.c_in = nn.Linear(cfg.vit_width, w)
+        self.index_embedding = nn.Parameter(0.02 * torch.randn(cfg.image_slots, w))
+        self.blocks = nn.ModuleList(Block(w, cfg.text_heads, cfg) for _ in range(cfg.relation_layers))
+        self.ln_post = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
+
+    def forward(self, pooled, valid):
+        """pooled (B, K, vit_width), valid (B, K) bool -> relation tokens (B, K, text_width)."""
+        K = pooled.size(1)
+        x = self.c_in(pooled) + self.index_embedding[:K]
+        mask = attention_mask(K, K, K, key_valid=valid)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_post(x)
+
+
+class Scorer(nn.Module):
+    """M10: the relevance of image tokens x to the global vector g, <W_g g, W_x x> / sqrt(w)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.c_g = nn.Linear(width, width)
+        self.c_x = nn.Linear(width, width)
+
+    def forward(self, g, x):
+        """g (B, w), x (B, N, w) -> scores (B, N)."""
+        return (self.c_x(x) @ self.c_g(g)[:, :, None]).squeeze(-1) / math.sqrt(g.size(-1))
 
 
 def patchify(pixels, p):
@@ -322,6 +417,14 @@ class Generator(nn.Module):
             x = block(x)
         x = self.ln_f(x)
         return self.mlm_head(x[:, P:]) @ self.token_embedding.weight.t(), self.moc_head(x[:, :P])
+
+
+def transformer_flops(layers, width, seq, mlp_ratio):
+    """Forward FLOPs (2 per multiply-add) of `layers` pre-LN blocks over `seq` tokens: per token
+    the matmuls of q, k, v (3 w^2), the output projection (w^2) and the MLP (2 r w^2), and the
+    attention scores and weighted values over all seq keys (2 seq w); masks do not save work in
+    dense attention kernels. Norms, softmax, biases and residual adds are left out."""
+    return layers * (2 * seq * width * width * (4 + 2 * mlp_ratio) + 4 * seq * seq * width)
 
 
 # -----------------------------------------------------------------------------
@@ -431,13 +534,13 @@ class VLM(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        if cfg.converter != "mlp":
-            raise ValueError(f"converter {cfg.converter!r} is not built yet: use 'mlp'")
+        if cfg.converter not in ("mlp", "resampler"):
+            raise ValueError(f"converter must be 'mlp' or 'resampler', got {cfg.converter!r}")
         self.cfg = cfg
         w = cfg.text_width
         self.visual = VisionTransformer(cfg)
         self.text = TextTransformer(cfg)
-        self.converter = MLPConverter(cfg)
+        self.converter = MLPConverter(cfg) if cfg.converter == "mlp" else Resampler(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
         self.generator = Generator(cfg, self.text.token_embedding)
         self.itm_head = nn.Linear(w, 2)  # on the fused state of <bos>: (no match, match)
@@ -447,6 +550,12 @@ class VLM(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(cfg.image_std).view(1, 3, 1, 1), persistent=False)
         # the visual codebook, (K, p*p*3) pixels in [0, 1]: filled from the data (data.prepare_codebook)
         self.register_buffer("codebook", torch.zeros(cfg.n_codes, 3 * cfg.patch_size ** 2))
+        if cfg.instruct:  # M9-M11
+            if not 0 < cfg.keep_ratio <= 1:
+                raise ValueError(f"keep_ratio must be in (0, 1], got {cfg.keep_ratio}")
+            self.image_index = nn.Parameter(0.02 * torch.randn(cfg.image_slots, w))  # which image a token comes from
+            self.relation = RelationEncoder(cfg) if cfg.relation else None
+            self.scorer = Scorer(w) if cfg.two_pass else None
         self.apply(self._init_weights)
         for tower, width, layers in ((self.visual, cfg.vit_width, cfg.vit_layers), (self.text, cfg.text_width, cfg.text_layers)):
             self._init_tower(tower, width, layers)
@@ -624,7 +733,12 @@ class VLM(nn.Module):
         logits = fp32(logits)  # bf16/fp16 logits: the softmax over the vocabulary in fp32
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
-    def forward(self, pixels, tokens, codes=None, groups=None, alpha=0.0):
+    def forward(self, *args, stage="pretrain", **kwargs):
+        """The losses of a training stage on a batch: a dict of named losses and 'loss', their
+        weighted sum. stage 'pretrain': pretrain_losses; 'instruct': instruct_losses."""
+        return (self.instruct_losses if stage == "instruct" else self.pretrain_losses)(*args, **kwargs)
+
+    def pretrain_losses(self, pixels, tokens, codes=None, groups=None, alpha=0.0):
         """pixels (B, 3, H, W) normalised, tokens (B, T) -> dict of named losses and 'loss',
         their weighted sum. An objective whose weight is 0 is not computed.
         codes (B, P): the visual code of every patch (needed by ELECTRA's MOC and R2D).
@@ -735,3 +849,157 @@ class VLM(nn.Module):
             if done.all():
                 break
         return tokens[:, 1:]
+
+    # -- multi-image instruction following (M9-M11) --
+
+    def instruct_image_tokens(self, pixels, image_valid):
+        """pixels (B, K, 3, H, W) normalised, image_valid (B, K) bool (False: a padding slot).
+        The ViT and the converter run over the real images only. Returns the relation tokens
+        (B, K, w) (None without the relation encoder) and the image tokens (B, K, T, w), each
+        image's tokens plus the embedding of its index; padding slots are zeros."""
+        B, K = image_valid.shape
+        vit = self.visual(pixels[image_valid])  # (n, 1 + P, vit_width)
+        sample, slot = image_valid.nonzero(as_tuple=True)
+        rel = None
+        if self.relation is not None:
+            pooled = vit.new_zeros(B, K, vit.size(-1))
+            pooled[sample, slot] = vit[:, 0]
+            rel = self.relation(pooled, image_valid)
+        context = (rel[sample], image_valid[sample]) if rel is not None else (None, None)  # the sample's relation tokens
+        tokens = self.converter(vit[:, 1:], *context) + self.image_index[slot][:, None]
+        image = tokens.new_zeros(B, K, *tokens.shape[1:])
+        image[sample, slot] = tokens
+        return rel, image
+
+    def question_block(self, question):
+        """The question's tokens in the first context_length - answer_length text positions (an
+        error if a question does not fit); the answer block always starts after them, so its
+        position says nothing about the question."""
+        cfg = self.cfg
+        n = cfg.context_length - cfg.answer_length
+        if (question[:, n:] != cfg.pad_id).any():
+            raise ValueError(f"a question is longer than context_length - answer_length = {n} tokens")
+        return question[:, :n]
+
+    def instruct_prefix(self, pixels, image_valid, question, gates=True):
+        """What the answer is conditioned on. Two passes (M10): pass 1 runs the text transformer
+        bidirectionally over [relation tokens | image tokens | question | <glob>] and takes its
+        state at <glob> as the global vector g; the scorer rates every image token against g,
+        and each image keeps its top keep_ratio tokens (in their original order), scaled by
+        sigmoid(score) (gates=False: by 1) so that the scorer gets a gradient. One pass:
+        g is None and every image token is kept. Returns a dict: g (B, w), rel (B, K, w),
+        rel_valid (B, K), image (B, K * n, w), image_valid (B, K * n), kept (B, K, n) indices."""
+        cfg = self.cfg
+        rel, image = self.instruct_image_tokens(pixels, image_valid)
+        B, K, T, w = image.shape
+        out = dict(g=None, rel=rel, rel_valid=image_valid, image=image.flatten(1, 2),
+                   image_valid=image_valid.repeat_interleave(T, 1), kept=None)
+        if not cfg.two_pass:
+            return out
+        q = self.question_block(question)
+        text = torch.cat([q, torch.full_like(q[:, :1], cfg.glob_id)], dim=1)
+        parts, valid = [out["image"]], [out["image_valid"], text != cfg.pad_id]
+        if rel is not None:
+            parts, valid = [rel] + parts, [image_valid] + valid
+        g = self.text(text, prefix=torch.cat(parts, 1), mask="bidirectional", key_valid=torch.cat(valid, 1))[:, -1]
+        scores = self.scorer(g, out["image"]).view(B, K, T)
+        n = max(1, round(cfg.keep_ratio * T))
+        kept = scores.topk(n, dim=-1).indices.sort(-1).values  # (B, K, n)
+        x = image.gather(2, kept[..., None].expand(-1, -1, -1, w))
+        if gates:
+            x = x * torch.sigmoid(scores.gather(2, kept))[..., None].to(x.dtype)
+        out.update(g=g, image=x.flatten(1, 2), image_valid=image_valid.repeat_interleave(n, 1), kept=kept)
+        return out
+
+    def answer_states(self, pre, question, answer, drop=None):
+        """Pass 2 (or the one pass): the text transformer over [g | relation tokens | image tokens |
+        question | answer], prefix-LM (everything before the answer block sees everything; the
+        answer is causal). drop: {'instruction', 'images', 'relation'} -> (B,) bool, the samples
+        whose modality is hidden from every query (M11): it then contributes nothing. g is
+        never dropped. Returns the hidden states of the answer block (B, Ta, w)."""
+        cfg = self.cfg
+        B = question.size(0)
+        keep = {k: ~drop[k] if drop is not None else question.new_ones(B, dtype=torch.bool)
+                for k in ("instruction", "images", "relation")}
+        parts, valid = [], []
+        if pre["g"] is not None:
+            parts.append(pre["g"][:, None])
+            valid.append(keep["images"].new_ones(B, 1))
+        if pre["rel"] is not None:
+            parts.append(pre["rel"])
+            valid.append(pre["rel_valid"] & keep["relation"][:, None])
+        parts.append(pre["image"])
+        valid.append(pre["image_valid"] & keep["images"][:, None])
+        q = self.question_block(question)
+        valid += [(q != cfg.pad_id) & keep["instruction"][:, None], answer != cfg.pad_id]
+        prefix = torch.cat(parts, 1)
+        h = self.text(torch.cat([q, answer], 1), prefix=prefix, mask="prefix", key_valid=torch.cat(valid, 1),
+                      n_prefix=prefix.size(1) + q.size(1))
+        return h[:, -answer.size(1):]
+
+    def sample_drop(self, B, device):
+        """M11: which samples hide which modality in this training step."""
+        cfg = self.cfg
+        p = {"instruction": cfg.drop_instruction, "images": cfg.drop_images, "relation": cfg.drop_relation}
+        return {k: torch.rand(B, device=device) < v for k, v in p.items()}
+
+    def instruct_losses(self, pixels, image_valid, question, answer, drop=None):
+        """pixels (B, K, 3, H, W), image_valid (B, K), question (B, T) and answer (B, Ta) token
+        rows (<bos> ... <eos> <pad>...) -> {'answer', 'loss'}: next-token cross-entropy on the
+        answer's tokens (its <eos> included), nothing else. In training, modalities are
+        dropped at the configured rates unless drop is given."""
+        if drop is None and self.training:
+            drop = self.sample_drop(question.size(0), question.device)
+        pre = self.instruct_prefix(pixels, image_valid, question)
+        h = self.answer_states(pre, question, answer, drop)
+        logits = fp32(self.text.lm_head(h[:, :-1]))
+        targets = answer[:, 1:].masked_fill(answer[:, 1:] == self.cfg.pad_id, -100)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return {"answer": loss, "loss": loss}
+
+    @torch.no_grad()
+    def answer(self, pixels, image_valid, question, drop=None):
+        """Greedy answers (B, n) (<eos> included, then <pad>). The prefix (pass 1) is computed
+        once; answers are a few tokens, so each new token reruns pass 2 without a cache."""
+        cfg = self.cfg
+        pre = self.instruct_prefix(pixels, image_valid, question)
+        B = question.size(0)
+        out = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=question.device)
+        done = torch.zeros(B, dtype=torch.bool, device=question.device)
+        for _ in range(cfg.answer_length - 1):
+            h = self.answer_states(pre, question, out, drop)
+            nxt = self.text.lm_head(h[:, -1]).argmax(-1).masked_fill(done, cfg.pad_id)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            done |= nxt == cfg.eos_id
+            if done.all():
+                break
+        return out[:, 1:]
+
+    def instruct_flops(self, n_images):
+        """Forward FLOPs of one training sample with n_images images, by part (transformer_flops
+        for every stack; the patch conv, the converter, the scorer and the answer's logits
+        counted as the matmuls they are). The question block and the whole answer block are
+        counted (padding is computed too)."""
+        c = self.cfg
+        w, vw, K = c.text_width, c.vit_width, n_images
+        P = (c.image_size // c.patch_size) ** 2
+        T = P if c.converter == "mlp" else c.n_queries
+        R = K if c.relation else 0  # relation tokens
+        Lq, Ta = c.context_length - c.answer_length, c.answer_length
+        out = {"vit": K * (2 * P * 3 * c.patch_size ** 2 * vw + transformer_flops(c.vit_layers, vw, 1 + P, c.mlp_ratio))}
+        if c.relation:
+            out["relation"] = 2 * K * vw * w + transformer_flops(c.relation_layers, w, K, c.mlp_ratio)
+        if c.converter == "mlp":
+            out["converter"] = K * 2 * P * (vw * w + w * w)
+        else:  # per layer: queries, keys and values, output, MLP, attention over P + R keys
+            S, M = P + R, c.n_queries
+            per_layer = 2 * M * w * w * (2 + 2 * c.mlp_ratio) + 4 * S * w * w + 4 * M * S * w
+            out["converter"] = K * (2 * P * vw * w + c.resampler_layers * per_layer)
+        n = T
+        if c.two_pass:
+            n = max(1, round(c.keep_ratio * T))
+            out["pass1"] = transformer_flops(c.text_layers, w, R + K * T + Lq + 1, c.mlp_ratio)
+            out["scorer"] = 2 * w * w + 2 * K * T * w * w + 2 * K * T * w
+        out["pass2"] = transformer_flops(c.text_layers, w, int(c.two_pass) + R + K * n + Lq + Ta, c.mlp_ratio)
+        out["logits"] = 2 * (Ta - 1) * w * c.vocab_size
+        return out

@@ -5,6 +5,7 @@ Use a trained nanoVLP checkpoint on image files.
     python sample.py caption a.png --temperature=0.8 --top_p=0.9 --num_samples=3
     python sample.py score a.png --texts "a small red circle" "a large blue square"
     python sample.py classify a.png --labels "small red circle" "large blue square" --template "a {}"
+    python sample.py --ckpt out-instruct/ckpt.pt answer a.png b.png --question "which image has the most objects?"
 
 Every command takes --ckpt (default out/ckpt.pt) and --device. Images of any common mode
 (RGB, RGBA, L, P, CMYK, 16-bit) are converted to RGB, resized on the short side and
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 import data
-from eval import generate_captions, load_checkpoint, to_pixels
+from eval import generate_captions, load_checkpoint, multi_pixels, to_pixels
 
 
 def load_images(paths, size):
@@ -37,6 +38,25 @@ def score(model, tokenizer, images, texts, device):
     txt = model.encode_text(torch.from_numpy(tokens).long().to(device))
     sim = img @ txt.t()
     return sim, probabilities(model, sim)
+
+
+@torch.no_grad()
+def answer(model, tokenizer, images, question, device):
+    """The greedy answer to a question about images (K, H, W, 3), a checkpoint of the instruct stage."""
+    cfg = model.cfg
+    if not cfg.instruct:
+        raise SystemExit("error: this checkpoint was not trained to answer questions (train.py --stage instruct)")
+    if len(images) > cfg.image_slots:
+        raise SystemExit(f"error: {len(images)} images, the model takes at most {cfg.image_slots}")
+    try:
+        tokens = data.encode_texts(tokenizer, [question], cfg.context_length - cfg.answer_length)
+    except ValueError:
+        raise SystemExit(f"error: the question is longer than the model's {cfg.context_length - cfg.answer_length} "
+                         f"tokens: {question!r}") from None
+    tokens = np.pad(tokens, ((0, 0), (0, cfg.answer_length)), constant_values=cfg.pad_id)
+    out = model.answer(multi_pixels(model, images[None], device), torch.ones(1, len(images), dtype=torch.bool, device=device),
+                       torch.from_numpy(tokens).long().to(device))
+    return data.decode_tokens(tokenizer, out[0].tolist())
 
 
 def probabilities(model, sim):
@@ -64,6 +84,9 @@ def main(argv=None):
     cl.add_argument("--labels", nargs="+", required=True)
     cl.add_argument("--template", action="append", default=None,
                     help="prompt with {} for the label; repeat to average several (default 'a {}')")
+    ans = sub.add_parser("answer", help="answer a question about several images (an instruct checkpoint)")
+    ans.add_argument("images", nargs="+")
+    ans.add_argument("--question", required=True)
     args = parser.parse_args(argv)
 
     try:
@@ -79,6 +102,8 @@ def main(argv=None):
                                       top_k=args.top_k, top_p=args.top_p, generator=generator)
             for path, text in zip(args.images, texts):
                 print(f"{path}: {text}")
+    elif args.command == "answer":
+        print(answer(model, tokenizer, load_images(args.images, size), args.question, args.device))
     elif args.command == "score":
         sim, prob = score(model, tokenizer, load_images([args.image], size), args.texts, args.device)
         for text, s, p in zip(args.texts, sim[0].tolist(), prob[0].tolist()):

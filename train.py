@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import data
 from data import WorldConfig
-from eval import evaluate, write_json
+from eval import evaluate, evaluate_instruct, write_json
 from model import VLM, VLMConfig, uses_electra
 
 STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
@@ -50,6 +50,7 @@ class TrainConfig:
     rerank_k: int = 8  # evaluation: ITM re-ranks the top rerank_k of ITC retrieval
     log_interval: int = 10  # steps between log.jsonl lines
     ckpt_interval: int = 200  # steps between checkpoints (the last step is always saved)
+    train_vit: bool = False  # later stages: fine-tune the ViT too (frozen by default)
     # data
     batch_size: int = 128  # per rank and micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -94,6 +95,21 @@ PRESETS = {
                         text_width=512, text_layers=12, text_heads=8, embed_dim=512, context_length=77,
                         activation="quick_gelu")),
 }
+
+# what a stage changes in a preset (before the command line's flags); a stage other than
+# pretrain writes to <preset's out_dir>-<stage> unless --out_dir is given
+STAGE_PRESETS = {
+    # M3, M9-M11 and the text transformer on the multi-image question sets; the ViT is frozen
+    "instruct": {
+        "tiny": dict(max_iters=30, warmup_iters=5, eval_interval=15, eval_images=10, instruct=True, momentum_alpha=0.0),
+        "small": dict(batch_size=64, max_iters=600, warmup_iters=30, lr=5e-4, min_lr=5e-5, eval_interval=10 ** 9,
+                      eval_images=500, instruct=True, momentum_alpha=0.0),
+        "base": dict(max_iters=5000, warmup_iters=200, lr=1e-4, min_lr=1e-5, instruct=True, momentum_alpha=0.0),
+    },
+}
+# the parameters each stage trains (name prefixes); the rest are frozen
+STAGE_TRAINS = {"instruct": ("converter.", "relation.", "scorer.", "image_index", "text.blocks.", "text.ln_final.",
+                             "text.token_embedding.", "text.positional_embedding")}
 
 # -----------------------------------------------------------------------------
 # configuration from the command line
@@ -177,6 +193,15 @@ def apply_overrides(cfg, overrides):
     return cfg
 
 
+def stage_config(preset, overrides):
+    """The config of a run: the preset, what the stage changes in it, then the flags."""
+    stage = overrides.get("stage", "pretrain")
+    cfg = PRESETS[preset]
+    if stage != "pretrain":
+        cfg = apply_overrides(cfg, {"out_dir": f"{cfg.out_dir}-{stage}", **STAGE_PRESETS.get(stage, {}).get(preset, {})})
+    return apply_overrides(cfg, overrides)
+
+
 def config_from_dict(d):
     d = dict(d)
     return TrainConfig(**{**d, "model": VLMConfig(**d["model"]), "world": WorldConfig(**d["world"])})
@@ -242,8 +267,30 @@ def fit_model_to_data(mcfg, ds):
                          f"--context_length={mcfg.context_length}")
     tok = ds.tokenizer
     ids = {k: tok.encode_single_token(t) for k, t in (("bos_id", data.BOS), ("eos_id", data.EOS), ("pad_id", data.PAD),
-                                                      ("mask_id", data.MASK))}
+                                                      ("mask_id", data.MASK), ("glob_id", data.GLOB))}
     return VLMConfig(**{**asdict(mcfg), "vocab_size": tok.n_vocab, **ids})
+
+
+def load_weights(model, state, strict, log=print):
+    """A checkpoint's weights into the model. A new stage (strict False) may add parts (they
+    start fresh) and leave parts out (not loaded): both are named, by module."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if strict and (missing or unexpected):
+        raise SystemExit(f"the checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    modules = lambda keys: sorted({".".join(k.split(".")[:2 if k.startswith("converter") else 1]) for k in keys})  # noqa: E731
+    if missing:
+        log(f"new, initialised fresh: {', '.join(modules(missing))}")
+    if unexpected:
+        log(f"in the checkpoint, not used: {', '.join(modules(unexpected))}")
+
+
+def freeze_for_stage(model, stage, train_vit=False):
+    """Only the parameters the stage trains (STAGE_TRAINS, and the ViT with train_vit) keep
+    requires_grad."""
+    if stage in STAGE_TRAINS:
+        trains = STAGE_TRAINS[stage] + (("visual.",) if train_vit else ())
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(trains))
 
 
 def configure_optimizer(model, cfg, device_type):
@@ -283,6 +330,59 @@ def save_checkpoint(path, raw_model, optimizer, scaler, step, cfg, ds):
     os.replace(path + ".tmp", path)
 
 
+def pretrain_batches(cfg, ds, raw_model, device, rank, world_size):
+    """(get_batch, n): get_batch(micro_step) gives the keyword arguments of the pretraining
+    losses for this rank's batch of that micro-step: images by index arrays, one caption
+    each, and what the objectives need besides (visual codes, paraphrase groups)."""
+    split = cfg.train_split
+    if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
+        raise SystemExit(f"--train_split {split!r}: {ds.path} has no captioned split of that name")
+    n_train = ds.split_size(split)
+    n_captions = ds.array(split, "tokens").shape[1]
+    # captions known to be true of their scene (not the noisy web split): paraphrases of one scene are never negatives
+    clean = ds.has(split, "scene") and not ds.has(split, "corruption")
+    electra = uses_electra(cfg.model)
+
+    def get_batch(micro_step):
+        idx = data.batch_indices(n_train, cfg.batch_size, micro_step, cfg.seed, rank, world_size)
+        caption = np.random.default_rng([cfg.seed, micro_step, rank]).integers(n_captions, size=cfg.batch_size)
+        images, tokens = ds.image_text_batch(split, idx, caption)
+        return dict(pixels=raw_model.normalize_pixels(torch.from_numpy(images).to(device)), tokens=to_long(tokens, device),
+                    groups=to_long(ds.array(split, "scene")[idx], device) if clean else None,
+                    codes=to_long(ds.codes(split, cfg.model.patch_size, cfg.model.n_codes)[idx], device) if electra else None)
+    return get_batch, n_train
+
+
+def instruct_batches(cfg, ds, raw_model, device, rank, world_size):
+    """(get_batch, n) for the instruct stage: multi-image question sets of multi_train, the
+    images of a batch padded to its largest set. The questions and answers are checked once
+    against the model's layout of them (question block, answer block)."""
+    split, m = "multi_train", cfg.model
+    if not ds.has(split, "sets"):
+        raise SystemExit(f"--stage instruct: {ds.path} has no multi-image question sets ({split})")
+    if ds.array(split, "sets").shape[1] > m.image_slots:
+        raise SystemExit(f"{ds.path}: {split} has sets of up to {ds.array(split, 'sets').shape[1]} images, more than "
+                         f"the model's --image_slots={m.image_slots}")
+    n_question = m.context_length - m.answer_length
+    for key, n in (("question", n_question), ("answer", m.answer_length)):
+        if (ds.array(split, key)[:, n:] != m.pad_id).any():
+            raise SystemExit(f"{ds.path}: a {key} of {split} is longer than {n} tokens; the model gives questions "
+                             f"context_length - answer_length tokens and answers answer_length (--answer_length)")
+
+    def get_batch(micro_step):
+        idx = data.batch_indices(ds.split_size(split), cfg.batch_size, micro_step, cfg.seed, rank, world_size)
+        images, valid, question, answer = ds.multi_batch(split, idx)
+        B, K = valid.shape
+        pixels = raw_model.normalize_pixels(torch.from_numpy(images.reshape(B * K, *images.shape[2:])).to(device))
+        return dict(stage="instruct", pixels=pixels.view(B, K, *pixels.shape[1:]), image_valid=torch.from_numpy(valid).to(device),
+                    question=to_long(question, device), answer=to_long(answer[:, :m.answer_length], device))
+    return get_batch, ds.split_size(split)
+
+
+def to_long(a, device):
+    return torch.from_numpy(np.asarray(a, np.int64)).to(device, non_blocking=True)
+
+
 class Logger:
     """log.jsonl on rank 0: one JSON object per line. On resume the lines after the
     checkpoint's step (work that was lost) are dropped."""
@@ -308,7 +408,8 @@ class Logger:
 # the run
 
 
-def train(cfg, ckpt=None):
+def train(cfg, ckpt=None, init=None):
+    """Run a stage: ckpt resumes a run, init (a checkpoint) gives the starting weights."""
     rank, local_rank, world_size = setup_distributed(cfg)
     master = rank == 0
     device = pick_device(cfg, local_rank)
@@ -323,16 +424,13 @@ def train(cfg, ckpt=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     ds = load_data(cfg, rank, world_size)
-    if cfg.init_from and ckpt is None:
-        init = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
-        cfg.model = VLMConfig(**init["config"]["model"])  # the architecture comes with the weights
     cfg.model = fit_model_to_data(cfg.model, ds)
     model = VLM(cfg.model)
-    electra = uses_electra(cfg.model)
-    if electra:
+    if uses_electra(cfg.model):
         model.codebook.copy_(torch.from_numpy(ds.codebook(cfg.model.patch_size, cfg.model.n_codes)))
-    if cfg.init_from and ckpt is None:
-        model.load_state_dict(init["model"])
+    if init is not None:
+        load_weights(model, init["model"], strict=cfg.stage == "pretrain", log=print if master else lambda *a: None)
+    freeze_for_stage(model, cfg.stage, cfg.train_vit)
     model.to(device)
     optimizer = configure_optimizer(model, cfg, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
@@ -346,36 +444,25 @@ def train(cfg, ckpt=None):
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         step = ckpt["step"]
     start_step = step
+    instruct = cfg.stage == "instruct"
     raw_model = model
     if use_compile:
         model = torch.compile(model)
     if world_size > 1:
-        unused = any(w == 0 for w in raw_model.loss_weights().values())  # some parameters get no gradient
+        # pretraining with an objective off leaves some parameters without a gradient
+        unused = not instruct and any(w == 0 for w in raw_model.loss_weights().values())
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, find_unused_parameters=unused)
     logger = Logger(os.path.join(cfg.out_dir, "log.jsonl"), master, start_step if ckpt is not None else None)
     if master:
-        print(f"{raw_model.num_params() / 1e6:.2f}M parameters | device {device} | {dtype} | compile {use_compile} "
+        print(f"{raw_model.num_params() / 1e6:.2f}M trainable parameters | device {device} | {dtype} | compile {use_compile} "
               f"| {world_size} rank(s) | data {ds.path}")
 
-    split = cfg.train_split
-    if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
-        raise SystemExit(f"--train_split {split!r}: {ds.path} has no captioned split of that name")
-    n_train = ds.split_size(split)
-    n_captions = ds.array(split, "tokens").shape[1]
-    # captions known to be true of their scene (not the noisy web split): paraphrases of one scene are never negatives
-    clean = ds.has(split, "scene") and not ds.has(split, "corruption")
+    get_batch, n_train = (instruct_batches if instruct else pretrain_batches)(cfg, ds, raw_model, device, rank, world_size)
 
-    def get_batch(micro_step):
-        """This rank's batch of micro-step s: images by index arrays, one caption each, and
-        what the objectives need besides (visual codes, paraphrase groups)."""
-        idx = data.batch_indices(n_train, cfg.batch_size, micro_step, cfg.seed, rank, world_size)
-        caption = np.random.default_rng([cfg.seed, micro_step, rank]).integers(n_captions, size=cfg.batch_size)
-        images, tokens = ds.image_text_batch(split, idx, caption)
-        as_tensor = lambda a: torch.from_numpy(np.asarray(a, np.int64)).to(device, non_blocking=True)  # noqa: E731
-        extra = dict(groups=as_tensor(ds.array(split, "scene")[idx]) if clean else None,
-                     codes=as_tensor(ds.codes(split, cfg.model.patch_size, cfg.model.n_codes)[idx]) if electra else None)
-        images = torch.from_numpy(images).to(device, non_blocking=True)
-        return raw_model.normalize_pixels(images), as_tensor(tokens), extra
+    def run_eval(**kw):
+        if instruct:
+            return evaluate_instruct(raw_model, ds, device, ctx=ctx, **kw)
+        return evaluate(raw_model, ds, device, ctx=ctx, rerank_k=cfg.rerank_k, **kw)
 
     samples_per_step = cfg.batch_size * cfg.grad_accum * world_size
     steps_per_epoch = max(1, n_train // samples_per_step)
@@ -383,8 +470,8 @@ def train(cfg, ckpt=None):
     t_start = t_log = time.time()
     while True:
         if master and step > start_step and step % cfg.eval_interval == 0 and step < cfg.max_iters:
-            metrics = evaluate(raw_model, ds, device, max_images=cfg.eval_images, heldout=False, ctx=ctx,
-                               rerank_k=cfg.rerank_k)
+            subset = dict(max_sets=cfg.eval_images) if instruct else dict(max_images=cfg.eval_images, heldout=False)
+            metrics = run_eval(**subset)
             logger.log(step=step, kind="eval", **metrics)
             pbar.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()
                                                      if k.endswith(("r1", "acc"))))
@@ -397,12 +484,14 @@ def train(cfg, ckpt=None):
             group["lr"] = lr
         alpha = cfg.model.momentum_alpha * min(1.0, step / steps_per_epoch)  # ramped up over the first epoch
         for micro in range(cfg.grad_accum):
-            pixels, tokens, extra = get_batch(step * cfg.grad_accum + micro)
+            batch = get_batch(step * cfg.grad_accum + micro)
+            if not instruct:
+                batch["alpha"] = alpha
             # DDP averages gradients only on the last micro-step
             sync = model.no_sync() if world_size > 1 and micro < cfg.grad_accum - 1 else nullcontext()
             with sync:
                 with ctx:
-                    losses = model(pixels, tokens, alpha=alpha, **extra)
+                    losses = model(**batch)
                 scaler.scale(losses["loss"] / cfg.grad_accum).backward()
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
@@ -421,7 +510,7 @@ def train(cfg, ckpt=None):
             pbar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.1e}", samples_s=f"{speed:.0f}")
     pbar.close()
     if master:
-        metrics = evaluate(raw_model, ds, device, ctx=ctx, rerank_k=cfg.rerank_k)
+        metrics = run_eval()
         metrics.update(step=step, train_time_s=time.time() - t_start)
         write_json(os.path.join(cfg.out_dir, "eval.json"), metrics)
         logger.log(kind="eval", **metrics)
@@ -434,10 +523,12 @@ def train(cfg, ckpt=None):
 
 def main(argv=None):
     preset, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = apply_overrides(PRESETS[preset], overrides)
-    if cfg.stage != "pretrain":
-        raise SystemExit(f"--stage {cfg.stage} is not built yet; only --stage pretrain runs for now")
-    ckpt = None
+    cfg = stage_config(preset, overrides)
+    if cfg.stage not in ("pretrain", "instruct"):
+        raise SystemExit(f"--stage {cfg.stage} is not built yet; --stage pretrain and --stage instruct run")
+    if cfg.stage != "pretrain" and not (cfg.init_from or cfg.resume):
+        raise SystemExit(f"--stage {cfg.stage} starts from a pretrained checkpoint: give --init_from PATH")
+    ckpt = init = None
     if cfg.resume:
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         if not os.path.exists(path):
@@ -445,7 +536,16 @@ def main(argv=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         # the run continues with its own config; flags given now (say a larger max_iters) still apply
         cfg = apply_overrides(config_from_dict(ckpt["config"]), overrides)
-    return train(cfg, ckpt)
+    elif cfg.init_from:
+        if not os.path.exists(cfg.init_from):
+            raise SystemExit(f"--init_from: no checkpoint at {cfg.init_from}")
+        init = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+        # the architecture comes with the weights; what the stage and the flags set on the model still applies
+        known = config_fields()
+        changes = {**STAGE_PRESETS.get(cfg.stage, {}).get(preset, {}), **overrides}
+        cfg.model = apply_overrides(config_from_dict({**asdict(cfg), "model": init["config"]["model"]}),
+                                    {k: v for k, v in changes.items() if known[k][0] == "model"}).model
+    return train(cfg, ckpt, init)
 
 
 if __name__ == "__main__":
