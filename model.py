@@ -257,11 +257,14 @@ class TextTransformer(nn.Module):
         self.lm_head = nn.Linear(w, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # tied, as in GPT-2
 
-    def forward(self, tokens, prefix=None, mask="causal", key_valid=None, caches=None, pos=0, n_prefix=None):
+    def forward(self, tokens, prefix=None, mask="causal", key_valid=None, caches=None, pos=0, n_prefix=None,
+                key_bias=None):
         """tokens (B, T) at text positions pos..pos+T-1, after an optional prefix (B, M, w).
         mask: 'causal', 'prefix' (prefix visible to all, text causal) or 'bidirectional'.
         n_prefix: with mask 'prefix', the positions that form the prefix (default M; more takes
         the first text tokens in, as an instruction before its answer).
+        key_bias: optional (B, M+T) float added to every query's attention logit of each key
+        (log gates: a key's softmax weight is multiplied by its gate), with key_valid.
         caches: one KVCache per layer when generating. Returns hidden states (B, M+T, w)."""
         x = self.token_embedding(tokens) + self.positional_embedding[pos:pos + tokens.size(1)]
         if prefix is not None:
@@ -278,6 +281,9 @@ class TextTransformer(nn.Module):
                 n_prefix = {"causal": 0, "prefix": prefix.size(1) if prefix is not None else 0,
                             "bidirectional": past + L}[mask]
             attn_mask = attention_mask(n_prefix, L, past + L, past, key_valid, x.device)
+            if key_bias is not None:
+                attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill(
+                    ~attn_mask, float("-inf")) + key_bias[:, None, None, :].to(x.dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, attn_mask, is_causal, caches[i] if caches is not None else None)
         return self.ln_final(x)
@@ -885,15 +891,16 @@ class VLM(nn.Module):
         """What the answer is conditioned on. Two passes (M10): pass 1 runs the text transformer
         bidirectionally over [relation tokens | image tokens | question | <glob>] and takes its
         state at <glob> as the global vector g; the scorer rates every image token against g,
-        and each image keeps its top keep_ratio tokens (in their original order), scaled by
-        sigmoid(score) (gates=False: by 1) so that the scorer gets a gradient. One pass:
-        g is None and every image token is kept. Returns a dict: g (B, w), rel (B, K, w),
-        rel_valid (B, K), image (B, K * n, w), image_valid (B, K * n), kept (B, K, n) indices."""
+        and each image keeps its top keep_ratio tokens (in their original order), each with
+        the gate sigmoid(score) (gates=False: 1) that scales it in pass 2 (answer_states), so
+        that the scorer gets a gradient. One pass: g is None and every image token is kept.
+        Returns a dict: g (B, w), rel (B, K, w), rel_valid (B, K), image (B, K * n, w),
+        image_valid (B, K * n), image_log_gate (B, K * n) or None, kept (B, K, n) indices."""
         cfg = self.cfg
         rel, image = self.instruct_image_tokens(pixels, image_valid)
         B, K, T, w = image.shape
         out = dict(g=None, rel=rel, rel_valid=image_valid, image=image.flatten(1, 2),
-                   image_valid=image_valid.repeat_interleave(T, 1), kept=None)
+                   image_valid=image_valid.repeat_interleave(T, 1), image_log_gate=None, kept=None)
         if not cfg.two_pass:
             return out
         q = self.question_block(question)
@@ -906,17 +913,20 @@ class VLM(nn.Module):
         n = max(1, round(cfg.keep_ratio * T))
         kept = scores.topk(n, dim=-1).indices.sort(-1).values  # (B, K, n)
         x = image.gather(2, kept[..., None].expand(-1, -1, -1, w))
-        if gates:
-            x = x * torch.sigmoid(scores.gather(2, kept))[..., None].to(x.dtype)
-        out.update(g=g, image=x.flatten(1, 2), image_valid=image_valid.repeat_interleave(n, 1), kept=kept)
+        log_gate = F.logsigmoid(scores.gather(2, kept)).flatten(1) if gates else None
+        out.update(g=g, image=x.flatten(1, 2), image_valid=image_valid.repeat_interleave(n, 1), image_log_gate=log_gate,
+                   kept=kept)
         return out
 
     def answer_states(self, pre, question, answer, drop=None):
         """Pass 2 (or the one pass): the text transformer over [g | relation tokens | image tokens |
         question | answer], prefix-LM (everything before the answer block sees everything; the
-        answer is causal). drop: {'instruction', 'images', 'relation'} -> (B,) bool, the samples
-        whose modality is hidden from every query (M11): it then contributes nothing. g is
-        never dropped. Returns the hidden states of the answer block (B, Ta, w)."""
+        answer is causal). A kept image token is scaled by its gate where it is read: its
+        softmax weight in every attention is multiplied by the gate (log gate added to its
+        logit). Scaling its embedding instead would do little, as the pre-LN blocks normalise
+        each token before attention reads it. drop: {'instruction', 'images', 'relation'} ->
+        (B,) bool, the samples whose modality is hidden from every query (M11): it then
+        contributes nothing. g is never dropped. Returns the answer block's states (B, Ta, w)."""
         cfg = self.cfg
         B = question.size(0)
         keep = {k: ~drop[k] if drop is not None else question.new_ones(B, dtype=torch.bool)
@@ -933,8 +943,13 @@ class VLM(nn.Module):
         q = self.question_block(question)
         valid += [(q != cfg.pad_id) & keep["instruction"][:, None], answer != cfg.pad_id]
         prefix = torch.cat(parts, 1)
+        bias = None
+        if pre["image_log_gate"] is not None:
+            n_image = pre["image"].size(1)
+            before, after = prefix.size(1) - n_image, q.size(1) + answer.size(1)
+            bias = F.pad(pre["image_log_gate"], (before, after))
         h = self.text(torch.cat([q, answer], 1), prefix=prefix, mask="prefix", key_valid=torch.cat(valid, 1),
-                      n_prefix=prefix.size(1) + q.size(1))
+                      n_prefix=prefix.size(1) + q.size(1), key_bias=bias)
         return h[:, -answer.size(1):]
 
     def sample_drop(self, B, device):

@@ -102,7 +102,7 @@ STAGE_PRESETS = {
     # M3, M9-M11 and the text transformer on the multi-image question sets; the ViT is frozen
     "instruct": {
         "tiny": dict(max_iters=30, warmup_iters=5, eval_interval=15, eval_images=10, instruct=True, momentum_alpha=0.0),
-        "small": dict(batch_size=64, max_iters=600, warmup_iters=30, lr=5e-4, min_lr=5e-5, eval_interval=10 ** 9,
+        "small": dict(batch_size=64, max_iters=1000, warmup_iters=30, lr=5e-4, min_lr=5e-5, eval_interval=10 ** 9,
                       eval_images=500, instruct=True, momentum_alpha=0.0),
         "base": dict(max_iters=5000, warmup_iters=200, lr=1e-4, min_lr=1e-5, instruct=True, momentum_alpha=0.0),
     },

@@ -48,22 +48,30 @@ def batch(n_images=(2, 4, 3), seed=0):
     return pixels, valid, question, answer
 
 
-def reference_answer_states(model, parts, part_valid, question, answer):
+def reference_answer_states(model, parts, part_valid, question, answer, gates=None):
     """The text transformer over [parts | question block | answer] with its mask written out
-    position by position: a key is seen if it is the query itself, or valid and either before
-    the answer block or not after the query."""
+    position by position (a key is seen if it is the query itself, or valid and either before
+    the answer block or not after the query) and attention written out by hand: the softmax
+    weight of key j is exp(q.k_j / sqrt(d)) * gates[j], normalised over the keys seen."""
     text = torch.cat([question[:, :CFG.context_length - ICFG.answer_length], answer], 1)
     x = torch.cat(parts + [model.text.token_embedding(text) + model.text.positional_embedding[:text.size(1)]], 1)
     valid = torch.cat(part_valid + [text != PAD], 1)
     B, L = valid.shape
+    gates = torch.ones(B, L, dtype=x.dtype) if gates is None else gates
     n_prefix = L - answer.size(1)
     mask = torch.zeros(B, 1, L, L, dtype=torch.bool)
     for b in range(B):
         for i in range(L):
             for j in range(L):
                 mask[b, 0, i, j] = i == j or (bool(valid[b, j]) and (j < n_prefix or j <= i))
+    w, nh = CFG.text_width, CFG.text_heads
     for block in model.text.blocks:
-        x = block(x, mask)
+        q, k, v = block.attn.c_attn(block.ln_1(x)).split(w, dim=2)
+        q, k, v = (t.view(B, L, nh, w // nh).transpose(1, 2) for t in (q, k, v))
+        weight = ((q @ k.transpose(-1, -2)) / (w // nh) ** 0.5).exp() * gates[:, None, None, :] * mask
+        y = (weight / weight.sum(-1, keepdim=True)) @ v
+        x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, L, w))
+        x = x + block.mlp(block.ln_2(x))
     return model.text.ln_final(x)[:, -answer.size(1):]
 
 
@@ -86,8 +94,27 @@ def test_pass2_at_keep_1_equals_one_pass_fed_g_position_by_position(converter):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_pass2_reads_each_kept_token_weighted_by_its_gate():
+    """Pass 2 with gates: every attention weight of a kept image token is multiplied by its
+    gate sigmoid(score), against the hand-written reference; and the gate changes the output."""
+    model = make_model(keep_ratio=0.5)
+    pixels, valid, question, answer = batch()
+    with torch.no_grad():
+        pre = model.instruct_prefix(pixels, valid, question)
+        got = model.answer_states(pre, question, answer)
+        B = len(valid)
+        ones = torch.ones(B, 1, dtype=torch.float64)
+        gates = torch.cat([ones, torch.ones_like(pre["rel_valid"], dtype=torch.float64), pre["image_log_gate"].exp(),
+                           torch.ones(B, question.size(1) - ICFG.answer_length + answer.size(1), dtype=torch.float64)], 1)
+        want = reference_answer_states(model, [pre["g"][:, None], pre["rel"], pre["image"]],
+                                       [ones.bool(), pre["rel_valid"], pre["image_valid"]], question, answer, gates)
+        ungated = model.answer_states(dict(pre, image_log_gate=None), question, answer)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert (got - ungated).abs().max() > 1e-6
+
+
 @pytest.mark.parametrize("keep_ratio", [0.25, 0.5])
-def test_kept_tokens_are_exactly_the_top_scores_scaled_by_their_gate(keep_ratio):
+def test_kept_tokens_are_exactly_the_top_scores_with_their_gates(keep_ratio):
     model = make_model(keep_ratio=keep_ratio)
     pixels, valid, question, _ = batch()
     with torch.no_grad():
@@ -102,8 +129,9 @@ def test_kept_tokens_are_exactly_the_top_scores_scaled_by_their_gate(keep_ratio)
         for k in range(int(valid[b].sum())):
             top = sorted(np.argsort(-scores[b, k].numpy(), kind="stable")[:n].tolist())  # an independent top-n
             assert pre["kept"][b, k].tolist() == top
-            want = image[b, k, top] * torch.sigmoid(scores[b, k, top])[:, None]
-            torch.testing.assert_close(kept_tokens[b, k], want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(kept_tokens[b, k], image[b, k, top], rtol=0, atol=0)
+            gate = pre["image_log_gate"].view(B, K, n)[b, k].exp()
+            torch.testing.assert_close(gate, torch.sigmoid(scores[b, k, top]), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("converter, two_pass", [("mlp", True), ("resampler", True), ("mlp", False)])
