@@ -271,6 +271,8 @@ class TextTransformer(nn.Module):
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
         L = x.size(1)
         past = caches[0].len if caches is not None else 0  # positions already in the cache
+        if key_bias is not None and key_valid is None:
+            key_valid = torch.ones(key_bias.shape, dtype=torch.bool, device=x.device)  # the general path below
         attn_mask, is_causal = None, False
         if mask == "causal" and key_valid is None and past == 0:
             is_causal = True  # the fastest kernel path
