@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import data
 from data import WorldConfig
-from eval import evaluate, evaluate_instruct, write_json
+from eval import evaluate, evaluate_instruct, multi_pixels, write_json
 from model import VLM, VLMConfig, uses_electra
 
 STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
@@ -193,13 +193,13 @@ def apply_overrides(cfg, overrides):
     return cfg
 
 
-def stage_config(preset, overrides):
-    """The config of a run: the preset, what the stage changes in it, then the flags."""
+def stage_overrides(preset, overrides):
+    """What a run changes in its preset: what its stage changes (and the stage's out_dir),
+    then the flags."""
     stage = overrides.get("stage", "pretrain")
-    cfg = PRESETS[preset]
-    if stage != "pretrain":
-        cfg = apply_overrides(cfg, {"out_dir": f"{cfg.out_dir}-{stage}", **STAGE_PRESETS.get(stage, {}).get(preset, {})})
-    return apply_overrides(cfg, overrides)
+    if stage == "pretrain":
+        return overrides
+    return {"out_dir": f"{PRESETS[preset].out_dir}-{stage}", **STAGE_PRESETS.get(stage, {}).get(preset, {}), **overrides}
 
 
 def config_from_dict(d):
@@ -372,9 +372,7 @@ def instruct_batches(cfg, ds, raw_model, device, rank, world_size):
     def get_batch(micro_step):
         idx = data.batch_indices(ds.split_size(split), cfg.batch_size, micro_step, cfg.seed, rank, world_size)
         images, valid, question, answer = ds.multi_batch(split, idx)
-        B, K = valid.shape
-        pixels = raw_model.normalize_pixels(torch.from_numpy(images.reshape(B * K, *images.shape[2:])).to(device))
-        return dict(stage="instruct", pixels=pixels.view(B, K, *pixels.shape[1:]), image_valid=torch.from_numpy(valid).to(device),
+        return dict(stage="instruct", pixels=multi_pixels(raw_model, images, device), image_valid=torch.from_numpy(valid).to(device),
                     question=to_long(question, device), answer=to_long(answer[:, :m.answer_length], device))
     return get_batch, ds.split_size(split)
 
@@ -523,7 +521,8 @@ def train(cfg, ckpt=None, init=None):
 
 def main(argv=None):
     preset, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = stage_config(preset, overrides)
+    changes = stage_overrides(preset, overrides)
+    cfg = apply_overrides(PRESETS[preset], changes)
     if cfg.stage not in ("pretrain", "instruct"):
         raise SystemExit(f"--stage {cfg.stage} is not built yet; --stage pretrain and --stage instruct run")
     if cfg.stage != "pretrain" and not (cfg.init_from or cfg.resume):
@@ -542,7 +541,6 @@ def main(argv=None):
         init = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
         # the architecture comes with the weights; what the stage and the flags set on the model still applies
         known = config_fields()
-        changes = {**STAGE_PRESETS.get(cfg.stage, {}).get(preset, {}), **overrides}
         cfg.model = apply_overrides(config_from_dict({**asdict(cfg), "model": init["config"]["model"]}),
                                     {k: v for k, v in changes.items() if known[k][0] == "model"}).model
     return train(cfg, ckpt, init)
