@@ -76,6 +76,7 @@ SEQUENCES = ("grows", "shrinks", "moves")
 # special tokens the model uses, appended after the BPE ranks
 BOS, EOS, PAD, MASK, GLOB = "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|mask|>", "<|glob|>"
 SPECIAL_TOKENS = (EOS, BOS, PAD, MASK, GLOB)
+BACKGROUND = "background"  # class 0 of every class map
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
@@ -383,6 +384,13 @@ def encode_texts(enc, texts, length):
             raise ValueError(f"text of {len(ids)} tokens does not fit a context of {length}: {texts[i]!r}")
         out[i, 0], out[i, 1:len(ids) + 1], out[i, len(ids) + 1] = bos, ids, eos
     return out
+
+
+def class_prompt_tokens(enc, names, template, length):
+    """(1 + len(names), length) int32 rows <bos> template name <eos>, for background and then
+    each class name: the text side of dense scoring (M12), the template's tokens the place of
+    the learned text prompts."""
+    return encode_texts(enc, [f"{template} {name}" for name in (BACKGROUND, *names)], length)
 
 
 def decode_tokens(enc, ids):
@@ -707,6 +715,39 @@ class Dataset:
         tokens = self.array(split, "tokens")
         caption = np.zeros(len(idx), np.int64) if caption is None else caption
         return images, tokens[idx, caption]
+
+    def class_names(self):
+        """The class of each class-map value: ['background', the shapes..., the novel shapes...]
+        for the shapes world, or the dataset's own list (meta 'classes', background first)."""
+        return self.meta.get("classes") or [BACKGROUND, *self.meta["shapes"], *self.meta["novel_shapes"]]
+
+    def class_targets(self, split, idx, names):
+        """Class maps (B, S, S) of images idx as indices into ['background', *names]: a pixel
+        of a class not named is background. Raises on a name the dataset does not have."""
+        known = self.class_names()
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"{self.path} has no class {', '.join(map(repr, unknown))}; it has {', '.join(known[1:])}")
+        lut = np.zeros(len(known), np.int64)
+        lut[[known.index(n) for n in names]] = np.arange(1, len(names) + 1)
+        return lut[self.array(split, "classmap")[np.asarray(idx)]]
+
+    def shots(self, split, names, k, seed):
+        """K-shot sampling: for each named class, k images of split showing it, drawn at random
+        by seed, no image for two classes. Returns the indices (len(names) * k,)."""
+        classmap = self.array(split, "classmap")
+        rng = np.random.default_rng(seed)
+        taken = np.zeros(len(classmap), bool)
+        out = []
+        for name in names:
+            value = self.class_names().index(name)
+            has = (classmap == value).any(axis=(1, 2)) & ~taken
+            if has.sum() < k:
+                raise ValueError(f"{split} of {self.path} has {has.sum()} images of {name!r} left, fewer than {k} shots")
+            pick = rng.choice(np.flatnonzero(has), k, replace=False)
+            taken[pick] = True
+            out.extend(pick.tolist())
+        return np.array(out, np.int64)
 
     def multi_batch(self, split, idx):
         """Multi-image question sets idx: images (B, K, S, S, 3) uint8 with zeros in the padding

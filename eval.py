@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 import data
-from model import VLM, VLMConfig
+from model import VLM, VLMConfig, anchor_boxes
 
 
 def load_checkpoint(path, device="cpu"):
@@ -367,6 +367,117 @@ def evaluate_instruct(model, ds, device, max_sets=None, split="multi_val", laten
     out["instruct_gflops"] = float(np.mean([sum(f.values()) for f in flops])) / 1e9
     out["instruct_pass2_gflops"] = float(np.mean([f["pass2"] for f in flops])) / 1e9
     out["instruct_latency_ms"] = latency_ms(model, ds, split, idx[:latency_sets], device, ctx)
+    model.train(was_training)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# few-shot detection (the prompt stage)
+
+
+def class_iou_counts(pred, truth, n_classes):
+    """(intersection, union) per class, (n_classes,) each, over every pixel of the class maps
+    pred and truth (any shape, integer classes)."""
+    pred, truth = np.asarray(pred).ravel(), np.asarray(truth).ravel()
+    inter = np.bincount(truth[pred == truth], minlength=n_classes)
+    union = np.bincount(pred, minlength=n_classes) + np.bincount(truth, minlength=n_classes) - inter
+    return inter, union
+
+
+def box_iou(a, b):
+    """IoU of boxes a (N, 4) and b (M, 4), (x0, y0, x1, y1) with x1, y1 one past the last
+    pixel: (N, M)."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    inter = w * h
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def average_precision(detections, truths, classes, threshold=0.5):
+    """Box AP at one IoU threshold, per class. detections: per image a list of (class, x0, y0,
+    x1, y1, score); truths: per image a list of (class, x0, y0, x1, y1). The detections of a
+    class, over all images in order of falling score: each is a true positive if it overlaps
+    an unmatched true box of its class in its image by IoU >= threshold (the most overlapping
+    one, which is then matched), else a false positive. AP is the area under the
+    precision-recall curve with each precision raised to the best at that recall or beyond
+    (all-point interpolation, PASCAL VOC 2010 on). Returns {class: AP}, NaN for a class with
+    no true box."""
+    out = {}
+    for c in classes:
+        dets = sorted(((d[5], i, d[1:5]) for i, ds in enumerate(detections) for d in ds if d[0] == c),
+                      key=lambda d: -d[0])
+        gts = [np.array([t[1:5] for t in ts if t[0] == c]).reshape(-1, 4) for ts in truths]
+        n_true = sum(len(g) for g in gts)
+        if n_true == 0:
+            out[c] = float("nan")
+            continue
+        matched = [np.zeros(len(g), bool) for g in gts]
+        hit = np.zeros(len(dets), bool)
+        for j, (_, i, box) in enumerate(dets):
+            if len(gts[i]):
+                iou = np.where(matched[i], -1.0, box_iou(box, gts[i])[0])
+                best = int(iou.argmax())
+                if iou[best] >= threshold:
+                    matched[i][best] = hit[j] = True
+        tp = np.cumsum(hit)
+        recall = np.concatenate([[0.0], tp / n_true])
+        precision = np.concatenate([[1.0], tp / np.arange(1, len(dets) + 1)])
+        precision = np.maximum.accumulate(precision[::-1])[::-1]
+        out[c] = float(np.sum((recall[1:] - recall[:-1]) * precision[1:]))
+    return out
+
+
+def true_boxes(ds, split, idx, names):
+    """The true boxes of the named classes in images idx: per image a list of (class, x0, y0,
+    x1, y1), class an index into ['background', *names]. From the world's object records."""
+    known = ds.class_names()
+    lookup = {known.index(n) - 1: c for c, n in enumerate(names, 1)}  # objects record the shape index
+    return [[(lookup[o[0]], *map(int, o[3:7])) for o in rows if o[0] >= 0 and o[0] in lookup]
+            for rows in ds.array(split, "objects")[np.asarray(idx)]]
+
+
+@torch.no_grad()
+def evaluate_prompt(model, ds, device, names, class_tokens, prompted=True, max_images=None, split="novel_val",
+                    batch_size=128, ctx=nullcontext()):
+    """Few-shot detection on held-out images of the named classes (the first max_images of
+    split). The class map of each image (model.detect) against the true one, in which a
+    class not named is background: IoU per named class with the pixel counts summed over the
+    split, their mean (miou, background left out) and foreground IoU (fg_iou: any named class
+    against background); box AP at IoU 0.5 of the anchor generator's boxes against the true
+    boxes (ap50, the mean over the named classes). The same for the class map of the
+    upsampled scores without the edge refinement (*_bilinear). prompted False: zero-shot."""
+    was_training = model.training
+    model.eval()
+    n = min(ds.split_size(split), max_images or ds.split_size(split))
+    C = len(names) + 1
+    counts = {key: np.zeros((2, C), np.int64) for key in ("refined", "bilinear")}
+    fg = {key: np.zeros(2, np.int64) for key in counts}
+    dets = {key: [] for key in counts}
+    tokens = torch.as_tensor(np.asarray(class_tokens, np.int64), device=device)
+    for i in range(0, n, batch_size):
+        idx = np.arange(i, min(n, i + batch_size))
+        pixels = to_pixels(model, ds.array(split, "images")[idx], device)
+        truth = ds.class_targets(split, idx, names)
+        with ctx:
+            classmap, scores, boxes = model.detect(pixels, tokens, prompted)
+        for key, pred in (("refined", classmap), ("bilinear", scores.argmax(1))):
+            dets[key] += boxes if key == "refined" else anchor_boxes(pred, scores, model.cfg.min_box_area)
+            pred = pred.cpu().numpy()
+            counts[key] += np.stack(class_iou_counts(pred, truth, C))
+            fg[key] += np.stack(class_iou_counts((pred > 0).astype(np.int64), (truth > 0).astype(np.int64), 2))[:, 1]
+    truths = true_boxes(ds, split, np.arange(n), names)
+    out = {}
+    for key, suffix in (("refined", ""), ("bilinear", "_bilinear")):
+        iou = counts[key][0] / np.maximum(counts[key][1], 1)  # a class in neither map: 0
+        ap = average_precision(dets[key], truths, range(1, C))
+        out[f"miou{suffix}"] = float(iou[1:].mean())
+        out[f"fg_iou{suffix}"] = float(fg[key][0] / max(fg[key][1], 1))
+        out[f"ap50{suffix}"] = float(np.nanmean([ap[c] for c in range(1, C)]))
+        if not suffix:
+            out.update({f"iou_{name}": float(iou[c]) for c, name in enumerate(names, 1)})
+            out.update({f"ap50_{name}": ap[c] for c, name in enumerate(names, 1)})
     model.train(was_training)
     return out
 

@@ -76,6 +76,18 @@ class VLMConfig:
     drop_images: float = 0.1
     drop_relation: float = 0.1
     answer_length: int = 8  # the answer block, <bos> answer <eos> <pad>...; the question gets the rest of the context
+    # few-shot prompting on the frozen model (M12): built when prompt is true (--stage prompt sets it)
+    prompt: bool = False
+    prompt_init: str = "a photo of a"  # the words the layer-1 text prompts start from (zero-shot's template)
+    n_ctx: int = 4  # prompt vectors per prompted layer: set from the tokens of prompt_init
+    text_prompt_depth: int = 3  # J: text layers 1..J get prompts (0: none)
+    image_prompt_depth: int = 3  # ViT layers 1..J get image prompts (0: none)
+    couple: bool = True  # image prompts = one linear map per layer of that layer's text prompts (MaPLe)
+    dense_layers: str = "2,3,4"  # ViT layers (1-based) whose patch tokens give score maps, fused by learned weights
+    patch_class_min: float = 0.05  # a patch is trained as a class's if that class covers this much of it
+    dice_weight: float = 1.0  # the dice loss beside the per-patch cross-entropy; 0 switches it off
+    refine_iters: int = 20  # detection: PAMR steps that align the upsampled class map with the image's edges (0: none)
+    min_box_area: int = 4  # detection: regions of fewer pixels give no box
     # pixels are normalised with these (CLIP's)
     image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
@@ -198,6 +210,13 @@ class Block(nn.Module):
 # the towers
 
 
+def splice(x, start, vectors):
+    """x (B, L, w) with positions start..start+n-1 replaced by vectors (n, w), the same for
+    every row; a start of L appends them."""
+    v = vectors.to(x.dtype).expand(x.size(0), -1, -1)
+    return torch.cat([x[:, :start], v, x[:, start + v.size(1):]], dim=1)
+
+
 def sincos_2d(grid, width):
     """(grid*grid, width) 2-D sin-cos position map (MAE): a quarter of the channels each for
     sin and cos of the column and of the row, at geometrically spaced frequencies."""
@@ -226,16 +245,31 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
         self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
 
-    def forward(self, pixels):
+    def forward(self, pixels, prompts=()):
         """pixels (B, 3, H, W) normalised -> tokens (B, 1 + n_patches, w) after ln_post,
-        the class token first."""
+        the class token first. prompts: image prompt vectors (see hidden_states)."""
+        return self.ln_post(self.hidden_states(pixels, prompts)[-1])
+
+    def hidden_states(self, pixels, prompts=()):
+        """The class and patch tokens after each block: a list of (B, 1 + n_patches, w), before
+        ln_post. prompts: a sequence of (n, w) image prompt vectors, one per layer from the
+        first (MaPLe): the first is appended after the patch tokens (before ln_pre), each later
+        one replaces the previous block's outputs at those n positions; the patches attend to
+        them, the outputs leave them out. No prompts: the plain ViT."""
         x = self.conv1(pixels).flatten(2).transpose(1, 2)  # (B, P, w)
         cls = self.class_embedding.expand(x.size(0), 1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding
+        L = x.size(1)
+        if len(prompts):
+            x = splice(x, L, prompts[0])
         x = self.ln_pre(x)
-        for block in self.blocks:
+        states = []
+        for i, block in enumerate(self.blocks):
+            if 0 < i < len(prompts):
+                x = splice(x, L, prompts[i])
             x = block(x)
-        return self.ln_post(x)
+            states.append(x[:, :L])
+        return states
 
 
 class TextTransformer(nn.Module):
@@ -258,15 +292,23 @@ class TextTransformer(nn.Module):
         self.lm_head.weight = self.token_embedding.weight  # tied, as in GPT-2
 
     def forward(self, tokens, prefix=None, mask="causal", key_valid=None, caches=None, pos=0, n_prefix=None,
-                key_bias=None):
+                key_bias=None, prompts=()):
         """tokens (B, T) at text positions pos..pos+T-1, after an optional prefix (B, M, w).
         mask: 'causal', 'prefix' (prefix visible to all, text causal) or 'bidirectional'.
         n_prefix: with mask 'prefix', the positions that form the prefix (default M; more takes
         the first text tokens in, as an instruction before its answer).
         key_bias: optional (B, M+T) float added to every query's attention logit of each key
         (log gates: a key's softmax weight is multiplied by its gate), with key_valid.
-        caches: one KVCache per layer when generating. Returns hidden states (B, M+T, w)."""
-        x = self.token_embedding(tokens) + self.positional_embedding[pos:pos + tokens.size(1)]
+        caches: one KVCache per layer when generating.
+        prompts: a sequence of (n, w) text prompt vectors, one per layer from the first (CoOp,
+        MaPLe; text only, no prefix): the first replaces the token embeddings after the start
+        token (positions 1..n, before the positions are added), each later one the previous
+        block's outputs there. Returns hidden states (B, M+T, w)."""
+        x = self.token_embedding(tokens)
+        if len(prompts):
+            assert prefix is None and pos == 0, "text prompts go with text alone"
+            x = splice(x, 1, prompts[0])
+        x = x + self.positional_embedding[pos:pos + tokens.size(1)]
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
         L = x.size(1)
@@ -287,6 +329,8 @@ class TextTransformer(nn.Module):
                 attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill(
                     ~attn_mask, float("-inf")) + key_bias[:, None, None, :].to(x.dtype)
         for i, block in enumerate(self.blocks):
+            if 0 < i < len(prompts):
+                x = splice(x, 1, prompts[i])
             x = block(x, attn_mask, is_causal, caches[i] if caches is not None else None)
         return self.ln_final(x)
 
@@ -371,6 +415,118 @@ class Scorer(nn.Module):
     def forward(self, g, x):
         """g (B, w), x (B, N, w) -> scores (B, N)."""
         return (self.c_x(x) @ self.c_g(g)[:, :, None]).squeeze(-1) / math.sqrt(g.size(-1))
+
+
+class PromptLearner(nn.Module):
+    """M12 (MaPLe): what the prompt stage trains on the frozen model. n_ctx text prompt vectors
+    for each of the first text_prompt_depth layers of the text transformer; image prompt
+    vectors for each of the first image_prompt_depth ViT layers, each layer's a linear map of
+    that layer's text prompts (couple, one map per layer) or free vectors (couple False); and
+    the logits of the softmax weights that fuse the score maps of the dense_layers."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        Jt, Jv, n = cfg.text_prompt_depth, cfg.image_prompt_depth, cfg.n_ctx
+        if not (0 <= Jt <= cfg.text_layers and 0 <= Jv <= cfg.vit_layers):
+            raise ValueError(f"prompt depths {Jt} (text), {Jv} (image) must lie in 0..{cfg.text_layers} and "
+                             f"0..{cfg.vit_layers}, the layers there are")
+        if cfg.couple and Jv > Jt:
+            raise ValueError(f"coupled image prompts are maps of the text prompts of the same layer: image_prompt_depth "
+                             f"{Jv} is more than text_prompt_depth {Jt} (set --couple=false for free image prompts)")
+        self.dense_layers = parse_layers(cfg.dense_layers, cfg.vit_layers)
+        self.text_ctx = nn.Parameter(0.02 * torch.randn(Jt, n, cfg.text_width))  # layer 1: set from prompt_init
+        self.coupling = nn.ModuleList(nn.Linear(cfg.text_width, cfg.vit_width) for _ in range(Jv if cfg.couple else 0))
+        self.image_ctx = nn.Parameter(0.02 * torch.randn(0 if cfg.couple else Jv, n, cfg.vit_width))
+        self.fusion = nn.Parameter(torch.zeros(len(self.dense_layers)))  # equal weights to start
+
+    def text_prompts(self):
+        return list(self.text_ctx)
+
+    def image_prompts(self):
+        return [f(ctx) for f, ctx in zip(self.coupling, self.text_ctx)] if len(self.coupling) else list(self.image_ctx)
+
+
+def parse_layers(spec, n_layers):
+    """'2,3,4' -> (2, 3, 4): 1-based layer numbers, each in 1..n_layers."""
+    try:
+        layers = tuple(int(x) for x in str(spec).split(","))
+    except ValueError:
+        raise ValueError(f"dense_layers takes comma-separated layer numbers, got {spec!r}") from None
+    if not layers or not all(1 <= x <= n_layers for x in layers):
+        raise ValueError(f"dense_layers {spec!r}: each must be a ViT layer in 1..{n_layers}")
+    return layers
+
+
+def patch_targets(target, patch_size, n_classes, min_fraction):
+    """The class of each patch from per-pixel classes (B, H, W): the class, not background,
+    that covers most of the patch if it covers at least min_fraction of it, else background.
+    An object smaller than a patch still names its patch, and the upsampled map is brought
+    back to the object's pixels by refine_masks. Returns (B, H / p, W / p) long."""
+    share = F.avg_pool2d(F.one_hot(target, n_classes).permute(0, 3, 1, 2).float(), patch_size)[:, 1:]
+    top = share.max(1)
+    return torch.where(top.values >= min_fraction, top.indices + 1, 0)
+
+
+def refine_masks(image, probs, iters=10, dilations=(1, 2, 4, 8)):
+    """PAMR (Araslanov and Roth, 2020, https://arxiv.org/abs/2005.08104): class probabilities
+    (B, C, H, W) made to follow the image's edges, with no parameters. Each step replaces a
+    pixel's probabilities by a weighted mean of its 8 neighbours at each dilation, the weights
+    a softmax over neighbours of -|colour difference| / (0.1 * the neighbourhood's spread),
+    averaged over the channels: labels flow within regions of one colour, not across edges.
+    image (B, 3, H, W) float."""
+    H, W = image.shape[-2:]
+
+    def neighbours(x):  # (B, c, H, W) -> (B, c, K, H, W), replicate padding
+        out = []
+        for d in dilations:
+            xp = F.pad(x, (d, d, d, d), mode="replicate")
+            out += [xp[:, :, d + dy:d + dy + H, d + dx:d + dx + W] for dy in (-d, 0, d) for dx in (-d, 0, d) if dy or dx]
+        return torch.stack(out, dim=2)
+
+    nb = neighbours(image)
+    spread = nb.std(dim=2, keepdim=True)
+    affinity = (-(nb - image[:, :, None]).abs() / (1e-8 + 0.1 * spread)).mean(1).softmax(dim=1)  # (B, K, H, W)
+    for _ in range(iters):
+        probs = (neighbours(probs) * affinity[:, None]).sum(2)
+    return probs
+
+
+def connected_regions(masks):
+    """masks (N, H, W) bool -> (N, H, W) long: each 8-connected region of True its own label
+    (the smallest flat index + 1 of its pixels), 0 elsewhere. Labels spread by a 3x3 min-pool
+    until nothing changes."""
+    N, H, W = masks.shape
+    none = float(H * W + 1)
+    labels = torch.arange(1, H * W + 1, dtype=torch.float32, device=masks.device).view(1, H, W).expand(N, H, W)
+    labels = torch.where(masks, labels, none)
+    while True:
+        spread = torch.where(masks, -F.max_pool2d(-labels[:, None], 3, 1, 1)[:, 0], none)
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    return torch.where(masks, labels, 0.0).long()
+
+
+def anchor_boxes(classmap, scores, min_area=1):
+    """The anchor generator: every connected region of a class (not background, class 0) in a
+    class map becomes a box (x0, y0, x1, y1), x1 and y1 one past the last pixel, scored by the
+    mean of that class's alignment score inside the region. classmap (B, H, W) long, scores
+    (B, C, H, W). Regions under min_area pixels are left out. Returns, per image, a list of
+    (class, x0, y0, x1, y1, score)."""
+    B, C = scores.shape[:2]
+    out = [[] for _ in range(B)]
+    masks = classmap[:, None] == torch.arange(1, C, device=classmap.device)[None, :, None, None]  # (B, C-1, H, W)
+    labels = connected_regions(masks.flatten(0, 1)).view(masks.shape)
+    for b in range(B):
+        for c in range(1, C):
+            for label in labels[b, c - 1].unique().tolist():
+                region = labels[b, c - 1] == label
+                if label == 0 or int(region.sum()) < min_area:
+                    continue
+                ys, xs = region.nonzero(as_tuple=True)
+                out[b].append((c, int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1,
+                               float(scores[b, c][region].mean())))
+    return out
 
 
 def patchify(pixels, p):
@@ -564,6 +720,7 @@ class VLM(nn.Module):
             self.image_index = nn.Parameter(0.02 * torch.randn(cfg.image_slots, w))  # which image a token comes from
             self.relation = RelationEncoder(cfg) if cfg.relation else None
             self.scorer = Scorer(w) if cfg.two_pass else None
+        self.prompt = PromptLearner(cfg) if cfg.prompt else None  # M12
         self.apply(self._init_weights)
         for tower, width, layers in ((self.visual, cfg.vit_width, cfg.vit_layers), (self.text, cfg.text_width, cfg.text_layers)):
             self._init_tower(tower, width, layers)
@@ -671,8 +828,8 @@ class VLM(nn.Module):
     def _image_embedding(visual, vit_tokens):
         return F.normalize(visual.proj(vit_tokens[:, 0]), dim=-1)
 
-    def _text_embedding(self, text, tokens):
-        h = text(tokens, mask="causal")
+    def _text_embedding(self, text, tokens, prompts=()):
+        h = text(tokens, mask="causal", prompts=prompts)
         eos = (tokens == self.cfg.eos_id).int().argmax(-1)  # pool at the first <eos>
         pooled = h[torch.arange(tokens.size(0), device=tokens.device), eos]
         return F.normalize(text.text_projection(pooled), dim=-1)
@@ -743,8 +900,10 @@ class VLM(nn.Module):
 
     def forward(self, *args, stage="pretrain", **kwargs):
         """The losses of a training stage on a batch: a dict of named losses and 'loss', their
-        weighted sum. stage 'pretrain': pretrain_losses; 'instruct': instruct_losses."""
-        return (self.instruct_losses if stage == "instruct" else self.pretrain_losses)(*args, **kwargs)
+        weighted sum. stage 'pretrain': pretrain_losses; 'instruct': instruct_losses; 'prompt':
+        prompt_losses."""
+        losses = {"instruct": self.instruct_losses, "prompt": self.prompt_losses}.get(stage, self.pretrain_losses)
+        return losses(*args, **kwargs)
 
     def pretrain_losses(self, pixels, tokens, codes=None, groups=None, alpha=0.0):
         """pixels (B, 3, H, W) normalised, tokens (B, T) -> dict of named losses and 'loss',
@@ -1020,3 +1179,71 @@ class VLM(nn.Module):
         out["pass2"] = transformer_flops(c.text_layers, w, int(c.two_pass) + R + K * n + Lq + Ta, c.mlp_ratio)
         out["logits"] = 2 * (Ta - 1) * w * c.vocab_size
         return out
+
+    # -- few-shot prompting on the frozen model (M12) --
+
+    @torch.no_grad()
+    def init_prompts(self, class_tokens):
+        """Start the layer-1 text prompts from the token embeddings of prompt_init, which every
+        class row holds at positions 1..n_ctx: the first layer then reads the zero-shot prompt."""
+        if len(self.prompt.text_ctx):
+            self.prompt.text_ctx[0].copy_(self.text.token_embedding(class_tokens[0, 1:1 + self.cfg.n_ctx]))
+
+    def class_embeddings(self, class_tokens, prompted=True):
+        """class_tokens (C, T), rows <bos> prompt_init name <eos> <pad>... -> (C, embed_dim)
+        L2-normalised, the text prompts in place of prompt_init (prompted) or not (zero-shot)."""
+        return self._text_embedding(self.text, class_tokens, self.prompt.text_prompts() if prompted else ())
+
+    def score_maps(self, pixels, class_emb, prompted=True):
+        """Dense scores. At each of the dense_layers, the patch tokens (through ln_post and proj
+        into the joint space, normalised) against each class embedding: the cosine times the
+        ITC temperature, a patch-by-class map; the maps fused by the softmax of the learned
+        fusion logits. Zero-shot (prompted False): no prompts, the last layer alone.
+        Returns the fused map (B, C, g, g) and the layers' maps (L, B, C, g, g)."""
+        states = self.visual.hidden_states(pixels, self.prompt.image_prompts() if prompted else ())
+        layers = self.prompt.dense_layers if prompted else (self.cfg.vit_layers,)
+        g = math.isqrt(self.visual.n_patches)
+        maps = []
+        for layer in layers:
+            x = F.normalize(self.visual.proj(self.visual.ln_post(states[layer - 1][:, 1:])), dim=-1)  # (B, P, D)
+            maps.append((x @ class_emb.t().to(x.dtype)).transpose(1, 2).unflatten(2, (g, g)))
+        maps = torch.stack(maps) * self.logit_scale.exp()
+        weights = self.prompt.fusion.softmax(0) if prompted else maps.new_ones(1)
+        return (weights.view(-1, 1, 1, 1, 1).to(maps.dtype) * maps).sum(0), maps
+
+    def segment(self, pixels, class_tokens, prompted=True, refine_iters=None):
+        """The fused alignment scores upsampled (bilinear) to the image, (B, C, H, W), and the
+        class probabilities of every pixel: their softmax, refined along the image's edges by
+        refine_iters steps of refine_masks (default the config's; 0: none). Training and
+        detection read the same probabilities."""
+        fused, _ = self.score_maps(pixels, self.class_embeddings(class_tokens, prompted), prompted)
+        scores = F.interpolate(fused, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+        probs = fp32(scores).softmax(1)
+        iters = self.cfg.refine_iters if refine_iters is None else refine_iters
+        return scores, refine_masks(fp32(pixels), probs, iters) if iters > 0 else probs
+
+    def prompt_losses(self, pixels, target, class_tokens):
+        """pixels (B, 3, H, W) normalised, target (B, H, W) the class of every pixel (0:
+        background), class_tokens (C, T) -> {'ce', 'dice' (with dice_weight), 'loss'}: the
+        cross-entropy at every pixel of the fused map (a patch) against the patch's class
+        (patch_targets), plus dice_weight times the soft dice loss, 1 - mean over classes of
+        (2 |p g| + 1) / (|p| + |g| + 1). Detection refines the upsampled map to the pixels."""
+        fused, _ = self.score_maps(pixels, self.class_embeddings(class_tokens), prompted=True)
+        fused = fp32(fused)
+        truth = patch_targets(target, self.cfg.patch_size, fused.size(1), self.cfg.patch_class_min)
+        out = {"ce": F.cross_entropy(fused, truth)}
+        out["loss"] = out["ce"]
+        if self.cfg.dice_weight > 0:
+            probs, truth = fused.softmax(1), F.one_hot(truth, fused.size(1)).permute(0, 3, 1, 2).to(fused.dtype)
+            overlap, total = (probs * truth).sum((0, 2, 3)), (probs + truth).sum((0, 2, 3))
+            out["dice"] = 1 - ((2 * overlap + 1) / (total + 1)).mean()
+            out["loss"] = out["loss"] + self.cfg.dice_weight * out["dice"]
+        return out
+
+    @torch.no_grad()
+    def detect(self, pixels, class_tokens, prompted=True, refine_iters=None):
+        """The per-pixel class map (B, H, W), the argmax of the class probabilities (segment);
+        the upsampled scores (B, C, H, W); and the anchor generator's boxes."""
+        scores, probs = self.segment(pixels, class_tokens, prompted, refine_iters)
+        classmap = probs.argmax(1)
+        return classmap, scores, anchor_boxes(classmap, scores, self.cfg.min_box_area)

@@ -6,6 +6,7 @@ Use a trained nanoVLP checkpoint on image files.
     python sample.py score a.png --texts "a small red circle" "a large blue square"
     python sample.py classify a.png --labels "small red circle" "large blue square" --template "a {}"
     python sample.py --ckpt out-instruct/ckpt.pt answer a.png b.png --question "which image has the most objects?"
+    python sample.py --ckpt out-prompt/seed0/ckpt.pt detect a.png --classes star moon --out a.detect.png
 
 Every command takes --ckpt (default out/ckpt.pt) and --device. Images of any common mode
 (RGB, RGBA, L, P, CMYK, 16-bit) are converted to RGB, resized on the short side and
@@ -13,6 +14,7 @@ centre-cropped to the model's image size.
 """
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -59,6 +61,44 @@ def answer(model, tokenizer, images, question, device):
     return data.decode_tokens(tokenizer, out[0].tolist())
 
 
+@torch.no_grad()
+def detect(model, tokenizer, image, classes, device):
+    """The per-pixel class map (H, W) (0 background, i + 1 classes[i]) and the boxes
+    [(class name, x0, y0, x1, y1, score)] of the named classes in one image (H, W, 3). A
+    checkpoint of the prompt stage uses its prompts; any other detects zero-shot."""
+    cfg = model.cfg
+    try:
+        tokens = data.class_prompt_tokens(tokenizer, classes, cfg.prompt_init, cfg.context_length)
+    except ValueError as e:
+        raise SystemExit(f"error: a class name is too long for the model's context: {e}") from None
+    classmap, _, boxes = model.detect(to_pixels(model, image[None], device), torch.from_numpy(tokens).long().to(device),
+                                      prompted=cfg.prompt)
+    return classmap[0].cpu().numpy(), [(classes[c - 1], *rest) for c, *rest in boxes[0]]
+
+
+# a colour per class (class 1 first); background is left as it is
+CLASS_COLOURS = np.array([(255, 60, 60), (60, 220, 60), (70, 120, 255), (255, 220, 0), (255, 0, 255), (0, 230, 230),
+                          (255, 140, 0), (160, 90, 255), (255, 255, 255)], np.float64)
+
+
+def draw_detections(image, classmap, boxes, classes, scale=4):
+    """A PIL image: the image scaled up `scale` times (nearest), each class's pixels blended
+    half and half with its colour, and each box drawn and labelled with its class and score."""
+    from PIL import Image, ImageDraw
+    out = image.astype(np.float64)
+    colour = lambda c: CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)]  # noqa: E731
+    fg = classmap > 0
+    out[fg] = 0.5 * out[fg] + 0.5 * colour(classmap[fg])
+    H, W = classmap.shape
+    im = Image.fromarray(out.round().astype(np.uint8)).resize((W * scale, H * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(im)
+    for name, x0, y0, x1, y1, s in boxes:
+        rgb = tuple(int(v) for v in colour(classes.index(name) + 1))
+        draw.rectangle([x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1], outline=rgb, width=2)
+        draw.text((x0 * scale + 3, max(0, y0 * scale - 11)), f"{name} {s:.1f}", fill=rgb)
+    return im
+
+
 def probabilities(model, sim):
     """Softmax over the last dimension of cosine similarities at the model's learned temperature."""
     return (model.logit_scale.exp().clamp(max=100) * sim).softmax(-1)
@@ -87,10 +127,14 @@ def main(argv=None):
     ans = sub.add_parser("answer", help="answer a question about several images (an instruct checkpoint)")
     ans.add_argument("images", nargs="+")
     ans.add_argument("--question", required=True)
+    det = sub.add_parser("detect", help="detect named classes in an image, write a PNG with the class map and boxes")
+    det.add_argument("image")
+    det.add_argument("--classes", nargs="+", default=None, help="class names (default: the classes the prompts learned)")
+    det.add_argument("--out", default=None, help="the PNG to write (default: <image>.detect.png)")
     args = parser.parse_args(argv)
 
     try:
-        model, tokenizer, _ = load_checkpoint(args.ckpt, args.device)
+        model, tokenizer, ckpt = load_checkpoint(args.ckpt, args.device)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     size = model.cfg.image_size
@@ -102,6 +146,18 @@ def main(argv=None):
                                       top_k=args.top_k, top_p=args.top_p, generator=generator)
             for path, text in zip(args.images, texts):
                 print(f"{path}: {text}")
+    elif args.command == "detect":
+        classes = args.classes or [c for c in ckpt["config"].get("classes", "").split(",") if c]
+        if not classes:
+            raise SystemExit("error: name the classes to detect: --classes NAME [NAME ...]")
+        image = load_images([args.image], size)[0]
+        classmap, boxes = detect(model, tokenizer, image, classes, args.device)
+        out = args.out or os.path.splitext(args.image)[0] + ".detect.png"
+        draw_detections(image, classmap, boxes, classes).save(out + ".tmp", format="PNG")
+        os.replace(out + ".tmp", out)
+        for name, x0, y0, x1, y1, s in boxes:
+            print(f"{name:16s} box ({x0}, {y0}, {x1}, {y1})  score {s:.3f}")
+        print(f"wrote {out}")
     elif args.command == "answer":
         print(answer(model, tokenizer, load_images(args.images, size), args.question, args.device))
     elif args.command == "score":

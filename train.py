@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import data
 from data import WorldConfig
-from eval import evaluate, evaluate_instruct, multi_pixels, write_json
+from eval import evaluate, evaluate_instruct, evaluate_prompt, multi_pixels, to_pixels, write_json
 from model import VLM, VLMConfig, uses_electra
 
 STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
@@ -51,6 +51,13 @@ class TrainConfig:
     log_interval: int = 10  # steps between log.jsonl lines
     ckpt_interval: int = 200  # steps between checkpoints (the last step is always saved)
     train_vit: bool = False  # later stages: fine-tune the ViT too (frozen by default)
+    # the prompt stage (M12): few-shot detection of named classes on the frozen model
+    classes: str = ""  # comma-separated class names; default the dataset's novel classes
+    shots: int = 16  # K: training images per class, all of them in every step
+    shot_seed: int = 0  # which K-shot sample a run trains on
+    shot_seeds: int = 3  # the stage runs shot samples 0..n-1 (out_dir/seed<k>); out_dir/eval.json: mean and std
+    stop_loss: float = 0.0  # stop as soon as the training loss is under this (0: run max_iters steps)
+    augment: bool = True  # shift by whole patches, mirror and permute the colour channels of the shots
     # data
     batch_size: int = 128  # per rank and micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -106,10 +113,22 @@ STAGE_PRESETS = {
                       eval_images=500, instruct=True, momentum_alpha=0.0),
         "base": dict(max_iters=5000, warmup_iters=200, lr=1e-4, min_lr=1e-5, instruct=True, momentum_alpha=0.0),
     },
+    # M12 on the frozen model: prompts, couplings and fusion weights on K shots of each novel class
+    "prompt": {
+        "tiny": dict(max_iters=20, warmup_iters=2, eval_interval=10 ** 9, shots=2, shot_seeds=2, lr=1e-2,
+                     weight_decay=0.0, prompt=True, momentum_alpha=0.0, text_prompt_depth=2, image_prompt_depth=2,
+                     dense_layers="1,2"),
+        "small": dict(max_iters=300, warmup_iters=10, lr=5e-3, min_lr=5e-4, weight_decay=0.0, eval_interval=10 ** 9,
+                      stop_loss=0.1, prompt=True, momentum_alpha=0.0),
+        "base": dict(max_iters=1000, warmup_iters=50, lr=3.5e-3, min_lr=3.5e-4, weight_decay=0.0, eval_interval=10 ** 9,
+                     stop_loss=0.1, prompt=True, momentum_alpha=0.0, text_prompt_depth=9, image_prompt_depth=9,
+                     dense_layers="8,10,12"),
+    },
 }
 # the parameters each stage trains (name prefixes); the rest are frozen
 STAGE_TRAINS = {"instruct": ("converter.", "relation.", "scorer.", "image_index", "text.blocks.", "text.ln_final.",
-                             "text.token_embedding.", "text.positional_embedding")}
+                             "text.token_embedding.", "text.positional_embedding"),
+                "prompt": ("prompt.",)}
 
 # -----------------------------------------------------------------------------
 # configuration from the command line
@@ -268,6 +287,10 @@ def fit_model_to_data(mcfg, ds):
     tok = ds.tokenizer
     ids = {k: tok.encode_single_token(t) for k, t in (("bos_id", data.BOS), ("eos_id", data.EOS), ("pad_id", data.PAD),
                                                       ("mask_id", data.MASK), ("glob_id", data.GLOB))}
+    if mcfg.prompt:  # the layer-1 text prompts take the places of prompt_init's tokens
+        ids["n_ctx"] = len(tok.encode_ordinary(mcfg.prompt_init))
+        if ids["n_ctx"] == 0:
+            raise SystemExit("--prompt_init is empty: the text prompts start from its tokens, one vector each")
     return VLMConfig(**{**asdict(mcfg), "vocab_size": tok.n_vocab, **ids})
 
 
@@ -287,6 +310,8 @@ def load_weights(model, state, strict, log=print):
 def freeze_for_stage(model, stage, train_vit=False):
     """Only the parameters the stage trains (STAGE_TRAINS, and the ViT with train_vit) keep
     requires_grad."""
+    if train_vit and stage == "prompt":
+        raise SystemExit("--train_vit does not apply to --stage prompt: it trains the prompts on a frozen model")
     if stage in STAGE_TRAINS:
         trains = STAGE_TRAINS[stage] + (("visual.",) if train_vit else ())
         for name, p in model.named_parameters():
@@ -377,6 +402,41 @@ def instruct_batches(cfg, ds, raw_model, device, rank, world_size):
     return get_batch, ds.split_size(split)
 
 
+def prompt_batches(cfg, ds, raw_model, device, rank, world_size):
+    """(get_batch, n) for the prompt stage: every step all the K-shot images of novel_train
+    (sample shot_seed, K per named class) with their class maps (a class not named is
+    background), and the class prompt rows. With augment, each step sees each image (and its
+    map) shifted cyclically by a random whole number of patches down and right, mirrored
+    left-right with probability 1/2 and with its colour channels in a random order: the
+    patch grid cuts the shifted images where it cut the originals."""
+    names = cfg.classes.split(",")
+    try:
+        idx = ds.shots("novel_train", names, cfg.shots, cfg.shot_seed)
+        target = to_long(ds.class_targets("novel_train", idx, names), device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--stage prompt: {e}") from None
+    images = torch.from_numpy(np.array(ds.array("novel_train", "images")[idx])).to(device)
+    tokens = to_long(class_rows(ds, cfg), device)
+    g, p = cfg.model.image_size // cfg.model.patch_size, cfg.model.patch_size
+
+    def get_batch(micro_step):
+        x, t = images, target
+        if cfg.augment:
+            rng = np.random.default_rng([cfg.seed, cfg.shot_seed, micro_step])
+            shifts, flips = rng.integers(g, size=(len(x), 2)) * p, rng.random(len(x)) < 0.5
+            x = torch.stack([xi.roll(tuple(s), (0, 1)) for xi, s in zip(x, shifts.tolist())])
+            t = torch.stack([ti.roll(tuple(s), (0, 1)) for ti, s in zip(t, shifts.tolist())])
+            flip = torch.from_numpy(flips).to(device)[:, None, None]
+            x, t = torch.where(flip[..., None], x.flip(2), x), torch.where(flip, t.flip(2), t)
+            x = x[..., torch.from_numpy(rng.permutation(3)).to(device)]
+        return dict(stage="prompt", pixels=raw_model.normalize_pixels(x), target=t, class_tokens=tokens)
+    return get_batch, len(idx)
+
+
+def class_rows(ds, cfg):
+    return data.class_prompt_tokens(ds.tokenizer, cfg.classes.split(","), cfg.model.prompt_init, cfg.model.context_length)
+
+
 def to_long(a, device):
     return torch.from_numpy(np.asarray(a, np.int64)).to(device, non_blocking=True)
 
@@ -423,6 +483,13 @@ def train(cfg, ckpt=None, init=None):
 
     ds = load_data(cfg, rank, world_size)
     cfg.model = fit_model_to_data(cfg.model, ds)
+    prompt = cfg.stage == "prompt"
+    if prompt:
+        if world_size > 1:
+            raise SystemExit("--stage prompt trains a few thousand parameters on a few dozen images: run it as one process")
+        cfg.classes = cfg.classes or ",".join(ds.meta.get("novel_shapes", []))
+        if not cfg.classes:
+            raise SystemExit(f"--stage prompt: {ds.path} names no novel classes; give --classes=a,b,...")
     model = VLM(cfg.model)
     if uses_electra(cfg.model):
         model.codebook.copy_(torch.from_numpy(ds.codebook(cfg.model.patch_size, cfg.model.n_codes)))
@@ -443,6 +510,9 @@ def train(cfg, ckpt=None, init=None):
         step = ckpt["step"]
     start_step = step
     instruct = cfg.stage == "instruct"
+    if prompt and ckpt is None:
+        model.init_prompts(to_long(class_rows(ds, cfg), device))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad} if prompt else {}
     raw_model = model
     if use_compile:
         model = torch.compile(model)
@@ -454,13 +524,23 @@ def train(cfg, ckpt=None, init=None):
     if master:
         print(f"{raw_model.num_params() / 1e6:.2f}M trainable parameters | device {device} | {dtype} | compile {use_compile} "
               f"| {world_size} rank(s) | data {ds.path}")
-
-    get_batch, n_train = (instruct_batches if instruct else pretrain_batches)(cfg, ds, raw_model, device, rank, world_size)
+    batches = instruct_batches if instruct else prompt_batches if prompt else pretrain_batches
+    get_batch, n_train = batches(cfg, ds, raw_model, device, rank, world_size)
 
     def run_eval(**kw):
         if instruct:
             return evaluate_instruct(raw_model, ds, device, ctx=ctx, **kw)
+        if prompt:
+            return evaluate_prompt(raw_model, ds, device, cfg.classes.split(","), class_rows(ds, cfg), ctx=ctx, **kw)
         return evaluate(raw_model, ds, device, ctx=ctx, rerank_k=cfg.rerank_k, **kw)
+
+    if prompt:
+        trainable = {n: p.numel() for n, p in raw_model.named_parameters() if p.requires_grad}
+        print(f"trainable parameters: {sum(trainable.values())} ("
+              + ", ".join(f"{n} {k}" for n, k in trainable.items() if k) + f"); {cfg.shots} shots x {cfg.classes}, "
+              f"shot sample {cfg.shot_seed}")
+        zero_shot = run_eval(prompted=False)
+        print(f"zero-shot (no prompts): mIoU {zero_shot['miou']:.3f}, AP50 {zero_shot['ap50']:.3f}")
 
     samples_per_step = cfg.batch_size * cfg.grad_accum * world_size
     steps_per_epoch = max(1, n_train // samples_per_step)
@@ -468,14 +548,16 @@ def train(cfg, ckpt=None, init=None):
     t_start = t_log = time.time()
     while True:
         if master and step > start_step and step % cfg.eval_interval == 0 and step < cfg.max_iters:
-            subset = dict(max_sets=cfg.eval_images) if instruct else dict(max_images=cfg.eval_images, heldout=False)
+            subset = dict(max_sets=cfg.eval_images) if instruct else dict(max_images=cfg.eval_images) if prompt \
+                else dict(max_images=cfg.eval_images, heldout=False)
             metrics = run_eval(**subset)
             logger.log(step=step, kind="eval", **metrics)
             pbar.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                                                     if k.endswith(("r1", "acc"))))
-        if master and step > start_step and (step % cfg.ckpt_interval == 0 or step == cfg.max_iters):
+                                                     if k.endswith(("r1", "acc", "miou", "ap50"))))
+        done = step >= cfg.max_iters or (step > start_step and losses["loss"].item() < cfg.stop_loss)
+        if master and step > start_step and (step % cfg.ckpt_interval == 0 or done):
             save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), raw_model, optimizer, scaler, step, cfg, ds)
-        if step >= cfg.max_iters:
+        if done:
             break
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
@@ -483,7 +565,7 @@ def train(cfg, ckpt=None, init=None):
         alpha = cfg.model.momentum_alpha * min(1.0, step / steps_per_epoch)  # ramped up over the first epoch
         for micro in range(cfg.grad_accum):
             batch = get_batch(step * cfg.grad_accum + micro)
-            if not instruct:
+            if cfg.stage == "pretrain":
                 batch["alpha"] = alpha
             # DDP averages gradients only on the last micro-step
             sync = model.no_sync() if world_size > 1 and micro < cfg.grad_accum - 1 else nullcontext()
@@ -507,9 +589,15 @@ def train(cfg, ckpt=None, init=None):
             logger.log(step=step, lr=lr, alpha=alpha, samples_per_s=speed, time_s=time.time() - t_start, **values)
             pbar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.1e}", samples_s=f"{speed:.0f}")
     pbar.close()
+    changed = [n for n, p in raw_model.named_parameters() if n in frozen and not torch.equal(p, frozen[n])]
+    if changed:
+        raise RuntimeError(f"--stage {cfg.stage} changed frozen parameters: {', '.join(changed)}")
     if master:
         metrics = run_eval()
         metrics.update(step=step, train_time_s=time.time() - t_start)
+        if prompt:
+            metrics.update(trainable_params=sum(trainable.values()),
+                           **{f"zeroshot_{k}": zero_shot[k] for k in ("miou", "fg_iou", "ap50")})
         write_json(os.path.join(cfg.out_dir, "eval.json"), metrics)
         logger.log(kind="eval", **metrics)
         for k, v in metrics.items():
@@ -519,31 +607,71 @@ def train(cfg, ckpt=None, init=None):
     return metrics if master else None
 
 
-def main(argv=None):
-    preset, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    changes = stage_overrides(preset, overrides)
-    cfg = apply_overrides(PRESETS[preset], changes)
-    if cfg.stage not in ("pretrain", "instruct"):
-        raise SystemExit(f"--stage {cfg.stage} is not built yet; --stage pretrain and --stage instruct run")
-    if cfg.stage != "pretrain" and not (cfg.init_from or cfg.resume):
-        raise SystemExit(f"--stage {cfg.stage} starts from a pretrained checkpoint: give --init_from PATH")
-    ckpt = init = None
+def start_state(cfg, changes, overrides):
+    """(config, checkpoint to resume or None, checkpoint to start from or None) of a run."""
     if cfg.resume:
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         if not os.path.exists(path):
             raise SystemExit(f"--resume: no checkpoint at {path}")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         # the run continues with its own config; flags given now (say a larger max_iters) still apply
-        cfg = apply_overrides(config_from_dict(ckpt["config"]), overrides)
-    elif cfg.init_from:
-        if not os.path.exists(cfg.init_from):
-            raise SystemExit(f"--init_from: no checkpoint at {cfg.init_from}")
-        init = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
-        # the architecture comes with the weights; what the stage and the flags set on the model still applies
-        known = config_fields()
-        cfg.model = apply_overrides(config_from_dict({**asdict(cfg), "model": init["config"]["model"]}),
-                                    {k: v for k, v in changes.items() if known[k][0] == "model"}).model
-    return train(cfg, ckpt, init)
+        return apply_overrides(config_from_dict(ckpt["config"]), overrides), ckpt, None
+    if not cfg.init_from:
+        return cfg, None, None
+    if not os.path.exists(cfg.init_from):
+        raise SystemExit(f"--init_from: no checkpoint at {cfg.init_from}")
+    init = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+    # the architecture comes with the weights; what the stage and the flags set on the model still applies
+    known = config_fields()
+    cfg.model = apply_overrides(config_from_dict({**asdict(cfg), "model": init["config"]["model"]}),
+                                {k: v for k, v in changes.items() if known[k][0] == "model"}).model
+    return cfg, None, init
+
+
+def prompt_stage(cfg, changes, overrides):
+    """The prompt stage: one run per K-shot sample (shot_seed 0..shot_seeds-1) in
+    out_dir/seed<k>, then out_dir/eval.json with each metric's mean and standard deviation
+    (<key>_std, n - 1 in the denominator) over the samples. --resume keeps finished samples
+    and resumes or starts the others."""
+    results = []
+    for k in range(cfg.shot_seeds):
+        run = {"out_dir": os.path.join(cfg.out_dir, f"seed{k}"), "shot_seed": k}
+        finished = os.path.join(run["out_dir"], "eval.json")
+        if cfg.resume and os.path.exists(finished):
+            with open(finished) as f:
+                results.append(json.load(f))
+            continue
+        if cfg.resume and not os.path.exists(os.path.join(run["out_dir"], "ckpt.pt")):
+            run["resume"] = False
+            if not cfg.init_from:
+                raise SystemExit(f"--resume: shot sample {k} has not started; give --init_from PATH to start it")
+        print(f"--- shot sample {k + 1} of {cfg.shot_seeds}")
+        results.append(train(*start_state(apply_overrides(cfg, run), {**changes, **run}, {**overrides, **run})))
+    keys = [k for k, v in results[0].items() if isinstance(v, float)]
+    summary = {"shot_seeds": len(results), "shots": cfg.shots}
+    for key in keys:
+        values = np.array([r[key] for r in results])
+        summary[key] = float(values.mean())
+        summary[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    summary["trainable_params"] = results[0]["trainable_params"]
+    write_json(os.path.join(cfg.out_dir, "eval.json"), summary)
+    print(f"over {len(results)} shot samples of {cfg.shots} shots per class (mean +- std):")
+    for key in keys:
+        print(f"{key:32s} {summary[key]:.4f} +- {summary[key + '_std']:.4f}")
+    return summary
+
+
+def main(argv=None):
+    preset, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    changes = stage_overrides(preset, overrides)
+    cfg = apply_overrides(PRESETS[preset], changes)
+    if cfg.stage not in ("pretrain", "instruct", "prompt"):
+        raise SystemExit(f"--stage {cfg.stage} is not built yet; --stage pretrain, instruct and prompt run")
+    if cfg.stage != "pretrain" and not (cfg.init_from or cfg.resume):
+        raise SystemExit(f"--stage {cfg.stage} starts from a pretrained checkpoint: give --init_from PATH")
+    if cfg.stage == "prompt":
+        return prompt_stage(cfg, changes, overrides)
+    return train(*start_state(cfg, changes, overrides))
 
 
 if __name__ == "__main__":
