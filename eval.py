@@ -505,6 +505,18 @@ ABLATION_ROWS = {
 }
 
 
+# the prompt stage's rows (each trains shot_seeds runs; the zero-shot row is their no-prompt evaluation)
+PROMPT_ROWS = {
+    "text-only": dict(text_prompt_depth=4, image_prompt_depth=0, couple=False),
+    "image-only": dict(text_prompt_depth=0, image_prompt_depth=4, couple=False),
+    "uncoupled": dict(text_prompt_depth=4, image_prompt_depth=4, couple=False),
+    "coupled-J1": dict(text_prompt_depth=1, image_prompt_depth=1, couple=True),
+    "coupled-J3": dict(text_prompt_depth=3, image_prompt_depth=3, couple=True),
+    "coupled-J4": dict(text_prompt_depth=4, image_prompt_depth=4, couple=True),
+    "coupled-J4-one-layer": dict(text_prompt_depth=4, image_prompt_depth=4, couple=True, dense_layers="4"),
+}
+
+
 # the instruct stage's rows: each changes one thing of the default (two passes, keep_ratio 0.5,
 # modality dropping, the relation encoder, the mlp converter)
 _INSTRUCT_BASE = dict(two_pass=True, keep_ratio=0.5, drop_instruction=0.1, drop_images=0.1, drop_relation=0.1,
@@ -537,20 +549,20 @@ def run_ablation(args, train_args):
     import subprocess
     import sys
     import time
-    instruct = args.stage == "instruct"
-    table = INSTRUCT_ROWS if instruct else ABLATION_ROWS
+    instruct, prompt = args.stage == "instruct", args.stage == "prompt"
+    table = {"instruct": INSTRUCT_ROWS, "prompt": PROMPT_ROWS}.get(args.stage, ABLATION_ROWS)
     names = args.rows.split(",") if args.rows else list(table)
     unknown = [n for n in names if n not in table]
     if unknown:
         raise SystemExit(f"unknown ablation rows {unknown}; rows: {', '.join(table)}")
-    if instruct and not any(a.startswith("--init_from") for a in train_args):
-        raise SystemExit("--stage instruct: give the pretrained checkpoint every row starts from, --init_from=PATH")
+    if args.stage != "pretrain" and not any(a.startswith("--init_from") for a in train_args):
+        raise SystemExit(f"--stage {args.stage}: give the pretrained checkpoint every row starts from, --init_from=PATH")
     os.makedirs(args.ablation_dir, exist_ok=True)
     results = {}
     for name in names:
         out = os.path.join(args.ablation_dir, name.replace("+", "_"))
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--config", args.config,
-               f"--out_dir={out}", "--stage=instruct" if instruct else f"--train_split={args.train_split}",
+               f"--out_dir={out}", f"--stage={args.stage}" if args.stage != "pretrain" else f"--train_split={args.train_split}",
                f"--eval_interval={10 ** 9}", *([f"--max_iters={args.max_iters}"] if args.max_iters else []),
                *[f"--{k}={v}" for k, v in table[name].items()], *train_args]
         print(f"[{name}] " + " ".join(cmd[1:]), flush=True)
@@ -559,7 +571,8 @@ def run_ablation(args, train_args):
             raise SystemExit(f"ablation row {name} failed: {' '.join(cmd)}")
         with open(os.path.join(out, "eval.json")) as f:
             metrics = json.load(f)
-        with open(os.path.join(out, "log.jsonl")) as f:
+        log = os.path.join(out, "seed0" if prompt else "", "log.jsonl")
+        with open(log) as f:
             speeds = [json.loads(line)["samples_per_s"] for line in f if "samples_per_s" in line]
         metrics.update(wall_time_s=round(time.time() - t0), samples_per_s=round(float(np.median(speeds))) if speeds else None)
         results[name] = metrics
@@ -567,10 +580,16 @@ def run_ablation(args, train_args):
             if k not in ("step", "train_time_s", "wall_time_s", "samples_per_s")]
     steps = ", ".join(sorted({str(m.get("step")) for m in results.values()}))
     command = (f"python eval.py --ablation --config {args.config} "
-               f"{'--stage=instruct' if instruct else f'--train_split={args.train_split}'}"
+               f"{f'--stage={args.stage}' if args.stage != 'pretrain' else f'--train_split={args.train_split}'}"
                f"{f' --max_iters={args.max_iters}' if args.max_iters else ''}{' ' + ' '.join(train_args) if train_args else ''}")
     text = f"Ablation: `{command}`; {steps} steps per row, the same seed.\n\nVal split:\n\n"
-    if instruct:  # the majority-answer baseline as a row of its own
+    if prompt:  # zero-shot (no prompts, nothing trained) as a row of its own
+        zero = {k[len("zeroshot_"):]: v for k, v in next(iter(results.values())).items() if k.startswith("zeroshot_")}
+        rows = {"zero-shot": {**zero, "trainable_params": 0}, **results}
+        text += markdown_table(rows, ["miou", "miou_std", "ap50", "ap50_std", "fg_iou", "miou_bilinear", "ap50_bilinear",
+                                      "iou_star", "iou_heart", "iou_moon", "trainable_params", "step",
+                                      "train_time_s", "wall_time_s"])
+    elif instruct:  # the majority-answer baseline as a row of its own
         majority = {k.replace("majority", "acc"): v for k, v in next(iter(results.values())).items() if "majority" in k}
         rows = {**results, "majority answer": majority}
         text += markdown_table(rows, [k for k in keys if "majority" not in k] + ["wall_time_s", "samples_per_s"])
@@ -595,10 +614,12 @@ def main():
     parser.add_argument("--rerank_k", type=int, default=8, help="ITM re-ranks the top k of ITC retrieval")
     ab = parser.add_argument_group("ablation (--ablation; any other --key=value goes to every train.py run)")
     ab.add_argument("--ablation", action="store_true", help="train and evaluate the objective subsets, write a table")
-    ab.add_argument("--stage", default="pretrain", choices=("pretrain", "instruct"),
-                    help="pretrain: the objective subsets; instruct: the two-pass rows (give --init_from=PATH)")
+    ab.add_argument("--stage", default="pretrain", choices=("pretrain", "instruct", "prompt"),
+                    help="pretrain: the objective subsets; instruct: the two-pass rows; prompt: the prompt rows "
+                         "(give --init_from=PATH)")
     ab.add_argument("--rows", default="", help=f"comma-separated subset of: {', '.join(ABLATION_ROWS)}; "
-                                               f"with --stage instruct: {', '.join(INSTRUCT_ROWS)}")
+                                               f"with --stage instruct: {', '.join(INSTRUCT_ROWS)}; "
+                                               f"with --stage prompt: {', '.join(PROMPT_ROWS)}")
     ab.add_argument("--config", default="small")
     ab.add_argument("--train_split", default="train", help="'train' (clean) or 'web' (noisy captions)")
     ab.add_argument("--max_iters", type=int, default=0, help="steps per row (default: the preset's)")
@@ -614,7 +635,11 @@ def main():
     except FileNotFoundError as e:
         raise SystemExit(str(e))
     ds = data.Dataset(args.data or ckpt["data_path"])
-    if model.cfg.instruct:
+    if model.cfg.prompt:
+        names = ckpt["config"]["classes"].split(",")
+        metrics = evaluate_prompt(model, ds, args.device, names,
+                                  data.class_prompt_tokens(ds.tokenizer, names, model.cfg.prompt_init, model.cfg.context_length))
+    elif model.cfg.instruct:
         metrics = evaluate_instruct(model, ds, args.device)
     else:
         metrics = evaluate(model, ds, args.device, rerank_k=args.rerank_k)

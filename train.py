@@ -119,7 +119,7 @@ STAGE_PRESETS = {
                      weight_decay=0.0, prompt=True, momentum_alpha=0.0, text_prompt_depth=2, image_prompt_depth=2,
                      dense_layers="1,2"),
         "small": dict(max_iters=300, warmup_iters=10, lr=5e-3, min_lr=5e-4, weight_decay=0.0, eval_interval=10 ** 9,
-                      stop_loss=0.1, prompt=True, momentum_alpha=0.0),
+                      stop_loss=0.1, prompt=True, momentum_alpha=0.0, text_prompt_depth=4, image_prompt_depth=4),
         "base": dict(max_iters=1000, warmup_iters=50, lr=3.5e-3, min_lr=3.5e-4, weight_decay=0.0, eval_interval=10 ** 9,
                      stop_loss=0.1, prompt=True, momentum_alpha=0.0, text_prompt_depth=9, image_prompt_depth=9,
                      dense_layers="8,10,12"),
@@ -647,7 +647,7 @@ def prompt_stage(cfg, changes, overrides):
                 raise SystemExit(f"--resume: shot sample {k} has not started; give --init_from PATH to start it")
         print(f"--- shot sample {k + 1} of {cfg.shot_seeds}")
         results.append(train(*start_state(apply_overrides(cfg, run), {**changes, **run}, {**overrides, **run})))
-    keys = [k for k, v in results[0].items() if isinstance(v, float)]
+    keys = [k for k, v in results[0].items() if isinstance(v, (int, float)) and k != "trainable_params"]
     summary = {"shot_seeds": len(results), "shots": cfg.shots}
     for key in keys:
         values = np.array([r[key] for r in results])
