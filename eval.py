@@ -5,6 +5,7 @@ split and on the test images that show held-out colour-shape pairs.
     python eval.py --ckpt out/ckpt.pt            # prints the metrics, writes out/eval.json
     python eval.py --ablation --train_split=web  # trains each objective subset, writes a table
     python eval.py --ablation --stage=instruct --init_from=out/ckpt.pt   # the two-pass rows
+    python eval.py --ablation --stage=prompt --init_from=out/ckpt.pt     # the prompt rows, 3 shot samples each
 
 Protocols (shapes world):
 - Retrieval. The gallery is every caption of every image of the split (C per image). Many
@@ -36,6 +37,12 @@ Protocols (shapes world):
   type's majority-answer baseline; the same with the instruction, the images or the relation
   tokens hidden from the answering pass; forward FLOPs per set (VLM.instruct_flops) and the
   median latency of answering one set alone.
+- Few-shot detection (a checkpoint of the prompt stage). On every novel_val image, the
+  class map (model.detect) against the true one, in which a shape not named is background:
+  IoU per named class with the pixel counts summed over the split, their mean (miou) and
+  the IoU of any named class against background (fg_iou); box AP at IoU 0.5 of the anchor
+  generator's boxes against the world's true boxes (ap50, all-point interpolation); the
+  same without the edge refinement (*_bilinear).
 """
 
 import argparse
@@ -582,7 +589,8 @@ def run_ablation(args, train_args):
     command = (f"python eval.py --ablation --config {args.config} "
                f"{f'--stage={args.stage}' if args.stage != 'pretrain' else f'--train_split={args.train_split}'}"
                f"{f' --max_iters={args.max_iters}' if args.max_iters else ''}{' ' + ' '.join(train_args) if train_args else ''}")
-    text = f"Ablation: `{command}`; {steps} steps per row, the same seed.\n\nVal split:\n\n"
+    split = "novel_val, the mean and std over each row's shot samples" if prompt else "Val split"
+    text = f"Ablation: `{command}`; {steps} steps per row, the same seed.\n\n{split}:\n\n"
     if prompt:  # zero-shot (no prompts, nothing trained) as a row of its own
         zero = {k[len("zeroshot_"):]: v for k, v in next(iter(results.values())).items() if k.startswith("zeroshot_")}
         rows = {"zero-shot": {**zero, "trainable_params": 0}, **results}

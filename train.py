@@ -3,6 +3,7 @@ Train a nanoVLP model.
 
     python train.py --config small                        # one CPU or GPU
     python train.py --config tiny --max_iters=50          # any field can be overridden
+    python train.py --config small --stage prompt --init_from out/ckpt.pt   # a later stage, from a pretrained run
     torchrun --standalone --nproc_per_node=8 train.py --config base   # DDP on 8 GPUs
 
 Every field of TrainConfig below, of VLMConfig (model.py) and of WorldConfig (data.py) is a
