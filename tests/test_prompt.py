@@ -267,3 +267,13 @@ def test_sample_detect_writes_an_overlay(prompt_run, tiny_world, tmp_path):
     assert "wrote" in res.stdout
     bad = run_sample("--ckpt", os.path.join(out, "seed0", "ckpt.pt"), "detect", str(tmp_path / "missing.png"))
     assert bad.returncode != 0 and "missing.png" in bad.stderr
+
+
+def test_prompt_stage_stops_when_the_loss_is_under_the_threshold(tiny_run, world_root, tmp_path):
+    args = ["--config", "tiny", "--stage", "prompt", f"--init_from={tiny_run}/ckpt.pt", f"--data_dir={world_root}",
+            "--shot_seeds=1", "--max_iters=50"]
+    stopped = train.main(args + [f"--out_dir={tmp_path / 'a'}", "--stop_loss=100"])
+    assert stopped["step"] == 1  # any loss is under 100: one step, then stop
+    full = train.main(args + [f"--out_dir={tmp_path / 'b'}", "--stop_loss=0", "--max_iters=3"])
+    assert full["step"] == 3
+    assert torch.load(tmp_path / "a" / "seed0" / "ckpt.pt", weights_only=True)["step"] == 1
