@@ -725,12 +725,17 @@ class Dataset:
         """Class maps (B, S, S) of images idx as indices into ['background', *names]: a pixel
         of a class not named is background. Raises on a name the dataset does not have."""
         known = self.class_names()
+        lut = np.zeros(len(known), np.int64)
+        lut[self.class_values(names)] = np.arange(1, len(names) + 1)
+        return lut[self.array(split, "classmap")[np.asarray(idx)]]
+
+    def class_values(self, names):
+        """The class-map value of each name; raises on a name the dataset does not have."""
+        known = self.class_names()
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ValueError(f"{self.path} has no class {', '.join(map(repr, unknown))}; it has {', '.join(known[1:])}")
-        lut = np.zeros(len(known), np.int64)
-        lut[[known.index(n) for n in names]] = np.arange(1, len(names) + 1)
-        return lut[self.array(split, "classmap")[np.asarray(idx)]]
+        return [known.index(n) for n in names]
 
     def shots(self, split, names, k, seed):
         """K-shot sampling: for each named class, k images of split showing it, drawn at random
@@ -739,8 +744,7 @@ class Dataset:
         rng = np.random.default_rng(seed)
         taken = np.zeros(len(classmap), bool)
         out = []
-        for name in names:
-            value = self.class_names().index(name)
+        for name, value in zip(names, self.class_values(names)):
             has = (classmap == value).any(axis=(1, 2)) & ~taken
             if has.sum() < k:
                 raise ValueError(f"{split} of {self.path} has {has.sum()} images of {name!r} left, fewer than {k} shots")

@@ -653,7 +653,11 @@ def main():
         metrics = evaluate(model, ds, args.device, rerank_k=args.rerank_k)
     for k, v in metrics.items():
         print(f"{k:32s} {v:.4f}")
-    write_json(args.out or os.path.join(os.path.dirname(args.ckpt), "eval.json"), metrics)
+    out = args.out or os.path.join(os.path.dirname(args.ckpt), "eval.json")
+    if os.path.exists(out):  # keep what the training run wrote besides (its step, time, zero-shot numbers)
+        with open(out) as f:
+            metrics = {**json.load(f), **metrics}
+    write_json(out, metrics)
 
 
 if __name__ == "__main__":

@@ -248,14 +248,15 @@ class VisionTransformer(nn.Module):
     def forward(self, pixels, prompts=()):
         """pixels (B, 3, H, W) normalised -> tokens (B, 1 + n_patches, w) after ln_post,
         the class token first. prompts: image prompt vectors (see hidden_states)."""
-        return self.ln_post(self.hidden_states(pixels, prompts)[-1])
+        return self.ln_post(self.hidden_states(pixels, prompts, last_only=True)[-1])
 
-    def hidden_states(self, pixels, prompts=()):
+    def hidden_states(self, pixels, prompts=(), last_only=False):
         """The class and patch tokens after each block: a list of (B, 1 + n_patches, w), before
         ln_post. prompts: a sequence of (n, w) image prompt vectors, one per layer from the
         first (MaPLe): the first is appended after the patch tokens (before ln_pre), each later
         one replaces the previous block's outputs at those n positions; the patches attend to
-        them, the outputs leave them out. No prompts: the plain ViT."""
+        them, the outputs leave them out. No prompts: the plain ViT. last_only: the last
+        block's alone (the others are not held on to)."""
         x = self.conv1(pixels).flatten(2).transpose(1, 2)  # (B, P, w)
         cls = self.class_embedding.expand(x.size(0), 1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding
@@ -268,7 +269,8 @@ class VisionTransformer(nn.Module):
             if 0 < i < len(prompts):
                 x = splice(x, L, prompts[i])
             x = block(x)
-            states.append(x[:, :L])
+            if not last_only or i == len(self.blocks) - 1:
+                states.append(x[:, :L])
         return states
 
 
@@ -1207,7 +1209,7 @@ class VLM(nn.Module):
         for layer in layers:
             x = F.normalize(self.visual.proj(self.visual.ln_post(states[layer - 1][:, 1:])), dim=-1)  # (B, P, D)
             maps.append((x @ class_emb.t().to(x.dtype)).transpose(1, 2).unflatten(2, (g, g)))
-        maps = torch.stack(maps) * self.logit_scale.exp()
+        maps = torch.stack(maps) * self.logit_scale.exp().clamp(max=100)
         weights = self.prompt.fusion.softmax(0) if prompted else maps.new_ones(1)
         return (weights.view(-1, 1, 1, 1, 1).to(maps.dtype) * maps).sum(0), maps
 

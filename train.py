@@ -55,8 +55,8 @@ class TrainConfig:
     # the prompt stage (M12): few-shot detection of named classes on the frozen model
     classes: str = ""  # comma-separated class names; default the dataset's novel classes
     shots: int = 16  # K: training images per class, all of them in every step
-    shot_seed: int = 0  # which K-shot sample a run trains on
-    shot_seeds: int = 3  # the stage runs shot samples 0..n-1 (out_dir/seed<k>); out_dir/eval.json: mean and std
+    shot_seed: int = 0  # the first K-shot sample the stage trains on
+    shot_seeds: int = 3  # the stage runs samples shot_seed.. of them (out_dir/seed<k>); out_dir/eval.json: mean and std
     stop_loss: float = 0.0  # stop as soon as the training loss is under this (0: run max_iters steps)
     augment: bool = True  # shift by whole patches, mirror and permute the colour channels of the shots
     # data
@@ -491,7 +491,12 @@ def train(cfg, ckpt=None, init=None):
         cfg.classes = cfg.classes or ",".join(ds.meta.get("novel_shapes", []))
         if not cfg.classes:
             raise SystemExit(f"--stage prompt: {ds.path} names no novel classes; give --classes=a,b,...")
-    model = VLM(cfg.model)
+    if cfg.stop_loss > 0 and world_size > 1:
+        raise SystemExit("--stop_loss decides on one process's loss: run it as one process")
+    try:
+        model = VLM(cfg.model)
+    except ValueError as e:  # a model flag that does not fit (prompt depths, dense layers, ...)
+        raise SystemExit(f"--stage {cfg.stage}: {e}") from None
     if uses_electra(cfg.model):
         model.codebook.copy_(torch.from_numpy(ds.codebook(cfg.model.patch_size, cfg.model.n_codes)))
     if init is not None:
@@ -543,7 +548,7 @@ def train(cfg, ckpt=None, init=None):
         zero_shot = run_eval(prompted=False)
         print(f"zero-shot (no prompts): mIoU {zero_shot['miou']:.3f}, AP50 {zero_shot['ap50']:.3f}")
 
-    samples_per_step = cfg.batch_size * cfg.grad_accum * world_size
+    samples_per_step = n_train if prompt else cfg.batch_size * cfg.grad_accum * world_size
     steps_per_epoch = max(1, n_train // samples_per_step)
     pbar = tqdm(total=cfg.max_iters, initial=step, disable=not master, dynamic_ncols=True, desc=cfg.stage)
     t_start = t_log = time.time()
@@ -555,7 +560,7 @@ def train(cfg, ckpt=None, init=None):
             logger.log(step=step, kind="eval", **metrics)
             pbar.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()
                                                      if k.endswith(("r1", "acc", "miou", "ap50"))))
-        done = step >= cfg.max_iters or (step > start_step and losses["loss"].item() < cfg.stop_loss)
+        done = step >= cfg.max_iters or (cfg.stop_loss > 0 and step > start_step and losses["loss"].item() < cfg.stop_loss)
         if master and step > start_step and (step % cfg.ckpt_interval == 0 or done):
             save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), raw_model, optimizer, scaler, step, cfg, ds)
         if done:
@@ -630,26 +635,31 @@ def start_state(cfg, changes, overrides):
 
 
 def prompt_stage(cfg, changes, overrides):
-    """The prompt stage: one run per K-shot sample (shot_seed 0..shot_seeds-1) in
-    out_dir/seed<k>, then out_dir/eval.json with each metric's mean and standard deviation
-    (<key>_std, n - 1 in the denominator) over the samples. --resume keeps finished samples
-    and resumes or starts the others."""
+    """The prompt stage: one run per K-shot sample k = shot_seed .. shot_seed + shot_seeds - 1
+    in out_dir/seed<k>, then out_dir/eval.json with each metric's mean and standard deviation
+    (<key>_std, n - 1 in the denominator) over the samples (the steps taken: their most).
+    --resume keeps finished samples (an eval.json written by their training run) and resumes
+    or starts the others."""
+    if cfg.shot_seeds < 1:
+        raise SystemExit(f"--shot_seeds must be at least 1, got {cfg.shot_seeds}")
     results = []
-    for k in range(cfg.shot_seeds):
+    for k in range(cfg.shot_seed, cfg.shot_seed + cfg.shot_seeds):
         run = {"out_dir": os.path.join(cfg.out_dir, f"seed{k}"), "shot_seed": k}
         finished = os.path.join(run["out_dir"], "eval.json")
         if cfg.resume and os.path.exists(finished):
             with open(finished) as f:
-                results.append(json.load(f))
-            continue
+                result = json.load(f)
+            if "trainable_params" in result:  # eval.py alone does not mark a sample finished
+                results.append(result)
+                continue
         if cfg.resume and not os.path.exists(os.path.join(run["out_dir"], "ckpt.pt")):
             run["resume"] = False
             if not cfg.init_from:
                 raise SystemExit(f"--resume: shot sample {k} has not started; give --init_from PATH to start it")
-        print(f"--- shot sample {k + 1} of {cfg.shot_seeds}")
+        print(f"--- shot sample {k} ({k - cfg.shot_seed + 1} of {cfg.shot_seeds})")
         results.append(train(*start_state(apply_overrides(cfg, run), {**changes, **run}, {**overrides, **run})))
-    keys = [k for k, v in results[0].items() if isinstance(v, (int, float)) and k != "trainable_params"]
-    summary = {"shot_seeds": len(results), "shots": cfg.shots}
+    keys = [k for k, v in results[0].items() if isinstance(v, float)]
+    summary = {"shot_seeds": len(results), "shots": cfg.shots, "step": max(r["step"] for r in results)}
     for key in keys:
         values = np.array([r[key] for r in results])
         summary[key] = float(values.mean())

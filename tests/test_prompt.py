@@ -4,6 +4,8 @@ checked bit for bit after a run of the stage."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import train
 from eval import average_precision, box_iou, class_iou_counts
 from model import VLM, VLMConfig, anchor_boxes, patch_targets, refine_masks
 from test_model import CFG, captions
+from conftest import ROOT
 from test_sample_eval import run_sample
 
 PCFG = VLMConfig(**{**CFG.__dict__, "prompt": True, "n_ctx": 3, "text_prompt_depth": 2, "image_prompt_depth": 2,
@@ -250,6 +253,12 @@ def test_prompt_stage_trains_only_prompts_and_leaves_the_backbone_bit_identical(
 
 def test_prompt_stage_resume_keeps_finished_samples(prompt_run, world_root):
     out, summary = prompt_run
+    # evaluating a sample's checkpoint on its own keeps what its training run wrote
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--ckpt", os.path.join(out, "seed0", "ckpt.pt")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr
+    with open(os.path.join(out, "seed0", "eval.json")) as f:
+        assert {"miou", "ap50", "trainable_params", "zeroshot_miou", "step"} <= set(json.load(f))
     again = train.main(["--config", "tiny", "--stage", "prompt", f"--out_dir={out}", f"--data_dir={world_root}",
                         "--resume"])
     assert again["miou"] == summary["miou"] and again["ap50"] == summary["ap50"]
