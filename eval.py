@@ -439,8 +439,7 @@ def average_precision(detections, truths, classes, threshold=0.5):
 def true_boxes(ds, split, idx, names):
     """The true boxes of the named classes in images idx: per image a list of (class, x0, y0,
     x1, y1), class an index into ['background', *names]. From the world's object records."""
-    known = ds.class_names()
-    lookup = {known.index(n) - 1: c for c, n in enumerate(names, 1)}  # objects record the shape index
+    lookup = {value - 1: c for c, value in enumerate(ds.class_values(names), 1)}  # objects record the shape index
     return [[(lookup[o[0]], *map(int, o[3:7])) for o in rows if o[0] >= 0 and o[0] in lookup]
             for rows in ds.array(split, "objects")[np.asarray(idx)]]
 

@@ -1213,17 +1213,6 @@ class VLM(nn.Module):
         weights = self.prompt.fusion.softmax(0) if prompted else maps.new_ones(1)
         return (weights.view(-1, 1, 1, 1, 1).to(maps.dtype) * maps).sum(0), maps
 
-    def segment(self, pixels, class_tokens, prompted=True, refine_iters=None):
-        """The fused alignment scores upsampled (bilinear) to the image, (B, C, H, W), and the
-        class probabilities of every pixel: their softmax, refined along the image's edges by
-        refine_iters steps of refine_masks (default the config's; 0: none). Training and
-        detection read the same probabilities."""
-        fused, _ = self.score_maps(pixels, self.class_embeddings(class_tokens, prompted), prompted)
-        scores = F.interpolate(fused, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-        probs = fp32(scores).softmax(1)
-        iters = self.cfg.refine_iters if refine_iters is None else refine_iters
-        return scores, refine_masks(fp32(pixels), probs, iters) if iters > 0 else probs
-
     def prompt_losses(self, pixels, target, class_tokens):
         """pixels (B, 3, H, W) normalised, target (B, H, W) the class of every pixel (0:
         background), class_tokens (C, T) -> {'ce', 'dice' (with dice_weight), 'loss'}: the
@@ -1243,9 +1232,15 @@ class VLM(nn.Module):
         return out
 
     @torch.no_grad()
-    def detect(self, pixels, class_tokens, prompted=True, refine_iters=None):
-        """The per-pixel class map (B, H, W), the argmax of the class probabilities (segment);
-        the upsampled scores (B, C, H, W); and the anchor generator's boxes."""
-        scores, probs = self.segment(pixels, class_tokens, prompted, refine_iters)
+    def detect(self, pixels, class_tokens, prompted=True):
+        """The per-pixel class map (B, H, W): the fused scores upsampled (bilinear) to the
+        image, their softmax refined along the image's edges by refine_iters steps of
+        refine_masks (0: none), the argmax. Also the upsampled scores (B, C, H, W) and the
+        anchor generator's boxes."""
+        fused, _ = self.score_maps(pixels, self.class_embeddings(class_tokens, prompted), prompted)
+        scores = fp32(F.interpolate(fused, size=pixels.shape[-2:], mode="bilinear", align_corners=False))
+        probs = scores.softmax(1)
+        if self.cfg.refine_iters > 0:
+            probs = refine_masks(fp32(pixels), probs, self.cfg.refine_iters)
         classmap = probs.argmax(1)
         return classmap, scores, anchor_boxes(classmap, scores, self.cfg.min_box_area)

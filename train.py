@@ -418,17 +418,18 @@ def prompt_batches(cfg, ds, raw_model, device, rank, world_size):
         raise SystemExit(f"--stage prompt: {e}") from None
     images = torch.from_numpy(np.array(ds.array("novel_train", "images")[idx])).to(device)
     tokens = to_long(class_rows(ds, cfg), device)
-    g, p = cfg.model.image_size // cfg.model.patch_size, cfg.model.patch_size
+    S, p = cfg.model.image_size, cfg.model.patch_size
+    n, pos = len(idx), np.arange(S)
 
     def get_batch(micro_step):
         x, t = images, target
-        if cfg.augment:
+        if cfg.augment:  # one gather: output pixel (i, j) reads ((i - dy) % S, (j' - dx) % S), j' mirrored or not
             rng = np.random.default_rng([cfg.seed, cfg.shot_seed, micro_step])
-            shifts, flips = rng.integers(g, size=(len(x), 2)) * p, rng.random(len(x)) < 0.5
-            x = torch.stack([xi.roll(tuple(s), (0, 1)) for xi, s in zip(x, shifts.tolist())])
-            t = torch.stack([ti.roll(tuple(s), (0, 1)) for ti, s in zip(t, shifts.tolist())])
-            flip = torch.from_numpy(flips).to(device)[:, None, None]
-            x, t = torch.where(flip[..., None], x.flip(2), x), torch.where(flip, t.flip(2), t)
+            shifts, flips = rng.integers(S // p, size=(n, 2)) * p, rng.random(n) < 0.5
+            rows = (pos[None] - shifts[:, :1]) % S
+            cols = (np.where(flips[:, None], S - 1 - pos[None], pos[None]) - shifts[:, 1:]) % S
+            b, r, c = (torch.from_numpy(a).to(device) for a in (np.arange(n)[:, None, None], rows[:, :, None], cols[:, None]))
+            x, t = x[b, r, c], t[b, r, c]
             x = x[..., torch.from_numpy(rng.permutation(3)).to(device)]
         return dict(stage="prompt", pixels=raw_model.normalize_pixels(x), target=t, class_tokens=tokens)
     return get_batch, len(idx)
