@@ -10,7 +10,9 @@ A prepared dataset is a directory:
     {split}.scene.npy          (N,) int64 id of the scene each image shows (see scene_id)
     {split}.objects.npy        (N, 3, 7) int16 shape, colour, size, x0, y0, x1, y1 (-1: none)
     {split}.classmap.npy       (N, S, S) uint8 per-pixel class: 0 background, 1 + shape index
-and, for some splits, extra arrays (web corruption, held-out flags, multi-image questions).
+and, for some splits, extra arrays (web corruption, held-out flags, multi-image questions;
+in a set cleaned by CapFilt (train.py --stage capfilt), each caption slot's source and each
+image's index in the split it came from).
 Every array is opened with np.load(mmap_mode='r'): a batch is one fancy-indexed slice.
 """
 
@@ -375,14 +377,26 @@ def get_tokenizer(kind, bpe_text=None):
     raise ValueError(f"unknown tokenizer {kind!r}: expected 'bpe' or 'gpt2'")
 
 
-def encode_texts(enc, texts, length):
-    """(n, length) int32: <bos> tokens <eos> <pad>... . Raises if a text does not fit."""
+def encode_checked(enc, texts, length):
+    """(tokens (n, length) int32 rows <bos> tokens <eos> <pad>..., problems): problems[i] is
+    '' for a good text, 'empty' for one of only white space (encoded all the same) and
+    'too long' for one of more than length - 2 tokens (its row left all <pad>)."""
     bos, eos, pad = (enc.encode_single_token(t) for t in (BOS, EOS, PAD))
     out = np.full((len(texts), length), pad, np.int32)
+    problems = []
     for i, ids in enumerate(enc.encode_ordinary_batch(list(texts))):
-        if len(ids) + 2 > length:
-            raise ValueError(f"text of {len(ids)} tokens does not fit a context of {length}: {texts[i]!r}")
-        out[i, 0], out[i, 1:len(ids) + 1], out[i, len(ids) + 1] = bos, ids, eos
+        problems.append("too long" if len(ids) + 2 > length else "" if texts[i].strip() else "empty")
+        if problems[-1] != "too long":
+            out[i, 0], out[i, 1:len(ids) + 1], out[i, len(ids) + 1] = bos, ids, eos
+    return out, problems
+
+
+def encode_texts(enc, texts, length):
+    """(n, length) int32: <bos> tokens <eos> <pad>... . Raises if a text does not fit."""
+    out, problems = encode_checked(enc, texts, length)
+    for text, problem in zip(texts, problems):
+        if problem == "too long":
+            raise ValueError(f"text of {len(enc.encode_ordinary(text))} tokens does not fit a context of {length}: {text!r}")
     return out
 
 
@@ -587,6 +601,42 @@ def gen_novel(rng, n, S, grid):
     return {key: np.stack(value) for key, value in arrays.items()}
 
 
+def write_dataset(path, splits, meta, bpe_text=None, copy_from=None, copy_splits=(), replace=False):
+    """Write a prepared dataset: every array of splits ({split: {key: array}}) as
+    {split}.{key}.npy, the arrays of copy_splits copied from the dataset copy_from (not their
+    visual codes: a codebook belongs to its own train split), the tokenizer file (bpe_text)
+    and meta.json (meta, with the size of every split). It is written to a temporary
+    directory renamed into place, so a killed writer leaves nothing half-written. A dataset
+    already at path is replaced, or with replace False kept (another process was first)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if bpe_text is not None:
+        with open(os.path.join(tmp, "tokenizer.tiktoken"), "w") as f:
+            f.write(bpe_text)
+    sizes = {}
+    for name, arrays in splits.items():
+        sizes[name] = len(arrays["sets"] if "sets" in arrays else arrays["images"])
+        for key, arr in arrays.items():
+            np.save(os.path.join(tmp, f"{name}.{key}.npy"), arr)
+    for name in copy_splits:
+        sizes[name] = copy_from.split_size(name)
+        for file in sorted(os.listdir(copy_from.path)):
+            if file.startswith(name + ".") and file.endswith(".npy") and not file.startswith(f"{name}.codes-"):
+                shutil.copyfile(os.path.join(copy_from.path, file), os.path.join(tmp, file))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(dict(meta, splits=sizes), f, indent=1)
+    old = f"{path}.old-{os.getpid()}"
+    if replace and os.path.exists(path):
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
 def world_dir(root, cfg, image_size, context_length):
     """Cache directory of a world: named by a hash of everything that shapes its arrays."""
     key = json.dumps(dict(asdict(cfg), image_size=image_size, context_length=context_length,
@@ -631,12 +681,7 @@ def prepare_world(root, cfg, image_size, context_length, log=print):
     # the tokenizer learns from the pretraining captions and the questions, never novel names
     corpus = [t for caps in texts["train"] for t in caps] + [t for q, a in multi_texts.values() for t in q + a]
     ranks = train_bpe(corpus)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     bpe_text = bpe_to_text(ranks)
-    with open(os.path.join(tmp, "tokenizer.tiktoken"), "w") as f:
-        f.write(bpe_text)
     enc = get_tokenizer("bpe", bpe_text)
     for name, caps in texts.items():
         flat = encode_texts(enc, [t for cs in caps for t in cs], context_length)
@@ -644,23 +689,13 @@ def prepare_world(root, cfg, image_size, context_length, log=print):
     for name, (q, a) in multi_texts.items():
         splits[name]["question"] = encode_texts(enc, q, context_length)
         splits[name]["answer"] = encode_texts(enc, a, 8)
-    for name, arrays in splits.items():
-        for key, arr in arrays.items():
-            np.save(os.path.join(tmp, f"{name}.{key}.npy"), arr)
     meta = dict(kind="shapes", version=WORLD_VERSION, world=asdict(cfg), image_size=S, context_length=context_length,
-                splits={name: len(arrays["images"]) if "sets" not in arrays else len(arrays["sets"])
-                        for name, arrays in splits.items()},
                 shapes=list(SHAPES), novel_shapes=list(NOVEL_SHAPES), colours=list(COLOUR_NAMES), sizes=list(SIZES),
                 heldout_pairs=[[ALL_SHAPES[s], COLOUR_NAMES[c]] for s, c in held],
                 corruptions=list(CORRUPTIONS), qtypes=list(QTYPES),
                 tokenizer=dict(kind="bpe", file="tokenizer.tiktoken", n_vocab=enc.n_vocab,
                                special_tokens={t: enc.encode_single_token(t) for t in SPECIAL_TOKENS}))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_dataset(path, splits, meta, bpe_text)
     log(f"shapes world ready in {time.time() - t0:.1f} s")
     return path
 

@@ -6,6 +6,7 @@ split and on the test images that show held-out colour-shape pairs.
     python eval.py --ablation --train_split=web  # trains each objective subset, writes a table
     python eval.py --ablation --stage=instruct --init_from=out/ckpt.pt   # the two-pass rows
     python eval.py --ablation --stage=prompt --init_from=out/ckpt.pt     # the prompt rows, 3 shot samples each
+    python eval.py --ablation --stage=capfilt    # web pretraining, CapFilt, pretraining again, fine-tuning
 
 Protocols (shapes world):
 - Retrieval. The gallery is every caption of every image of the split (C per image). Many
@@ -498,16 +499,16 @@ def write_json(path, obj):
 # -----------------------------------------------------------------------------
 # the ablation runner: one `python train.py` process per row, the same budget and seed
 
-_OFF = dict(itc_weight=0, caption_weight=0, itm_weight=0, mlm_weight=0, moc_weight=0, rtd_weight=0, r2d_weight=0,
+OBJECTIVES_OFF = dict(itc_weight=0, caption_weight=0, itm_weight=0, mlm_weight=0, moc_weight=0, rtd_weight=0, r2d_weight=0,
             momentum_alpha=0)
 _ELECTRA = dict(mlm_weight=1, moc_weight=1, rtd_weight=10, r2d_weight=10)
 ABLATION_ROWS = {
-    "ITC": dict(_OFF, itc_weight=1),
-    "ITC+LM": dict(_OFF, itc_weight=1, caption_weight=1),
-    "ITC+LM+ITM": dict(_OFF, itc_weight=1, caption_weight=1, itm_weight=1),
-    "ITC+LM+ELECTRA": dict(_OFF, itc_weight=1, caption_weight=1, **_ELECTRA),
-    "ITC+LM+MoD": dict(_OFF, itc_weight=1, caption_weight=1, momentum_alpha=0.4),
-    "all": dict(_OFF, itc_weight=1, caption_weight=1, itm_weight=1, momentum_alpha=0.4, **_ELECTRA),
+    "ITC": dict(OBJECTIVES_OFF, itc_weight=1),
+    "ITC+LM": dict(OBJECTIVES_OFF, itc_weight=1, caption_weight=1),
+    "ITC+LM+ITM": dict(OBJECTIVES_OFF, itc_weight=1, caption_weight=1, itm_weight=1),
+    "ITC+LM+ELECTRA": dict(OBJECTIVES_OFF, itc_weight=1, caption_weight=1, **_ELECTRA),
+    "ITC+LM+MoD": dict(OBJECTIVES_OFF, itc_weight=1, caption_weight=1, momentum_alpha=0.4),
+    "all": dict(OBJECTIVES_OFF, itc_weight=1, caption_weight=1, itm_weight=1, momentum_alpha=0.4, **_ELECTRA),
 }
 
 
@@ -547,14 +548,41 @@ def markdown_table(rows, keys):
     return "\n".join(lines) + "\n"
 
 
+def run_train(out, flags, log_dir=""):
+    """Run `python train.py --out_dir=out *flags` as its own process; its eval.json with the
+    process's wall time and the median samples/s of its log (out/log_dir/log.jsonl)."""
+    import subprocess
+    import sys
+    import time
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), f"--out_dir={out}", *flags]
+    print(" ".join(cmd[1:]), flush=True)
+    t0 = time.time()
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    with open(os.path.join(out, "eval.json")) as f:
+        metrics = json.load(f)
+    speeds = []
+    if os.path.exists(os.path.join(out, log_dir, "log.jsonl")):
+        with open(os.path.join(out, log_dir, "log.jsonl")) as f:
+            speeds = [json.loads(line)["samples_per_s"] for line in f if "samples_per_s" in line]
+    return {**metrics, "wall_time_s": round(time.time() - t0), "samples_per_s": round(float(np.median(speeds))) if speeds else None}
+
+
+def write_text(path, text):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    print(text)
+
+
 def run_ablation(args, train_args):
     """Train every row of ABLATION_ROWS (INSTRUCT_ROWS with --stage instruct; or --rows) as its
     own `python train.py` process, evaluate it (train.py writes eval.json), and write a
     Markdown table: one row per config, every val metric (then the held-out ones), wall time
-    and samples/s."""
-    import subprocess
-    import sys
-    import time
+    and samples/s. --stage capfilt runs the CapFilt experiment instead (run_capfilt_experiment)."""
+    if args.stage == "capfilt":
+        return run_capfilt_experiment(args, train_args)
     instruct, prompt = args.stage == "instruct", args.stage == "prompt"
     table = {"instruct": INSTRUCT_ROWS, "prompt": PROMPT_ROWS}.get(args.stage, ABLATION_ROWS)
     names = args.rows.split(",") if args.rows else list(table)
@@ -566,22 +594,11 @@ def run_ablation(args, train_args):
     os.makedirs(args.ablation_dir, exist_ok=True)
     results = {}
     for name in names:
-        out = os.path.join(args.ablation_dir, name.replace("+", "_"))
-        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--config", args.config,
-               f"--out_dir={out}", f"--stage={args.stage}" if args.stage != "pretrain" else f"--train_split={args.train_split}",
-               f"--eval_interval={10 ** 9}", *([f"--max_iters={args.max_iters}"] if args.max_iters else []),
-               *[f"--{k}={v}" for k, v in table[name].items()], *train_args]
-        print(f"[{name}] " + " ".join(cmd[1:]), flush=True)
-        t0 = time.time()
-        if subprocess.run(cmd).returncode != 0:
-            raise SystemExit(f"ablation row {name} failed: {' '.join(cmd)}")
-        with open(os.path.join(out, "eval.json")) as f:
-            metrics = json.load(f)
-        log = os.path.join(out, "seed0" if prompt else "", "log.jsonl")
-        with open(log) as f:
-            speeds = [json.loads(line)["samples_per_s"] for line in f if "samples_per_s" in line]
-        metrics.update(wall_time_s=round(time.time() - t0), samples_per_s=round(float(np.median(speeds))) if speeds else None)
-        results[name] = metrics
+        print(f"[{name}]", flush=True)
+        results[name] = run_train(os.path.join(args.ablation_dir, name.replace("+", "_")), [
+            "--config", args.config, f"--stage={args.stage}" if args.stage != "pretrain" else f"--train_split={args.train_split}",
+            f"--eval_interval={10 ** 9}", *([f"--max_iters={args.max_iters}"] if args.max_iters else []),
+            *[f"--{k}={v}" for k, v in table[name].items()], *train_args], log_dir="seed0" if prompt else "")
     keys = [k for k in dict.fromkeys(k for m in results.values() for k in m)
             if k not in ("step", "train_time_s", "wall_time_s", "samples_per_s")]
     steps = ", ".join(sorted({str(m.get("step")) for m in results.values()}))
@@ -605,11 +622,77 @@ def run_ablation(args, train_args):
         held = [k for k in keys if k.startswith("heldout_")]
         text += (markdown_table(results, val + ["wall_time_s", "samples_per_s"])
                  + "\nTest images with held-out colour-shape pairs:\n\n" + markdown_table(results, held))
-    os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)
-    with open(args.table + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(args.table + ".tmp", args.table)
-    print(text)
+    write_text(args.table, text)
+
+
+# the CapFilt experiment, one train.py run per step: (step, its flags besides --config, the
+# checkpoint it starts from, the step whose cleaned set it pretrains on, the earlier steps its
+# model needed: its pipeline)
+_WEB = ["web", "capfilt"]
+CAPFILT_STEPS = [
+    ("web", ["--train_split=web"], None, None, []),
+    ("web-finetune", ["--stage=finetune"], "web/ckpt.pt", None, ["web"]),
+    ("capfilt", ["--stage=capfilt"], "web/ckpt.pt", None, ["web"]),
+    ("cleaned", [], None, "capfilt", _WEB),
+    ("cleaned-finetune", ["--stage=finetune"], "cleaned/ckpt.pt", None, _WEB + ["cleaned"]),
+    # BLIP's "filter only": the same filter, no synthetic captions
+    ("filter-only", ["--stage=capfilt", "--capfilt_synthetic=false", "--capfilt_tune=none"], "capfilt/filter/ckpt.pt",
+     None, _WEB),
+    ("filtered", [], None, "filter-only", _WEB + ["filter-only"]),
+    ("filtered-finetune", ["--stage=finetune"], "filtered/ckpt.pt", None, _WEB + ["filter-only", "filtered"]),
+    ("clean", ["--train_split=train"], None, None, []),
+    ("clean-finetune", ["--stage=finetune"], "clean/ckpt.pt", None, ["clean"]),
+]
+
+
+def run_capfilt_experiment(args, train_args):
+    """CapFilt end to end (CAPFILT_STEPS), each step its own `python train.py` process in
+    ablation_dir/<step>: pretrain on the noisy web split; bootstrap its captions (--stage
+    capfilt); pretrain again with the same budget on the cleaned set, and on the web captions
+    the filter kept alone; as the upper reference, pretrain on the clean split; fine-tune each
+    pretrained model on the small clean set (--stage finetune). --max_iters sets the
+    pretraining budget; any other --key=value goes to every step. Steps finished before
+    (ablation_dir/experiment.json) are kept, so a killed experiment resumes. Writes a Markdown
+    table: retrieval R@1 both ways, caption parse accuracy, the same on held-out compositions,
+    each step's wall time and its pipeline's (the steps its model needed); then the filter's
+    reports."""
+    state_file = os.path.join(args.ablation_dir, "experiment.json")
+    done = {}
+    if os.path.exists(state_file):
+        with open(state_file) as f:
+            done = json.load(f)
+    for name, flags, init, cleaned, _ in CAPFILT_STEPS:
+        if name in done:
+            print(f"[{name}] finished before, kept")
+            continue
+        flags = ["--config", args.config, f"--eval_interval={10 ** 9}", *flags]
+        if init:
+            flags.append(f"--init_from={os.path.join(args.ablation_dir, init)}")
+        if cleaned:
+            flags.append(f"--data={done[cleaned]['data_path']}")
+        if args.max_iters and not any(f.startswith("--stage=") for f in flags):
+            flags.append(f"--max_iters={args.max_iters}")
+        print(f"[{name}]", flush=True)
+        out = os.path.join(args.ablation_dir, name)
+        done[name] = run_train(out, [*flags, *train_args])
+        if "--stage=capfilt" in flags:
+            with open(os.path.join(out, "report.json")) as f:
+                done[name]["data_path"] = json.load(f)["data_path"]
+        write_json(state_file, done)
+    capfilt = [name for name, flags, *_ in CAPFILT_STEPS if "--stage=capfilt" in flags]
+    rows = {name: {**done[name], "pipeline_wall_time_s": sum(done[n]["wall_time_s"] for n in [*needs, name])}
+            for name, _, _, _, needs in CAPFILT_STEPS if name not in capfilt}
+    keys = ["retrieval_i2t_r1", "retrieval_t2i_r1", "caption_parse_acc", "heldout_retrieval_i2t_r1",
+            "heldout_retrieval_t2i_r1", "heldout_caption_parse_acc", "step", "wall_time_s", "pipeline_wall_time_s"]
+    report_keys = [k for k in done["capfilt"] if k.startswith(("images_", "own_", "synthetic_", "corrupted", "wrong_"))]
+    command = (f"python eval.py --ablation --stage=capfilt --config {args.config}"
+               f"{f' --max_iters={args.max_iters}' if args.max_iters else ''}{' ' + ' '.join(train_args) if train_args else ''}")
+    text = (f"CapFilt experiment: `{command}`. Val split, and the test images with held-out colour-shape pairs "
+            f"(`heldout_`):\n\n" + markdown_table(rows, keys)
+            + f"\nThe filter on the {int(done['capfilt']['images'])} images of the web split (wall time: the step's, "
+            f"the captioner's and the filter's fine-tuning included):\n\n"
+            + markdown_table({n: done[n] for n in capfilt}, report_keys + ["wall_time_s"]))
+    write_text(args.table, text)
 
 
 def main():
@@ -621,9 +704,9 @@ def main():
     parser.add_argument("--rerank_k", type=int, default=8, help="ITM re-ranks the top k of ITC retrieval")
     ab = parser.add_argument_group("ablation (--ablation; any other --key=value goes to every train.py run)")
     ab.add_argument("--ablation", action="store_true", help="train and evaluate the objective subsets, write a table")
-    ab.add_argument("--stage", default="pretrain", choices=("pretrain", "instruct", "prompt"),
+    ab.add_argument("--stage", default="pretrain", choices=("pretrain", "instruct", "prompt", "capfilt"),
                     help="pretrain: the objective subsets; instruct: the two-pass rows; prompt: the prompt rows "
-                         "(give --init_from=PATH)")
+                         "(give --init_from=PATH); capfilt: the CapFilt experiment (run_capfilt_experiment)")
     ab.add_argument("--rows", default="", help=f"comma-separated subset of: {', '.join(ABLATION_ROWS)}; "
                                                f"with --stage instruct: {', '.join(INSTRUCT_ROWS)}; "
                                                f"with --stage prompt: {', '.join(PROMPT_ROWS)}")

@@ -4,6 +4,8 @@ Train a nanoVLP model.
     python train.py --config small                        # one CPU or GPU
     python train.py --config tiny --max_iters=50          # any field can be overridden
     python train.py --config small --stage prompt --init_from out/ckpt.pt   # a later stage, from a pretrained run
+    python train.py --config small --stage capfilt --init_from out-web/ckpt.pt   # bootstrap the web captions
+    python train.py --config small --stage finetune --init_from out/ckpt.pt # continue on a small clean set
     torchrun --standalone --nproc_per_node=8 train.py --config base   # DDP on 8 GPUs
 
 Every field of TrainConfig below, of VLMConfig (model.py) and of WorldConfig (data.py) is a
@@ -13,6 +15,7 @@ out_dir/ckpt.pt, out_dir/log.jsonl (one JSON object per logged step) and out_dir
 """
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -30,7 +33,8 @@ from tqdm import tqdm
 
 import data
 from data import WorldConfig
-from eval import evaluate, evaluate_instruct, evaluate_prompt, multi_pixels, to_pixels, write_json
+from eval import (OBJECTIVES_OFF, evaluate, evaluate_instruct, evaluate_prompt, generate_captions, image_tokens_of,
+                  itm_margins, load_checkpoint, multi_pixels, roc_auc, write_json)
 from model import VLM, VLMConfig, uses_electra
 
 STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
@@ -52,6 +56,16 @@ class TrainConfig:
     log_interval: int = 10  # steps between log.jsonl lines
     ckpt_interval: int = 200  # steps between checkpoints (the last step is always saved)
     train_vit: bool = False  # later stages: fine-tune the ViT too (frozen by default)
+    train_images: int = 0  # train on the first N images of train_split only (0: all of it); finetune: a small clean set
+    # CapFilt (M13): bootstrap the captions of a noisy split with a captioner and an ITM filter
+    capfilt_split: str = "web"  # the split whose captions are bootstrapped
+    capfilt_tune: str = "separate"  # 'separate': captioner (LM) and filter (ITC+ITM) fine-tuned apart from
+    # init_from on train_split (BLIP); 'shared': one model fine-tuned with all three; 'none': init_from is both
+    capfilt_synthetic: bool = True  # add the captioner's captions (false: the filter alone, no captioner)
+    capfilt_top_p: float = 0.9  # nucleus sampling of the synthetic captions
+    capfilt_temperature: float = 1.0
+    capfilt_threshold: float = 0.5  # a caption is kept when the filter's p(match) is at least this
+    capfilt_data: str = ""  # where the cleaned dataset goes; default beside the source: <source>-capfilt-<hash>
     # the prompt stage (M12): few-shot detection of named classes on the frozen model
     classes: str = ""  # comma-separated class names; default the dataset's novel classes
     shots: int = 16  # K: training images per class, all of them in every step
@@ -104,6 +118,14 @@ PRESETS = {
                         activation="quick_gelu")),
 }
 
+# M1-M8 continued on a small clean set at a lower rate (the shapes world: its first 2,000
+# clean images, 4 captions each; on real data, the whole clean split)
+_FINETUNE = {
+    "tiny": dict(max_iters=10, warmup_iters=2, eval_interval=10 ** 9, train_images=128, lr=3e-4, min_lr=3e-5),
+    "small": dict(max_iters=200, warmup_iters=20, eval_interval=10 ** 9, train_images=2000, lr=2e-4, min_lr=2e-5),
+    "base": dict(max_iters=2000, warmup_iters=200, lr=1e-5, min_lr=1e-6, weight_decay=0.05),
+}
+
 # what a stage changes in a preset (before the command line's flags); a stage other than
 # pretrain writes to <preset's out_dir>-<stage> unless --out_dir is given
 STAGE_PRESETS = {
@@ -114,6 +136,8 @@ STAGE_PRESETS = {
                       eval_images=500, instruct=True, momentum_alpha=0.0),
         "base": dict(max_iters=5000, warmup_iters=200, lr=1e-4, min_lr=1e-5, instruct=True, momentum_alpha=0.0),
     },
+    "finetune": _FINETUNE,
+    "capfilt": _FINETUNE,  # its captioner's and filter's fine-tuning runs
     # M12 on the frozen model: prompts, couplings and fusion weights on K shots of each novel class
     "prompt": {
         "tiny": dict(max_iters=20, warmup_iters=2, eval_interval=10 ** 9, shots=2, shot_seeds=2, lr=1e-2,
@@ -261,6 +285,14 @@ def pick_dtype(cfg, device_type):
     return torch.float32
 
 
+def pick_runtime(cfg, local_rank=0):
+    """(device, its type, dtype, autocast context: a no-op in float32)."""
+    device = pick_device(cfg, local_rank)
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    dtype = pick_dtype(cfg, device_type)
+    return device, device_type, dtype, torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
 def load_data(cfg, rank, world_size):
     """The prepared dataset (the shapes world generated on first use) with, when ELECTRA is on,
     its visual codebook; rank 0 prepares while the others wait."""
@@ -293,6 +325,13 @@ def fit_model_to_data(mcfg, ds):
         if ids["n_ctx"] == 0:
             raise SystemExit("--prompt_init is empty: the text prompts start from its tokens, one vector each")
     return VLMConfig(**{**asdict(mcfg), "vocab_size": tok.n_vocab, **ids})
+
+
+def check_tokenizer(ckpt, ds):
+    """Stop if a checkpoint's tokenizer is not the dataset's: its token ids would mean other words."""
+    if ckpt["tokenizer"] != {"kind": ds.meta["tokenizer"]["kind"], "bpe": ds.bpe_text}:
+        raise SystemExit(f"the tokenizer of the checkpoint (trained on {ckpt['data_path']}) is not that of {ds.path}: "
+                         f"use the data it was trained on, or data prepared with its tokenizer")
 
 
 def load_weights(model, state, strict, log=print):
@@ -358,12 +397,13 @@ def save_checkpoint(path, raw_model, optimizer, scaler, step, cfg, ds):
 
 def pretrain_batches(cfg, ds, raw_model, device, rank, world_size):
     """(get_batch, n): get_batch(micro_step) gives the keyword arguments of the pretraining
-    losses for this rank's batch of that micro-step: images by index arrays, one caption
-    each, and what the objectives need besides (visual codes, paraphrase groups)."""
+    losses for this rank's batch of that micro-step: images by index arrays (the first
+    train_images of the split, or all), one caption each, and what the objectives need
+    besides (visual codes, paraphrase groups)."""
     split = cfg.train_split
     if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
         raise SystemExit(f"--train_split {split!r}: {ds.path} has no captioned split of that name")
-    n_train = ds.split_size(split)
+    n_train = min(ds.split_size(split), cfg.train_images or ds.split_size(split))
     n_captions = ds.array(split, "tokens").shape[1]
     # captions known to be true of their scene (not the noisy web split): paraphrases of one scene are never negatives
     clean = ds.has(split, "scene") and not ds.has(split, "corruption")
@@ -472,10 +512,7 @@ def train(cfg, ckpt=None, init=None):
     """Run a stage: ckpt resumes a run, init (a checkpoint) gives the starting weights."""
     rank, local_rank, world_size = setup_distributed(cfg)
     master = rank == 0
-    device = pick_device(cfg, local_rank)
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    dtype = pick_dtype(cfg, device_type)
-    ctx = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    device, device_type, dtype, ctx = pick_runtime(cfg, local_rank)
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     if device_type == "cuda":
@@ -485,6 +522,8 @@ def train(cfg, ckpt=None, init=None):
 
     ds = load_data(cfg, rank, world_size)
     cfg.model = fit_model_to_data(cfg.model, ds)
+    if init is not None:
+        check_tokenizer(init, ds)
     prompt = cfg.stage == "prompt"
     if prompt:
         if world_size > 1:
@@ -498,10 +537,10 @@ def train(cfg, ckpt=None, init=None):
         model = VLM(cfg.model)
     except ValueError as e:  # a model flag that does not fit (prompt depths, dense layers, ...)
         raise SystemExit(f"--stage {cfg.stage}: {e}") from None
-    if uses_electra(cfg.model):
-        model.codebook.copy_(torch.from_numpy(ds.codebook(cfg.model.patch_size, cfg.model.n_codes)))
     if init is not None:
         load_weights(model, init["model"], strict=cfg.stage == "pretrain", log=print if master else lambda *a: None)
+    if uses_electra(cfg.model):  # the data's own codebook: its codes are the MOC targets (an init's may be another's)
+        model.codebook.copy_(torch.from_numpy(ds.codebook(cfg.model.patch_size, cfg.model.n_codes)))
     freeze_for_stage(model, cfg.stage, cfg.train_vit)
     model.to(device)
     optimizer = configure_optimizer(model, cfg, device_type)
@@ -572,7 +611,7 @@ def train(cfg, ckpt=None, init=None):
         alpha = cfg.model.momentum_alpha * min(1.0, step / steps_per_epoch)  # ramped up over the first epoch
         for micro in range(cfg.grad_accum):
             batch = get_batch(step * cfg.grad_accum + micro)
-            if cfg.stage == "pretrain":
+            if cfg.stage in ("pretrain", "finetune"):
                 batch["alpha"] = alpha
             # DDP averages gradients only on the last micro-step
             sync = model.no_sync() if world_size > 1 and micro < cfg.grad_accum - 1 else nullcontext()
@@ -635,6 +674,26 @@ def start_state(cfg, changes, overrides):
     return cfg, None, init
 
 
+def sub_run(cfg, changes, overrides, run, name):
+    """One of the runs a stage is made of (the prompt stage's shot samples, CapFilt's
+    captioner and filter): cfg with the fields of run, in run['out_dir']; its metrics. With
+    --resume a finished run (its eval.json written by its training: eval.py alone does not
+    mark it finished) is kept, an unfinished one resumed, one not started started afresh."""
+    finished = os.path.join(run["out_dir"], "eval.json")
+    if cfg.resume and os.path.exists(finished):
+        with open(finished) as f:
+            result = json.load(f)
+        if "train_time_s" in result:
+            print(f"--- {name}: finished before, kept")
+            return result
+    if cfg.resume and not os.path.exists(os.path.join(run["out_dir"], "ckpt.pt")):
+        run = {**run, "resume": False}
+        if not cfg.init_from:
+            raise SystemExit(f"--resume: {name} has not started; give --init_from PATH to start it")
+    print(f"--- {name}")
+    return train(*start_state(apply_overrides(cfg, run), {**changes, **run}, {**overrides, **run}))
+
+
 def prompt_stage(cfg, changes, overrides):
     """The prompt stage: one run per K-shot sample k = shot_seed .. shot_seed + shot_seeds - 1
     in out_dir/seed<k>, then out_dir/eval.json with each metric's mean and standard deviation
@@ -646,19 +705,7 @@ def prompt_stage(cfg, changes, overrides):
     results = []
     for k in range(cfg.shot_seed, cfg.shot_seed + cfg.shot_seeds):
         run = {"out_dir": os.path.join(cfg.out_dir, f"seed{k}"), "shot_seed": k}
-        finished = os.path.join(run["out_dir"], "eval.json")
-        if cfg.resume and os.path.exists(finished):
-            with open(finished) as f:
-                result = json.load(f)
-            if "trainable_params" in result:  # eval.py alone does not mark a sample finished
-                results.append(result)
-                continue
-        if cfg.resume and not os.path.exists(os.path.join(run["out_dir"], "ckpt.pt")):
-            run["resume"] = False
-            if not cfg.init_from:
-                raise SystemExit(f"--resume: shot sample {k} has not started; give --init_from PATH to start it")
-        print(f"--- shot sample {k} ({k - cfg.shot_seed + 1} of {cfg.shot_seeds})")
-        results.append(train(*start_state(apply_overrides(cfg, run), {**changes, **run}, {**overrides, **run})))
+        results.append(sub_run(cfg, changes, overrides, run, f"shot sample {k} ({k - cfg.shot_seed + 1} of {cfg.shot_seeds})"))
     keys = [k for k, v in results[0].items() if isinstance(v, float)]
     summary = {"shot_seeds": len(results), "shots": cfg.shots, "step": max(r["step"] for r in results)}
     for key in keys:
@@ -673,16 +720,198 @@ def prompt_stage(cfg, changes, overrides):
     return summary
 
 
+# -----------------------------------------------------------------------------
+# CapFilt (M13): a captioner writes a caption for every image of a noisy split, an ITM filter
+# keeps the captions it judges matched, and the result is a new prepared dataset
+
+# the objectives of the captioner's and the filter's fine-tuning runs (every other weight 0)
+CAPFILT_ROLES = {"captioner": dict(caption_weight=1.0), "filter": dict(itc_weight=1.0, itm_weight=1.0)}
+
+
+def itm_threshold(p):
+    """The ITM margin (logit of match minus logit of no match) at which p(match) = p:
+    log(p / (1 - p)); -inf at 0 and +inf at 1, so that `margin >= itm_threshold(p)` is
+    p(match) >= p with nothing rounded: 0 keeps every caption and 1 none."""
+    return -math.inf if p <= 0 else math.inf if p >= 1 else math.log(p / (1 - p))
+
+
+@torch.no_grad()
+def bootstrap(captioner, filt, ds, cfg, device, ctx=nullcontext(), chunk=512):
+    """CapFilt's model work over the split cfg.capfilt_split, chunk images at a time: the
+    captioner writes one caption per image (nucleus sampling at capfilt_top_p and
+    capfilt_temperature, the draws seeded by cfg.seed), and the filter gives the ITM margin of
+    each image with its own (first) caption and with the synthetic one. Returns (synthetic
+    tokens (N, T) int32, texts, problems: '' or why a synthetic caption is unusable ('empty',
+    'too long': it did not end within the context; 'off': no captioner), margins (N, 2)
+    float32 [own, synthetic], -inf where there is no synthetic caption)."""
+    split, T = cfg.capfilt_split, ds.context_length
+    images, own = ds.array(split, "images"), ds.array(split, "tokens")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    tokens, texts, problems, margins = [], [], [], []
+    for i in tqdm(range(0, len(images), chunk), desc="capfilt", dynamic_ncols=True):
+        x = images[i:i + chunk]
+        chunk_texts = [""] * len(x) if captioner is None else generate_captions(
+            captioner, ds.tokenizer, x, device, batch_size=chunk, ctx=ctx, generator=generator,
+            temperature=cfg.capfilt_temperature, top_p=cfg.capfilt_top_p)
+        chunk_tokens, chunk_problems = data.encode_checked(ds.tokenizer, chunk_texts, T)
+        image_tokens = image_tokens_of(filt, x, device, ctx=ctx)
+        pairs = torch.arange(len(x))[:, None].expand(-1, 2)
+        margin = lambda t: itm_margins(filt, image_tokens, torch.from_numpy(np.asarray(t, np.int64)), pairs,  # noqa: E731
+                                       device, ctx=ctx).cpu()
+        margins.append(torch.stack([margin(own[i:i + chunk, 0]), torch.full((len(x),), -torch.inf) if captioner is None
+                                    else margin(chunk_tokens)], 1))
+        if captioner is None:
+            chunk_problems = ["off"] * len(x)
+        tokens.append(chunk_tokens)
+        texts += chunk_texts
+        problems += chunk_problems
+    return np.concatenate(tokens), texts, problems, torch.cat(margins).numpy()
+
+
+def detection_metrics(prefix, dropped, wrong, margin):
+    """How well dropping found the wrong captions: precision (wrong among dropped), recall
+    (dropped among wrong) and the ROC-AUC of -margin for being wrong."""
+    tp = int((dropped & wrong).sum())
+    return {f"{prefix}_precision": tp / max(1, int(dropped.sum())), f"{prefix}_recall": tp / max(1, int(wrong.sum())),
+            f"{prefix}_auc": roc_auc(torch.from_numpy(-margin), torch.from_numpy(wrong)) if 0 < wrong.sum() < len(wrong)
+            else float("nan")}
+
+
+def capfilt_report(ds, split, keep, problems, margins, texts):
+    """The counts (each source's kept and dropped add up to the split's images) and, where the
+    split records which of its captions are corrupted (the shapes world's web split), the
+    filter's precision and recall at finding them; where its scenes are known, the same for
+    synthetic captions that do not parse to their image's scene, and the share of wrong
+    captions among those kept, before and after."""
+    N = len(keep)
+    problems = np.array(problems)
+    report = {"images": N, "images_kept": int(keep.any(1).sum()), "images_dropped": int((~keep.any(1)).sum()),
+              "own_kept": int(keep[:, 0].sum()), "own_dropped": int((~keep[:, 0]).sum()),
+              "synthetic_kept": int(keep[:, 1].sum()), "synthetic_dropped": int((~keep[:, 1] & (problems == "")).sum()),
+              **{f"synthetic_{p.replace(' ', '_')}": int((problems == p).sum()) for p in ("empty", "too long", "off")}}
+    if ds.has(split, "corruption"):
+        corrupted = ds.array(split, "corruption")[:] > 0
+        report.update(corrupted=int(corrupted.sum()), own_wrong_before=float(corrupted.mean()),
+                      **detection_metrics("corrupted", ~keep[:, 0], corrupted, margins[:, 0]))
+        for k, kind in enumerate(ds.meta.get("corruptions", [])[1:], start=1):
+            of_kind = ds.array(split, "corruption")[:] == k
+            report[f"corrupted_recall_{kind}"] = float((~keep[of_kind, 0]).mean()) if of_kind.any() else float("nan")
+        if ds.has(split, "scene") and ds.meta.get("kind") == "shapes":
+            scene = ds.array(split, "scene")[:]
+            usable = problems == ""
+            synthetic_wrong = np.array([data.parse_caption(t) != s for t, s in zip(texts, scene)]) & usable
+            if usable.any():
+                report.update(synthetic_parse_acc=float(1 - synthetic_wrong[usable].mean()), **detection_metrics(
+                    "synthetic_wrong", ~keep[usable, 1], synthetic_wrong[usable], margins[usable, 1]))
+            wrong_kept = int((keep[:, 0] & corrupted).sum() + (keep[:, 1] & synthetic_wrong).sum())
+            report["wrong_after"] = wrong_kept / max(1, int(keep.sum()))
+    return report
+
+
+def cleaned_split(ds, split, keep, synthetic):
+    """The arrays of the cleaned train split: every image of split with a kept caption, and two
+    caption slots per image: [own, synthetic] when both are kept, else the kept one twice, so
+    that drawing a slot at random weighs each kept caption of an image equally. Besides:
+    caption_source (0 the image's own caption, 1 synthetic), source_index (the image's index
+    in split) and, where the split has it, the corruption of the own caption, kept or not."""
+    rows = np.flatnonzero(keep.any(1))
+    own, syn, k = ds.array(split, "tokens")[rows, 0], synthetic[rows], keep[rows]
+    arrays = dict(images=ds.array(split, "images")[rows], source_index=rows,
+                  tokens=np.stack([np.where(k[:, :1], own, syn), np.where(k[:, 1:], syn, own)], 1),
+                  caption_source=np.stack([~k[:, 0], k[:, 1]], 1).astype(np.int8))
+    if ds.has(split, "corruption"):
+        arrays["corruption"] = ds.array(split, "corruption")[rows]
+    return arrays
+
+
+def capfilt_stage(cfg, changes, overrides):
+    """CapFilt: fine-tune the captioner and the filter (capfilt_tune), bootstrap the captions of
+    capfilt_split, and write the cleaned set as a new prepared dataset (capfilt_data, by
+    default beside the source; never the source): its train split from cleaned_split, the
+    source's val and test splits copied. Writes report.json (here and in the dataset),
+    capfilt.npz (every decision and margin) and eval.json (the report's numbers)."""
+    if cfg.capfilt_tune not in ("separate", "shared", "none"):
+        raise SystemExit(f"--capfilt_tune takes separate, shared or none, got {cfg.capfilt_tune!r}")
+    if not 0 <= cfg.capfilt_threshold <= 1 or not 0 < cfg.capfilt_top_p <= 1:
+        raise SystemExit("--capfilt_threshold must be in [0, 1] and --capfilt_top_p in (0, 1]")
+    if not cfg.init_from:
+        raise SystemExit("--stage capfilt: give --init_from PATH (with --resume too: finished fine-tuning runs are kept)")
+    if "RANK" in os.environ:
+        raise SystemExit("--stage capfilt runs as one process")
+    t0 = time.time()
+    roles = {"separate": dict(CAPFILT_ROLES), "shared": {"shared": {k: v for w in CAPFILT_ROLES.values() for k, v in w.items()}},
+             "none": {}}[cfg.capfilt_tune]
+    if not cfg.capfilt_synthetic:
+        roles.pop("captioner", None)
+    paths = {}
+    for name, weights in roles.items():
+        run = {"out_dir": os.path.join(cfg.out_dir, name), "stage": "finetune", **OBJECTIVES_OFF, **weights}
+        sub_run(cfg, changes, overrides, run, f"{name}: fine-tuning on {cfg.train_split}")
+        paths[name] = os.path.join(run["out_dir"], "ckpt.pt")
+    device, _, _, ctx = pick_runtime(cfg)
+    filt, _, ckpt = load_checkpoint(paths.get("filter", paths.get("shared", cfg.init_from)), device)
+    captioner, _, captioner_ckpt = load_checkpoint(paths.get("captioner", paths.get("shared", cfg.init_from)), device) \
+        if cfg.capfilt_synthetic else (None, None, ckpt)
+    if filt.cfg.itm_weight == 0:
+        raise SystemExit(f"--stage capfilt --capfilt_tune=none: {cfg.init_from} has no ITM head to filter with "
+                         f"(it was trained with --itm_weight=0)")
+    ds = data.Dataset(cfg.data if cfg.data != "shapes" else ckpt["data_path"])  # the data the filter was trained on
+    for model_ckpt in (captioner_ckpt, ckpt):
+        check_tokenizer(model_ckpt, ds)
+    split = cfg.capfilt_split
+    if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
+        raise SystemExit(f"--capfilt_split {split!r}: {ds.path} has no captioned split of that name")
+    print(f"bootstrapping {ds.split_size(split)} images of {split}: nucleus p {cfg.capfilt_top_p}, "
+          f"threshold p(match) >= {cfg.capfilt_threshold}")
+    synthetic, texts, problems, margins = bootstrap(captioner, filt, ds, cfg, device, ctx)
+    usable = np.array(problems) == ""
+    threshold = itm_threshold(cfg.capfilt_threshold)
+    keep = np.stack([margins[:, 0] >= threshold, (margins[:, 1] >= threshold) & usable], 1)
+    report = capfilt_report(ds, split, keep, problems, margins, texts)
+    settings = {k: getattr(cfg, k) for k in ("capfilt_split", "capfilt_tune", "capfilt_synthetic", "capfilt_top_p",
+                                             "capfilt_temperature", "capfilt_threshold", "init_from", "seed")}
+    out = cfg.capfilt_data or f"{os.path.normpath(ds.path)}-capfilt-" + hashlib.sha256(
+        json.dumps({**settings, "init_from": os.path.abspath(cfg.init_from)}, sort_keys=True).encode()).hexdigest()[:8]
+    if os.path.abspath(out) == os.path.abspath(ds.path):
+        raise SystemExit(f"--capfilt_data {out} is the source dataset: CapFilt never writes in place")
+    report.update(data_path=os.path.abspath(out), source=os.path.abspath(ds.path), **settings,
+                  examples=[{"own": data.decode_tokens(ds.tokenizer, ds.array(split, "tokens")[i, 0]), "synthetic": texts[i],
+                             "kept": keep[i].tolist(), "p_match": (1 / (1 + np.exp(-margins[i].astype(np.float64)))).tolist()}
+                            for i in range(min(8, len(keep)))])
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    np.savez(os.path.join(cfg.out_dir, "capfilt.npz"), margins=margins, keep=keep, problems=np.array(problems),
+             synthetic=synthetic)
+    write_json(os.path.join(cfg.out_dir, "report.json"), report)
+    for key, value in report.items():
+        if key != "examples":
+            print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
+    if not keep.any():
+        raise SystemExit(f"the filter kept no caption of {split} at --capfilt_threshold={cfg.capfilt_threshold}: "
+                         f"no dataset written (the report is in {cfg.out_dir}/report.json)")
+    arrays = cleaned_split(ds, split, keep, synthetic)
+    meta = {k: v for k, v in ds.meta.items() if k != "splits"}
+    meta["capfilt"] = {k: v for k, v in report.items() if k != "examples"}
+    data.write_dataset(out, {"train": arrays}, meta, ds.bpe_text, copy_from=ds,
+                       copy_splits=[s for s in ("val", "test") if s in ds.meta["splits"]], replace=True)
+    write_json(os.path.join(out, "report.json"), report)
+    print(f"cleaned dataset: {out} ({len(arrays['images'])} images, {int(keep.sum())} captions); "
+          f"pretrain on it with --data={out}")
+    metrics = {key: float(v) for key, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics["capfilt_time_s"] = time.time() - t0
+    write_json(os.path.join(cfg.out_dir, "eval.json"), metrics)
+    return metrics
+
+
 def main(argv=None):
     preset, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     changes = stage_overrides(preset, overrides)
     cfg = apply_overrides(PRESETS[preset], changes)
-    if cfg.stage not in ("pretrain", "instruct", "prompt"):
-        raise SystemExit(f"--stage {cfg.stage} is not built yet; --stage pretrain, instruct and prompt run")
     if cfg.stage != "pretrain" and not (cfg.init_from or cfg.resume):
         raise SystemExit(f"--stage {cfg.stage} starts from a pretrained checkpoint: give --init_from PATH")
     if cfg.stage == "prompt":
         return prompt_stage(cfg, changes, overrides)
+    if cfg.stage == "capfilt":
+        return capfilt_stage(cfg, changes, overrides)
     return train(*start_state(cfg, changes, overrides))
 
 

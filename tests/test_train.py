@@ -31,7 +31,9 @@ def test_unknown_key_is_a_clear_error_listing_the_valid_keys():
     (["--lr=fast"], "--lr takes a float"),
     (["--resume=maybe"], "--resume takes true or false"),
     (["--config", "huge"], "unknown --config 'huge'"),
-    (["--stage", "finetune"], "--stage finetune is not built yet"),
+    (["--stage", "finetune"], "--stage finetune starts from a pretrained checkpoint: give --init_from PATH"),
+    (["--stage", "capfilt", "--init_from=x", "--capfilt_tune=twice"], "--capfilt_tune takes separate, shared or none"),
+    (["--stage", "capfilt", "--init_from=x", "--capfilt_threshold=1.5"], "--capfilt_threshold must be in [0, 1]"),
     (["--stage", "dance"], "unknown --stage 'dance'"),
     (["--max_iters"], "--max_iters needs a value"),
 ])
