@@ -606,14 +606,19 @@ def write_dataset(path, splits, meta, bpe_text=None, copy_from=None, copy_splits
     {split}.{key}.npy, the arrays of copy_splits copied from the dataset copy_from (not their
     visual codes: a codebook belongs to its own train split), the tokenizer file (bpe_text)
     and meta.json (meta, with the size of every split). It is written to a temporary
-    directory renamed into place, so a killed writer leaves nothing half-written. A dataset
-    already at path is replaced, or with replace False kept (another process was first)."""
+    directory renamed into place, so a killed writer leaves nothing half-written. A prepared
+    dataset already at path is replaced, or with replace False kept (another process was
+    first); anything else there is an error."""
+    path = os.path.normpath(path)
+    if os.path.exists(path) and not os.path.exists(os.path.join(path, "meta.json")):
+        raise ValueError(f"{path} exists and is not a prepared dataset: not writing over it")
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     if bpe_text is not None:
         with open(os.path.join(tmp, "tokenizer.tiktoken"), "w") as f:
             f.write(bpe_text)
+        meta = dict(meta, tokenizer=dict(meta["tokenizer"], file="tokenizer.tiktoken"))
     sizes = {}
     for name, arrays in splits.items():
         sizes[name] = len(arrays["sets"] if "sets" in arrays else arrays["images"])
@@ -631,8 +636,12 @@ def write_dataset(path, splits, meta, bpe_text=None, copy_from=None, copy_splits
         os.rename(path, old)
     try:
         os.rename(tmp, path)
-    except OSError:  # another process finished first: keep its copy
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(old):  # the old one goes back: nothing is lost
+            os.rename(old, path)
+            raise
+        # else another process finished first: keep its copy
     shutil.rmtree(old, ignore_errors=True)
     return path
 

@@ -122,10 +122,10 @@ def roc_auc(scores, labels):
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def binary_metrics(prefix, logits, labels):
-    """ROC-AUC, and precision and recall at logit 0, of a binary head."""
+def binary_metrics(prefix, logits, labels, pred=None):
+    """ROC-AUC of the logits, and precision and recall of the predictions pred (default: logit > 0)."""
     logits, labels = np.asarray(logits), np.asarray(labels, bool)
-    pred = logits > 0
+    pred = logits > 0 if pred is None else np.asarray(pred, bool)
     tp = (pred & labels).sum()
     return {f"{prefix}_auc": roc_auc(logits, labels),
             f"{prefix}_precision": float(tp / max(1, pred.sum())), f"{prefix}_recall": float(tp / max(1, labels.sum()))}
@@ -632,7 +632,7 @@ _WEB = ["web", "capfilt"]
 CAPFILT_STEPS = [
     ("web", ["--train_split=web"], None, None, []),
     ("web-finetune", ["--stage=finetune"], "web/ckpt.pt", None, ["web"]),
-    ("capfilt", ["--stage=capfilt"], "web/ckpt.pt", None, ["web"]),
+    ("capfilt", ["--stage=capfilt", "--capfilt_tune=separate"], "web/ckpt.pt", None, ["web"]),
     ("cleaned", [], None, "capfilt", _WEB),
     ("cleaned-finetune", ["--stage=finetune"], "cleaned/ckpt.pt", None, _WEB + ["cleaned"]),
     # BLIP's "filter only": the same filter, no synthetic captions
@@ -651,47 +651,58 @@ def run_capfilt_experiment(args, train_args):
     capfilt); pretrain again with the same budget on the cleaned set, and on the web captions
     the filter kept alone; as the upper reference, pretrain on the clean split; fine-tune each
     pretrained model on the small clean set (--stage finetune). --max_iters sets the
-    pretraining budget; any other --key=value goes to every step. Steps finished before
-    (ablation_dir/experiment.json) are kept, so a killed experiment resumes. Writes a Markdown
-    table: retrieval R@1 both ways, caption parse accuracy, the same on held-out compositions,
-    each step's wall time and its pipeline's (the steps its model needed); then the filter's
+    pretraining budget; any other --key=value goes to every step (a step's own flags win).
+    Steps finished before (ablation_dir/experiment.json) are kept, so a killed experiment
+    resumes; with other arguments it stops instead of mixing runs. Writes a Markdown table:
+    retrieval R@1 both ways, caption parse accuracy, the same on held-out compositions, each
+    step's wall time and its pipeline's (the steps its model needed); then the filter's
     reports."""
+    command = (f"python eval.py --ablation --stage=capfilt --config {args.config}"
+               f"{f' --max_iters={args.max_iters}' if args.max_iters else ''}{' ' + ' '.join(train_args) if train_args else ''}")
     state_file = os.path.join(args.ablation_dir, "experiment.json")
-    done = {}
+    done = {"command": command}
     if os.path.exists(state_file):
         with open(state_file) as f:
-            done = json.load(f)
+            done = {**done, **json.load(f)}
+    if done["command"] != command:
+        raise SystemExit(f"{args.ablation_dir} holds an experiment of other arguments ({done['command']}): "
+                         f"give another --ablation_dir, or remove it")
     for name, flags, init, cleaned, _ in CAPFILT_STEPS:
         if name in done:
             print(f"[{name}] finished before, kept")
             continue
-        flags = ["--config", args.config, f"--eval_interval={10 ** 9}", *flags]
+        flags = ["--config", args.config, f"--eval_interval={10 ** 9}", *train_args, *flags]
         if init:
             flags.append(f"--init_from={os.path.join(args.ablation_dir, init)}")
         if cleaned:
             flags.append(f"--data={done[cleaned]['data_path']}")
-        if args.max_iters and not any(f.startswith("--stage=") for f in flags):
+        if args.max_iters and "--stage=" not in " ".join(flags):
             flags.append(f"--max_iters={args.max_iters}")
         print(f"[{name}]", flush=True)
         out = os.path.join(args.ablation_dir, name)
-        done[name] = run_train(out, [*flags, *train_args])
+        done[name] = run_train(out, flags)
         if "--stage=capfilt" in flags:
             with open(os.path.join(out, "report.json")) as f:
                 done[name]["data_path"] = json.load(f)["data_path"]
         write_json(state_file, done)
+    write_json(state_file, done)  # with the command, also when every step was kept
     capfilt = [name for name, flags, *_ in CAPFILT_STEPS if "--stage=capfilt" in flags]
     rows = {name: {**done[name], "pipeline_wall_time_s": sum(done[n]["wall_time_s"] for n in [*needs, name])}
             for name, _, _, _, needs in CAPFILT_STEPS if name not in capfilt}
     keys = ["retrieval_i2t_r1", "retrieval_t2i_r1", "caption_parse_acc", "heldout_retrieval_i2t_r1",
             "heldout_retrieval_t2i_r1", "heldout_caption_parse_acc", "step", "wall_time_s", "pipeline_wall_time_s"]
-    report_keys = [k for k in done["capfilt"] if k.startswith(("images_", "own_", "synthetic_", "corrupted", "wrong_"))]
-    command = (f"python eval.py --ablation --stage=capfilt --config {args.config}"
-               f"{f' --max_iters={args.max_iters}' if args.max_iters else ''}{' ' + ' '.join(train_args) if train_args else ''}")
+    reports = {}  # report.json keeps the counts as integers
+    for n in capfilt:
+        with open(os.path.join(args.ablation_dir, n, "report.json")) as f:
+            reports[n] = json.load(f)
+    report_keys = [k for k in reports["capfilt"] if k.startswith(("images_", "own_", "synthetic_", "corrupted", "wrong_"))]
     text = (f"CapFilt experiment: `{command}`. Val split, and the test images with held-out colour-shape pairs "
-            f"(`heldout_`):\n\n" + markdown_table(rows, keys)
+            f"(`heldout_`). A pipeline's wall time sums the steps its model needed (filter-only's counts the whole "
+            f"capfilt step, though it reuses only its filter):\n\n" + markdown_table(rows, keys)
             + f"\nThe filter on the {int(done['capfilt']['images'])} images of the web split (wall time: the step's, "
             f"the captioner's and the filter's fine-tuning included):\n\n"
-            + markdown_table({n: done[n] for n in capfilt}, report_keys + ["wall_time_s"]))
+            + markdown_table({n: {**reports[n], "wall_time_s": done[n]["wall_time_s"]} for n in capfilt},
+                             report_keys + ["wall_time_s"]))
     write_text(args.table, text)
 
 
@@ -713,9 +724,12 @@ def main():
     ab.add_argument("--config", default="small")
     ab.add_argument("--train_split", default="train", help="'train' (clean) or 'web' (noisy captions)")
     ab.add_argument("--max_iters", type=int, default=0, help="steps per row (default: the preset's)")
-    ab.add_argument("--ablation_dir", default="out-ablation")
-    ab.add_argument("--table", default="results/ablation.md")
+    ab.add_argument("--ablation_dir", default=None, help="default out-ablation, or out-ablation-<stage>")
+    ab.add_argument("--table", default=None, help="default results/ablation.md, or results/ablation-<stage>.md")
     args, rest = parser.parse_known_args()
+    suffix = "" if args.stage == "pretrain" else f"-{args.stage}"
+    args.ablation_dir = args.ablation_dir or f"out-ablation{suffix}"
+    args.table = args.table or f"results/ablation{suffix}.md"
     if args.ablation:
         return run_ablation(args, rest)
     if rest:

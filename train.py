@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 import data
 from data import WorldConfig
-from eval import (OBJECTIVES_OFF, evaluate, evaluate_instruct, evaluate_prompt, generate_captions, image_tokens_of,
-                  itm_margins, load_checkpoint, multi_pixels, roc_auc, write_json)
+from eval import (OBJECTIVES_OFF, binary_metrics, evaluate, evaluate_instruct, evaluate_prompt, generate_captions,
+                  image_tokens_of, itm_margins, load_checkpoint, multi_pixels, write_json)
 from model import VLM, VLMConfig, uses_electra
 
 STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
@@ -55,7 +55,7 @@ class TrainConfig:
     rerank_k: int = 8  # evaluation: ITM re-ranks the top rerank_k of ITC retrieval
     log_interval: int = 10  # steps between log.jsonl lines
     ckpt_interval: int = 200  # steps between checkpoints (the last step is always saved)
-    train_vit: bool = False  # later stages: fine-tune the ViT too (frozen by default)
+    train_vit: bool = False  # instruct: fine-tune the ViT too (frozen by default; pretrain and finetune train it)
     train_images: int = 0  # train on the first N images of train_split only (0: all of it); finetune: a small clean set
     # CapFilt (M13): bootstrap the captions of a noisy split with a captioner and an ITM filter
     capfilt_split: str = "web"  # the split whose captions are bootstrapped
@@ -286,9 +286,12 @@ def pick_dtype(cfg, device_type):
 
 
 def pick_runtime(cfg, local_rank=0):
-    """(device, its type, dtype, autocast context: a no-op in float32)."""
+    """(device, its type, dtype, autocast context: a no-op in float32); TF32 matmuls on CUDA."""
     device = pick_device(cfg, local_rank)
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     dtype = pick_dtype(cfg, device_type)
     return device, device_type, dtype, torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
@@ -403,6 +406,8 @@ def pretrain_batches(cfg, ds, raw_model, device, rank, world_size):
     split = cfg.train_split
     if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
         raise SystemExit(f"--train_split {split!r}: {ds.path} has no captioned split of that name")
+    if cfg.train_images < 0:
+        raise SystemExit(f"--train_images must be at least 0 (0: the whole split), got {cfg.train_images}")
     n_train = min(ds.split_size(split), cfg.train_images or ds.split_size(split))
     n_captions = ds.array(split, "tokens").shape[1]
     # captions known to be true of their scene (not the noisy web split): paraphrases of one scene are never negatives
@@ -515,9 +520,6 @@ def train(cfg, ckpt=None, init=None):
     device, device_type, dtype, ctx = pick_runtime(cfg, local_rank)
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     ds = load_data(cfg, rank, world_size)
@@ -768,43 +770,38 @@ def bootstrap(captioner, filt, ds, cfg, device, ctx=nullcontext(), chunk=512):
     return np.concatenate(tokens), texts, problems, torch.cat(margins).numpy()
 
 
-def detection_metrics(prefix, dropped, wrong, margin):
-    """How well dropping found the wrong captions: precision (wrong among dropped), recall
-    (dropped among wrong) and the ROC-AUC of -margin for being wrong."""
-    tp = int((dropped & wrong).sum())
-    return {f"{prefix}_precision": tp / max(1, int(dropped.sum())), f"{prefix}_recall": tp / max(1, int(wrong.sum())),
-            f"{prefix}_auc": roc_auc(torch.from_numpy(-margin), torch.from_numpy(wrong)) if 0 < wrong.sum() < len(wrong)
-            else float("nan")}
-
-
 def capfilt_report(ds, split, keep, problems, margins, texts):
-    """The counts (each source's kept and dropped add up to the split's images) and, where the
+    """The counts (each source's kept and dropped add up to the split's images); where the
     split records which of its captions are corrupted (the shapes world's web split), the
-    filter's precision and recall at finding them; where its scenes are known, the same for
-    synthetic captions that do not parse to their image's scene, and the share of wrong
-    captions among those kept, before and after."""
+    filter's precision and recall at finding them (a dropped caption is a prediction of
+    "corrupted") and the ROC-AUC of -margin; where its scenes are known, the same for the
+    synthetic captions that do not parse to their image's scene; and, where both are known,
+    the share of wrong captions among those kept, before (own_wrong_before) and after."""
     N = len(keep)
     problems = np.array(problems)
+    usable = problems == ""
     report = {"images": N, "images_kept": int(keep.any(1).sum()), "images_dropped": int((~keep.any(1)).sum()),
               "own_kept": int(keep[:, 0].sum()), "own_dropped": int((~keep[:, 0]).sum()),
-              "synthetic_kept": int(keep[:, 1].sum()), "synthetic_dropped": int((~keep[:, 1] & (problems == "")).sum()),
+              "synthetic_kept": int(keep[:, 1].sum()), "synthetic_dropped": int((~keep[:, 1] & usable).sum()),
               **{f"synthetic_{p.replace(' ', '_')}": int((problems == p).sum()) for p in ("empty", "too long", "off")}}
+    synthetic_wrong = None
+    if ds.has(split, "scene") and ds.meta.get("kind") == "shapes":
+        scene = ds.array(split, "scene")[:]
+        synthetic_wrong = np.array([data.parse_caption(t) != s for t, s in zip(texts, scene)]) & usable
+        if usable.any():
+            report.update(synthetic_parse_acc=float(1 - synthetic_wrong[usable].mean()), **binary_metrics(
+                "synthetic_wrong", -margins[usable, 1], synthetic_wrong[usable], pred=~keep[usable, 1]))
     if ds.has(split, "corruption"):
-        corrupted = ds.array(split, "corruption")[:] > 0
+        corruption = ds.array(split, "corruption")[:]
+        corrupted = corruption > 0
         report.update(corrupted=int(corrupted.sum()), own_wrong_before=float(corrupted.mean()),
-                      **detection_metrics("corrupted", ~keep[:, 0], corrupted, margins[:, 0]))
+                      **binary_metrics("corrupted", -margins[:, 0], corrupted, pred=~keep[:, 0]))
         for k, kind in enumerate(ds.meta.get("corruptions", [])[1:], start=1):
-            of_kind = ds.array(split, "corruption")[:] == k
-            report[f"corrupted_recall_{kind}"] = float((~keep[of_kind, 0]).mean()) if of_kind.any() else float("nan")
-        if ds.has(split, "scene") and ds.meta.get("kind") == "shapes":
-            scene = ds.array(split, "scene")[:]
-            usable = problems == ""
-            synthetic_wrong = np.array([data.parse_caption(t) != s for t, s in zip(texts, scene)]) & usable
-            if usable.any():
-                report.update(synthetic_parse_acc=float(1 - synthetic_wrong[usable].mean()), **detection_metrics(
-                    "synthetic_wrong", ~keep[usable, 1], synthetic_wrong[usable], margins[usable, 1]))
-            wrong_kept = int((keep[:, 0] & corrupted).sum() + (keep[:, 1] & synthetic_wrong).sum())
-            report["wrong_after"] = wrong_kept / max(1, int(keep.sum()))
+            report[f"corrupted_recall_{kind}"] = float((~keep[corruption == k, 0]).mean()) if (corruption == k).any() \
+                else float("nan")
+        if synthetic_wrong is not None or not keep[:, 1].any():
+            wrong_kept = (keep[:, 0] & corrupted).sum() + (0 if synthetic_wrong is None else (keep[:, 1] & synthetic_wrong).sum())
+            report["wrong_after"] = float(wrong_kept / max(1, keep.sum()))
     return report
 
 
@@ -824,63 +821,92 @@ def cleaned_split(ds, split, keep, synthetic):
     return arrays
 
 
-def capfilt_stage(cfg, changes, overrides):
-    """CapFilt: fine-tune the captioner and the filter (capfilt_tune), bootstrap the captions of
-    capfilt_split, and write the cleaned set as a new prepared dataset (capfilt_data, by
-    default beside the source; never the source): its train split from cleaned_split, the
-    source's val and test splits copied. Writes report.json (here and in the dataset),
-    capfilt.npz (every decision and margin) and eval.json (the report's numbers)."""
+def capfilt_source(cfg):
+    """(the source dataset, where the cleaned set goes), every setting
+    checked before any work starts. The source is --data, or else the data init_from was
+    trained on. The cleaned set goes to capfilt_data, or beside the source as
+    <source>-capfilt-<hash of the settings, init_from and out_dir>; never into or around
+    the source or the run's out_dir, nor over a directory CapFilt did not write."""
     if cfg.capfilt_tune not in ("separate", "shared", "none"):
         raise SystemExit(f"--capfilt_tune takes separate, shared or none, got {cfg.capfilt_tune!r}")
-    if not 0 <= cfg.capfilt_threshold <= 1 or not 0 < cfg.capfilt_top_p <= 1:
-        raise SystemExit("--capfilt_threshold must be in [0, 1] and --capfilt_top_p in (0, 1]")
+    if not 0 <= cfg.capfilt_threshold <= 1 or not 0 < cfg.capfilt_top_p <= 1 or cfg.capfilt_temperature < 0:
+        raise SystemExit("--capfilt_threshold must be in [0, 1], --capfilt_top_p in (0, 1] and --capfilt_temperature >= 0")
     if not cfg.init_from:
         raise SystemExit("--stage capfilt: give --init_from PATH (with --resume too: finished fine-tuning runs are kept)")
     if "RANK" in os.environ:
         raise SystemExit("--stage capfilt runs as one process")
+    if not os.path.exists(cfg.init_from):
+        raise SystemExit(f"--init_from: no checkpoint at {cfg.init_from}")
+    init = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+    try:
+        ds = data.Dataset(cfg.data if cfg.data != "shapes" else init["data_path"])
+    except FileNotFoundError as e:
+        raise SystemExit(f"--stage capfilt: {e}") from None
+    check_tokenizer(init, ds)
+    split, m = cfg.capfilt_split, init["config"]["model"]
+    if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
+        raise SystemExit(f"--capfilt_split {split!r}: {ds.path} has no captioned split of that name")
+    if cfg.capfilt_tune == "none" and (m["itm_weight"] == 0 or cfg.capfilt_synthetic and m["caption_weight"] == 0):
+        raise SystemExit(f"--capfilt_tune=none: {cfg.init_from} is used as it is, and it was trained without ITM "
+                         f"(the filter) or without captioning (the captioner)")
+    settings = {k: getattr(cfg, k) for k in ("capfilt_split", "capfilt_tune", "capfilt_synthetic", "capfilt_top_p",
+                                             "capfilt_temperature", "capfilt_threshold", "seed")}
+    key = json.dumps({**settings, "init_from": os.path.abspath(cfg.init_from), "out_dir": os.path.abspath(cfg.out_dir)},
+                     sort_keys=True)
+    out = os.path.abspath(cfg.capfilt_data or f"{os.path.normpath(ds.path)}-capfilt-{hashlib.sha256(key.encode()).hexdigest()[:8]}")
+    inside = lambda a, b: os.path.commonpath([a, b]) == b  # noqa: E731  a is b or lies within it
+    source, run_dir = os.path.abspath(ds.path), os.path.abspath(cfg.out_dir)
+    if inside(out, source) or inside(source, out) or inside(run_dir, out):
+        raise SystemExit(f"--capfilt_data {out}: the cleaned set is a new directory, not in or around the source "
+                         f"dataset ({source}) or holding the run's out_dir ({run_dir})")
+    if os.path.exists(out) and "capfilt" not in (data.Dataset(out).meta if os.path.exists(os.path.join(out, "meta.json")) else {}):
+        raise SystemExit(f"--capfilt_data {out} exists and is not a set CapFilt wrote: give a new path")
+    return ds, out
+
+
+def capfilt_stage(cfg, changes, overrides):
+    """CapFilt: fine-tune the captioner and the filter (capfilt_tune), bootstrap the captions of
+    capfilt_split, and write the cleaned set as a new prepared dataset (capfilt_source says
+    where): its train split from cleaned_split, the source's val and test splits copied, the
+    report in its meta.json. Writes report.json, capfilt.npz (every decision and margin) and
+    eval.json (the report's numbers) to out_dir."""
+    ds, out = capfilt_source(cfg)
     t0 = time.time()
     roles = {"separate": dict(CAPFILT_ROLES), "shared": {"shared": {k: v for w in CAPFILT_ROLES.values() for k, v in w.items()}},
              "none": {}}[cfg.capfilt_tune]
     if not cfg.capfilt_synthetic:
         roles.pop("captioner", None)
     paths = {}
-    for name, weights in roles.items():
-        run = {"out_dir": os.path.join(cfg.out_dir, name), "stage": "finetune", **OBJECTIVES_OFF, **weights}
+    for name, weights in roles.items():  # each on the source dataset's train_split, from init_from
+        run = {"out_dir": os.path.join(cfg.out_dir, name), "stage": "finetune", "data": ds.path, **OBJECTIVES_OFF, **weights}
         sub_run(cfg, changes, overrides, run, f"{name}: fine-tuning on {cfg.train_split}")
         paths[name] = os.path.join(run["out_dir"], "ckpt.pt")
+    filter_path = paths.get("filter", paths.get("shared", cfg.init_from))
+    captioner_path = paths.get("captioner", paths.get("shared", cfg.init_from)) if cfg.capfilt_synthetic else None
     device, _, _, ctx = pick_runtime(cfg)
-    filt, _, ckpt = load_checkpoint(paths.get("filter", paths.get("shared", cfg.init_from)), device)
-    captioner, _, captioner_ckpt = load_checkpoint(paths.get("captioner", paths.get("shared", cfg.init_from)), device) \
-        if cfg.capfilt_synthetic else (None, None, ckpt)
-    if filt.cfg.itm_weight == 0:
-        raise SystemExit(f"--stage capfilt --capfilt_tune=none: {cfg.init_from} has no ITM head to filter with "
-                         f"(it was trained with --itm_weight=0)")
-    ds = data.Dataset(cfg.data if cfg.data != "shapes" else ckpt["data_path"])  # the data the filter was trained on
-    for model_ckpt in (captioner_ckpt, ckpt):
-        check_tokenizer(model_ckpt, ds)
+    filt = load_checkpoint(filter_path, device)[0]
+    captioner = None if captioner_path is None else filt if captioner_path == filter_path else \
+        load_checkpoint(captioner_path, device)[0]
     split = cfg.capfilt_split
-    if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
-        raise SystemExit(f"--capfilt_split {split!r}: {ds.path} has no captioned split of that name")
     print(f"bootstrapping {ds.split_size(split)} images of {split}: nucleus p {cfg.capfilt_top_p}, "
           f"threshold p(match) >= {cfg.capfilt_threshold}")
     synthetic, texts, problems, margins = bootstrap(captioner, filt, ds, cfg, device, ctx)
-    usable = np.array(problems) == ""
     threshold = itm_threshold(cfg.capfilt_threshold)
-    keep = np.stack([margins[:, 0] >= threshold, (margins[:, 1] >= threshold) & usable], 1)
+    keep = np.stack([margins[:, 0] >= threshold, (margins[:, 1] >= threshold) & (np.array(problems) == "")], 1)
     report = capfilt_report(ds, split, keep, problems, margins, texts)
-    settings = {k: getattr(cfg, k) for k in ("capfilt_split", "capfilt_tune", "capfilt_synthetic", "capfilt_top_p",
-                                             "capfilt_temperature", "capfilt_threshold", "init_from", "seed")}
-    out = cfg.capfilt_data or f"{os.path.normpath(ds.path)}-capfilt-" + hashlib.sha256(
-        json.dumps({**settings, "init_from": os.path.abspath(cfg.init_from)}, sort_keys=True).encode()).hexdigest()[:8]
-    if os.path.abspath(out) == os.path.abspath(ds.path):
-        raise SystemExit(f"--capfilt_data {out} is the source dataset: CapFilt never writes in place")
-    report.update(data_path=os.path.abspath(out), source=os.path.abspath(ds.path), **settings,
+    report.update(data_path=out, source=os.path.abspath(ds.path), filter=filter_path, captioner=captioner_path,
+                  **{k: getattr(cfg, k) for k in ("capfilt_split", "capfilt_tune", "capfilt_synthetic", "capfilt_top_p",
+                                                  "capfilt_temperature", "capfilt_threshold", "init_from", "seed")},
                   examples=[{"own": data.decode_tokens(ds.tokenizer, ds.array(split, "tokens")[i, 0]), "synthetic": texts[i],
                              "kept": keep[i].tolist(), "p_match": (1 / (1 + np.exp(-margins[i].astype(np.float64)))).tolist()}
                             for i in range(min(8, len(keep)))])
     os.makedirs(cfg.out_dir, exist_ok=True)
-    np.savez(os.path.join(cfg.out_dir, "capfilt.npz"), margins=margins, keep=keep, problems=np.array(problems),
-             synthetic=synthetic)
+    for stale in ("eval.json", "report.json"):  # of an earlier run: this one's replace them, or say why not
+        if os.path.exists(os.path.join(cfg.out_dir, stale)):
+            os.remove(os.path.join(cfg.out_dir, stale))
+    npz = os.path.join(cfg.out_dir, "capfilt.npz")
+    np.savez(npz + ".tmp.npz", margins=margins, keep=keep, problems=np.array(problems), synthetic=synthetic)
+    os.replace(npz + ".tmp.npz", npz)
     write_json(os.path.join(cfg.out_dir, "report.json"), report)
     for key, value in report.items():
         if key != "examples":
@@ -893,10 +919,9 @@ def capfilt_stage(cfg, changes, overrides):
     meta["capfilt"] = {k: v for k, v in report.items() if k != "examples"}
     data.write_dataset(out, {"train": arrays}, meta, ds.bpe_text, copy_from=ds,
                        copy_splits=[s for s in ("val", "test") if s in ds.meta["splits"]], replace=True)
-    write_json(os.path.join(out, "report.json"), report)
     print(f"cleaned dataset: {out} ({len(arrays['images'])} images, {int(keep.sum())} captions); "
           f"pretrain on it with --data={out}")
-    metrics = {key: float(v) for key, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {key: v for key, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     metrics["capfilt_time_s"] = time.time() - t0
     write_json(os.path.join(cfg.out_dir, "eval.json"), metrics)
     return metrics

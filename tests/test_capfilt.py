@@ -16,7 +16,7 @@ import torch
 import data
 import train
 from conftest import ROOT
-from eval import CAPFILT_STEPS, generate_captions, load_checkpoint
+from eval import CAPFILT_STEPS, binary_metrics, generate_captions, load_checkpoint
 
 
 def checksums(path):
@@ -77,6 +77,8 @@ def test_report_and_cleaned_dataset_follow_the_decisions(tmp_path, tiny_run, wor
     corrupted = tiny_world.array("web", "corruption")[:] > 0
     dropped = ~keep[:, 0]
     assert report["corrupted"] == corrupted.sum()
+    hand = binary_metrics("x", [0.0, 1, 2, 3, 4], [1, 0, 1, 0, 1], pred=[1, 1, 0, 0, 1])  # 2 of 3 dropped are wrong
+    assert (hand["x_precision"], hand["x_recall"], hand["x_auc"]) == (2 / 3, 2 / 3, 0.5)
     assert report["corrupted_precision"] == pytest.approx((dropped & corrupted).sum() / dropped.sum())
     assert report["corrupted_recall"] == pytest.approx((dropped & corrupted).sum() / corrupted.sum())
     assert metrics["corrupted_recall"] == pytest.approx(report["corrupted_recall"])
@@ -122,12 +124,14 @@ def test_nucleus_sampling_with_p_near_zero_is_greedy_decoding(tiny_run, tiny_wor
     model, tok, _ = load_checkpoint(os.path.join(tiny_run, "ckpt.pt"))
     cfg = train.apply_overrides(train.PRESETS["tiny"], {"capfilt_top_p": 1e-9, "capfilt_temperature": 1.0})
     _, texts, _, _ = train.bootstrap(model, model, tiny_world, cfg, "cpu", chunk=48)
-    assert texts == generate_captions(model, tok, tiny_world.array("web", "images"), "cpu")
+    assert texts == generate_captions(model, tok, tiny_world.array("web", "images"), "cpu", batch_size=48)
 
 
-def test_separate_captioner_and_filter_then_the_cleaned_set_pretrains(tmp_path, tiny_run, world_root, capsys):
+def test_separate_captioner_and_filter_then_the_cleaned_set_pretrains(tmp_path, tiny_run, world_root, tiny_world, capsys):
+    before = checksums(tiny_world.path)
     out = str(tmp_path / "cf")
     capfilt(tiny_run, world_root, out, "--capfilt_threshold=0")
+    assert checksums(tiny_world.path) == before  # the fine-tuning runs read the source too: still untouched
     init = torch.load(os.path.join(tiny_run, "ckpt.pt"), weights_only=True)
     runs = {name: torch.load(os.path.join(out, name, "ckpt.pt"), weights_only=True) for name in ("captioner", "filter")}
     weights = lambda c: {k: c["config"]["model"][f"{k}_weight"] for k in ("itc", "itm", "caption", "mlm", "rtd")}  # noqa: E731
@@ -165,6 +169,20 @@ def test_finetune_continues_on_the_first_clean_images_at_its_own_rate(tmp_path, 
         assert all(row.numpy().astype(np.int32).tobytes() in first for row in get_batch(step)["tokens"])
 
 
+def test_the_cleaned_set_never_goes_over_the_source_or_a_foreign_directory(tmp_path, tiny_run, world_root, tiny_world):
+    before = checksums(tiny_world.path)
+    for target, message in ((world_root, "not in or around the source"), (tiny_world.path + "/", "not in or around"),
+                            (os.path.join(tiny_world.path, "x"), "not in or around"), (str(tmp_path), "holding the run's out_dir")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(["--config", "tiny", "--stage", "capfilt", f"--init_from={tiny_run}/ckpt.pt",
+                        f"--out_dir={tmp_path / 'run'}", f"--capfilt_data={target}", "--capfilt_tune=none"])
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(SystemExit, match="is not a set CapFilt wrote"):
+        train.main(["--config", "tiny", "--stage", "capfilt", f"--init_from={tiny_run}/ckpt.pt",
+                    f"--out_dir={tmp_path / 'run'}", f"--capfilt_data={tmp_path / 'mine'}", "--capfilt_tune=none"])
+    assert checksums(tiny_world.path) == before and os.listdir(tmp_path / "mine") == []
+
+
 def test_a_checkpoint_is_refused_on_data_with_another_tokenizer(tiny_run, tiny_world):
     ckpt = torch.load(os.path.join(tiny_run, "ckpt.pt"), weights_only=True)
     train.check_tokenizer(ckpt, tiny_world)
@@ -180,7 +198,7 @@ def test_capfilt_experiment_runs_every_step_and_resumes(tmp_path, world_root, ti
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     done = json.load(open(tmp_path / "experiment.json"))
-    assert list(done) == [step[0] for step in CAPFILT_STEPS]
+    assert list(done) == ["command", *(step[0] for step in CAPFILT_STEPS)]
     for name in ("web", "cleaned", "clean"):
         assert done[name]["step"] == 20
     assert done["web-finetune"]["step"] == train.STAGE_PRESETS["finetune"]["tiny"]["max_iters"]
@@ -189,7 +207,9 @@ def test_capfilt_experiment_runs_every_step_and_resumes(tmp_path, world_root, ti
     table = open(tmp_path / "capfilt.md").read()
     row = next(line for line in table.splitlines() if line.startswith("| cleaned-finetune |"))
     pipeline = sum(done[n]["wall_time_s"] for n in ("web", "capfilt", "cleaned", "cleaned-finetune"))
-    assert row.rstrip(" |").endswith(str(pipeline))
+    assert row.strip(" |").split(" | ")[-1] == str(pipeline)
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert again.returncode == 0 and again.stdout.count("finished before, kept") == len(done)
+    assert again.returncode == 0 and again.stdout.count("finished before, kept") == len(CAPFILT_STEPS)
     assert open(tmp_path / "capfilt.md").read() == table
+    other = subprocess.run([*cmd[:6], "--max_iters=30", *cmd[7:]], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert other.returncode != 0 and "holds an experiment of other arguments" in other.stderr
