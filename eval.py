@@ -657,6 +657,11 @@ def run_capfilt_experiment(args, train_args):
     retrieval R@1 both ways, caption parse accuracy, the same on held-out compositions, each
     step's wall time and its pipeline's (the steps its model needed); then the filter's
     reports."""
+    if args.rows or args.data or args.train_split != "train":
+        raise SystemExit("--stage=capfilt runs its own steps on their own data: --rows, --data and --train_split do not apply")
+    fixed = [f for f in train_args if f.split("=")[0] in ("--out_dir", "--data", "--init_from", "--capfilt_data", "--stage")]
+    if fixed:
+        raise SystemExit(f"--stage=capfilt sets {', '.join(fixed)} itself for each step")
     command = (f"python eval.py --ablation --stage=capfilt --config {args.config}"
                f"{f' --max_iters={args.max_iters}' if args.max_iters else ''}{' ' + ' '.join(train_args) if train_args else ''}")
     state_file = os.path.join(args.ablation_dir, "experiment.json")

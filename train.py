@@ -770,6 +770,13 @@ def bootstrap(captioner, filt, ds, cfg, device, ctx=nullcontext(), chunk=512):
     return np.concatenate(tokens), texts, problems, torch.cat(margins).numpy()
 
 
+def capfilt_keep(margins, problems, p):
+    """(N, 2) bool: which captions the filter keeps, [own, synthetic]: those whose margin is at
+    least itm_threshold(p), a synthetic one only if it is usable (no problem)."""
+    threshold = itm_threshold(p)
+    return np.stack([margins[:, 0] >= threshold, (margins[:, 1] >= threshold) & (np.asarray(problems) == "")], 1)
+
+
 def capfilt_report(ds, split, keep, problems, margins, texts):
     """The counts (each source's kept and dropped add up to the split's images); where the
     split records which of its captions are corrupted (the shapes world's web split), the
@@ -853,12 +860,12 @@ def capfilt_source(cfg):
                                              "capfilt_temperature", "capfilt_threshold", "seed")}
     key = json.dumps({**settings, "init_from": os.path.abspath(cfg.init_from), "out_dir": os.path.abspath(cfg.out_dir)},
                      sort_keys=True)
-    out = os.path.abspath(cfg.capfilt_data or f"{os.path.normpath(ds.path)}-capfilt-{hashlib.sha256(key.encode()).hexdigest()[:8]}")
+    out = os.path.realpath(cfg.capfilt_data or f"{os.path.normpath(ds.path)}-capfilt-{hashlib.sha256(key.encode()).hexdigest()[:8]}")
     inside = lambda a, b: os.path.commonpath([a, b]) == b  # noqa: E731  a is b or lies within it
-    source, run_dir = os.path.abspath(ds.path), os.path.abspath(cfg.out_dir)
-    if inside(out, source) or inside(source, out) or inside(run_dir, out):
+    source, run_dir = os.path.realpath(ds.path), os.path.realpath(cfg.out_dir)
+    if any(inside(out, other) or inside(other, out) for other in (source, run_dir)):
         raise SystemExit(f"--capfilt_data {out}: the cleaned set is a new directory, not in or around the source "
-                         f"dataset ({source}) or holding the run's out_dir ({run_dir})")
+                         f"dataset ({source}) or the run's out_dir ({run_dir})")
     if os.path.exists(out) and "capfilt" not in (data.Dataset(out).meta if os.path.exists(os.path.join(out, "meta.json")) else {}):
         raise SystemExit(f"--capfilt_data {out} exists and is not a set CapFilt wrote: give a new path")
     return ds, out
@@ -890,9 +897,10 @@ def capfilt_stage(cfg, changes, overrides):
     split = cfg.capfilt_split
     print(f"bootstrapping {ds.split_size(split)} images of {split}: nucleus p {cfg.capfilt_top_p}, "
           f"threshold p(match) >= {cfg.capfilt_threshold}")
+    t_boot = time.time()
     synthetic, texts, problems, margins = bootstrap(captioner, filt, ds, cfg, device, ctx)
-    threshold = itm_threshold(cfg.capfilt_threshold)
-    keep = np.stack([margins[:, 0] >= threshold, (margins[:, 1] >= threshold) & (np.array(problems) == "")], 1)
+    t_boot = time.time() - t_boot
+    keep = capfilt_keep(margins, problems, cfg.capfilt_threshold)
     report = capfilt_report(ds, split, keep, problems, margins, texts)
     report.update(data_path=out, source=os.path.abspath(ds.path), filter=filter_path, captioner=captioner_path,
                   **{k: getattr(cfg, k) for k in ("capfilt_split", "capfilt_tune", "capfilt_synthetic", "capfilt_top_p",
@@ -922,7 +930,7 @@ def capfilt_stage(cfg, changes, overrides):
     print(f"cleaned dataset: {out} ({len(arrays['images'])} images, {int(keep.sum())} captions); "
           f"pretrain on it with --data={out}")
     metrics = {key: v for key, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    metrics["capfilt_time_s"] = time.time() - t0
+    metrics.update(bootstrap_time_s=t_boot, capfilt_time_s=time.time() - t0)
     write_json(os.path.join(cfg.out_dir, "eval.json"), metrics)
     return metrics
 

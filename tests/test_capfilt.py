@@ -91,7 +91,9 @@ def test_report_and_cleaned_dataset_follow_the_decisions(tmp_path, tiny_run, wor
     rows = np.flatnonzero(keep.any(1))
     np.testing.assert_array_equal(ds.array("train", "source_index"), rows)
     np.testing.assert_array_equal(ds.array("train", "images"), tiny_world.array("web", "images")[rows])
-    np.testing.assert_array_equal(ds.array("train", "tokens"), train.cleaned_split(tiny_world, "web", keep, synthetic)["tokens"])
+    own = tiny_world.array("web", "tokens")[:, 0]
+    for i, r in enumerate(rows):  # the first slot holds the web caption when it was kept, else the synthetic one
+        np.testing.assert_array_equal(ds.array("train", "tokens")[i, 0], own[r] if keep[r, 0] else synthetic[r])
     assert ds.meta["splits"] == {"train": len(rows), "val": tiny_world.split_size("val"), "test": tiny_world.split_size("test")}
     for split in ("val", "test"):
         np.testing.assert_array_equal(ds.array(split, "images"), tiny_world.array(split, "images"))
@@ -164,15 +166,20 @@ def test_finetune_continues_on_the_first_clean_images_at_its_own_rate(tmp_path, 
     model = train.VLM(cfg.model)
     get_batch, n = train.pretrain_batches(cfg, tiny_world, model, "cpu", 0, 1)
     assert n == preset["train_images"]
-    first = {t.tobytes() for t in tiny_world.array("train", "tokens")[:n].reshape(-1, cfg.model.context_length)}
-    for step in range(6):  # every caption of a batch is one of the first n images'
-        assert all(row.numpy().astype(np.int32).tobytes() in first for row in get_batch(step)["tokens"])
+    images = tiny_world.array("train", "images")
+    first, rest = {im.tobytes() for im in images[:n]}, {im.tobytes() for im in images[n:]}
+    assert not first & rest  # every image is distinct, so an image says which index it came from
+    pixels = lambda x: np.asarray(model.normalize_pixels(torch.from_numpy(np.array(x))))  # noqa: E731
+    allowed = {pixels(im[None])[0].tobytes() for im in images[:n]}
+    for step in range(6):  # every image of a batch is one of the first n
+        assert all(p.numpy().tobytes() in allowed for p in get_batch(step)["pixels"])
 
 
 def test_the_cleaned_set_never_goes_over_the_source_or_a_foreign_directory(tmp_path, tiny_run, world_root, tiny_world):
     before = checksums(tiny_world.path)
     for target, message in ((world_root, "not in or around the source"), (tiny_world.path + "/", "not in or around"),
-                            (os.path.join(tiny_world.path, "x"), "not in or around"), (str(tmp_path), "holding the run's out_dir")):
+                            (os.path.join(tiny_world.path, "x"), "not in or around"), (str(tmp_path), "or the run's out_dir"),
+                            (str(tmp_path / "run" / "filter"), "or the run's out_dir")):
         with pytest.raises(SystemExit, match=message):
             train.main(["--config", "tiny", "--stage", "capfilt", f"--init_from={tiny_run}/ckpt.pt",
                         f"--out_dir={tmp_path / 'run'}", f"--capfilt_data={target}", "--capfilt_tune=none"])
@@ -183,12 +190,21 @@ def test_the_cleaned_set_never_goes_over_the_source_or_a_foreign_directory(tmp_p
     assert checksums(tiny_world.path) == before and os.listdir(tmp_path / "mine") == []
 
 
-def test_a_checkpoint_is_refused_on_data_with_another_tokenizer(tiny_run, tiny_world):
-    ckpt = torch.load(os.path.join(tiny_run, "ckpt.pt"), weights_only=True)
-    train.check_tokenizer(ckpt, tiny_world)
-    ckpt["tokenizer"]["bpe"] += "c2hhcGU= 9999\n"  # one more merge: other ids
+def test_the_filter_keeps_a_margin_at_the_threshold_and_drops_one_below(tiny_world):
+    margins = np.array([[0.0, 0.0], [-1e-6, 1e-6], [-1e30, 1e30], [5.0, 5.0]], np.float32)
+    problems = ["", "", "", "too long"]
+    keep = train.capfilt_keep(margins, problems, 0.5)  # p(match) >= 0.5: margin >= 0
+    assert keep.tolist() == [[True, True], [False, True], [False, True], [True, False]]
+    assert train.capfilt_keep(margins, problems, 0.0)[:, 0].all() and not train.capfilt_keep(margins, problems, 1.0).any()
+
+
+def test_a_checkpoint_is_refused_on_data_with_another_tokenizer(tmp_path, tiny_run, world_root, tiny_world):
+    other = data.prepare_world(str(tmp_path), train.apply_overrides(train.PRESETS["tiny"], {"world_seed": 1}).world,
+                               tiny_world.image_size, tiny_world.context_length, log=lambda *a: None)
+    assert data.Dataset(other).bpe_text != tiny_world.bpe_text
     with pytest.raises(SystemExit, match="is not that of"):
-        train.check_tokenizer(ckpt, tiny_world)
+        train.main(["--config", "tiny", "--stage", "finetune", f"--init_from={tiny_run}/ckpt.pt", f"--data={other}",
+                    f"--out_dir={tmp_path / 'run'}"])
 
 
 def test_capfilt_experiment_runs_every_step_and_resumes(tmp_path, world_root, tiny_world):
@@ -213,3 +229,5 @@ def test_capfilt_experiment_runs_every_step_and_resumes(tmp_path, world_root, ti
     assert open(tmp_path / "capfilt.md").read() == table
     other = subprocess.run([*cmd[:6], "--max_iters=30", *cmd[7:]], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert other.returncode != 0 and "holds an experiment of other arguments" in other.stderr
+    fixed = subprocess.run([*cmd, "--capfilt_data=x"], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert fixed.returncode != 0 and "sets --capfilt_data=x itself" in fixed.stderr
