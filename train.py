@@ -728,6 +728,9 @@ def prompt_stage(cfg, changes, overrides):
 
 # the objectives of the captioner's and the filter's fine-tuning runs (every other weight 0)
 CAPFILT_ROLES = {"captioner": dict(caption_weight=1.0), "filter": dict(itc_weight=1.0, itm_weight=1.0)}
+# the fields that decide a cleaned set (with init_from): they name its default directory and go in its report
+CAPFILT_SETTINGS = ("capfilt_split", "capfilt_tune", "capfilt_synthetic", "capfilt_top_p", "capfilt_temperature",
+                    "capfilt_threshold", "init_from", "seed")
 
 
 def itm_threshold(p):
@@ -856,8 +859,7 @@ def capfilt_source(cfg):
     if cfg.capfilt_tune == "none" and (m["itm_weight"] == 0 or cfg.capfilt_synthetic and m["caption_weight"] == 0):
         raise SystemExit(f"--capfilt_tune=none: {cfg.init_from} is used as it is, and it was trained without ITM "
                          f"(the filter) or without captioning (the captioner)")
-    settings = {k: getattr(cfg, k) for k in ("capfilt_split", "capfilt_tune", "capfilt_synthetic", "capfilt_top_p",
-                                             "capfilt_temperature", "capfilt_threshold", "seed")}
+    settings = {k: getattr(cfg, k) for k in CAPFILT_SETTINGS}
     key = json.dumps({**settings, "init_from": os.path.abspath(cfg.init_from), "out_dir": os.path.abspath(cfg.out_dir)},
                      sort_keys=True)
     out = os.path.realpath(cfg.capfilt_data or f"{os.path.normpath(ds.path)}-capfilt-{hashlib.sha256(key.encode()).hexdigest()[:8]}")
@@ -903,8 +905,7 @@ def capfilt_stage(cfg, changes, overrides):
     keep = capfilt_keep(margins, problems, cfg.capfilt_threshold)
     report = capfilt_report(ds, split, keep, problems, margins, texts)
     report.update(data_path=out, source=os.path.abspath(ds.path), filter=filter_path, captioner=captioner_path,
-                  **{k: getattr(cfg, k) for k in ("capfilt_split", "capfilt_tune", "capfilt_synthetic", "capfilt_top_p",
-                                                  "capfilt_temperature", "capfilt_threshold", "init_from", "seed")},
+                  **{k: getattr(cfg, k) for k in CAPFILT_SETTINGS},
                   examples=[{"own": data.decode_tokens(ds.tokenizer, ds.array(split, "tokens")[i, 0]), "synthetic": texts[i],
                              "kept": keep[i].tolist(), "p_match": (1 / (1 + np.exp(-margins[i].astype(np.float64)))).tolist()}
                             for i in range(min(8, len(keep)))])
