@@ -602,13 +602,45 @@ def uses_electra(cfg):
     return any(w > 0 for w in (cfg.mlm_weight, cfg.moc_weight, cfg.rtd_weight, cfg.r2d_weight))
 
 
+def dist_info():
+    """(rank, world size); (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather(x):
+    """Every rank's x concatenated along dim 0 (rank order), without gradient."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward pass hands each rank the sum, over every rank's loss, of the
+    gradients that reached its own rows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return all_gather(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world_size = dist_info()
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            mine = grad.new_empty(grad.size(0) // world_size, *grad.shape[1:])
+            dist.reduce_scatter_tensor(mine, grad)
+            return mine
+        dist.all_reduce(grad)  # gloo has no reduce-scatter of tensors
+        return grad.chunk(world_size)[rank]
+
+
 def gather_with_grad(x):
     """Concatenate x from every rank along dim 0, keeping the gradient path to each rank's
-    own rows (open_clip's gather_with_grad). Identity when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    import torch.distributed.nn.functional as dist_fn
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    own rows (open_clip's gather_with_grad): the backward pass sums, on each rank, the
+    gradients that every rank's loss sends to its rows. Identity when not distributed."""
+    return x if dist_info()[1] == 1 else GatherWithGrad.apply(x)
 
 
 def fp32(x):
@@ -627,7 +659,7 @@ def positive_mates(tokens, groups, all_tokens, all_groups):
 
 
 def itc_loss(image_emb, text_emb, logit_scale, same, image_cols=None, text_cols=None, hidden=None, soft=None,
-             alpha=0.0):
+             alpha=0.0, all_image=None, all_text=None):
     """CLIP's symmetric InfoNCE on L2-normalised embeddings, with negatives from every rank.
     Each rank scores its own rows against all N columns (open_clip's local loss). same (B, N):
     which columns are positives of each row, the target spread evenly over them; with one
@@ -636,8 +668,10 @@ def itc_loss(image_emb, text_emb, logit_scale, same, image_cols=None, text_cols=
     only: hidden (B, Q) marks the queued captions that are mates of a row, left out of its
     softmax (an earlier copy of the same caption is neither a negative nor a target).
     soft: (i2t, t2i) momentum-model softmax targets over the N + Q columns, mixed in as
-    alpha * soft + (1 - alpha) * target (ALBEF's momentum distillation)."""
-    all_image, all_text = gather_with_grad(image_emb), gather_with_grad(text_emb)
+    alpha * soft + (1 - alpha) * target (ALBEF's momentum distillation).
+    all_image, all_text: the N columns (default: every rank's rows, gathered with gradient)."""
+    all_image = gather_with_grad(image_emb) if all_image is None else all_image
+    all_text = gather_with_grad(text_emb) if all_text is None else all_text
     if image_cols is not None:
         all_image, all_text = torch.cat([all_image, image_cols.to(all_image.dtype)]), torch.cat([all_text, text_cols.to(all_text.dtype)])
     scale = logit_scale.exp().clamp(max=100)
@@ -654,23 +688,68 @@ def itc_loss(image_emb, text_emb, logit_scale, same, image_cols=None, text_cols=
     return (F.cross_entropy(logits_i2t, t_i2t) + F.cross_entropy(logits_t2i, t_t2i)) / 2
 
 
-def hard_negatives(logits, same, generator=None):
+def sample_index(weights, u):
+    """Inverse-CDF sampling: for each row of weights (..., K) (non-negative, not necessarily
+    summing to 1) the index whose slice of the cumulative sum holds u * total, u (...) uniform
+    in [0, 1). Given its uniforms, a draw is a pure function of its row, so a row drawn on
+    any rank or in any micro-batch gets the index it gets in one big batch. An entry of weight
+    0 is never drawn."""
+    cum = weights.cumsum(-1)
+    return torch.searchsorted(cum, (u * cum[..., -1]).unsqueeze(-1), right=True).squeeze(-1).clamp(max=weights.size(-1) - 1)
+
+
+def hard_negatives(logits, same, generator=None, u=None, offset=0):
     """One hard negative per row: column j drawn with probability softmax(logits[i]) over the
     columns that are not positives of row i (same[i, j] False: the positive itself and any
-    identical caption). Returns (index (B,), valid (B,) bool). A row with no candidate (a batch
-    of one, or of identical captions) gets valid False and index i, to be left out of the
-    loss rather than turn into NaN."""
+    identical caption). u (B,): the row's uniforms (else drawn from generator); offset: the
+    global column of row 0. Returns (index (B,), valid (B,) bool). A row with no candidate (a
+    batch of one, or of identical captions) gets valid False and its own column, to be left
+    out of the loss rather than turn into NaN."""
     valid = (~same).any(1)
     weights = logits.detach().float().masked_fill(same, float("-inf")).softmax(1)
-    own = torch.eye(same.size(0), same.size(1), device=same.device)
+    row = torch.arange(same.size(0), device=same.device) + offset
+    own = (torch.arange(same.size(1), device=same.device)[None] == row[:, None]).float()
     weights = torch.where(valid[:, None], weights, own)
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1), valid
+    if u is None:
+        u = torch.rand(same.size(0), generator=generator, device=same.device)
+    return sample_index(weights, u), valid
 
 
-def masked_mean(x, mask):
-    """Mean of x over the positions where mask is True; 0 (with a gradient path) if none."""
+def masked_mean(x, mask, count=None):
+    """Sum of x over the positions where mask is True, divided by count (default: the number
+    of such positions; at least 1, and a gradient path even if none)."""
     mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum() / (mask.sum() if count is None else count).clamp(min=1)
+
+
+def draw_noise(cfg, B, T, generator=None, device=None):
+    """The uniform draws of a pretraining batch of B rows (T text positions), in one fixed
+    order: ELECTRA's text and patch masks and its token and code samples, and the two hard
+    negatives of ITM. The training loop draws them for the whole step (every rank and
+    micro-batch) from a generator seeded by the step and hands each micro-batch its rows, so
+    that the randomness of a row does not depend on how the batch is split."""
+    n_patches = (cfg.image_size // cfg.patch_size) ** 2
+    shapes = dict(text_mask=(B, T), patch_mask=(B, n_patches), token=(B, T), code=(B, n_patches), neg_text=(B,),
+                  neg_image=(B,))
+    return {k: torch.rand(s, generator=generator, device=device) for k, s in shapes.items()}
+
+
+def electra_masks(cfg, tokens, noise):
+    """(text_mask, patch_mask): text_mask_rate of the non-special tokens, patch_mask_rate of
+    the patches."""
+    special = (tokens == cfg.bos_id) | (tokens == cfg.eos_id) | (tokens == cfg.pad_id)
+    return (noise["text_mask"][:, :tokens.size(1)] < cfg.text_mask_rate) & ~special, noise["patch_mask"] < cfg.patch_mask_rate
+
+
+def pretrain_counts(cfg, tokens, noise):
+    """The positions that the per-token pretraining losses average over, counted in a batch:
+    masked tokens (mlm), masked patches (moc), non-padding tokens (rtd) and caption targets.
+    They depend on the tokens and the noise only, so the training loop counts them for the
+    whole step before any forward pass; each loss divides its sum by the step's count (per
+    rank and micro-batch), which makes a step's gradient independent of how its batch is split."""
+    text_mask, patch_mask = electra_masks(cfg, tokens, noise)
+    return {"mlm": text_mask.sum().float(), "moc": patch_mask.sum().float(),
+            "rtd": (tokens != cfg.pad_id).sum().float(), "caption": (tokens[:, 1:] != cfg.pad_id).sum().float()}
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -801,12 +880,13 @@ class VLM(nn.Module):
             self.group_queue.fill_(-1)
 
     @torch.no_grad()
-    def _enqueue(self, image_feat, text_feat, tokens, groups):
-        """Add every rank's momentum features of this batch to the ring-buffer queues."""
-        feats = [gather_with_grad(x) for x in (image_feat, text_feat, self._full_length(tokens), groups)]
+    def _enqueue(self, cols):
+        """Add the momentum features of a whole step (cols: every rank's rows, pretrain_head's
+        columns) to the ring-buffer queues."""
+        feats = [cols[k] for k in ("image_m", "text_m")] + [self._full_length(cols["tokens"]), cols["groups"]]
         Q = self.cfg.queue_size
         n = min(feats[0].size(0), Q)
-        slots = (self.queue_ptr + torch.arange(n, device=tokens.device)) % Q
+        slots = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % Q
         for queue, x in zip((self.image_queue, self.text_queue, self.token_queue, self.group_queue), feats):
             queue[slots] = x[-n:].to(queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + n) % Q)
@@ -857,30 +937,30 @@ class VLM(nn.Module):
 
     # -- ELECTRA (M6) --
 
-    def electra_inputs(self, pixels, tokens, codes, rng=None):
-        """Mask, let the generator fill in, replace. Masks: text_mask_rate of the non-special
-        tokens and patch_mask_rate of the patches. A masked token becomes a token sampled from
-        the generator's MLM distribution; a masked patch becomes the pixels of the centroid of
-        a code sampled from its MOC distribution. Labels: a token is replaced when it differs
-        from the original; a patch when its sampled code differs from its original code (so a
-        sample equal to the original counts as original). Returns a dict: text_mask, patch_mask,
-        mlm_logits, moc_logits (with gradient, for the generator's losses), gen_input (what the
-        generator read, for the momentum generator), pixels, tokens, rtd_label, r2d_label."""
+    def electra_inputs(self, pixels, tokens, codes, rng=None, noise=None):
+        """Mask, let the generator fill in, replace. Masks (electra_masks): text_mask_rate of
+        the non-special tokens and patch_mask_rate of the patches. A masked token becomes a token
+        sampled from the generator's MLM distribution; a masked patch becomes the pixels of the
+        centroid of a code sampled from its MOC distribution. Labels: a token is replaced when it
+        differs from the original; a patch when its sampled code differs from its original code
+        (so a sample equal to the original counts as original). The draws come from noise
+        (draw_noise), else from rng. Returns a dict: text_mask, patch_mask, mlm_logits,
+        moc_logits (with gradient, for the generator's losses), gen_input (what the generator
+        read, for the momentum generator), pixels, tokens, rtd_label, r2d_label."""
         cfg = self.cfg
         p = cfg.patch_size
+        if noise is None:
+            noise = draw_noise(cfg, tokens.size(0), tokens.size(1), rng, tokens.device)
         patches = patchify(pixels, p)
-        special = (tokens == cfg.bos_id) | (tokens == cfg.eos_id) | (tokens == cfg.pad_id)
-        text_mask = (torch.rand(tokens.shape, generator=rng, device=tokens.device) < cfg.text_mask_rate) & ~special
-        patch_mask = torch.rand(patches.shape[:2], generator=rng, device=tokens.device) < cfg.patch_mask_rate
+        text_mask, patch_mask = electra_masks(cfg, tokens, noise)
         gen_input = (patches, patch_mask, tokens.masked_fill(text_mask, cfg.mask_id))
         mlm_logits, moc_logits = self.generator(*gen_input)
         with torch.no_grad():
             logits = mlm_logits.detach().float().clone()
             logits[..., [cfg.bos_id, cfg.eos_id, cfg.pad_id, cfg.mask_id]] = float("-inf")  # never sample specials
-            sampled = torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=rng).view(tokens.shape)
+            sampled = sample_index(logits.softmax(-1), noise["token"][:, :tokens.size(1)])
             new_tokens = torch.where(text_mask, sampled, tokens)
-            probs = moc_logits.detach().float().softmax(-1).flatten(0, 1)
-            sampled_code = torch.multinomial(probs, 1, generator=rng).view(patch_mask.shape)
+            sampled_code = sample_index(moc_logits.detach().float().softmax(-1), noise["code"])
             mean = self.pixel_mean.view(1, 3).repeat(p * p, 1).view(-1)  # per (row, column, channel)
             std = self.pixel_std.view(1, 3).repeat(p * p, 1).view(-1)
             centroid = (self.codebook[sampled_code] - mean) / std
@@ -891,14 +971,15 @@ class VLM(nn.Module):
 
     # -- training --
 
-    def caption_loss(self, image_tokens, tokens):
+    def caption_loss(self, image_tokens, tokens, count=None):
         """Prefix-LM next-token loss on the caption given the image tokens; <pad> is ignored,
-        <eos> is predicted so that generation learns to stop."""
+        <eos> is predicted so that generation learns to stop. Averaged over the targets, or
+        summed and divided by count (pretrain_counts)."""
         h = self.text(tokens[:, :-1], prefix=image_tokens, mask="prefix")
-        logits = self.text.lm_head(h[:, image_tokens.size(1):])  # text positions only
-        targets = tokens[:, 1:].masked_fill(tokens[:, 1:] == self.cfg.pad_id, -100)
-        logits = fp32(logits)  # bf16/fp16 logits: the softmax over the vocabulary in fp32
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        logits = fp32(self.text.lm_head(h[:, image_tokens.size(1):]))  # text positions; the softmax in fp32
+        targets = tokens[:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        return masked_mean(nll, targets != self.cfg.pad_id, count)
 
     def forward(self, *args, stage="pretrain", **kwargs):
         """The losses of a training stage on a batch: a dict of named losses and 'loss', their
@@ -907,85 +988,135 @@ class VLM(nn.Module):
         losses = {"instruct": self.instruct_losses, "prompt": self.prompt_losses}.get(stage, self.pretrain_losses)
         return losses(*args, **kwargs)
 
-    def pretrain_losses(self, pixels, tokens, codes=None, groups=None, alpha=0.0):
+    def pretrain_losses(self, pixels, tokens, codes=None, groups=None, alpha=0.0, noise=None, counts=None, offset=None):
         """pixels (B, 3, H, W) normalised, tokens (B, T) -> dict of named losses and 'loss',
         their weighted sum. An objective whose weight is 0 is not computed.
         codes (B, P): the visual code of every patch (needed by ELECTRA's MOC and R2D).
         groups (B,): captions in one group (>= 0) describe the same thing and are never
         negatives of each other; None: only identical captions are.
-        alpha: weight of the momentum model's soft targets (ramped up by the training loop)."""
-        cfg = self.cfg
-        weights = self.loss_weights()
-        on = {k: w > 0 for k, w in weights.items()}
-        electra = uses_electra(cfg)
-        distill = self.momentum is not None  # soft targets for ITC and MLM, queued negatives for ITC
+        alpha: weight of the momentum model's soft targets (ramped up by the training loop).
+        noise: this batch's rows of the step's random draws (draw_noise; default: drawn here).
+        counts: what the per-token losses divide by (pretrain_counts; default: this batch's).
+        offset: the global row of this batch's first row (default rank * B).
+        Under DDP the cross-sample losses read every rank's rows (gather_with_grad): with the
+        step's noise and counts, the gradient averaged over ranks is that of one process on the
+        concatenated batch. The two halves, pretrain_encode and pretrain_head, also serve
+        gradient accumulation with cached features (train.py)."""
         B = tokens.size(0)
-        vit = self.visual(pixels)
+        if noise is None:
+            noise = draw_noise(self.cfg, B, tokens.size(1), device=tokens.device)
+        counts = pretrain_counts(self.cfg, tokens, noise) if counts is None else counts
+        losses, rows = self.pretrain_encode(pixels, tokens, codes, groups, noise, counts, alpha)
+        cols = {k: gather_with_grad(rows[k]) for k in self.column_keys(rows)}
+        offset = dist_info()[0] * B if offset is None else offset
+        losses.update(self.pretrain_head(rows, cols, noise, offset, alpha, counts))
+        if "image_m" in cols:
+            self._enqueue(cols)
+        losses["loss"] = self.weighted_sum(losses)
+        return losses
+
+    def weighted_sum(self, losses):
+        weights = self.loss_weights()
+        return sum(weights[k] * v for k, v in losses.items() if weights[k] > 0)
+
+    def column_keys(self, rows):
+        """What pretrain_head reads from every row of the step, of what rows holds: the fused
+        pass's inputs only for ITM's negatives. Of these, image_emb, text_emb and fused_image
+        carry a gradient back to the encoders."""
+        keys = ("image_emb", "text_emb", "image_m", "text_m", "tokens", "groups")
+        return [k for k in keys + (("fused_image", "fused_tokens") if self.cfg.itm_weight > 0 else ()) if k in rows]
+
+    def pretrain_encode(self, pixels, tokens, codes, groups, noise, counts, alpha=0.0, momentum=True):
+        """The per-sample half of pretraining: the encoders' passes over one batch. Returns
+        (losses, rows): the losses that read one sample at a time (mlm, moc, caption), and the
+        batch's rows of what the cross-sample losses read (pretrain_head): image_emb, text_emb
+        (ITC and the hard-negative draws), fused_image and fused_tokens (the fused pass's image
+        tokens and text: the replaced ones when ELECTRA is on), rtd_label and r2d_label, tokens,
+        groups, and without gradient, unless momentum is False, the momentum model's
+        image_m and text_m."""
+        cfg = self.cfg
+        on = {k: w > 0 for k, w in self.loss_weights().items()}
         losses = {}
+        rows = dict(tokens=tokens, groups=groups if groups is not None else torch.full_like(tokens[:, 0], -1))
+        vit = self.visual(pixels)
+        image_tokens = self.image_tokens(vit) if on["caption"] or on["itm"] or on["rtd"] or on["r2d"] else None
         if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the ITC similarity
-            image_emb, text_emb = self._image_embedding(self.visual, vit), self._text_embedding(self.text, tokens)
-        if on["itc"]:
-            same = positive_mates(tokens, groups, gather_with_grad(tokens),
-                                  None if groups is None else gather_with_grad(groups))
-            extra = {}
-            if distill:  # the queue adds negatives; the momentum model gives soft targets over all columns
-                m = self.momentum
+            rows.update(image_emb=self._image_embedding(self.visual, vit), text_emb=self._text_embedding(self.text, tokens))
+        if self.momentum is not None and on["itc"] and momentum:
+            m = self.momentum
+            with torch.no_grad():
+                rows.update(image_m=self._image_embedding(m.visual, m.visual(pixels)), text_m=self._text_embedding(m.text, tokens))
+        if on["itm"] or on["rtd"] or on["r2d"]:
+            rows.update(fused_image=image_tokens, fused_tokens=tokens)
+        if uses_electra(cfg):
+            if codes is None:
+                raise ValueError("ELECTRA's objectives need the visual codes of the patches (codes=...)")
+            E = self.electra_inputs(pixels, tokens, codes, noise=noise)
+            logp = fp32(E["mlm_logits"]).log_softmax(-1)
+            target = F.one_hot(tokens, logp.size(-1)).to(logp.dtype)
+            if self.momentum is not None and on["mlm"]:
                 with torch.no_grad():
-                    image_m = self._image_embedding(m.visual, m.visual(pixels))
-                    text_m = self._text_embedding(m.text, tokens)
+                    mlm_m, _ = self.momentum.generator(*E["gen_input"])
+                target = alpha * fp32(mlm_m).softmax(-1) + (1 - alpha) * target
+            losses["mlm"] = masked_mean(-(target * logp).sum(-1), E["text_mask"], counts["mlm"])
+            moc = F.cross_entropy(fp32(E["moc_logits"]).transpose(1, 2), codes.long(), reduction="none")
+            losses["moc"] = masked_mean(moc, E["patch_mask"], counts["moc"])
+            rows.update(rtd_label=E["rtd_label"], r2d_label=E["r2d_label"])
+            if on["rtd"] or on["r2d"] or on["itm"]:
+                rows.update(fused_image=self.image_tokens(self.visual(E["pixels"])), fused_tokens=E["tokens"])
+        if on["caption"]:
+            losses["caption"] = self.caption_loss(image_tokens, tokens, counts["caption"])
+        return losses, rows
+
+    def pretrain_head(self, rows, cols, noise, offset, alpha, counts):
+        """The cross-sample half of pretraining: ITC, and ITM with its hard negatives and the
+        ELECTRA discriminator on the fused passes. rows: this batch's (pretrain_encode);
+        cols: every row of the step, this batch's at offset (each rank's, gathered; with
+        accumulation, every micro-batch's). Each batch scores its own rows against all columns
+        (open_clip's local loss); ITM's hard negatives are drawn from all columns, and a
+        negative image from another rank brings its gradient home through the gather."""
+        cfg = self.cfg
+        on = {k: w > 0 for k, w in self.loss_weights().items()}
+        tokens, groups = rows["tokens"], rows["groups"]
+        B = tokens.size(0)
+        losses = {}
+        same = positive_mates(tokens, groups, cols["tokens"], cols["groups"]) if on["itc"] or on["itm"] else None
+        if on["itc"]:
+            extra = {}
+            if "image_m" in cols:  # the queue adds negatives; the momentum model gives soft targets over all columns
                 # every slot takes part (a fixed shape, no sync to the CPU); empty slots (token -1) are hidden like mates
                 hidden = positive_mates(self._full_length(tokens), groups, self.token_queue, self.group_queue)
                 hidden |= self.token_queue[None, :, 0] < 0
                 hide = torch.cat([torch.zeros_like(same), hidden], dim=1)
                 with torch.no_grad():
                     scale = self.logit_scale.exp().clamp(max=100)
-                    soft = tuple((scale * q @ torch.cat([gather_with_grad(k), cols]).t()).masked_fill(hide, float("-inf"))
-                                 .softmax(1) for q, k, cols in ((image_m, text_m, self.text_queue),
-                                                                (text_m, image_m, self.image_queue)))
+                    soft = tuple((scale * q @ torch.cat([k, queue]).t()).masked_fill(hide, float("-inf")).softmax(1)
+                                 for q, k, queue in ((rows["image_m"], cols["text_m"], self.text_queue),
+                                                     (rows["text_m"], cols["image_m"], self.image_queue)))
                 extra = dict(image_cols=self.image_queue, text_cols=self.text_queue, hidden=hidden, soft=soft, alpha=alpha)
-            losses["itc"] = itc_loss(image_emb, text_emb, self.logit_scale, same, **extra)
-        fused_vit, fused_tokens = vit, tokens  # what the fused pass reads: the replaced inputs when ELECTRA is on
-        if electra:
-            if codes is None:
-                raise ValueError("ELECTRA's objectives need the visual codes of the patches (codes=...)")
-            E = self.electra_inputs(pixels, tokens, codes)
-            logp = fp32(E["mlm_logits"]).log_softmax(-1)
-            target = F.one_hot(tokens, logp.size(-1)).to(logp.dtype)
-            if distill and on["mlm"]:
-                with torch.no_grad():
-                    mlm_m, _ = self.momentum.generator(*E["gen_input"])
-                target = alpha * fp32(mlm_m).softmax(-1) + (1 - alpha) * target
-            losses["mlm"] = masked_mean(-(target * logp).sum(-1), E["text_mask"])
-            moc = F.cross_entropy(fp32(E["moc_logits"]).transpose(1, 2), codes.long(), reduction="none")
-            losses["moc"] = masked_mean(moc, E["patch_mask"])
-            if on["rtd"] or on["r2d"] or on["itm"]:
-                fused_vit, fused_tokens = self.visual(E["pixels"]), E["tokens"]
-        if on["itm"] or on["rtd"] or on["r2d"]:
-            image_tokens = self.image_tokens(fused_vit)
-            P = image_tokens.size(1)
-            rows_i = rows_t = torch.arange(B, device=tokens.device)  # the matched pairs first
-            if on["itm"]:  # then each image with a hard negative text, each text with a hard negative image
-                local = positive_mates(tokens, groups, tokens, groups)
-                neg_t, valid_t = hard_negatives(image_emb @ text_emb.t(), local)
-                neg_i, valid_i = hard_negatives(text_emb @ image_emb.t(), local.t())
-                rows_i, rows_t = torch.cat([rows_i, rows_i, neg_i]), torch.cat([rows_t, neg_t, rows_t])
-            h = self.fuse(image_tokens[rows_i], fused_tokens[rows_t])
-            if on["itm"]:
-                labels = (torch.arange(3 * B, device=tokens.device) < B).long()
-                keep = torch.cat([valid_t.new_ones(B), valid_t, valid_i])
-                itm = F.cross_entropy(fp32(self.itm_head(h[:, P])), labels, reduction="none")
-                losses["itm"] = masked_mean(itm, keep)
-            if electra:  # the discriminator: the matched rows, every non-padding position
-                rtd = fp32(self.rtd_head(h[:B, P:]).squeeze(-1))
-                losses["rtd"] = masked_mean(F.binary_cross_entropy_with_logits(
-                    rtd, E["rtd_label"].to(rtd.dtype), reduction="none"), tokens != cfg.pad_id)
-                r2d = fp32(self.r2d_head(h[:B, :P]).squeeze(-1))
-                losses["r2d"] = F.binary_cross_entropy_with_logits(r2d, E["r2d_label"].to(r2d.dtype))
-        if on["caption"]:
-            losses["caption"] = self.caption_loss(self.image_tokens(vit), tokens)
-        if distill and on["itc"]:
-            self._enqueue(image_m, text_m, tokens, groups if groups is not None else torch.full_like(tokens[:, 0], -1))
-        losses["loss"] = sum(weights[k] * v for k, v in losses.items() if on[k])
+            losses["itc"] = itc_loss(rows["image_emb"], rows["text_emb"], self.logit_scale, same,
+                                     all_image=cols["image_emb"], all_text=cols["text_emb"], **extra)
+        if not (on["itm"] or on["rtd"] or on["r2d"]):
+            return losses
+        images, texts = [rows["fused_image"]], [rows["fused_tokens"]]  # the matched pairs first
+        if on["itm"]:  # then each image with a hard negative text, each text with a hard negative image
+            neg_t, valid_t = hard_negatives(rows["image_emb"] @ cols["text_emb"].t(), same, u=noise["neg_text"], offset=offset)
+            neg_i, valid_i = hard_negatives(rows["text_emb"] @ cols["image_emb"].t(), same, u=noise["neg_image"], offset=offset)
+            images += [rows["fused_image"], cols["fused_image"][neg_i]]
+            texts += [cols["fused_tokens"][neg_t], rows["fused_tokens"]]
+        P = rows["fused_image"].size(1)
+        h = self.fuse(torch.cat(images), torch.cat(texts))
+        if on["itm"]:  # the mean over the 3B pairs; a pair without a candidate negative adds 0
+            labels = (torch.arange(3 * B, device=tokens.device) < B).long()
+            keep = torch.cat([valid_t.new_ones(B), valid_t, valid_i])
+            itm = F.cross_entropy(fp32(self.itm_head(h[:, P])), labels, reduction="none")
+            losses["itm"] = masked_mean(itm, keep, count=torch.tensor(3.0 * B, device=tokens.device))
+        if uses_electra(cfg):  # the discriminator: the matched rows, every non-padding position
+            rtd = fp32(self.rtd_head(h[:B, P:]).squeeze(-1))
+            losses["rtd"] = masked_mean(F.binary_cross_entropy_with_logits(
+                rtd, rows["rtd_label"].to(rtd.dtype), reduction="none"), tokens != cfg.pad_id, counts["rtd"])
+            r2d = fp32(self.r2d_head(h[:B, :P]).squeeze(-1))
+            losses["r2d"] = F.binary_cross_entropy_with_logits(r2d, rows["r2d_label"].to(r2d.dtype))
         return losses
 
     @torch.no_grad()

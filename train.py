@@ -35,7 +35,7 @@ import data
 from data import WorldConfig
 from eval import (OBJECTIVES_OFF, binary_metrics, evaluate, evaluate_instruct, evaluate_prompt, generate_captions,
                   image_tokens_of, itm_margins, load_checkpoint, multi_pixels, write_json)
-from model import VLM, VLMConfig, uses_electra
+from model import VLM, VLMConfig, all_gather, dist_info, draw_noise, pretrain_counts, uses_electra
 
 STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
 
@@ -510,6 +510,155 @@ class Logger:
 
 
 # -----------------------------------------------------------------------------
+# one optimizer step's forward and backward passes
+
+
+def step_noise(cfg, step, n_rows, device):
+    """The random draws of a pretraining step for all its n_rows rows (every rank and
+    micro-batch; model.draw_noise), from a generator seeded by (seed, step): the same on every
+    rank and again on resume."""
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+    return draw_noise(cfg.model, n_rows, cfg.model.context_length, gen, device)
+
+
+def sync_gradients(model):
+    """Average the gradients over the ranks in one all-reduce (a missing gradient counts as 0)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).clone()
+
+
+def uses_feature_cache(mcfg, grad_accum):
+    """Accumulated pretraining steps with a cross-sample loss (ITC, ITM) go through
+    cached_pretrain_step."""
+    return grad_accum > 1 and (mcfg.itc_weight > 0 or mcfg.itm_weight > 0)
+
+
+def wrap_ddp(model, raw_model, cfg, device_type, local_rank):
+    """DDP around the (compiled) model when there are several ranks, except for the steps
+    that cached_pretrain_step runs: they average the gradients themselves."""
+    if dist_info()[1] == 1 or (cfg.stage in ("pretrain", "finetune") and uses_feature_cache(cfg.model, cfg.grad_accum)):
+        return model
+    # pretraining with an objective off leaves some parameters without a gradient
+    unused = cfg.stage != "instruct" and any(w == 0 for w in raw_model.loss_weights().values())
+    return DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, find_unused_parameters=unused)
+
+
+def train_step(model, raw_model, batches, scaler, ctx, noise=None):
+    """The forward and backward passes of one optimizer step over its micro-batches (a list of
+    model keyword arguments; the gradients are left in .grad). Returns the losses, averaged
+    over the micro-batches (this rank's; global_losses averages over the ranks).
+    Pretraining batches (those with tokens) get their rows of noise, the step's random draws
+    (step_noise), and the step's counts: each loss is the one of the step's whole batch, so
+    W ranks x k micro-batches of B rows give the gradient of one batch of k W B rows. The
+    global batch is ordered rank by rank, each rank's micro-batches in turn. With k > 1, ITC
+    and ITM go through cached_pretrain_step; otherwise DDP averages the gradients on the last
+    micro-batch's backward pass only."""
+    k, (rank, world_size) = len(batches), dist_info()
+    pretrain = "tokens" in batches[0]
+    if pretrain:
+        B = batches[0]["tokens"].size(0)
+        offsets = [(rank * k + i) * B for i in range(k)]
+        if noise is None:
+            noise = draw_noise(raw_model.cfg, k * world_size * B, raw_model.cfg.context_length, device=batches[0]["tokens"].device)
+        noise = [{name: x[o:o + B] for name, x in noise.items()} for o in offsets]
+        counts = [pretrain_counts(raw_model.cfg, b["tokens"], n) for b, n in zip(batches, noise)]
+        counts = {name: torch.stack([c[name] for c in counts]).sum() for name in counts[0]}
+        if world_size > 1:
+            stacked = torch.stack(list(counts.values()))
+            dist.all_reduce(stacked)
+            counts = dict(zip(counts, stacked))
+        counts = {name: c / (k * world_size) for name, c in counts.items()}  # per micro-batch and rank
+        if uses_feature_cache(raw_model.cfg, k):
+            return cached_pretrain_step(raw_model, batches, noise, counts, offsets, scaler, ctx)
+        batches = [{**b, "noise": n, "counts": counts, "offset": o} for b, n, o in zip(batches, noise, offsets)]
+    total = {}
+    for i, batch in enumerate(batches):
+        sync = model.no_sync() if world_size > 1 and i < k - 1 else nullcontext()
+        with sync:
+            with ctx:
+                losses = model(**batch)
+            scaler.scale(losses["loss"] / k).backward()
+        for name, v in losses.items():
+            total[name] = total.get(name, 0) + v.detach() / k
+    return total
+
+
+def cached_pretrain_step(raw_model, batches, noise, counts, offsets, scaler, ctx):
+    """Gradient accumulation in which ITC and ITM see the whole step's batch (GradCache,
+    open_clip's accum_freq, generalised to the fused passes):
+    1. every micro-batch's encoders run without a graph (model.pretrain_encode) and their
+       representations of every row of the step, gathered over the ranks, are cached;
+    2. the cross-sample losses (model.pretrain_head) run one micro-batch of rows at a time
+       against all the cached columns, their backward passes filling the fused passes'
+       parameter gradients and the cache's gradients (summed back to the rank of each row);
+    3. each micro-batch's encoders run again with a graph, and the backward pass takes its
+       per-sample losses plus the cached gradients of its representations.
+    Same weights and same noise, so pass 3 recomputes pass 1's values, and the gradient is
+    that of one batch of all the rows. The encoders run twice (one of them without a
+    graph); memory is one micro-batch's activations plus the cached representations. The
+    momentum queue is read before and filled after, as one big batch would. The gradients
+    are averaged over the ranks once, at the end."""
+    m, k, (rank, world_size) = raw_model, len(batches), dist_info()
+    B = batches[0]["tokens"].size(0)
+    alpha = batches[0].get("alpha", 0.0)
+    inputs = [{key: b.get(key) for key in ("pixels", "tokens", "codes", "groups")} for b in batches]
+    with torch.no_grad(), ctx:
+        encoded = [m.pretrain_encode(**x, noise=n, counts=counts, alpha=alpha)[1] for x, n in zip(inputs, noise)]
+    local = {key: torch.cat([e[key] for e in encoded]) for key in encoded[0]}
+    grad_keys = [key for key in ("image_emb", "text_emb", "fused_image") if key in local]
+    keys = list(dict.fromkeys(m.column_keys(local) + grad_keys))  # one order on every rank: each is a collective
+    cache = {key: all_gather(local[key]) if world_size > 1 else local[key] for key in keys}
+    for key in grad_keys:
+        cache[key].requires_grad_(True)
+    cols = {key: cache[key] for key in m.column_keys(local)}
+    total = {}
+    for i, o in enumerate(offsets):
+        rows = {key: cache[key][o:o + B] if key in grad_keys else local[key][i * B:(i + 1) * B] for key in local}
+        with ctx:
+            losses = m.pretrain_head(rows, cols, noise[i], o, alpha, counts)
+        scaler.scale(m.weighted_sum(losses) / k).backward()
+        for name, v in losses.items():
+            total[name] = total.get(name, 0) + v.detach() / k
+    if "image_m" in cols:
+        m._enqueue(cols)
+    grads = {}
+    for key in grad_keys:
+        g = cache[key].grad
+        if g is not None:
+            if world_size > 1:  # each rank's rows collect what every rank's losses sent them
+                dist.all_reduce(g)
+            g = g[offsets[0]:offsets[0] + k * B]
+        grads[key] = g
+    for i, x in enumerate(inputs):
+        with ctx:
+            losses, rows = m.pretrain_encode(**x, noise=noise[i], counts=counts, alpha=alpha, momentum=False)
+        surrogate = scaler.scale(m.weighted_sum(losses) / k) if losses else 0.0
+        for key in grad_keys:
+            if grads[key] is not None:
+                surrogate = surrogate + (rows[key] * grads[key][i * B:(i + 1) * B].to(rows[key].dtype)).sum()
+        surrogate.backward()
+        for name, v in losses.items():
+            total[name] = total.get(name, 0) + v.detach() / k
+    if world_size > 1:
+        sync_gradients(m)
+    total["loss"] = m.weighted_sum(total)
+    return total
+
+
+def global_losses(losses):
+    """The step's losses averaged over the ranks (a collective: every rank calls it)."""
+    if dist_info()[1] == 1:
+        return {name: v.item() for name, v in losses.items()}
+    stacked = torch.stack([losses[name] for name in losses])
+    dist.all_reduce(stacked)
+    return dict(zip(losses, (stacked / dist_info()[1]).tolist()))
+
+
+# -----------------------------------------------------------------------------
 # the run
 
 
@@ -564,10 +713,8 @@ def train(cfg, ckpt=None, init=None):
     raw_model = model
     if use_compile:
         model = torch.compile(model)
-    if world_size > 1:
-        # pretraining with an objective off leaves some parameters without a gradient
-        unused = not instruct and any(w == 0 for w in raw_model.loss_weights().values())
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, find_unused_parameters=unused)
+    pretrain = cfg.stage in ("pretrain", "finetune")
+    model = wrap_ddp(model, raw_model, cfg, device_type, local_rank)
     logger = Logger(os.path.join(cfg.out_dir, "log.jsonl"), master, start_step if ckpt is not None else None)
     if master:
         print(f"{raw_model.num_params() / 1e6:.2f}M trainable parameters | device {device} | {dtype} | compile {use_compile} "
@@ -611,16 +758,12 @@ def train(cfg, ckpt=None, init=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         alpha = cfg.model.momentum_alpha * min(1.0, step / steps_per_epoch)  # ramped up over the first epoch
-        for micro in range(cfg.grad_accum):
-            batch = get_batch(step * cfg.grad_accum + micro)
-            if cfg.stage in ("pretrain", "finetune"):
-                batch["alpha"] = alpha
-            # DDP averages gradients only on the last micro-step
-            sync = model.no_sync() if world_size > 1 and micro < cfg.grad_accum - 1 else nullcontext()
-            with sync:
-                with ctx:
-                    losses = model(**batch)
-                scaler.scale(losses["loss"] / cfg.grad_accum).backward()
+        batches = [get_batch(step * cfg.grad_accum + micro) for micro in range(cfg.grad_accum)]
+        noise = None
+        if pretrain:
+            batches = [{**b, "alpha": alpha} for b in batches]
+            noise = step_noise(cfg, step, cfg.batch_size * cfg.grad_accum * world_size, device)
+        losses = train_step(model, raw_model, batches, scaler, ctx, noise)
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -630,9 +773,10 @@ def train(cfg, ckpt=None, init=None):
         raw_model.momentum_update()
         step += 1
         pbar.update(1)
+        if step % cfg.log_interval == 0:
+            values = global_losses(losses)  # the step's whole batch (a collective: every rank)
         if step % cfg.log_interval == 0 and master:
             dt, t_log = time.time() - t_log, time.time()
-            values = {k: v.item() for k, v in losses.items()}  # the last micro-step's, like nanoGPT
             speed = samples_per_step * cfg.log_interval / dt
             logger.log(step=step, lr=lr, alpha=alpha, samples_per_s=speed, time_s=time.time() - t_start, **values)
             pbar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.1e}", samples_s=f"{speed:.0f}")
