@@ -34,7 +34,7 @@ from tqdm import tqdm
 import data
 from data import WorldConfig
 from eval import (OBJECTIVES_OFF, binary_metrics, evaluate, evaluate_instruct, evaluate_prompt, generate_captions,
-                  image_tokens_of, itm_margins, load_checkpoint, multi_pixels, write_json)
+                  image_tokens_of, itm_margins, load_checkpoint, write_json)
 from model import VLM, VLMConfig, all_gather, dist_info, draw_noise, pretrain_counts, uses_electra
 
 STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
@@ -75,6 +75,7 @@ class TrainConfig:
     augment: bool = True  # shift by whole patches, mirror and permute the colour channels of the shots
     # data
     batch_size: int = 128  # per rank and micro-step
+    num_workers: int = 0  # loader processes per rank that read batches ahead (0: read in the training process)
     grad_accum: int = 1  # micro-steps per optimizer step
     # optimizer: AdamW, linear warmup, then cosine decay to min_lr at max_iters
     lr: float = 1e-3
@@ -111,7 +112,7 @@ PRESETS = {
                         text_width=128, text_layers=4, text_heads=4, embed_dim=128)),
     # GPU: ViT-B/16 at 224 px, a CLIP-B text transformer
     "base": TrainConfig(
-        out_dir="out-base", batch_size=256, max_iters=20000, warmup_iters=2000, eval_interval=2000, eval_images=1000,
+        out_dir="out-base", batch_size=256, num_workers=4, max_iters=20000, warmup_iters=2000, eval_interval=2000, eval_images=1000,
         lr=5e-4, min_lr=5e-5, weight_decay=0.2, ckpt_interval=1000,
         model=VLMConfig(image_size=224, patch_size=16, vit_width=768, vit_layers=12, vit_heads=12,
                         text_width=512, text_layers=12, text_heads=8, embed_dim=512, context_length=77,
@@ -399,10 +400,10 @@ def save_checkpoint(path, raw_model, optimizer, scaler, step, cfg, ds):
 
 
 def pretrain_batches(cfg, ds, raw_model, device, rank, world_size):
-    """(get_batch, n): get_batch(micro_step) gives the keyword arguments of the pretraining
-    losses for this rank's batch of that micro-step: images by index arrays (the first
-    train_images of the split, or all), one caption each, and what the objectives need
-    besides (visual codes, paraphrase groups)."""
+    """(fetch, place, n): fetch(micro_step) reads this rank's batch of that micro-step on the
+    host (numpy: images by index arrays, from the first train_images of the split or all of
+    it, one caption each, and what the objectives need besides: visual codes, paraphrase
+    groups); place(parts) makes the pretraining losses' keyword arguments on the device."""
     split = cfg.train_split
     if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
         raise SystemExit(f"--train_split {split!r}: {ds.path} has no captioned split of that name")
@@ -413,19 +414,29 @@ def pretrain_batches(cfg, ds, raw_model, device, rank, world_size):
     # captions known to be true of their scene (not the noisy web split): paraphrases of one scene are never negatives
     clean = ds.has(split, "scene") and not ds.has(split, "corruption")
     electra = uses_electra(cfg.model)
+    if electra:
+        ds.codes(split, cfg.model.patch_size, cfg.model.n_codes)  # computed once here, not in each loader worker
 
-    def get_batch(micro_step):
+    def fetch(micro_step):
         idx = data.batch_indices(n_train, cfg.batch_size, micro_step, cfg.seed, rank, world_size)
         caption = np.random.default_rng([cfg.seed, micro_step, rank]).integers(n_captions, size=cfg.batch_size)
         images, tokens = ds.image_text_batch(split, idx, caption)
-        return dict(pixels=raw_model.normalize_pixels(torch.from_numpy(images).to(device)), tokens=to_long(tokens, device),
-                    groups=to_long(ds.array(split, "scene")[idx], device) if clean else None,
-                    codes=to_long(ds.codes(split, cfg.model.patch_size, cfg.model.n_codes)[idx], device) if electra else None)
-    return get_batch, n_train
+        parts = dict(images=images, tokens=tokens.astype(np.int64))
+        if clean:
+            parts["groups"] = ds.array(split, "scene")[idx].astype(np.int64)
+        if electra:
+            parts["codes"] = ds.codes(split, cfg.model.patch_size, cfg.model.n_codes)[idx].astype(np.int64)
+        return parts
+
+    def place(parts):
+        x = {k: to_device(v, device) for k, v in parts.items()}
+        return dict(pixels=raw_model.normalize_pixels(x["images"]), tokens=x["tokens"], groups=x.get("groups"),
+                    codes=x.get("codes"))
+    return fetch, place, n_train
 
 
 def instruct_batches(cfg, ds, raw_model, device, rank, world_size):
-    """(get_batch, n) for the instruct stage: multi-image question sets of multi_train, the
+    """(fetch, place, n) for the instruct stage: multi-image question sets of multi_train, the
     images of a batch padded to its largest set. The questions and answers are checked once
     against the model's layout of them (question block, answer block)."""
     split, m = "multi_train", cfg.model
@@ -440,21 +451,28 @@ def instruct_batches(cfg, ds, raw_model, device, rank, world_size):
             raise SystemExit(f"{ds.path}: a {key} of {split} is longer than {n} tokens; the model gives questions "
                              f"context_length - answer_length tokens and answers answer_length (--answer_length)")
 
-    def get_batch(micro_step):
+    def fetch(micro_step):
         idx = data.batch_indices(ds.split_size(split), cfg.batch_size, micro_step, cfg.seed, rank, world_size)
         images, valid, question, answer = ds.multi_batch(split, idx)
-        return dict(stage="instruct", pixels=multi_pixels(raw_model, images, device), image_valid=torch.from_numpy(valid).to(device),
-                    question=to_long(question, device), answer=to_long(answer[:, :m.answer_length], device))
-    return get_batch, ds.split_size(split)
+        return dict(images=images, image_valid=valid, question=question.astype(np.int64),
+                    answer=answer[:, :m.answer_length].astype(np.int64))
+
+    def place(parts):
+        x = {k: to_device(v, device) for k, v in parts.items()}
+        images = raw_model.normalize_pixels(x["images"].flatten(0, 1))
+        return dict(stage="instruct", pixels=images.view(*x["images"].shape[:2], *images.shape[1:]),
+                    image_valid=x["image_valid"], question=x["question"], answer=x["answer"])
+    return fetch, place, ds.split_size(split)
 
 
 def prompt_batches(cfg, ds, raw_model, device, rank, world_size):
-    """(get_batch, n) for the prompt stage: every step all the K-shot images of novel_train
+    """(fetch, place, n) for the prompt stage: every step all the K-shot images of novel_train
     (sample shot_seed, K per named class) with their class maps (a class not named is
-    background), and the class prompt rows. With augment, each step sees each image (and its
-    map) shifted cyclically by a random whole number of patches down and right, mirrored
-    left-right with probability 1/2 and with its colour channels in a random order: the
-    patch grid cuts the shifted images where it cut the originals."""
+    background), and the class prompt rows; they stay on the device, so fetch makes the
+    step's augmented batch there and place passes it on. With augment, each step sees each
+    image (and its map) shifted cyclically by a random whole number of patches down and
+    right, mirrored left-right with probability 1/2 and with its colour channels in a random
+    order: the patch grid cuts the shifted images where it cut the originals."""
     names = cfg.classes.split(",")
     try:
         idx = ds.shots("novel_train", names, cfg.shots, cfg.shot_seed)
@@ -466,7 +484,7 @@ def prompt_batches(cfg, ds, raw_model, device, rank, world_size):
     S, p = cfg.model.image_size, cfg.model.patch_size
     n, pos = len(idx), np.arange(S)
 
-    def get_batch(micro_step):
+    def fetch(micro_step):
         x, t = images, target
         if cfg.augment:  # one gather: output pixel (i, j) reads ((i - dy) % S, (j' - dx) % S), j' mirrored or not
             rng = np.random.default_rng([cfg.seed, cfg.shot_seed, micro_step])
@@ -477,7 +495,40 @@ def prompt_batches(cfg, ds, raw_model, device, rank, world_size):
             x, t = x[b, r, c], t[b, r, c]
             x = x[..., torch.from_numpy(rng.permutation(3)).to(device)]
         return dict(stage="prompt", pixels=raw_model.normalize_pixels(x), target=t, class_tokens=tokens)
-    return get_batch, len(idx)
+    return fetch, lambda parts: parts, len(idx)
+
+
+def to_device(x, device):
+    """A host array (numpy, or a tensor from a loader worker, pinned on CUDA) on the device."""
+    return torch.as_tensor(x).to(device, non_blocking=True)
+
+
+class HostBatches(torch.utils.data.IterableDataset):
+    """fetch(s) for s = start, start + 1, ... read by a DataLoader: loader worker w of n reads
+    the micro-steps s = start + w, start + w + n, ..., which the DataLoader hands out in turn,
+    so the sequence is the same with any number of workers. Micro-steps are disjoint parts of
+    the epoch walk (data.batch_indices), so every rank and worker reads its own samples."""
+
+    def __init__(self, fetch, start):
+        self.fetch, self.start = fetch, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        s = self.start + w
+        while True:
+            yield self.fetch(s)
+            s += n
+
+
+def host_batches(fetch, start, num_workers, pin_memory):
+    """An endless iterator over fetch(start), fetch(start + 1), ...: in this process, or in
+    num_workers loader processes that read ahead (two micro-steps each)."""
+    if num_workers == 0:
+        return iter(HostBatches(fetch, start))
+    loader = torch.utils.data.DataLoader(HostBatches(fetch, start), batch_size=None, num_workers=num_workers,
+                                         pin_memory=pin_memory, prefetch_factor=2)
+    return iter(loader)
 
 
 def class_rows(ds, cfg):
@@ -720,7 +771,11 @@ def train(cfg, ckpt=None, init=None):
         print(f"{raw_model.num_params() / 1e6:.2f}M trainable parameters | device {device} | {dtype} | compile {use_compile} "
               f"| {world_size} rank(s) | data {ds.path}")
     batches = instruct_batches if instruct else prompt_batches if prompt else pretrain_batches
-    get_batch, n_train = batches(cfg, ds, raw_model, device, rank, world_size)
+    fetch, place, n_train = batches(cfg, ds, raw_model, device, rank, world_size)
+    if cfg.num_workers < 0:
+        raise SystemExit(f"--num_workers must be at least 0, got {cfg.num_workers}")
+    # the prompt stage's batches are made on the device: no loader processes
+    stream = host_batches(fetch, start_step * cfg.grad_accum, 0 if prompt else cfg.num_workers, device_type == "cuda")
 
     def run_eval(**kw):
         if instruct:
@@ -758,7 +813,7 @@ def train(cfg, ckpt=None, init=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         alpha = cfg.model.momentum_alpha * min(1.0, step / steps_per_epoch)  # ramped up over the first epoch
-        batches = [get_batch(step * cfg.grad_accum + micro) for micro in range(cfg.grad_accum)]
+        batches = [place(next(stream)) for _ in range(cfg.grad_accum)]  # micro-steps step * grad_accum + 0, 1, ...
         noise = None
         if pretrain:
             batches = [{**b, "alpha": alpha} for b in batches]

@@ -164,7 +164,7 @@ def test_finetune_continues_on_the_first_clean_images_at_its_own_rate(tmp_path, 
     assert (ckpt["config"]["lr"], ckpt["config"]["train_images"]) == (preset["lr"], preset["train_images"])
     cfg = train.config_from_dict(ckpt["config"])
     model = train.VLM(cfg.model)
-    get_batch, n = train.pretrain_batches(cfg, tiny_world, model, "cpu", 0, 1)
+    fetch, place, n = train.pretrain_batches(cfg, tiny_world, model, "cpu", 0, 1)
     assert n == preset["train_images"]
     images = tiny_world.array("train", "images")
     first, rest = {im.tobytes() for im in images[:n]}, {im.tobytes() for im in images[n:]}
@@ -172,7 +172,7 @@ def test_finetune_continues_on_the_first_clean_images_at_its_own_rate(tmp_path, 
     pixels = lambda x: np.asarray(model.normalize_pixels(torch.from_numpy(np.array(x))))  # noqa: E731
     allowed = {pixels(im[None])[0].tobytes() for im in images[:n]}
     for step in range(6):  # every image of a batch is one of the first n
-        assert all(p.numpy().tobytes() in allowed for p in get_batch(step)["pixels"])
+        assert all(p.numpy().tobytes() in allowed for p in place(fetch(step))["pixels"])
 
 
 def test_the_cleaned_set_never_goes_over_the_source_or_a_foreign_directory(tmp_path, tiny_run, world_root, tiny_world):

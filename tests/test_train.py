@@ -109,3 +109,29 @@ def test_two_process_torchrun_on_cpu(tmp_path, world_root, tiny_world):
     assert "2 rank(s)" in result.stdout
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 10 and os.path.exists(os.path.join(out, "eval.json"))
+
+
+def test_loader_workers_read_the_same_batches_and_ranks_read_disjoint_samples(tiny_world):
+    """Two loader workers per rank give the sequence one process reads; over one epoch the
+    two ranks' four workers read every training image once."""
+    cfg = train.apply_overrides(train.PRESETS["tiny"], {"mlm_weight": 0.0, "moc_weight": 0.0, "rtd_weight": 0.0,
+                                                        "r2d_weight": 0.0})
+    model = train.VLM(cfg.model)
+    W, n_images = 2, tiny_world.split_size("train")
+    steps = n_images // (cfg.batch_size * W)
+    seen = []
+    for rank in range(W):
+        fetch, place, n = train.pretrain_batches(cfg, tiny_world, model, "cpu", rank, W)
+        alone = train.host_batches(fetch, 3, 0, False)
+        workers = train.host_batches(fetch, 3, 2, False)
+        for s in range(steps):
+            a, b = next(alone), next(workers)
+            assert a.keys() == b.keys() == {"images", "tokens", "groups"}
+            for key in a:
+                assert torch.equal(torch.as_tensor(a[key]), b[key]), (rank, s, key)
+            assert torch.equal(place(b)["pixels"], place(fetch(3 + s))["pixels"])
+        epoch = train.host_batches(fetch, 0, 2, False)
+        seen += [im.tobytes() for _ in range(steps) for im in next(epoch)["images"].numpy()]
+    images = tiny_world.array("train", "images")
+    assert len({im.tobytes() for im in images}) == n_images  # every image is distinct
+    assert sorted(seen) == sorted(im.tobytes() for im in images)
