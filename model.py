@@ -786,7 +786,8 @@ class VLM(nn.Module):
         self.visual = VisionTransformer(cfg)
         self.text = TextTransformer(cfg)
         self.converter = MLPConverter(cfg) if cfg.converter == "mlp" else Resampler(cfg)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+        # CLIP's initial temperature; one element, not a scalar: FSDP2 shards tensors of at least one dimension
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.generator = Generator(cfg, self.text.token_embedding)
         self.itm_head = nn.Linear(w, 2)  # on the fused state of <bos>: (no match, match)
         self.rtd_head = nn.Linear(w, 1)  # on every text position: replaced?
@@ -817,6 +818,12 @@ class VLM(nn.Module):
             self.register_buffer("group_queue", torch.full((Q,), -1, dtype=torch.long))
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next slot to write
             self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # slots written so far (at most Q)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "logit_scale"
+        if key in state_dict and state_dict[key].dim() == 0:  # a scalar: checkpoints before it had a dimension, HF CLIP
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):

@@ -77,6 +77,7 @@ class TrainConfig:
     batch_size: int = 128  # per rank and micro-step
     num_workers: int = 0  # loader processes per rank that read batches ahead (0: read in the training process)
     grad_accum: int = 1  # micro-steps per optimizer step
+    fsdp: bool = False  # with several ranks: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     # optimizer: AdamW, linear warmup, then cosine decay to min_lr at max_iters
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -381,12 +382,13 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
-def save_checkpoint(path, raw_model, optimizer, scaler, step, cfg, ds):
-    """Everything a resume needs, written to a temporary file and renamed into place. The
-    batches need no saved state: they are a function of (seed, step)."""
+def save_checkpoint(path, state, scaler, step, cfg, ds):
+    """Everything a resume needs, written to a temporary file and renamed into place. state:
+    (model, optimizer) state dicts (full_state). The batches need no saved state: they are a
+    function of (seed, step)."""
     ckpt = {
-        "model": raw_model.state_dict(),  # the plain module: no DDP or torch.compile prefixes
-        "optimizer": optimizer.state_dict(),
+        "model": state[0],
+        "optimizer": state[1],
         "scaler": scaler.state_dict(),
         "step": step,
         "rng": {"torch": torch.get_rng_state(),
@@ -588,10 +590,47 @@ def uses_feature_cache(mcfg, grad_accum):
     return grad_accum > 1 and (mcfg.itc_weight > 0 or mcfg.itm_weight > 0)
 
 
+def shard(model, cfg):
+    """FSDP2 (--fsdp with several ranks), in place: each transformer block (the ViT's, the text
+    transformer's, the generator's and their momentum copies) is a unit whose parameters are
+    gathered for its forward and backward passes and sharded again after; the rest of the
+    model is the root unit. Gradients are reduce-scattered and the optimizer keeps its shard
+    of the state only. Call before torch.compile and before making the optimizer."""
+    if not cfg.fsdp or dist_info()[1] == 1:
+        return
+    if cfg.stage in ("pretrain", "finetune") and uses_feature_cache(cfg.model, cfg.grad_accum):
+        raise SystemExit("--fsdp runs the model through its forward pass only; accumulation with cached features "
+                         "(--grad_accum > 1 with ITC or ITM) calls its parts: use DDP, or --grad_accum=1")
+    from torch.distributed.fsdp import fully_shard
+    for name, module in model.named_modules():
+        if name.endswith(".blocks"):
+            for block in module:
+                fully_shard(block)
+    fully_shard(model)
+
+
+def full_state(raw_model, optimizer, cfg):
+    """(model, optimizer) state dicts with whole tensors on the CPU: under FSDP gathered from
+    every rank's shards (a collective: every rank calls it; the others get empty dicts)."""
+    if not cfg.fsdp or dist_info()[1] == 1:
+        return raw_model.state_dict(), optimizer.state_dict()  # the plain module: no DDP or torch.compile prefixes
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(raw_model, options=options), get_optimizer_state_dict(raw_model, optimizer, options=options)
+
+
+def load_optimizer(raw_model, optimizer, state, cfg):
+    if not cfg.fsdp or dist_info()[1] == 1:
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(raw_model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def wrap_ddp(model, raw_model, cfg, device_type, local_rank):
-    """DDP around the (compiled) model when there are several ranks, except for the steps
-    that cached_pretrain_step runs: they average the gradients themselves."""
-    if dist_info()[1] == 1 or (cfg.stage in ("pretrain", "finetune") and uses_feature_cache(cfg.model, cfg.grad_accum)):
+    """DDP around the (compiled) model when there are several ranks, except under FSDP and
+    for the steps that cached_pretrain_step runs: they average the gradients themselves."""
+    if dist_info()[1] == 1 or cfg.fsdp or (cfg.stage in ("pretrain", "finetune")
+                                            and uses_feature_cache(cfg.model, cfg.grad_accum)):
         return model
     # pretraining with an objective off leaves some parameters without a gradient
     unused = cfg.stage != "instruct" and any(w == 0 for w in raw_model.loss_weights().values())
@@ -628,7 +667,11 @@ def train_step(model, raw_model, batches, scaler, ctx, noise=None):
         batches = [{**b, "noise": n, "counts": counts, "offset": o} for b, n, o in zip(batches, noise, offsets)]
     total = {}
     for i, batch in enumerate(batches):
-        sync = model.no_sync() if world_size > 1 and i < k - 1 else nullcontext()
+        sync = nullcontext()
+        if isinstance(model, DDP) and i < k - 1:
+            sync = model.no_sync()
+        elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch only
+            model.set_requires_gradient_sync(i == k - 1)
         with sync:
             with ctx:
                 losses = model(**batch)
@@ -745,12 +788,16 @@ def train(cfg, ckpt=None, init=None):
         model.codebook.copy_(torch.from_numpy(ds.codebook(cfg.model.patch_size, cfg.model.n_codes)))
     freeze_for_stage(model, cfg.stage, cfg.train_vit)
     model.to(device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    if prompt and ckpt is None:
+        model.init_prompts(to_long(class_rows(ds, cfg), device))
+    shard(model, cfg)
     optimizer = configure_optimizer(model, cfg, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer(model, optimizer, ckpt["optimizer"], cfg)
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"] and device_type == "cuda":
@@ -758,8 +805,6 @@ def train(cfg, ckpt=None, init=None):
         step = ckpt["step"]
     start_step = step
     instruct = cfg.stage == "instruct"
-    if prompt and ckpt is None:
-        model.init_prompts(to_long(class_rows(ds, cfg), device))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad} if prompt else {}
     raw_model = model
     if use_compile:
@@ -778,11 +823,20 @@ def train(cfg, ckpt=None, init=None):
     stream = host_batches(fetch, start_step * cfg.grad_accum, 0 if prompt else cfg.num_workers, device_type == "cuda")
 
     def run_eval(**kw):
+        """The metrics on rank 0 (None on the others). Under FSDP every rank calls it: the
+        weights are gathered into a whole copy of the model on rank 0."""
+        m = raw_model
+        if cfg.fsdp and world_size > 1:
+            state = full_state(raw_model, optimizer, cfg)[0]
+            if not master:
+                return None
+            m = VLM(cfg.model).to(device)
+            m.load_state_dict(state)
         if instruct:
-            return evaluate_instruct(raw_model, ds, device, ctx=ctx, **kw)
+            return evaluate_instruct(m, ds, device, ctx=ctx, **kw)
         if prompt:
-            return evaluate_prompt(raw_model, ds, device, cfg.classes.split(","), class_rows(ds, cfg), ctx=ctx, **kw)
-        return evaluate(raw_model, ds, device, ctx=ctx, rerank_k=cfg.rerank_k, **kw)
+            return evaluate_prompt(m, ds, device, cfg.classes.split(","), class_rows(ds, cfg), ctx=ctx, **kw)
+        return evaluate(m, ds, device, ctx=ctx, rerank_k=cfg.rerank_k, **kw)
 
     if prompt:
         trainable = {n: p.numel() for n, p in raw_model.named_parameters() if p.requires_grad}
@@ -797,16 +851,19 @@ def train(cfg, ckpt=None, init=None):
     pbar = tqdm(total=cfg.max_iters, initial=step, disable=not master, dynamic_ncols=True, desc=cfg.stage)
     t_start = t_log = time.time()
     while True:
-        if master and step > start_step and step % cfg.eval_interval == 0 and step < cfg.max_iters:
+        if (master or cfg.fsdp) and step > start_step and step % cfg.eval_interval == 0 and step < cfg.max_iters:
             subset = dict(max_sets=cfg.eval_images) if instruct else dict(max_images=cfg.eval_images) if prompt \
                 else dict(max_images=cfg.eval_images, heldout=False)
             metrics = run_eval(**subset)
+        if master and step > start_step and step % cfg.eval_interval == 0 and step < cfg.max_iters:
             logger.log(step=step, kind="eval", **metrics)
             pbar.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()
                                                      if k.endswith(("r1", "acc", "miou", "ap50"))))
         done = step >= cfg.max_iters or (cfg.stop_loss > 0 and step > start_step and losses["loss"].item() < cfg.stop_loss)
-        if master and step > start_step and (step % cfg.ckpt_interval == 0 or done):
-            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), raw_model, optimizer, scaler, step, cfg, ds)
+        if step > start_step and (step % cfg.ckpt_interval == 0 or done) and (master or cfg.fsdp):
+            state = full_state(raw_model, optimizer, cfg)
+            if master:
+                save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), state, scaler, step, cfg, ds)
         if done:
             break
         lr = get_lr(step, cfg)
@@ -839,8 +896,8 @@ def train(cfg, ckpt=None, init=None):
     changed = [n for n, p in raw_model.named_parameters() if n in frozen and not torch.equal(p, frozen[n])]
     if changed:
         raise RuntimeError(f"--stage {cfg.stage} changed frozen parameters: {', '.join(changed)}")
+    metrics = run_eval() if master or cfg.fsdp else None
     if master:
-        metrics = run_eval()
         metrics.update(step=step, train_time_s=time.time() - t_start)
         if prompt:
             metrics.update(trainable_params=sum(trainable.values()),

@@ -2,10 +2,11 @@
 test_distributed.py. Imported by the tests for the one-process reference, and run by them
 under `torchrun --nproc_per_node=2` (gloo) as
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_step.py OBJECTIVES GRAD_ACCUM DTYPE STATES OUT
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_step.py OBJECTIVES GRAD_ACCUM DTYPE WRAP STATES OUT
 
-which runs the same steps on each rank's part of the batch, each step after the first from
-the reference state in STATES, and saves, on rank 0, what run_steps returns."""
+which runs the same steps on each rank's part of the batch with WRAP ('ddp' or 'fsdp'), each
+step after the first from the reference state in STATES ('-': from its own), and saves, on
+rank 0, what run_steps returns."""
 
 import os
 import sys
@@ -79,23 +80,29 @@ def run_steps(model, raw_model, grad_accum, rank=0, world_size=1, states=None):
         noise = draw_noise(cfg, N, cfg.context_length, torch.Generator().manual_seed(step))
         losses = train.train_step(model, raw_model, mine, scaler, nullcontext(), noise)
         out["losses"].append(train.global_losses(losses))
-        out["grads"].append({n: p.grad.clone() for n, p in raw_model.named_parameters() if p.grad is not None})
+        out["grads"].append({n: whole(p.grad) for n, p in raw_model.named_parameters() if p.grad is not None})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         raw_model.momentum_update()
-        out["states"].append({k: v.clone() for k, v in raw_model.state_dict().items()})
+        out["states"].append({k: whole(v) for k, v in raw_model.state_dict().items()})
     return out
 
 
+def whole(t):
+    """A copy of t; an FSDP shard gathered from every rank."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
+
+
 if __name__ == "__main__":
-    objectives, grad_accum, dtype, states, path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    objectives, grad_accum, dtype, wrap, states, path = sys.argv[1:]
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     raw = make_model(config(objectives), getattr(torch, dtype))
-    cfg = train.TrainConfig(model=raw.cfg, grad_accum=grad_accum)
+    cfg = train.TrainConfig(model=raw.cfg, grad_accum=int(grad_accum), fsdp=wrap == "fsdp")
+    train.shard(raw, cfg)
     model = train.wrap_ddp(raw, raw, cfg, "cpu", 0)
-    result = run_steps(model, raw, grad_accum, dist.get_rank(), dist.get_world_size(),
-                       torch.load(states, weights_only=True))
+    result = run_steps(model, raw, cfg.grad_accum, dist.get_rank(), dist.get_world_size(),
+                       torch.load(states, weights_only=True) if states != "-" else None)
     if dist.get_rank() == 0:
         torch.save(result, path)
     dist.barrier()

@@ -64,17 +64,29 @@ def test_grad_accum_equals_one_big_batch(objectives, dtype):
     assert_same_steps(run_steps(model, model, grad_accum=4, states=want["states"]), want, *PRECISIONS[dtype])
 
 
-@pytest.mark.parametrize("objectives,grad_accum,dtype", [("itc", 1, torch.float32), ("all", 1, torch.float32),
-                                                         ("all", 1, torch.float64), ("all", 2, torch.float64)])
-def test_two_ranks_equal_one_process(tmp_path, objectives, grad_accum, dtype):
-    """2 ranks of 8 rows (or of 2 micro-batches of 4) against one process on all 16."""
-    want = reference(objectives, dtype)
-    states, out = str(tmp_path / "states.pt"), str(tmp_path / "rank0.pt")
-    torch.save(want["states"], states)
+def torchrun_steps(tmp_path, objectives, grad_accum, dtype, wrap, states):
+    path, out = str(tmp_path / "states.pt"), str(tmp_path / "rank0.pt")
+    torch.save(states, path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              os.path.join(ROOT, "tests", "dist_step.py"), objectives, str(grad_accum),
-                             str(dtype).removeprefix("torch."), states, out],
+                             str(dtype).removeprefix("torch."), wrap, path if states is not None else "-", out],
                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_steps(torch.load(out, weights_only=True), want, *PRECISIONS[dtype])
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("objectives,grad_accum,dtype", [("itc", 1, torch.float32), ("all", 1, torch.float32),
+                                                         ("all", 1, torch.float64), ("all", 2, torch.float64)])
+def test_two_ranks_equal_one_process(tmp_path, objectives, grad_accum, dtype):
+    """2 DDP ranks of 8 rows (or of 2 micro-batches of 4) against one process on all 16."""
+    want = reference(objectives, dtype)
+    assert_same_steps(torchrun_steps(tmp_path, objectives, grad_accum, dtype, "ddp", want["states"]), want,
+                      *PRECISIONS[dtype])
+
+
+def test_fsdp_equals_one_process(tmp_path):
+    """FSDP2 on 2 ranks, every objective: the losses, gradients and weights of one process,
+    and so of DDP (float64; both steps from the run's own weights)."""
+    want = reference("all", torch.float64)
+    assert_same_steps(torchrun_steps(tmp_path, "all", 1, torch.float64, "fsdp", None), want, *PRECISIONS[torch.float64])
