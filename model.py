@@ -695,7 +695,9 @@ def sample_index(weights, u):
     any rank or in any micro-batch gets the index it gets in one big batch. An entry of weight
     0 is never drawn."""
     cum = weights.cumsum(-1)
-    return torch.searchsorted(cum, (u * cum[..., -1]).unsqueeze(-1), right=True).squeeze(-1).clamp(max=weights.size(-1) - 1)
+    total = cum[..., -1:]
+    point = torch.minimum(u.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))  # below the total
+    return torch.searchsorted(cum, point, right=True).squeeze(-1).clamp(max=weights.size(-1) - 1)
 
 
 def hard_negatives(logits, same, generator=None, u=None, offset=0):

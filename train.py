@@ -7,6 +7,8 @@ Train a nanoVLP model.
     python train.py --config small --stage capfilt --init_from out-web/ckpt.pt   # bootstrap the web captions
     python train.py --config small --stage finetune --init_from out/ckpt.pt # continue on a small clean set
     torchrun --standalone --nproc_per_node=8 train.py --config base   # DDP on 8 GPUs
+    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 \
+        train.py --config base                             # 2 nodes: the same on the other with --node_rank=1
 
 Every field of TrainConfig below, of VLMConfig (model.py) and of WorldConfig (data.py) is a
 flag: `--key=value` (or `--key value`; a bare `--flag` means true). A run writes

@@ -258,3 +258,15 @@ def test_roc_auc_equals_the_pairwise_count():
              itertools.product(scores[labels], scores[~labels])]
     assert math.isclose(roc_auc(scores, labels), float(np.mean(pairs)), rel_tol=1e-12)
     assert roc_auc([0.1, 0.9], [False, True]) == 1.0 and math.isnan(roc_auc([0.1, 0.2], [True, True]))
+
+
+def test_inverse_cdf_sampling_never_draws_a_zero_weight():
+    """u at 0 and just below 1 (where u * total can round up to the total) land on the first
+    and last entries of non-zero weight; u in between follows the cumulative sums."""
+    from model import sample_index
+    weights = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0]] * 5)
+    u = torch.tensor([0.0, 0.299, 0.3, 0.5, 1.0 - 2 ** -24])
+    assert sample_index(weights, u).tolist() == [1, 1, 3, 3, 3]
+    big = torch.full((1, 1000), 1e-3)
+    big[0, -1] = 0.0
+    assert sample_index(big, torch.tensor([1.0 - 2 ** -24])).item() == 998
