@@ -171,10 +171,12 @@ class Attention(nn.Module):
 
 
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the activation OpenAI's CLIP was trained with."""
+    """x * sigmoid(1.702 x): the activation OpenAI's CLIP was trained with. Written as
+    silu(1.702 x) / 1.702, the same function, whose backward pass is one fused kernel
+    instead of several (a few percent of a CPU training step at the base size)."""
 
     def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
+        return F.silu(1.702 * x) / 1.702
 
 
 class MLP(nn.Module):
@@ -597,6 +599,12 @@ def transformer_flops(layers, width, seq, mlp_ratio):
 # losses
 
 
+def loss_weights(cfg):
+    """The weight of each pretraining objective in a VLMConfig (0: off, and not computed)."""
+    return {"itc": cfg.itc_weight, "itm": cfg.itm_weight, "mlm": cfg.mlm_weight, "moc": cfg.moc_weight,
+            "rtd": cfg.rtd_weight, "r2d": cfg.r2d_weight, "caption": cfg.caption_weight}
+
+
 def uses_electra(cfg):
     """Whether any of ELECTRA's losses is on (then the generator runs and needs the codebook)."""
     return any(w > 0 for w in (cfg.mlm_weight, cfg.moc_weight, cfg.rtd_weight, cfg.r2d_weight))
@@ -860,9 +868,7 @@ class VLM(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def loss_weights(self):
-        c = self.cfg
-        return {"itc": c.itc_weight, "itm": c.itm_weight, "mlm": c.mlm_weight, "moc": c.moc_weight,
-                "rtd": c.rtd_weight, "r2d": c.r2d_weight, "caption": c.caption_weight}
+        return loss_weights(self.cfg)
 
     # -- momentum encoders (M7) --
 
@@ -1060,6 +1066,9 @@ class VLM(nn.Module):
         if uses_electra(cfg):
             if codes is None:
                 raise ValueError("ELECTRA's objectives need the visual codes of the patches (codes=...)")
+            if on["r2d"] and cfg.converter != "mlp":
+                raise ValueError("R2D labels each patch, but the resampler's image tokens are its queries: "
+                                 "use --converter=mlp or --r2d_weight=0")
             E = self.electra_inputs(pixels, tokens, codes, noise=noise)
             logp = fp32(E["mlm_logits"]).log_softmax(-1)
             target = F.one_hot(tokens, logp.size(-1)).to(logp.dtype)
@@ -1120,10 +1129,11 @@ class VLM(nn.Module):
             keep = torch.cat([valid_t.new_ones(B), valid_t, valid_i])
             itm = F.cross_entropy(fp32(self.itm_head(h[:, P])), labels, reduction="none")
             losses["itm"] = masked_mean(itm, keep, count=torch.tensor(3.0 * B, device=tokens.device))
-        if uses_electra(cfg):  # the discriminator: the matched rows, every non-padding position
+        if on["rtd"]:  # the discriminator: the matched rows, every non-padding position
             rtd = fp32(self.rtd_head(h[:B, P:]).squeeze(-1))
             losses["rtd"] = masked_mean(F.binary_cross_entropy_with_logits(
                 rtd, rows["rtd_label"].to(rtd.dtype), reduction="none"), tokens != cfg.pad_id, counts["rtd"])
+        if on["r2d"]:
             r2d = fp32(self.r2d_head(h[:B, :P]).squeeze(-1))
             losses["r2d"] = F.binary_cross_entropy_with_logits(r2d, rows["r2d_label"].to(r2d.dtype))
         return losses

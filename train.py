@@ -365,6 +365,21 @@ def freeze_for_stage(model, stage, train_vit=False):
             p.requires_grad_(name.startswith(trains))
 
 
+def compile_enabled(cfg, device_type):
+    """--compile: 'auto' compiles on CUDA only."""
+    return cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
+
+
+def optimizer_step(model, optimizer, scaler, cfg):
+    """After a step's backward passes: unscale, clip the gradient norm, step, zero the gradients."""
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def configure_optimizer(model, cfg, device_type):
     """AdamW; no weight decay on 1-D parameters (biases, norms), embeddings and the temperature."""
     decay, no_decay = [], []
@@ -763,7 +778,7 @@ def train(cfg, ckpt=None, init=None):
     rank, local_rank, world_size = setup_distributed(cfg)
     master = rank == 0
     device, device_type, dtype, ctx = pick_runtime(cfg, local_rank)
-    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
+    use_compile = compile_enabled(cfg, device_type)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     os.makedirs(cfg.out_dir, exist_ok=True)
 
@@ -878,12 +893,7 @@ def train(cfg, ckpt=None, init=None):
             batches = [{**b, "alpha": alpha} for b in batches]
             noise = step_noise(cfg, step, cfg.batch_size * cfg.grad_accum * world_size, device)
         losses = train_step(model, raw_model, batches, scaler, ctx, noise)
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scaler, cfg)
         raw_model.momentum_update()
         step += 1
         pbar.update(1)

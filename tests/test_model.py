@@ -257,3 +257,13 @@ def test_vit_is_built_as_in_clip():
     assert v(pixels).shape == (2, n_patches + 1, CFG.vit_width)
     assert model.image_tokens(v(pixels)).shape == (2, n_patches, CFG.text_width)
     assert model.text.lm_head.weight is model.text.token_embedding.weight
+
+
+def test_quick_gelu_is_x_sigmoid_1702x_with_its_gradient():
+    from model import QuickGELU
+    x = torch.linspace(-8, 8, 1001, dtype=torch.float64, requires_grad=True)
+    y = QuickGELU()(x)
+    torch.testing.assert_close(y, x * torch.sigmoid(1.702 * x), rtol=1e-12, atol=1e-15)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    s = torch.sigmoid(1.702 * x)
+    torch.testing.assert_close(grad, s + 1.702 * x * s * (1 - s), rtol=1e-12, atol=1e-15)

@@ -1,0 +1,522 @@
+"""
+Benchmark nanoVLP: training throughput and MFU, a side-by-side with Hugging Face CLIP, data
+loading, and captioning with and without the KV cache.
+
+    python bench.py --config small                        # samples/s and MFU of the pretraining step
+    python bench.py --config base --batch_size=8 --steps=5   # any train.py flag applies
+    python bench.py --config small --vs hf                # the ITC step: ours against transformers.CLIPModel
+    python bench.py --config small --mode loader          # pretraining batches from the shapes world (--num_workers=N)
+    python bench.py --config small --mode generate        # caption tokens/s, KV cache on and off
+    python bench.py --config small --json out/bench.json  # the numbers also as JSON (written atomically)
+
+Bench flags: --mode (train, loader, generate), --vs hf, --steps, --warmup, --new_tokens,
+--peak_tflops, --json (BenchConfig below). Every other flag is train.py's, parsed by its own
+parse_args and apply_overrides, so that it means what it means there. The device, dtype,
+autocast and torch.compile are train.py's choices (pick_runtime, cfg.compile). The model
+runs on random data of the right shapes: random uint8 images, random caption rows
+<bos> words <eos> <pad>..., random visual codes; the special tokens are the top 5 ids.
+
+FLOPs of one pretraining step (pretrain_flops; pretrain_terms has each term): 2 per
+multiply-add of every matmul, convolution and attention product; norms, softmax, activations,
+losses and the optimizer are left out. B samples, P patches of p x p pixels, M image tokens
+per image (P for the 'mlp' converter, n_queries for the 'resampler'), T = context_length text
+positions, N = B contrastive columns (one process), Q = queue_size with momentum (else 0),
+widths v (ViT), w (text), g (generator), D = embed_dim, V = vocab_size, K = n_codes, and
+X(L, d, n) = model.transformer_flops = L (2 n d^2 (4 + 2 mlp_ratio) + 4 n^2 d) per sequence:
+
+    vit       = B (6 P p^2 v + X(vit_layers, v, 1 + P))               (a second one on ELECTRA's replaced pixels)
+    converter = B C, C = 2 P (v w + w^2) ('mlp') or 2 P v w + L_r (4 M w^2 (1 + r) + 4 P w^2 + 4 M P w)
+    itc       = 2 B v D + B X(text_layers, w, T) + 2 B w D + 4 B (N + Q) D
+    momentum  = vit + B X(text_layers, w, T) + 2 B (v + w) D + 4 B (N + Q) D          (no backward)
+    generator = B (6 P p^2 g + 2 T w g + X(gen_layers, g, P + T) + 2 T g w + 2 T w V + 2 P g K)
+                (once more, no backward, as the momentum generator with MLM and momentum)
+    fused     = R X(text_layers, w, M + T) + 4 R w (ITM head) + 2 B T w (RTD head) + 2 B M w (R2D head),
+                R = 3B rows with ITM (matched pairs, image + negative text, text + negative image), else B
+    caption   = B X(text_layers, w, M + T - 1) + 2 B (T - 1) w V
+    itm draws = 4 B N D                                                  (no backward)
+
+    training FLOPs = sum over terms of F (1 + b): b = 2 where the backward computes the input
+    and the weight gradients (each as many FLOPs as the forward), b = 1 where only the weight
+    gradient (the patch conv and the generator's patch embedding: their input is pixels), b = 0
+    where there is no backward (momentum encoders, the hard-negative similarities, and any pass
+    whose output reaches no loss with a weight > 0). Exact for these ops (tests/test_bench.py
+    checks it against torch.utils.flop_counter). One batch per step: with --grad_accum > 1 and
+    ITC or ITM, train.py's cached step runs the encoders once more, without a graph.
+"""
+
+import copy
+import math
+import re
+import sys
+import time
+import typing
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+import train
+from eval import OBJECTIVES_OFF, write_json
+from model import VLM, VLMConfig, loss_weights, transformer_flops, uses_electra
+
+
+@dataclass
+class BenchConfig:
+    mode: str = "train"  # 'train' (the pretraining step), 'loader' (data) or 'generate' (captioning)
+    vs: str = ""  # 'hf': the ITC step side by side with transformers.CLIPModel (mode train)
+    steps: int = 0  # timed steps (generate: timed calls of each kind); 0: the mode's default
+    warmup: int = -1  # untimed steps first; -1: the mode's default
+    new_tokens: int = 64  # generate: tokens per caption, exactly
+    peak_tflops: float = 0.0  # the accelerator's peak for MFU; 0: from PEAK_TFLOPS by device name
+    json: str = ""  # also write the numbers to this JSON file
+
+
+DEFAULT_STEPS = {"train": (20, 3), "loader": (200, 10), "generate": (3, 1)}  # (steps, warmup)
+
+# Dense (no sparsity) 16-bit tensor-core peaks in TFLOP/s, bf16 with fp32 accumulation where the
+# chip has bf16, else fp16 (V100, T4). Matched on torch.cuda.get_device_name() in this order,
+# case-insensitively; word boundaries keep A10 from matching A100 and L4 from matching L40S.
+PEAK_TFLOPS = [
+    (r"\bB200\b", 2250), (r"\bGH200\b", 989), (r"\bH200 NVL\b", 835), (r"\bH200\b", 989),
+    (r"\bH100 PCIe\b", 756), (r"\bH100 NVL\b", 835), (r"\bH100\b", 989),  # the SXM part: "NVIDIA H100 80GB HBM3"
+    (r"\bA100\b", 312), (r"\bA30\b", 165), (r"\bA40\b", 150), (r"\bA10G\b", 70), (r"\bA10\b", 125),
+    (r"\bL40S\b", 362), (r"\bL40\b", 181), (r"\bL4\b", 121),
+    (r"\bRTX 4090\b", 165), (r"\bRTX 3090\b", 71), (r"\bRTX A6000\b", 155),
+    (r"\bV100S\b", 130), (r"\bV100-PCIE\b", 112), (r"\bV100\b", 125), (r"\bT4\b", 65),
+]
+
+
+def peak_tflops(device_name, override=0.0):
+    """The peak TFLOP/s for MFU: override when given (> 0), else the first PEAK_TFLOPS entry
+    whose pattern is in device_name, else None (unknown device)."""
+    if override > 0:
+        return float(override)
+    for pattern, tflops in PEAK_TFLOPS:
+        if re.search(pattern, device_name, re.IGNORECASE):
+            return float(tflops)
+    return None
+
+
+# -----------------------------------------------------------------------------
+# FLOPs of one pretraining step (the formula in the module docstring)
+
+
+def vit_flops(c):
+    """(patch conv, blocks): forward FLOPs of the ViT on one image."""
+    P = (c.image_size // c.patch_size) ** 2
+    return 2 * P * 3 * c.patch_size ** 2 * c.vit_width, transformer_flops(c.vit_layers, c.vit_width, 1 + P, c.mlp_ratio)
+
+
+def converter_flops(c):
+    """Forward FLOPs of the converter on one image's patches (no relation tokens): the MLP's two
+    matmuls, or the resampler's input map and, per layer, the queries' q, output and MLP, the
+    patches' keys and values, and the attention of M queries over P keys."""
+    P, w, vw = (c.image_size // c.patch_size) ** 2, c.text_width, c.vit_width
+    if c.converter == "mlp":
+        return 2 * P * (vw * w + w * w)
+    M = c.n_queries
+    return 2 * P * vw * w + c.resampler_layers * (2 * M * w * w * (2 + 2 * c.mlp_ratio) + 4 * P * w * w + 4 * M * P * w)
+
+
+def pretrain_terms(c, batch_size):
+    """The terms of one pretraining step on one process, as model.VLM.pretrain_losses runs it
+    for the loss weights of c: a list of (name, forward FLOPs, b), b the backward's multiple of
+    the forward (2: input and weight gradients, 1: weight gradient only, 0: no backward). An
+    objective of weight 0 runs nothing; ELECTRA's generator runs when any of mlm, moc, rtd, r2d
+    is on, its second ViT pass when rtd, r2d or ITM is; the momentum encoders when
+    momentum_alpha > 0 and ITC is on. Caption rows are context_length tokens, as the data has them."""
+    on = {k: w > 0 for k, w in loss_weights(c).items()}
+    electra, fused = uses_electra(c), on["itm"] or on["rtd"] or on["r2d"]
+    B, N = batch_size, batch_size
+    P = (c.image_size // c.patch_size) ** 2
+    M = P if c.converter == "mlp" else c.n_queries
+    T, w, vw, D, V, r = c.context_length, c.text_width, c.vit_width, c.embed_dim, c.vocab_size, c.mlp_ratio
+    distill = c.momentum_alpha > 0 and on["itc"]  # momentum encoders, soft targets and the queue
+    Q = c.queue_size if distill else 0
+    conv, vit = vit_flops(c)
+
+    def text(n):
+        return transformer_flops(c.text_layers, w, n, r)
+
+    # what reaches a loss with a gradient: ITC's embeddings; the first pass's image tokens for
+    # captioning, and for ITM when ELECTRA does not replace them with its second pass's
+    tokens_grad = on["caption"] or (on["itm"] and not electra)
+    vit_grad = on["itc"] or tokens_grad
+    terms = [("vit.conv", B * conv, vit_grad), ("vit.blocks", B * vit, 2 * vit_grad)]
+    if on["caption"] or fused:
+        terms.append(("converter", B * converter_flops(c), 2 * tokens_grad))
+    if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the embeddings
+        terms += [("itc.image_proj", 2 * B * vw * D, 2 * on["itc"]), ("itc.text", B * text(T), 2 * on["itc"]),
+                  ("itc.text_proj", 2 * B * w * D, 2 * on["itc"])]
+    if on["itc"]:
+        terms.append(("itc.logits", 2 * 2 * B * (N + Q) * D, 2))
+    if distill:
+        terms += [("momentum.vit", B * (conv + vit) + 2 * B * vw * D, 0),
+                  ("momentum.text", B * text(T) + 2 * B * w * D, 0),
+                  ("momentum.soft_targets", 2 * 2 * B * (N + Q) * D, 0)]
+    if electra:
+        g, p2 = c.gen_width or w // 4, 3 * c.patch_size ** 2
+        gen = [("generator.patch_embed", B * 2 * P * p2 * g, on["mlm"] or on["moc"]),
+               ("generator.blocks", B * (2 * T * w * g + transformer_flops(c.gen_layers, g, P + T, r)),
+                2 * (on["mlm"] or on["moc"])),
+               ("generator.mlm_logits", B * (2 * T * g * w + 2 * T * w * V), 2 * on["mlm"]),
+               ("generator.moc_logits", B * 2 * P * g * c.n_codes, 2 * on["moc"])]
+        terms += gen
+        if c.momentum_alpha > 0 and on["mlm"]:  # soft MLM targets from the momentum generator
+            terms.append(("momentum.generator", sum(f for _, f, _ in gen), 0))
+        if fused:  # the discriminator reads the replaced pixels through the ViT again
+            terms += [("electra.vit.conv", B * conv, 1), ("electra.vit.blocks", B * vit, 2),
+                      ("electra.converter", B * converter_flops(c), 2)]
+    if fused:
+        R = 3 * B if on["itm"] else B  # matched pairs, then image + negative text, text + negative image
+        terms.append(("fused.blocks", R * text(M + T), 2))
+        if on["itm"]:
+            terms += [("itm.head", 2 * R * w * 2, 2), ("itm.hard_negatives", 2 * 2 * B * N * D, 0)]
+        terms += [("rtd.head", 2 * B * T * w, 2)] if on["rtd"] else []
+        terms += [("r2d.head", 2 * B * M * w, 2)] if on["r2d"] else []
+    if on["caption"]:
+        terms += [("caption.blocks", B * text(M + T - 1), 2), ("caption.lm_head", 2 * B * (T - 1) * w * V, 2)]
+    return [(name, flops, int(b)) for name, flops, b in terms]
+
+
+def pretrain_flops(c, batch_size, backward=True):
+    """FLOPs of one pretraining step of batch_size samples, forward and backward: the sum over
+    pretrain_terms of F (1 + b); backward False: the forward alone, the sum of F."""
+    return sum(f * (1 + b if backward else 1) for _, f, b in pretrain_terms(c, batch_size))
+
+
+# -----------------------------------------------------------------------------
+# pieces of a benchmark
+
+
+def bench_model_config(mcfg, **changes):
+    """The model config with the special tokens at the top 5 ids of its vocabulary (in the
+    shapes tokenizer's order) and any changes."""
+    V = mcfg.vocab_size
+    if V < 6:
+        raise SystemExit(f"--vocab_size={V}: the bench needs at least one word besides the 5 special tokens")
+    ids = dict(eos_id=V - 5, bos_id=V - 4, pad_id=V - 3, mask_id=V - 2, glob_id=V - 1)
+    return VLMConfig(**{**asdict(mcfg), **ids, **changes})
+
+
+def random_batch(model, batch_size, device, seed=0):
+    """Pretraining inputs of the right shapes: pixels (random uint8 images, normalised),
+    tokens (rows <bos> 1..T-2 random words <eos> <pad>...) and codes (random visual codes)."""
+    c = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    B, T, P = batch_size, c.context_length, (c.image_size // c.patch_size) ** 2
+    images = torch.randint(0, 256, (B, c.image_size, c.image_size, 3), dtype=torch.uint8, generator=g)
+    n = torch.randint(1, T - 1, (B, 1), generator=g)  # words per caption
+    pos = torch.arange(T)[None]
+    words = torch.randint(0, c.vocab_size - 5, (B, T), generator=g)
+    tokens = torch.where(pos <= n, words, torch.where(pos == n + 1, c.eos_id, c.pad_id))
+    tokens[:, 0] = c.bos_id
+    codes = torch.randint(0, c.n_codes, (B, P), generator=g)
+    return dict(pixels=model.normalize_pixels(images.to(device)), tokens=tokens.to(device), codes=codes.to(device))
+
+
+def synchronize(device_type):
+    """Wait for the device's queued work, so that a timer reads the work done."""
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fn, n, device_type):
+    """Seconds to run fn() n times, the device synchronised before and after."""
+    synchronize(device_type)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    synchronize(device_type)
+    return time.perf_counter() - t0
+
+
+def optimizer_step(model, loss_fn, cfg, device_type, ctx, after=None):
+    """A function that takes one training step as train.py does: the loss under autocast,
+    backward through the grad scaler, gradient clipping, AdamW, zero_grad, then after()."""
+    optimizer = train.configure_optimizer(model, cfg, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=train.pick_dtype(cfg, device_type) == torch.float16)
+
+    def step():
+        with ctx:
+            loss = loss_fn()
+        scaler.scale(loss).backward()
+        train.optimizer_step(model, optimizer, scaler, cfg)
+        if after is not None:
+            after()
+    return step
+
+
+def resolve_peak(bench, device_type):
+    """(peak TFLOP/s or None, where it comes from or why there is none)."""
+    name = torch.cuda.get_device_name() if device_type == "cuda" else device_type
+    peak = peak_tflops(name, bench.peak_tflops)
+    if peak is None:
+        return None, f"no peak known for {name}: give --peak_tflops"
+    return peak, "--peak_tflops" if bench.peak_tflops > 0 else f"{name}, dense 16-bit tensor peak"
+
+
+def throughput(name, flops_per_step, batch_size, steps, seconds, peak):
+    """The numbers of one timed run: samples/s, step ms, achieved TFLOP/s, MFU (None without a peak)."""
+    achieved = flops_per_step * steps / seconds
+    return {f"{name}_samples_per_s": batch_size * steps / seconds, f"{name}_step_ms": 1e3 * seconds / steps,
+            f"{name}_tflops": achieved / 1e12, f"{name}_mfu": achieved / (peak * 1e12) if peak else None}
+
+
+def print_table(title, rows):
+    """A two-column table: rows of (label, value)."""
+    print(f"\n{title}")
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+def fmt_mfu(mfu, why):
+    return f"{100 * mfu:.2f}% (peak: {why})" if mfu is not None else f"n/a ({why})"
+
+
+def runtime(cfg):
+    """(device, device type, dtype, autocast context, compile?) as train.py picks them."""
+    device, device_type, dtype, ctx = train.pick_runtime(cfg)
+    return device, device_type, dtype, ctx, train.compile_enabled(cfg, device_type)
+
+
+# -----------------------------------------------------------------------------
+# the benchmarks
+
+
+def bench_train(cfg, bench):
+    """Samples/s, FLOPs and MFU of the pretraining step with the preset's objectives."""
+    device, device_type, dtype, ctx, compiled = runtime(cfg)
+    mcfg = bench_model_config(cfg.model)
+    raw = VLM(mcfg).to(device)
+    raw.codebook.uniform_()  # random centroids: the cost is the same
+    model = torch.compile(raw) if compiled else raw
+    batch = random_batch(raw, cfg.batch_size, device, cfg.seed)
+    step = optimizer_step(raw, lambda: model(**batch, groups=None, alpha=mcfg.momentum_alpha)["loss"], cfg, device_type,
+                          ctx, after=raw.momentum_update)
+    timed(step, bench.warmup, device_type)
+    seconds = timed(step, bench.steps, device_type)
+    terms = pretrain_terms(mcfg, cfg.batch_size)
+    flops = pretrain_flops(mcfg, cfg.batch_size)
+    peak, why = resolve_peak(bench, device_type)
+    out = dict(params=raw.num_params(), flops_per_step=flops,
+               forward_flops_per_step=pretrain_flops(mcfg, cfg.batch_size, backward=False),
+               **throughput("train", flops, cfg.batch_size, bench.steps, seconds, peak))
+    objectives = ", ".join(k for k, v in raw.loss_weights().items() if v > 0) + (" + momentum" if raw.momentum else "")
+    print_table(f"pretraining step: {objectives} | {device} {dtype} compile {compiled} | batch {cfg.batch_size}, "
+                f"{bench.steps} steps after {bench.warmup} warm-up", [
+                    ("parameters", f"{out['params'] / 1e6:.2f}M"),
+                    ("step", f"{out['train_step_ms']:.1f} ms"),
+                    ("samples/s", f"{out['train_samples_per_s']:.4g}"),
+                    ("FLOPs/step", f"{flops / 1e9:.2f} GFLOP (forward {out['forward_flops_per_step'] / 1e9:.2f})"),
+                    ("achieved", f"{out['train_tflops'] * 1e3:.1f} GFLOP/s"),
+                    ("MFU", fmt_mfu(out["train_mfu"], why))])
+    print_table("FLOPs by term (GFLOP per step: forward x (1 + b))",
+                [(name, f"{f * (1 + b) / 1e9:8.3f}  (b={b})") for name, f, b in terms])
+    return out
+
+
+def hf_clip(mcfg):
+    """transformers.CLIPModel with our model's dimensions (random weights, SDPA attention)."""
+    from transformers import CLIPConfig, CLIPModel
+    common = dict(hidden_act=mcfg.activation, layer_norm_eps=mcfg.layer_norm_eps, projection_dim=mcfg.embed_dim)
+    text = dict(vocab_size=mcfg.vocab_size, hidden_size=mcfg.text_width,
+                intermediate_size=mcfg.mlp_ratio * mcfg.text_width, num_hidden_layers=mcfg.text_layers,
+                num_attention_heads=mcfg.text_heads, max_position_embeddings=mcfg.context_length,
+                bos_token_id=mcfg.bos_id, eos_token_id=mcfg.eos_id, pad_token_id=mcfg.pad_id, **common)
+    # with an eos_token_id other than 2, HF pools the text at the first <eos>, as ours does
+    vision = dict(hidden_size=mcfg.vit_width, intermediate_size=mcfg.mlp_ratio * mcfg.vit_width,
+                  num_hidden_layers=mcfg.vit_layers, num_attention_heads=mcfg.vit_heads, image_size=mcfg.image_size,
+                  patch_size=mcfg.patch_size, num_channels=3, **common)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=mcfg.embed_dim,
+                        logit_scale_init_value=math.log(1 / 0.07))
+    return CLIPModel._from_config(config, attn_implementation="sdpa")
+
+
+def clip_param_counts(ours, hf):
+    """{part: (ours, Hugging Face's)} for the parts a CLIP has: the image tower with its
+    projection, the text tower with its (our tied LM head adds none), the temperature."""
+    def count(*modules):
+        unique = {id(p): p for m in modules for p in m.parameters()}
+        return sum(p.numel() for p in unique.values())
+    return {"vision": (count(ours.visual), count(hf.vision_model, hf.visual_projection)),
+            "text": (count(ours.text), count(hf.text_model, hf.text_projection)),
+            "logit_scale": (ours.logit_scale.numel(), hf.logit_scale.numel())}
+
+
+def bench_vs_hf(cfg, bench):
+    """The contrastive step side by side: ours with ITC alone against transformers.CLIPModel of
+    the same dimensions, on one batch, each a backward and an AdamW step, timed in alternating
+    blocks so that both see the same machine. transformers is imported in this mode only."""
+    import transformers
+    device, device_type, dtype, ctx, compiled = runtime(cfg)
+    mcfg = bench_model_config(cfg.model, **{**OBJECTIVES_OFF, "itc_weight": 1.0})
+    ours_raw = VLM(mcfg).to(device)
+    hf_raw = hf_clip(mcfg).to(device).train()
+    ours, hf = (torch.compile(m) if compiled else m for m in (ours_raw, hf_raw))
+    batch = random_batch(ours_raw, cfg.batch_size, device, cfg.seed)
+    pixels, tokens = batch["pixels"], batch["tokens"]
+    mask = (tokens != mcfg.pad_id).long()
+    losses = {"ours": lambda: ours(pixels=pixels, tokens=tokens)["loss"],
+              "hf": lambda: hf(input_ids=tokens, attention_mask=mask, pixel_values=pixels, return_loss=True).loss}
+    steps = {name: optimizer_step(m, losses[name], cfg, device_type, ctx)
+             for name, m in (("ours", ours_raw), ("hf", hf_raw))}
+    for step in steps.values():
+        timed(step, bench.warmup, device_type)
+    per_block = math.ceil(bench.steps / 6)  # about 6 blocks each, at least --steps steps in all
+    blocks = math.ceil(bench.steps / per_block)
+    seconds, rates = {k: 0.0 for k in steps}, {k: [] for k in steps}
+    for i in range(blocks):  # ours first in even blocks, HF first in odd ones
+        for name in (("ours", "hf") if i % 2 == 0 else ("hf", "ours")):
+            t = timed(steps[name], per_block, device_type)
+            seconds[name] += t
+            rates[name].append(cfg.batch_size * per_block / t)
+    n = blocks * per_block
+    flops = pretrain_flops(mcfg, cfg.batch_size)  # the same matmuls in both (HF's q, k, v apart)
+    peak, why = resolve_peak(bench, device_type)
+    counts = clip_param_counts(ours_raw, hf_raw)
+    out = {}
+    for name in steps:
+        out.update(throughput(name, flops, cfg.batch_size, n, seconds[name], peak))
+    out.update(ratio=out["ours_samples_per_s"] / out["hf_samples_per_s"], flops_per_step=flops,
+               params_ours=sum(o for o, _ in counts.values()), params_hf=sum(h for _, h in counts.values()),
+               params_ours_total=ours_raw.num_params())
+    rows = []
+    for name, label in (("ours", "ours (ITC)"), ("hf", f"HF CLIPModel {transformers.__version__}")):
+        rows.append((label, f"{out[name + '_samples_per_s']:8.4g} samples/s  {out[name + '_step_ms']:8.1f} ms/step  "
+                            f"{out[name + '_tflops'] * 1e3:7.1f} GFLOP/s  "
+                            f"blocks {min(rates[name]):.4g}..{max(rates[name]):.4g}  "
+                            f"MFU {fmt_mfu(out[name + '_mfu'], why)}"))
+    rows.append(("ours / HF", f"{out['ratio']:.3f}"))
+    for part, (o, h) in counts.items():
+        rows.append((f"params {part}", f"ours {o:,}  HF {h:,}" + ("  equal" if o == h else "  DIFFERENT")))
+    rows.append(("params note", f"ours also holds {out['params_ours_total'] - out['params_ours']:,} parameters that ITC "
+                                f"does not use (converter, generator, heads); HF's position_ids are buffers"))
+    print_table(f"ITC step, ours vs Hugging Face | {device} {dtype} compile {compiled} | batch {cfg.batch_size}, "
+                f"{n} steps each in {blocks} alternating blocks after {bench.warmup} warm-up | "
+                f"{flops / 1e9:.2f} GFLOP/step", rows)
+    return out
+
+
+def bench_loader(cfg, bench):
+    """Pretraining batches from the prepared shapes world as the training loop takes them:
+    place(next(stream)), read in this process or by --num_workers loader processes."""
+    device, device_type, _, _, _ = runtime(cfg)
+    ds = train.load_data(cfg, 0, 1)
+    cfg.model = train.fit_model_to_data(cfg.model, ds)
+    model = VLM(copy.deepcopy(cfg.model)).to(device)  # place() normalises the pixels with it
+    fetch, place, n = train.pretrain_batches(cfg, ds, model, device, 0, 1)
+    stream = train.host_batches(fetch, 0, cfg.num_workers, device_type == "cuda")
+    timed(lambda: place(next(stream)), bench.warmup, device_type)  # with workers: their start-up too
+    seconds = timed(lambda: place(next(stream)), bench.steps, device_type)
+    out = {"loader_samples_per_s": cfg.batch_size * bench.steps / seconds,
+           "loader_batch_ms": 1e3 * seconds / bench.steps}
+    print_table(f"data loader: {ds.path} ({cfg.train_split}, {n} images) | {device} | {cfg.num_workers} workers | "
+                f"batch {cfg.batch_size}, {bench.steps} batches after {bench.warmup}", [
+                    ("samples/s", f"{out['loader_samples_per_s']:.0f}"), ("batch", f"{out['loader_batch_ms']:.2f} ms")])
+    return out
+
+
+def bench_generate(cfg, bench):
+    """Greedy captioning of a batch, new_tokens tokens exactly, with and without the KV cache:
+    tokens/s of each and their ratio, and whether the two give the same tokens. The context is
+    raised to new_tokens + 1 positions where it is shorter (generate caps at context - 1), and
+    eos_id is -1, an id no model emits, so that no row stops early."""
+    device, device_type, dtype, ctx, _ = runtime(cfg)
+    n = bench.new_tokens
+    mcfg = bench_model_config(cfg.model, context_length=max(cfg.model.context_length, n + 1), momentum_alpha=0.0,
+                              eos_id=-1)
+    model = VLM(mcfg).to(device).eval()
+    pixels = random_batch(model, cfg.batch_size, device, cfg.seed)["pixels"]
+    outputs = {}
+
+    def run(use_cache):
+        with ctx:
+            outputs[use_cache] = model.generate(pixels, max_new_tokens=n, use_cache=use_cache)
+    seconds = {True: 0.0, False: 0.0}
+    for i in range(bench.warmup + bench.steps):
+        for use_cache in ((True, False) if i % 2 == 0 else (False, True)):
+            t = timed(lambda: run(use_cache), 1, device_type)
+            if i >= bench.warmup:
+                seconds[use_cache] += t
+    for use_cache, tokens in outputs.items():
+        if tokens.shape != (cfg.batch_size, n):
+            raise RuntimeError(f"generate (use_cache={use_cache}) made {tuple(tokens.shape)} tokens, "
+                               f"not {(cfg.batch_size, n)}")
+    made = cfg.batch_size * n * bench.steps
+    out = {"cached_tokens_per_s": made / seconds[True], "uncached_tokens_per_s": made / seconds[False],
+           "identical": torch.equal(outputs[True], outputs[False])}
+    out["speedup"] = out["cached_tokens_per_s"] / out["uncached_tokens_per_s"]
+    M = (mcfg.image_size // mcfg.patch_size) ** 2 if mcfg.converter == "mlp" else mcfg.n_queries
+    print_table(f"greedy captioning: {n} new tokens after {M} image tokens | {device} {dtype} | batch {cfg.batch_size}, "
+                f"{bench.steps} calls each after {bench.warmup}", [
+                    ("KV cache", f"{out['cached_tokens_per_s']:.0f} tokens/s"),
+                    ("no cache", f"{out['uncached_tokens_per_s']:.0f} tokens/s"),
+                    ("speed-up", f"{out['speedup']:.2f}x"),
+                    ("identical outputs", str(out["identical"]))])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def parse_bench_args(argv):
+    """(BenchConfig, the other arguments): the bench's own flags taken out, --key=value or
+    --key value; the rest are train.py's."""
+    hints = typing.get_type_hints(BenchConfig)
+    values, rest, i = {}, [], 0
+    while i < len(argv):
+        key, eq, raw = argv[i][2:].partition("=") if argv[i].startswith("--") else ("", "", "")
+        if key not in hints:
+            rest.append(argv[i])
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"--{key} needs a value")
+            raw, i = argv[i + 1], i + 1
+        i += 1
+        try:
+            values[key] = train.parse_value(key, raw, hints[key])
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    bench = BenchConfig(**values)
+    if bench.mode not in DEFAULT_STEPS:
+        raise SystemExit(f"unknown --mode {bench.mode!r}; modes: {', '.join(DEFAULT_STEPS)}")
+    if bench.vs not in ("", "hf") or (bench.vs and bench.mode != "train"):
+        raise SystemExit(f"--vs takes hf, with --mode train (got --vs={bench.vs!r}, --mode={bench.mode})")
+    steps, warmup = DEFAULT_STEPS[bench.mode]
+    bench.steps = bench.steps if bench.steps > 0 else steps
+    bench.warmup = bench.warmup if bench.warmup >= 0 else warmup
+    return bench, rest
+
+
+def main(argv=None):
+    bench, rest = parse_bench_args(sys.argv[1:] if argv is None else argv)
+    preset, overrides = train.parse_args(rest)
+    if overrides.get("stage", "pretrain") != "pretrain":
+        raise SystemExit("bench.py measures the pretraining step: --stage does not apply")
+    cfg = train.apply_overrides(train.PRESETS[preset], overrides)
+    if cfg.grad_accum != 1:
+        raise SystemExit("bench.py times steps of one batch: set --batch_size, not --grad_accum")
+    torch.manual_seed(cfg.seed)
+    modes = {"train": bench_train, "loader": bench_loader, "generate": bench_generate}
+    run = bench_vs_hf if bench.vs else modes[bench.mode]
+    t0 = time.time()
+    out = run(cfg, bench)
+    out.update(config=preset, mode=bench.mode + (f"_vs_{bench.vs}" if bench.vs else ""), batch_size=cfg.batch_size,
+               steps=bench.steps, warmup=bench.warmup, wall_s=time.time() - t0, torch=torch.__version__,
+               device=train.pick_runtime(cfg)[0], threads=torch.get_num_threads(), overrides=overrides)
+    print(f"\nwall time {out['wall_s']:.1f} s")
+    if bench.json:
+        write_json(bench.json, out)
+    return out
+
+
+assert not {f.name for f in fields(BenchConfig)} & set(train.config_fields()), "a bench flag shadows a train.py flag"
+
+if __name__ == "__main__":
+    main()

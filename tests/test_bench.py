@@ -1,0 +1,180 @@
+"""bench.py: the FLOP formula against PyTorch's FLOP counter, the peak table, the Hugging Face
+side-by-side and the generation benchmark's outputs. No timing is asserted."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+from eval import OBJECTIVES_OFF
+from model import VLM, VLMConfig
+
+CFG = VLMConfig(image_size=32, patch_size=8, vit_width=32, vit_layers=2, vit_heads=2, text_width=32, text_layers=2,
+                text_heads=2, embed_dim=16, vocab_size=60, context_length=12, n_codes=16, queue_size=8)
+ITC = dict(OBJECTIVES_OFF, itc_weight=1.0)
+# the objective sets whose passes differ: ITC alone, everything, and the cases where a pass runs
+# without a gradient (ITM without ITC, ELECTRA's generator feeding only the discriminator)
+OBJECTIVES = {
+    "itc": ITC,
+    "all": {},
+    "itc+momentum": dict(ITC, momentum_alpha=0.4),
+    "itm": dict(OBJECTIVES_OFF, itm_weight=1.0),
+    "itm+mlm": dict(OBJECTIVES_OFF, itm_weight=1.0, mlm_weight=1.0),
+    "rtd": dict(OBJECTIVES_OFF, rtd_weight=1.0),
+    "mlm+momentum": dict(OBJECTIVES_OFF, mlm_weight=1.0, momentum_alpha=0.4),
+    "caption": dict(OBJECTIVES_OFF, caption_weight=1.0),
+    "resampler": dict(OBJECTIVES_OFF, itc_weight=1.0, itm_weight=1.0, caption_weight=1.0, converter="resampler",
+                      n_queries=4),
+}
+
+
+def counted_flops(name, B=4):
+    """(forward, forward + backward) FLOPs of one pretraining step as FlopCounterMode sees them,
+    attention in SDPA's math path (matmuls the counter sees), and the model's config."""
+    c = bench.bench_model_config(CFG, **OBJECTIVES[name])
+    torch.manual_seed(0)
+    model = VLM(c).double().train()
+    batch = bench.random_batch(model, B, "cpu")
+    batch["pixels"] = batch["pixels"].double()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as forward:
+        loss = model(**batch, groups=None, alpha=0.4)["loss"]
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as backward:
+        loss.backward()
+    return forward.get_total_flops(), forward.get_total_flops() + backward.get_total_flops(), c
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_pretrain_flops_equal_flop_counter_forward_and_training_step(name):
+    """The formula counts the same ops as the counter (mm, addmm, bmm, convolution and their
+    backwards), so the tolerance is zero: forward exactly, and the training step exactly, as
+    the formula gives the pixel-reading layers (patch conv, generator patch embedding) no input
+    gradient (b = 1) and every pass that reaches no loss no backward (b = 0)."""
+    forward, training, c = counted_flops(name)
+    assert bench.pretrain_flops(c, 4, backward=False) == forward
+    assert bench.pretrain_flops(c, 4) == training
+    # the plain rule of thumb, 3 x forward for every pass with a backward, only overcounts
+    rule = sum(f * (3 if b else 1) for _, f, b in bench.pretrain_terms(c, 4))
+    assert rule >= training
+
+
+def test_pretrain_terms_follow_the_objectives():
+    def terms(**changes):
+        return {n: b for n, _, b in bench.pretrain_terms(bench.bench_model_config(CFG, **changes), 4)}
+    itc = terms(**ITC)
+    assert set(itc) == {"vit.conv", "vit.blocks", "itc.image_proj", "itc.text", "itc.text_proj", "itc.logits"}
+    full = terms()
+    assert full["momentum.vit"] == full["itm.hard_negatives"] == 0 and full["vit.conv"] == 1
+    assert {"electra.vit.blocks", "fused.blocks", "caption.lm_head", "generator.mlm_logits"} <= set(full)
+    flops = {n: f for n, f, _ in bench.pretrain_terms(bench.bench_model_config(CFG), 4)}
+    no_itm = {n: f for n, f, _ in bench.pretrain_terms(bench.bench_model_config(CFG, itm_weight=0), 4)}
+    assert 3 * no_itm["fused.blocks"] == flops["fused.blocks"]  # 3B rows with ITM's negatives, B without
+
+
+def test_peak_lookup_by_device_name_and_override():
+    known = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H200": 989, "NVIDIA A100-SXM4-80GB": 312,
+             "NVIDIA A100 80GB PCIe": 312, "NVIDIA A10G": 70, "NVIDIA A10": 125, "NVIDIA L4": 121, "NVIDIA L40S": 362,
+             "NVIDIA L40": 181, "NVIDIA GeForce RTX 4090": 165, "NVIDIA GeForce RTX 3090": 71,
+             "Tesla V100-SXM2-16GB": 125, "Tesla T4": 65}
+    for name, tflops in known.items():
+        assert bench.peak_tflops(name) == tflops, name
+    assert bench.peak_tflops("Some Future Accelerator 9000") is None
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", override=100.0) == 100.0
+    assert bench.resolve_peak(bench.BenchConfig(peak_tflops=50.0), "cpu") == (50.0, "--peak_tflops")
+    peak, why = bench.resolve_peak(bench.BenchConfig(), "cpu")
+    assert peak is None and "--peak_tflops" in why
+
+
+def test_bench_flags_are_split_from_train_flags():
+    b, rest = bench.parse_bench_args(["--config", "tiny", "--steps=7", "--mode", "generate", "--batch_size=3"])
+    assert (b.mode, b.steps, b.warmup) == ("generate", 7, bench.DEFAULT_STEPS["generate"][1])
+    assert rest == ["--config", "tiny", "--batch_size=3"]
+    for bad in (["--mode=nope"], ["--vs=hf", "--mode=loader"], ["--vs=timm"], ["--steps=x"]):
+        with pytest.raises(SystemExit):
+            bench.parse_bench_args(bad)
+    with pytest.raises(SystemExit):
+        bench.main(["--config", "tiny", "--no_such_flag=1"])
+
+
+# our names -> Hugging Face CLIP's, per tower (a LayerNorm name maps its weight and bias)
+TOWER_KEYS = {
+    ("visual", "vision_model"): {"conv1.weight": "embeddings.patch_embedding.weight",
+                                 "class_embedding": "embeddings.class_embedding",
+                                 "positional_embedding": "embeddings.position_embedding.weight",
+                                 "ln_pre": "pre_layrnorm", "ln_post": "post_layernorm"},
+    ("text", "text_model"): {"token_embedding.weight": "embeddings.token_embedding.weight",
+                             "positional_embedding": "embeddings.position_embedding.weight",
+                             "ln_final": "final_layer_norm"},
+}
+BLOCK_KEYS = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.c_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1",
+              "mlp.c_proj": "mlp.fc2"}
+
+
+def copy_hf_into_ours(hf, ours):
+    """Hugging Face CLIP's weights into our towers (q, k and v concatenated into c_attn)."""
+    sd = hf.state_dict()
+    out = {"logit_scale": sd["logit_scale"], "visual.proj.weight": sd["visual_projection.weight"],
+           "text.text_projection.weight": sd["text_projection.weight"]}
+    for (mine, theirs), keys in TOWER_KEYS.items():
+        for k, v in keys.items():
+            for suffix in ((".weight", ".bias") if k.startswith("ln") else ("",)):
+                out[f"{mine}.{k}{suffix}"] = sd[f"{theirs}.{v}{suffix}"]
+        for i in range(len(getattr(ours, mine).blocks)):
+            o, h = f"{mine}.blocks.{i}.", f"{theirs}.encoder.layers.{i}."
+            for p in ("weight", "bias"):
+                out.update({f"{o}{k}.{p}": sd[f"{h}{v}.{p}"] for k, v in BLOCK_KEYS.items()})
+                out[f"{o}attn.c_attn.{p}"] = torch.cat([sd[f"{h}self_attn.{x}_proj.{p}"] for x in "qkv"])
+    missing, unexpected = ours.load_state_dict(out, strict=False)
+    assert not unexpected and not [k for k in missing if k.startswith(("visual.", "text.blocks", "text.ln"))]
+
+
+def test_hf_clip_has_our_dimensions_and_our_itc_loss():
+    """Per part, the HF model has our parameter counts; with its weights copied into ours, the
+    two give the same contrastive loss on the same batch: the side-by-side times one model."""
+    for activation in ("gelu", "quick_gelu"):
+        c = bench.bench_model_config(CFG, activation=activation, **ITC)
+        torch.manual_seed(0)
+        ours, hf = VLM(c).double(), bench.hf_clip(c).double()
+        counts = bench.clip_param_counts(ours, hf)
+        assert all(o == h for o, h in counts.values()), counts
+        assert sum(h for _, h in counts.values()) == sum(p.numel() for p in hf.parameters())
+        copy_hf_into_ours(hf, ours)
+        batch = bench.random_batch(ours, 6, "cpu")
+        pixels, tokens = batch["pixels"].double(), batch["tokens"]
+        mask = (tokens != c.pad_id).long()
+        theirs = hf(input_ids=tokens, attention_mask=mask, pixel_values=pixels, return_loss=True).loss
+        torch.testing.assert_close(ours(pixels=pixels, tokens=tokens)["loss"], theirs, rtol=1e-10, atol=1e-10)
+
+
+def test_vs_hf_runs_a_training_step_of_each(tmp_path):
+    path = str(tmp_path / "bench.json")
+    out = bench.main(["--config", "tiny", "--vs", "hf", "--steps=2", "--warmup=0", "--batch_size=4", f"--json={path}"])
+    assert out["ours_samples_per_s"] > 0 and out["hf_samples_per_s"] > 0 and out["ratio"] > 0
+    assert out["params_ours"] == out["params_hf"] < out["params_ours_total"]
+    assert out["ours_mfu"] is None  # a CPU has no peak unless one is given
+    with open(path) as f:
+        assert json.load(f)["params_hf"] == out["params_hf"]
+    assert not os.path.exists(path + ".tmp")
+
+
+def test_generate_mode_cached_equals_uncached_with_exactly_new_tokens(capsys):
+    """30 new tokens at the tiny preset (context 24): the bench raises the context and keeps
+    every row going; bench_generate raises if a call made another number of tokens."""
+    out = bench.main(["--config", "tiny", "--mode", "generate", "--new_tokens=30", "--steps=1", "--warmup=0",
+                      "--batch_size=3", "--peak_tflops=1"])
+    assert out["identical"] is True
+    assert out["cached_tokens_per_s"] > 0 and out["uncached_tokens_per_s"] > 0
+    assert "identical outputs  True" in capsys.readouterr().out
+
+
+def test_train_and_loader_modes_run(world_root, tiny_world):
+    out = bench.main(["--config", "tiny", "--steps=1", "--warmup=0", "--batch_size=4", "--peak_tflops=0.001"])
+    assert out["flops_per_step"] == bench.pretrain_flops(bench.bench_model_config(bench.train.PRESETS["tiny"].model), 4)
+    assert 0 < out["train_mfu"]
+    for workers in (0, 1):
+        out = bench.main(["--config", "tiny", "--mode", "loader", f"--data_dir={world_root}", "--steps=3", "--warmup=1",
+                          f"--num_workers={workers}"])
+        assert out["loader_samples_per_s"] > 0
