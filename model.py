@@ -895,7 +895,7 @@ class VLM(nn.Module):
             self.group_queue.fill_(-1)
 
     @torch.no_grad()
-    def _enqueue(self, cols):
+    def enqueue(self, cols):
         """Add the momentum features of a whole step (cols: every rank's rows, pretrain_head's
         columns) to the ring-buffer queues."""
         feats = [cols[k] for k in ("image_m", "text_m")] + [self._full_length(cols["tokens"]), cols["groups"]]
@@ -1026,7 +1026,7 @@ class VLM(nn.Module):
         offset = dist_info()[0] * B if offset is None else offset
         losses.update(self.pretrain_head(rows, cols, noise, offset, alpha, counts))
         if "image_m" in cols:
-            self._enqueue(cols)
+            self.enqueue(cols)
         losses["loss"] = self.weighted_sum(losses)
         return losses
 

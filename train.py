@@ -735,7 +735,7 @@ def cached_pretrain_step(raw_model, batches, noise, counts, offsets, scaler, ctx
         for name, v in losses.items():
             total[name] = total.get(name, 0) + v.detach() / k
     if "image_m" in cols:
-        m._enqueue(cols)
+        m.enqueue(cols)
     grads = {}
     for key in grad_keys:
         g = cache[key].grad
