@@ -25,7 +25,8 @@ widths v (ViT), w (text), g (generator), D = embed_dim, V = vocab_size, K = n_co
 X(L, d, n) = model.transformer_flops = L (2 n d^2 (4 + 2 mlp_ratio) + 4 n^2 d) per sequence:
 
     vit       = B (6 P p^2 v + X(vit_layers, v, 1 + P))               (a second one on ELECTRA's replaced pixels)
-    converter = B C, C = 2 P (v w + w^2) ('mlp') or 2 P v w + L_r (4 M w^2 (1 + r) + 4 P w^2 + 4 M P w)
+    converter = B C, C = 2 P (v w + w^2) ('mlp') or 2 P v w + L_r (4 M w^2 (1 + r) + 4 P w^2 + 4 M P w),
+                on the first ViT pass, for captioning and, without ELECTRA, for the fused pass
     itc       = 2 B v D + B X(text_layers, w, T) + 2 B w D + 4 B (N + Q) D
     momentum  = vit + B X(text_layers, w, T) + 2 B (v + w) D + 4 B (N + Q) D          (no backward)
     generator = B (6 P p^2 g + 2 T w g + X(gen_layers, g, P + T) + 2 T g w + 2 T w V + 2 P g K)
@@ -142,7 +143,7 @@ def pretrain_terms(c, batch_size):
     tokens_grad = on["caption"] or (on["itm"] and not electra)
     vit_grad = on["itc"] or tokens_grad
     terms = [("vit.conv", B * conv, vit_grad), ("vit.blocks", B * vit, 2 * vit_grad)]
-    if on["caption"] or fused:
+    if on["caption"] or (fused and not electra):  # with ELECTRA the fused pass reads its second ViT pass
         terms.append(("converter", B * converter_flops(c), 2 * tokens_grad))
     if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the embeddings
         terms += [("itc.image_proj", 2 * B * vw * D, 2 * on["itc"]), ("itc.text", B * text(T), 2 * on["itc"]),

@@ -909,18 +909,25 @@ def _epoch_permutation(n, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def batch_indices(n, batch_size, step, seed, rank=0, world_size=1):
-    """Indices of this rank's part of the global batch at `step`: the data is walked in a new
-    random order each epoch, and the global batch of step s is positions
-    [s*B*W, (s+1)*B*W) of that walk, split into W disjoint runs of B, one per rank.
+def batch_indices(n, batch_size, step, seed, rank=0, world_size=1, grad_accum=1, n_captions=0):
+    """Indices of this rank's batch at micro-step `step`. The data is walked in a new random
+    order each epoch; optimizer step t = step // grad_accum reads positions [t*B*k*W,
+    (t+1)*B*k*W) of that walk, k = grad_accum and W = world_size: rank r the r-th run of B*k
+    of them, its micro-step i the i-th run of B within that. The step's batch is so ordered
+    rank by rank, each rank's micro-batches in turn (as train.train_step orders it), and
+    however it is split it holds the same samples. With n_captions, also which caption of
+    each image, drawn per position of the walk (so it does not depend on the split either).
     Stateless: a resumed run draws the same batches from the step alone."""
-    pos = (step * world_size + rank) * batch_size + np.arange(batch_size)
+    t, i = divmod(step, grad_accum)
+    pos = ((t * world_size + rank) * grad_accum + i) * batch_size + np.arange(batch_size)
     epoch, within = np.divmod(pos, n)
-    out = np.empty(batch_size, np.int64)
+    out, caption = np.empty(batch_size, np.int64), np.empty(batch_size, np.int64)
     for e in np.unique(epoch):
         sel = epoch == e
         out[sel] = _epoch_permutation(n, seed, int(e))[within[sel]]
-    return out
+        if n_captions:
+            caption[sel] = np.random.default_rng([seed, int(e), 1]).integers(n_captions, size=n)[within[sel]]
+    return (out, caption) if n_captions else out
 
 
 # -----------------------------------------------------------------------------

@@ -619,9 +619,23 @@ def dist_info():
 
 def all_gather(x):
     """Every rank's x concatenated along dim 0 (rank order), without gradient."""
+    x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x)
     return torch.cat(parts)
+
+
+def sum_to_owner(grad):
+    """grad (W n, ...), every rank's gradient for the rows of all ranks (rank order) -> (n, ...),
+    the sum over the ranks of the gradients for this rank's own rows."""
+    rank, world_size = dist_info()
+    if dist.get_backend() == "nccl":
+        mine = grad.new_empty(grad.size(0) // world_size, *grad.shape[1:])
+        dist.reduce_scatter_tensor(mine, grad.contiguous())
+        return mine
+    grad = grad.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(grad)  # gloo has no reduce-scatter of tensors
+    return grad.chunk(world_size)[rank]
 
 
 class GatherWithGrad(torch.autograd.Function):
@@ -634,14 +648,7 @@ class GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        rank, world_size = dist_info()
-        grad = grad.contiguous()
-        if dist.get_backend() == "nccl":
-            mine = grad.new_empty(grad.size(0) // world_size, *grad.shape[1:])
-            dist.reduce_scatter_tensor(mine, grad)
-            return mine
-        dist.all_reduce(grad)  # gloo has no reduce-scatter of tensors
-        return grad.chunk(world_size)[rank]
+        return sum_to_owner(grad)
 
 
 def gather_with_grad(x):
@@ -727,9 +734,9 @@ def hard_negatives(logits, same, generator=None, u=None, offset=0):
 
 def masked_mean(x, mask, count=None):
     """Sum of x over the positions where mask is True, divided by count (default: the number
-    of such positions; at least 1, and a gradient path even if none)."""
+    of such positions, at least 1: a gradient path even if there are none)."""
     mask = mask.to(x.dtype)
-    return (x * mask).sum() / (mask.sum() if count is None else count).clamp(min=1)
+    return (x * mask).sum() / (mask.sum().clamp(min=1) if count is None else count)
 
 
 def draw_noise(cfg, B, T, generator=None, device=None):
@@ -1020,7 +1027,8 @@ class VLM(nn.Module):
         B = tokens.size(0)
         if noise is None:
             noise = draw_noise(self.cfg, B, tokens.size(1), device=tokens.device)
-        counts = pretrain_counts(self.cfg, tokens, noise) if counts is None else counts
+        if counts is None:
+            counts = {k: c.clamp(min=1) for k, c in pretrain_counts(self.cfg, tokens, noise).items()}
         losses, rows = self.pretrain_encode(pixels, tokens, codes, groups, noise, counts, alpha)
         cols = {k: gather_with_grad(rows[k]) for k in self.column_keys(rows)}
         offset = dist_info()[0] * B if offset is None else offset
@@ -1034,55 +1042,60 @@ class VLM(nn.Module):
         weights = self.loss_weights()
         return sum(weights[k] * v for k, v in losses.items() if weights[k] > 0)
 
+    # the rows of pretrain_encode that carry a gradient back to the encoders
+    GRADIENT_KEYS = ("image_emb", "text_emb", "fused_image")
+
     def column_keys(self, rows):
-        """What pretrain_head reads from every row of the step, of what rows holds: the fused
-        pass's inputs only for ITM's negatives. Of these, image_emb, text_emb and fused_image
-        carry a gradient back to the encoders."""
+        """What pretrain_head reads from every row of the step, of what rows holds (the fused
+        pass's inputs only for ITM's negatives), in one fixed order."""
         keys = ("image_emb", "text_emb", "image_m", "text_m", "tokens", "groups")
         return [k for k in keys + (("fused_image", "fused_tokens") if self.cfg.itm_weight > 0 else ()) if k in rows]
 
-    def pretrain_encode(self, pixels, tokens, codes, groups, noise, counts, alpha=0.0, momentum=True):
+    def pretrain_encode(self, pixels, tokens, codes, groups, noise, counts, alpha=0.0, momentum=True, per_sample=True):
         """The per-sample half of pretraining: the encoders' passes over one batch. Returns
-        (losses, rows): the losses that read one sample at a time (mlm, moc, caption), and the
-        batch's rows of what the cross-sample losses read (pretrain_head): image_emb, text_emb
-        (ITC and the hard-negative draws), fused_image and fused_tokens (the fused pass's image
-        tokens and text: the replaced ones when ELECTRA is on), rtd_label and r2d_label, tokens,
-        groups, and without gradient, unless momentum is False, the momentum model's
-        image_m and text_m."""
+        (losses, rows): the losses that read one sample at a time (mlm, moc, caption; none
+        unless per_sample), and the batch's rows of what the cross-sample losses read
+        (pretrain_head): image_emb, text_emb (ITC and the hard-negative draws), fused_image
+        and fused_tokens (the fused pass's image tokens and text: the replaced ones when
+        ELECTRA is on), rtd_label and r2d_label, tokens, groups, and without gradient, unless
+        momentum is False, the momentum model's image_m and text_m."""
         cfg = self.cfg
         on = {k: w > 0 for k, w in self.loss_weights().items()}
+        electra, fused = uses_electra(cfg), on["itm"] or on["rtd"] or on["r2d"]
         losses = {}
         rows = dict(tokens=tokens, groups=groups if groups is not None else torch.full_like(tokens[:, 0], -1))
         vit = self.visual(pixels)
-        image_tokens = self.image_tokens(vit) if on["caption"] or on["itm"] or on["rtd"] or on["r2d"] else None
+        caption = on["caption"] and per_sample
+        image_tokens = self.image_tokens(vit) if caption or (fused and not electra) else None
         if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the ITC similarity
             rows.update(image_emb=self._image_embedding(self.visual, vit), text_emb=self._text_embedding(self.text, tokens))
         if self.momentum is not None and on["itc"] and momentum:
             m = self.momentum
             with torch.no_grad():
                 rows.update(image_m=self._image_embedding(m.visual, m.visual(pixels)), text_m=self._text_embedding(m.text, tokens))
-        if on["itm"] or on["rtd"] or on["r2d"]:
+        if fused and not electra:
             rows.update(fused_image=image_tokens, fused_tokens=tokens)
-        if uses_electra(cfg):
+        if electra:
             if codes is None:
                 raise ValueError("ELECTRA's objectives need the visual codes of the patches (codes=...)")
             if on["r2d"] and cfg.converter != "mlp":
                 raise ValueError("R2D labels each patch, but the resampler's image tokens are its queries: "
                                  "use --converter=mlp or --r2d_weight=0")
             E = self.electra_inputs(pixels, tokens, codes, noise=noise)
-            logp = fp32(E["mlm_logits"]).log_softmax(-1)
-            target = F.one_hot(tokens, logp.size(-1)).to(logp.dtype)
-            if self.momentum is not None and on["mlm"]:
-                with torch.no_grad():
-                    mlm_m, _ = self.momentum.generator(*E["gen_input"])
-                target = alpha * fp32(mlm_m).softmax(-1) + (1 - alpha) * target
-            losses["mlm"] = masked_mean(-(target * logp).sum(-1), E["text_mask"], counts["mlm"])
-            moc = F.cross_entropy(fp32(E["moc_logits"]).transpose(1, 2), codes.long(), reduction="none")
-            losses["moc"] = masked_mean(moc, E["patch_mask"], counts["moc"])
+            if per_sample:
+                logp = fp32(E["mlm_logits"]).log_softmax(-1)
+                target = F.one_hot(tokens, logp.size(-1)).to(logp.dtype)
+                if self.momentum is not None and on["mlm"]:
+                    with torch.no_grad():
+                        mlm_m, _ = self.momentum.generator(*E["gen_input"])
+                    target = alpha * fp32(mlm_m).softmax(-1) + (1 - alpha) * target
+                losses["mlm"] = masked_mean(-(target * logp).sum(-1), E["text_mask"], counts["mlm"])
+                moc = F.cross_entropy(fp32(E["moc_logits"]).transpose(1, 2), codes.long(), reduction="none")
+                losses["moc"] = masked_mean(moc, E["patch_mask"], counts["moc"])
             rows.update(rtd_label=E["rtd_label"], r2d_label=E["r2d_label"])
-            if on["rtd"] or on["r2d"] or on["itm"]:
+            if fused:
                 rows.update(fused_image=self.image_tokens(self.visual(E["pixels"])), fused_tokens=E["tokens"])
-        if on["caption"]:
+        if caption:
             losses["caption"] = self.caption_loss(image_tokens, tokens, counts["caption"])
         return losses, rows
 

@@ -37,7 +37,8 @@ import data
 from data import WorldConfig
 from eval import (OBJECTIVES_OFF, binary_metrics, evaluate, evaluate_instruct, evaluate_prompt, generate_captions,
                   image_tokens_of, itm_margins, load_checkpoint, write_json)
-from model import VLM, VLMConfig, all_gather, dist_info, draw_noise, pretrain_counts, uses_electra
+from model import (VLM, VLMConfig, all_gather, dist_info, draw_noise, fp32, pretrain_counts, sum_to_owner,
+                   uses_electra)
 
 STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
 
@@ -437,8 +438,8 @@ def pretrain_batches(cfg, ds, raw_model, device, rank, world_size):
         ds.codes(split, cfg.model.patch_size, cfg.model.n_codes)  # computed once here, not in each loader worker
 
     def fetch(micro_step):
-        idx = data.batch_indices(n_train, cfg.batch_size, micro_step, cfg.seed, rank, world_size)
-        caption = np.random.default_rng([cfg.seed, micro_step, rank]).integers(n_captions, size=cfg.batch_size)
+        idx, caption = data.batch_indices(n_train, cfg.batch_size, micro_step, cfg.seed, rank, world_size,
+                                          cfg.grad_accum, n_captions)
         images, tokens = ds.image_text_batch(split, idx, caption)
         parts = dict(images=images, tokens=tokens.astype(np.int64))
         if clean:
@@ -471,7 +472,8 @@ def instruct_batches(cfg, ds, raw_model, device, rank, world_size):
                              f"context_length - answer_length tokens and answers answer_length (--answer_length)")
 
     def fetch(micro_step):
-        idx = data.batch_indices(ds.split_size(split), cfg.batch_size, micro_step, cfg.seed, rank, world_size)
+        idx = data.batch_indices(ds.split_size(split), cfg.batch_size, micro_step, cfg.seed, rank, world_size,
+                                 cfg.grad_accum)
         images, valid, question, answer = ds.multi_batch(split, idx)
         return dict(images=images, image_valid=valid, question=question.astype(np.int64),
                     answer=answer[:, :m.answer_length].astype(np.int64))
@@ -545,8 +547,10 @@ def host_batches(fetch, start, num_workers, pin_memory):
     num_workers loader processes that read ahead (two micro-steps each)."""
     if num_workers == 0:
         return iter(HostBatches(fetch, start))
+    if "fork" not in torch.multiprocessing.get_all_start_methods():
+        raise SystemExit("--num_workers needs the 'fork' start method (Linux); use --num_workers=0 here")
     loader = torch.utils.data.DataLoader(HostBatches(fetch, start), batch_size=None, num_workers=num_workers,
-                                         pin_memory=pin_memory, prefetch_factor=2)
+                                         pin_memory=pin_memory, prefetch_factor=2, multiprocessing_context="fork")
     return iter(loader)
 
 
@@ -592,9 +596,11 @@ def step_noise(cfg, step, n_rows, device):
 
 
 def sync_gradients(model):
-    """Average the gradients over the ranks in one all-reduce (a missing gradient counts as 0)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    """Average the gradients over the ranks in one all-reduce. The parameters that have one are
+    the same on every rank (the objectives decide which); the others keep none, as one
+    process's would (AdamW skips them)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([p.grad.flatten() for p in params])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     for p, g in zip(params, flat.split([p.numel() for p in params])):
@@ -608,8 +614,9 @@ def uses_feature_cache(mcfg, grad_accum):
 
 
 def shard(model, cfg):
-    """FSDP2 (--fsdp with several ranks), in place: each transformer block (the ViT's, the text
-    transformer's, the generator's and their momentum copies) is a unit whose parameters are
+    """FSDP2 (--fsdp with several ranks), in place: each transformer block (every module list
+    named blocks: the towers', the generator's, the resampler's and relation encoder's when
+    built, and the momentum copies') is a unit whose parameters are
     gathered for its forward and backward passes and sharded again after; the rest of the
     model is the root unit. Gradients are reduce-scattered and the optimizer keeps its shard
     of the state only. Call before torch.compile and before making the optimizer."""
@@ -627,20 +634,30 @@ def shard(model, cfg):
 
 
 def full_state(raw_model, optimizer, cfg):
-    """(model, optimizer) state dicts with whole tensors on the CPU: under FSDP gathered from
-    every rank's shards (a collective: every rank calls it; the others get empty dicts)."""
-    if not cfg.fsdp or dist_info()[1] == 1:
-        return raw_model.state_dict(), optimizer.state_dict()  # the plain module: no DDP or torch.compile prefixes
+    """(model, optimizer) state dicts with whole tensors: the plain module's (no DDP or
+    torch.compile prefixes), or with --fsdp gathered from every rank's shards to rank 0's CPU
+    (a collective: every rank calls it; the others get empty dicts), the optimizer state then
+    keyed by parameter name, on any number of ranks. optimizer None: the model's alone."""
+    if not cfg.fsdp:
+        return raw_model.state_dict(), optimizer.state_dict() if optimizer is not None else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(raw_model, options=options), get_optimizer_state_dict(raw_model, optimizer, options=options)
+    return (get_model_state_dict(raw_model, options=options),
+            get_optimizer_state_dict(raw_model, optimizer, options=options) if optimizer is not None else None)
 
 
 def load_optimizer(raw_model, optimizer, state, cfg):
-    if not cfg.fsdp or dist_info()[1] == 1:
-        return optimizer.load_state_dict(state)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(raw_model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    """A checkpoint's optimizer state (full_state's format) into the optimizer. A moment saved
+    for a scalar logit_scale (checkpoints before it had one dimension) takes its new shape."""
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(raw_model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+    for p, s in optimizer.state.items():
+        for key, v in s.items():
+            if key != "step" and torch.is_tensor(v) and v.shape != p.shape and v.numel() == p.numel():
+                s[key] = v.reshape(p.shape)
 
 
 def wrap_ddp(model, raw_model, cfg, device_type, local_rank):
@@ -661,9 +678,9 @@ def train_step(model, raw_model, batches, scaler, ctx, noise=None):
     Pretraining batches (those with tokens) get their rows of noise, the step's random draws
     (step_noise), and the step's counts: each loss is the one of the step's whole batch, so
     W ranks x k micro-batches of B rows give the gradient of one batch of k W B rows. The
-    global batch is ordered rank by rank, each rank's micro-batches in turn. With k > 1, ITC
-    and ITM go through cached_pretrain_step; otherwise DDP averages the gradients on the last
-    micro-batch's backward pass only."""
+    global batch is ordered rank by rank, each rank's micro-batches in turn (data.batch_indices
+    reads it so). With k > 1, ITC and ITM go through cached_pretrain_step; otherwise DDP (or
+    FSDP2) reduces the gradients on the last micro-batch's backward pass only."""
     k, (rank, world_size) = len(batches), dist_info()
     pretrain = "tokens" in batches[0]
     if pretrain:
@@ -678,7 +695,7 @@ def train_step(model, raw_model, batches, scaler, ctx, noise=None):
             stacked = torch.stack(list(counts.values()))
             dist.all_reduce(stacked)
             counts = dict(zip(counts, stacked))
-        counts = {name: c / (k * world_size) for name, c in counts.items()}  # per micro-batch and rank
+        counts = {name: c.clamp(min=1) / (k * world_size) for name, c in counts.items()}  # per micro-batch and rank
         if uses_feature_cache(raw_model.cfg, k):
             return cached_pretrain_step(raw_model, batches, noise, counts, offsets, scaler, ctx)
         batches = [{**b, "noise": n, "counts": counts, "offset": o} for b, n, o in zip(batches, noise, offsets)]
@@ -718,17 +735,19 @@ def cached_pretrain_step(raw_model, batches, noise, counts, offsets, scaler, ctx
     alpha = batches[0].get("alpha", 0.0)
     inputs = [{key: b.get(key) for key in ("pixels", "tokens", "codes", "groups")} for b in batches]
     with torch.no_grad(), ctx:
-        encoded = [m.pretrain_encode(**x, noise=n, counts=counts, alpha=alpha)[1] for x, n in zip(inputs, noise)]
+        encoded = [m.pretrain_encode(**x, noise=n, counts=counts, alpha=alpha, per_sample=False)[1]
+                   for x, n in zip(inputs, noise)]
     local = {key: torch.cat([e[key] for e in encoded]) for key in encoded[0]}
-    grad_keys = [key for key in ("image_emb", "text_emb", "fused_image") if key in local]
-    keys = list(dict.fromkeys(m.column_keys(local) + grad_keys))  # one order on every rank: each is a collective
-    cache = {key: all_gather(local[key]) if world_size > 1 else local[key] for key in keys}
+    col_keys = m.column_keys(local)  # one order on every rank: each gather is a collective
+    grad_keys = [key for key in m.GRADIENT_KEYS if key in local]
+    # every rank's rows for the columns, this rank's for the rest; leaves of at least float32 where gradients collect
+    cache = {key: all_gather(x) if world_size > 1 and key in col_keys else x for key, x in local.items()}
     for key in grad_keys:
-        cache[key].requires_grad_(True)
-    cols = {key: cache[key] for key in m.column_keys(local)}
+        cache[key] = fp32(cache[key]).requires_grad_(True)
+    cols = {key: cache[key] for key in col_keys}
     total = {}
     for i, o in enumerate(offsets):
-        rows = {key: cache[key][o:o + B] if key in grad_keys else local[key][i * B:(i + 1) * B] for key in local}
+        rows = {key: x[o:o + B] if key in col_keys else x[i * B:(i + 1) * B] for key, x in cache.items()}
         with ctx:
             losses = m.pretrain_head(rows, cols, noise[i], o, alpha, counts)
         scaler.scale(m.weighted_sum(losses) / k).backward()
@@ -739,10 +758,8 @@ def cached_pretrain_step(raw_model, batches, noise, counts, offsets, scaler, ctx
     grads = {}
     for key in grad_keys:
         g = cache[key].grad
-        if g is not None:
-            if world_size > 1:  # each rank's rows collect what every rank's losses sent them
-                dist.all_reduce(g)
-            g = g[offsets[0]:offsets[0] + k * B]
+        if g is not None and world_size > 1 and key in col_keys:  # what every rank's losses sent this rank's rows
+            g = sum_to_owner(g)
         grads[key] = g
     for i, x in enumerate(inputs):
         with ctx:
@@ -809,6 +826,9 @@ def train(cfg, ckpt=None, init=None):
         model.load_state_dict(ckpt["model"])
     if prompt and ckpt is None:
         model.init_prompts(to_long(class_rows(ds, cfg), device))
+    if cfg.fsdp and world_size > 1 and dtype == torch.float16:
+        raise SystemExit("--fsdp with float16: the grad scaler would check each rank's shards alone; use "
+                         "--dtype=bfloat16 (or float32), or DDP")
     shard(model, cfg)
     optimizer = configure_optimizer(model, cfg, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
@@ -832,8 +852,8 @@ def train(cfg, ckpt=None, init=None):
     if master:
         print(f"{raw_model.num_params() / 1e6:.2f}M trainable parameters | device {device} | {dtype} | compile {use_compile} "
               f"| {world_size} rank(s) | data {ds.path}")
-    batches = instruct_batches if instruct else prompt_batches if prompt else pretrain_batches
-    fetch, place, n_train = batches(cfg, ds, raw_model, device, rank, world_size)
+    make_batches = instruct_batches if instruct else prompt_batches if prompt else pretrain_batches
+    fetch, place, n_train = make_batches(cfg, ds, raw_model, device, rank, world_size)
     if cfg.num_workers < 0:
         raise SystemExit(f"--num_workers must be at least 0, got {cfg.num_workers}")
     # the prompt stage's batches are made on the device: no loader processes
@@ -844,7 +864,7 @@ def train(cfg, ckpt=None, init=None):
         weights are gathered into a whole copy of the model on rank 0."""
         m = raw_model
         if cfg.fsdp and world_size > 1:
-            state = full_state(raw_model, optimizer, cfg)[0]
+            state = full_state(raw_model, None, cfg)[0]
             if not master:
                 return None
             m = VLM(cfg.model).to(device)

@@ -247,6 +247,18 @@ def test_batches_are_disjoint_across_ranks_and_cover_each_epoch(tiny_world):
     assert (tokens == np.stack([tiny_world.array("train", "tokens")[i, c] for i, c in zip(idx, cap)])).all()
 
 
+def test_a_split_step_reads_the_samples_and_captions_of_the_whole_batch():
+    """2 ranks x 2 micro-batches of 4, rank by rank: the rows, and their captions, of one
+    process's batch of 16 at the same optimizer step, across an epoch boundary (n = 20)."""
+    n, B, W, k = 20, 4, 2, 2
+    for step in range(3):
+        whole = data.batch_indices(n, B * W * k, step, seed=5, n_captions=5)
+        parts = [data.batch_indices(n, B, step * k + i, 5, r, W, k, n_captions=5) for r in range(W) for i in range(k)]
+        assert (np.concatenate([p[0] for p in parts]) == whole[0]).all()
+        assert (np.concatenate([p[1] for p in parts]) == whole[1]).all()
+    assert len(set(whole[1])) > 1  # the captions are drawn, not all the first
+
+
 def test_load_image_reads_every_common_mode(tmp_path):
     S = 16
     rgb = np.zeros((20, 24, 3), np.uint8)
