@@ -905,8 +905,14 @@ def prepare_codebook(path, patch_size, n_codes, iters=15, max_fit=65536, seed=0,
 
 
 @lru_cache(maxsize=4)
+@lru_cache(maxsize=2)  # a batch reads one epoch, or two at a boundary: each is drawn once, not per batch
 def _epoch_permutation(n, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+@lru_cache(maxsize=2)
+def _epoch_captions(n, n_captions, seed, epoch):
+    return np.random.default_rng([seed, epoch, 1]).integers(n_captions, size=n)
 
 
 def batch_indices(n, batch_size, step, seed, rank=0, world_size=1, grad_accum=1, n_captions=0):
@@ -926,7 +932,7 @@ def batch_indices(n, batch_size, step, seed, rank=0, world_size=1, grad_accum=1,
         sel = epoch == e
         out[sel] = _epoch_permutation(n, seed, int(e))[within[sel]]
         if n_captions:
-            caption[sel] = np.random.default_rng([seed, int(e), 1]).integers(n_captions, size=n)[within[sel]]
+            caption[sel] = _epoch_captions(n, n_captions, seed, int(e))[within[sel]]
     return (out, caption) if n_captions else out
 
 

@@ -71,8 +71,9 @@ def load_checkpoint(path, device="cpu"):
 
 
 def to_pixels(model, images, device):
-    """uint8 (B, H, W, 3) numpy -> normalised float pixels on device."""
-    return model.normalize_pixels(torch.from_numpy(np.array(images)).to(device))  # a copy: memmaps are read-only
+    """uint8 (B, H, W, 3) numpy (or a host tensor) -> normalised float pixels on device."""
+    x = images if torch.is_tensor(images) else torch.from_numpy(np.array(images))  # a copy: memmaps are read-only
+    return model.normalize_pixels(x.to(device, non_blocking=True))
 
 
 @torch.no_grad()
@@ -304,7 +305,7 @@ def evaluate(model, ds, device, max_images=None, heldout=True, ctx=nullcontext()
 
 
 def multi_pixels(model, images, device):
-    """uint8 (B, K, H, W, 3) numpy -> normalised (B, K, 3, H, W) on device."""
+    """uint8 (B, K, H, W, 3) numpy (or a host tensor) -> normalised (B, K, 3, H, W) on device."""
     B, K = images.shape[:2]
     x = to_pixels(model, images.reshape(B * K, *images.shape[2:]), device)
     return x.view(B, K, *x.shape[1:])

@@ -36,11 +36,12 @@ from tqdm import tqdm
 import data
 from data import WorldConfig
 from eval import (OBJECTIVES_OFF, binary_metrics, evaluate, evaluate_instruct, evaluate_prompt, generate_captions,
-                  image_tokens_of, itm_margins, load_checkpoint, write_json)
+                  image_tokens_of, itm_margins, load_checkpoint, multi_pixels, write_json)
 from model import (VLM, VLMConfig, all_gather, dist_info, draw_noise, fp32, pretrain_counts, sum_to_owner,
                    uses_electra)
 
 STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
+PRETRAINING = ("pretrain", "finetune")  # the stages whose steps are pretraining steps (every objective, M1-M8)
 
 
 @dataclass
@@ -479,10 +480,8 @@ def instruct_batches(cfg, ds, raw_model, device, rank, world_size):
                     answer=answer[:, :m.answer_length].astype(np.int64))
 
     def place(parts):
-        x = {k: to_device(v, device) for k, v in parts.items()}
-        images = raw_model.normalize_pixels(x["images"].flatten(0, 1))
-        return dict(stage="instruct", pixels=images.view(*x["images"].shape[:2], *images.shape[1:]),
-                    image_valid=x["image_valid"], question=x["question"], answer=x["answer"])
+        x = {k: to_device(v, device) for k, v in parts.items() if k != "images"}
+        return dict(stage="instruct", pixels=multi_pixels(raw_model, torch.as_tensor(parts["images"]), device), **x)
     return fetch, place, ds.split_size(split)
 
 
@@ -613,6 +612,11 @@ def uses_feature_cache(mcfg, grad_accum):
     return grad_accum > 1 and (mcfg.itc_weight > 0 or mcfg.itm_weight > 0)
 
 
+def cached_steps(cfg):
+    """Whether the run's steps are cached_pretrain_step's (a pretraining stage, uses_feature_cache)."""
+    return cfg.stage in PRETRAINING and uses_feature_cache(cfg.model, cfg.grad_accum)
+
+
 def shard(model, cfg):
     """FSDP2 (--fsdp with several ranks), in place: each transformer block (every module list
     named blocks: the towers', the generator's, the resampler's and relation encoder's when
@@ -622,7 +626,7 @@ def shard(model, cfg):
     of the state only. Call before torch.compile and before making the optimizer."""
     if not cfg.fsdp or dist_info()[1] == 1:
         return
-    if cfg.stage in ("pretrain", "finetune") and uses_feature_cache(cfg.model, cfg.grad_accum):
+    if cached_steps(cfg):
         raise SystemExit("--fsdp runs the model through its forward pass only; accumulation with cached features "
                          "(--grad_accum > 1 with ITC or ITM) calls its parts: use DDP, or --grad_accum=1")
     from torch.distributed.fsdp import fully_shard
@@ -663,8 +667,7 @@ def load_optimizer(raw_model, optimizer, state, cfg):
 def wrap_ddp(model, raw_model, cfg, device_type, local_rank):
     """DDP around the (compiled) model when there are several ranks, except under FSDP and
     for the steps that cached_pretrain_step runs: they average the gradients themselves."""
-    if dist_info()[1] == 1 or cfg.fsdp or (cfg.stage in ("pretrain", "finetune")
-                                            and uses_feature_cache(cfg.model, cfg.grad_accum)):
+    if dist_info()[1] == 1 or cfg.fsdp or cached_steps(cfg):
         return model
     # pretraining with an objective off leaves some parameters without a gradient
     unused = cfg.stage != "instruct" and any(w == 0 for w in raw_model.loss_weights().values())
@@ -846,7 +849,7 @@ def train(cfg, ckpt=None, init=None):
     raw_model = model
     if use_compile:
         model = torch.compile(model)
-    pretrain = cfg.stage in ("pretrain", "finetune")
+    pretrain = cfg.stage in PRETRAINING
     model = wrap_ddp(model, raw_model, cfg, device_type, local_rank)
     logger = Logger(os.path.join(cfg.out_dir, "log.jsonl"), master, start_step if ckpt is not None else None)
     if master:
