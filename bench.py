@@ -57,7 +57,7 @@ import torch
 
 import train
 from eval import OBJECTIVES_OFF, write_json
-from model import VLM, VLMConfig, loss_weights, transformer_flops, uses_electra
+from model import VLM, VLMConfig, hf_clip_config, loss_weights, transformer_flops, uses_electra
 
 
 @dataclass
@@ -321,19 +321,8 @@ def bench_train(cfg, bench):
 
 def hf_clip(mcfg):
     """transformers.CLIPModel with our model's dimensions (random weights, SDPA attention)."""
-    from transformers import CLIPConfig, CLIPModel
-    common = dict(hidden_act=mcfg.activation, layer_norm_eps=mcfg.layer_norm_eps, projection_dim=mcfg.embed_dim)
-    text = dict(vocab_size=mcfg.vocab_size, hidden_size=mcfg.text_width,
-                intermediate_size=mcfg.mlp_ratio * mcfg.text_width, num_hidden_layers=mcfg.text_layers,
-                num_attention_heads=mcfg.text_heads, max_position_embeddings=mcfg.context_length,
-                bos_token_id=mcfg.bos_id, eos_token_id=mcfg.eos_id, pad_token_id=mcfg.pad_id, **common)
-    # with an eos_token_id other than 2, HF pools the text at the first <eos>, as ours does
-    vision = dict(hidden_size=mcfg.vit_width, intermediate_size=mcfg.mlp_ratio * mcfg.vit_width,
-                  num_hidden_layers=mcfg.vit_layers, num_attention_heads=mcfg.vit_heads, image_size=mcfg.image_size,
-                  patch_size=mcfg.patch_size, num_channels=3, **common)
-    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=mcfg.embed_dim,
-                        logit_scale_init_value=math.log(1 / 0.07))
-    return CLIPModel._from_config(config, attn_implementation="sdpa")
+    from transformers import CLIPModel
+    return CLIPModel._from_config(hf_clip_config(mcfg), attn_implementation="sdpa")
 
 
 def clip_param_counts(ours, hf):

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 from eval import OBJECTIVES_OFF
-from model import VLM, VLMConfig
+from model import VLM, VLMConfig, load_into, state_from_hf_clip
 
 CFG = VLMConfig(image_size=32, patch_size=8, vit_width=32, vit_layers=2, vit_heads=2, text_width=32, text_layers=2,
                 text_heads=2, embed_dim=16, vocab_size=60, context_length=12, n_codes=16, queue_size=8)
@@ -99,38 +99,6 @@ def test_bench_flags_are_split_from_train_flags():
         bench.main(["--config", "tiny", "--no_such_flag=1"])
 
 
-# our names -> Hugging Face CLIP's, per tower (a LayerNorm name maps its weight and bias)
-TOWER_KEYS = {
-    ("visual", "vision_model"): {"conv1.weight": "embeddings.patch_embedding.weight",
-                                 "class_embedding": "embeddings.class_embedding",
-                                 "positional_embedding": "embeddings.position_embedding.weight",
-                                 "ln_pre": "pre_layrnorm", "ln_post": "post_layernorm"},
-    ("text", "text_model"): {"token_embedding.weight": "embeddings.token_embedding.weight",
-                             "positional_embedding": "embeddings.position_embedding.weight",
-                             "ln_final": "final_layer_norm"},
-}
-BLOCK_KEYS = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.c_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1",
-              "mlp.c_proj": "mlp.fc2"}
-
-
-def copy_hf_into_ours(hf, ours):
-    """Hugging Face CLIP's weights into our towers (q, k and v concatenated into c_attn)."""
-    sd = hf.state_dict()
-    out = {"logit_scale": sd["logit_scale"], "visual.proj.weight": sd["visual_projection.weight"],
-           "text.text_projection.weight": sd["text_projection.weight"]}
-    for (mine, theirs), keys in TOWER_KEYS.items():
-        for k, v in keys.items():
-            for suffix in ((".weight", ".bias") if k.startswith("ln") else ("",)):
-                out[f"{mine}.{k}{suffix}"] = sd[f"{theirs}.{v}{suffix}"]
-        for i in range(len(getattr(ours, mine).blocks)):
-            o, h = f"{mine}.blocks.{i}.", f"{theirs}.encoder.layers.{i}."
-            for p in ("weight", "bias"):
-                out.update({f"{o}{k}.{p}": sd[f"{h}{v}.{p}"] for k, v in BLOCK_KEYS.items()})
-                out[f"{o}attn.c_attn.{p}"] = torch.cat([sd[f"{h}self_attn.{x}_proj.{p}"] for x in "qkv"])
-    missing, unexpected = ours.load_state_dict(out, strict=False)
-    assert not unexpected and not [k for k in missing if k.startswith(("visual.", "text.blocks", "text.ln"))]
-
-
 def test_hf_clip_has_our_dimensions_and_our_itc_loss():
     """Per part, the HF model has our parameter counts; with its weights copied into ours, the
     two give the same contrastive loss on the same batch: the side-by-side times one model."""
@@ -141,7 +109,7 @@ def test_hf_clip_has_our_dimensions_and_our_itc_loss():
         counts = bench.clip_param_counts(ours, hf)
         assert all(o == h for o, h in counts.values()), counts
         assert sum(h for _, h in counts.values()) == sum(p.numel() for p in hf.parameters())
-        copy_hf_into_ours(hf, ours)
+        load_into(ours, state_from_hf_clip(hf.state_dict(), c))
         batch = bench.random_batch(ours, 6, "cpu")
         pixels, tokens = batch["pixels"].double(), batch["tokens"]
         mask = (tokens != c.pad_id).long()
