@@ -7,6 +7,7 @@ Use a trained nanoVLP checkpoint on image files.
     python sample.py classify a.png --labels "small red circle" "large blue square" --template "a {}"
     python sample.py --ckpt out-instruct/ckpt.pt answer a.png b.png --question "which image has the most objects?"
     python sample.py --ckpt out-prompt/seed0/ckpt.pt detect a.png --classes star moon --out a.detect.png
+    python sample.py export --out clip-hf    # the ViT and text transformer as a Hugging Face CLIP directory
 
 Every command takes --ckpt (default out/ckpt.pt) and --device. Images of any common mode
 (RGB, RGBA, L, P, CMYK, 16-bit) are converted to RGB, resized on the short side and
@@ -22,6 +23,7 @@ import torch
 
 import data
 from eval import generate_captions, load_checkpoint, multi_pixels, to_pixels
+from model import export_hf_clip
 
 
 def load_images(paths, size):
@@ -131,6 +133,8 @@ def main(argv=None):
     det.add_argument("image")
     det.add_argument("--classes", nargs="+", default=None, help="class names (default: the classes the prompts learned)")
     det.add_argument("--out", default=None, help="the PNG to write (default: <image>.detect.png)")
+    exp = sub.add_parser("export", help="write the ViT, text transformer and projections as a Hugging Face CLIP directory")
+    exp.add_argument("--out", required=True, help="the directory to write (transformers.CLIPModel.from_pretrained reads it)")
     args = parser.parse_args(argv)
 
     try:
@@ -138,7 +142,13 @@ def main(argv=None):
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     size = model.cfg.image_size
-    if args.command == "caption":
+    if args.command == "export":
+        try:
+            export_hf_clip(model, args.out)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"wrote {args.out}: load it with transformers.CLIPModel.from_pretrained({args.out!r})")
+    elif args.command == "caption":
         images = load_images(args.images, size)
         generator = torch.Generator(args.device).manual_seed(args.seed)
         for _ in range(args.num_samples):

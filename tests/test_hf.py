@@ -228,3 +228,21 @@ def test_bad_inputs_get_clear_errors(tmp_path, saved):
     assert not os.path.exists(tmp_path / "eos2")
     with open(os.path.join(clip_path, "config.json")) as f:
         assert "nanovlp_specials" not in json.load(f)  # a plain HF CLIP: our specials appended, as above
+
+
+def test_sample_export_of_a_trained_checkpoint(tiny_run, tmp_path, capsys):
+    """`sample.py export` writes a trained run's towers as a CLIP that transformers loads with
+    the checkpoint's embeddings; an existing directory is an error message, not a stack trace."""
+    import sample
+    from eval import load_checkpoint
+    ckpt = os.path.join(tiny_run, "ckpt.pt")
+    path = str(tmp_path / "clip")
+    sample.main(["--ckpt", ckpt, "export", "--out", path])
+    assert "CLIPModel.from_pretrained" in capsys.readouterr().out
+    model = load_checkpoint(ckpt)[0]
+    hf = CLIPModel.from_pretrained(path).eval()
+    tokens, input_ids, mask = caption_rows(model.cfg, model.cfg.vocab_size)
+    pixels = torch.randn(4, 3, model.cfg.image_size, model.cfg.image_size, generator=torch.Generator().manual_seed(1))
+    assert_same_clip(model, hf, tokens, tokens, mask, pixels)
+    with pytest.raises(SystemExit, match="error: .*clip"):
+        sample.main(["--ckpt", ckpt, "export", "--out", path])
