@@ -1,6 +1,7 @@
 """
 Evaluate a nanoVLP model: retrieval, zero-shot classification and captioning, on the val
-split and on the test images that show held-out colour-shape pairs.
+split and on the test images that show held-out colour-shape pairs; on real captioned
+images, retrieval and BLEU and CIDEr-D of its captions on the val split.
 
     python eval.py --ckpt out/ckpt.pt            # prints the metrics, writes out/eval.json
     python eval.py --ablation --train_split=web  # trains each objective subset, writes a table
@@ -44,11 +45,30 @@ Protocols (shapes world):
   the IoU of any named class against background (fg_iou); box AP at IoU 0.5 of the anchor
   generator's boxes against the world's true boxes (ap50, all-point interpolation); the
   same without the edge refinement (*_bilinear).
+
+Protocols (real captioned images, a dataset of kind 'captions'): as above, except
+- Retrieval. The gallery is every valid caption of every image: the first n_captions of its
+  C slots (the slots after them repeat them, and are left out). Relevance is the same
+  image: image-to-text R@K is a hit if one of the image's captions is among its K nearest
+  captions, text-to-image R@K if the caption's image is among its K nearest images. ITM
+  pairs each image with its first caption and with the most similar caption of another
+  image, and re-ranks as above, over the valid captions.
+- Captioning. No zero-shot or caption parse accuracy: greedy captions are scored against
+  the image's valid captions with BLEU-1..4 and CIDEr-D as the COCO caption evaluation
+  (pycocoevalcap) computes them: corpus BLEU with the closest reference length; CIDEr-D
+  (1- to 4-grams, sigma 6, clipped, times 10) with document frequencies from the references
+  of the evaluated images. Both sides are tokenised as its PTBTokenizer does (coco_tokenize,
+  which differs in rare cases). What is scored is the decoded token rows, so what the
+  dataset's tokenizer normalises (CLIP's lower case and spacing) is normalised on both sides.
+- No held-out part, unless the dataset marks test images as held out (test.heldout).
 """
 
 import argparse
 import json
+import math
 import os
+import re
+from collections import Counter
 from contextlib import nullcontext
 
 import numpy as np
@@ -154,15 +174,15 @@ def itm_margins(model, image_tokens, tokens, pairs, device, batch_size=512, ctx=
     return torch.cat(out)
 
 
-def itm_evaluation(model, image_tokens, tokens, sim, relevant, k, device, ctx=nullcontext()):
+def itm_evaluation(model, image_tokens, tokens, sim, relevant, first, k, device, ctx=nullcontext()):
     """ITM accuracy and AUC on matched and hard non-matched val pairs, and ITC retrieval
-    re-ranked by ITM over its top k (see the module docstring). sim (N, N*C) ITC similarity
-    of images and captions, relevant (N, N*C) bool, tokens (N*C, T)."""
-    N, G = sim.shape
-    C = G // N
+    re-ranked by ITM over its top k (see the module docstring). sim (N, G) ITC similarity of
+    images and the gallery's captions, relevant (N, G) bool, tokens (G, T), first (N,) the
+    gallery index of each image's first caption."""
+    N = sim.size(0)
     hard = sim.masked_fill(relevant, float("-inf")).argmax(1)  # the most similar caption of another scene
     rows = torch.arange(N)
-    pairs = torch.cat([torch.stack([rows, rows * C], 1), torch.stack([rows, hard], 1)])
+    pairs = torch.cat([torch.stack([rows, torch.as_tensor(first)], 1), torch.stack([rows, hard], 1)])
     margin = itm_margins(model, image_tokens, tokens, pairs, device, ctx=ctx).cpu()
     labels = torch.arange(2 * N) < N
     out = {"itm_acc": float(((margin > 0) == labels).float().mean()), "itm_auc": roc_auc(margin, labels)}
@@ -250,50 +270,223 @@ def caption_parse_accuracy(captions, scenes, counts):
     return out
 
 
+# -----------------------------------------------------------------------------
+# caption metrics on real captions: the COCO caption evaluation's BLEU and CIDEr-D
+# (pycocoevalcap, Chen et al. 2015), computed here without its Java tokenizer
+
+# pycocoevalcap drops these tokens after PTBTokenizer (its PUNCTUATIONS; '"' is PTB's `` or '').
+# Its -LRB- and the like never match, as PTBTokenizer's -lowerCase has lower-cased them:
+# brackets stay in the scored text as -lrb-, -rrb-, -lsb-, -rsb-, -lcb-, -rcb-.
+PTB_DROPPED = frozenset(["''", "'", "``", "`", '"', ".", "?", "!", ",", ":", ";", "-", "--", "..."])
+PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+# the words PTBTokenizer leaves a final period on, in any context, besides single letters and
+# acronyms (u.s.): found by running it (CoreNLP 3.4.1) on 40,000 common lower-case words
+PTB_ABBREVIATIONS = frozenset("""
+adj adm al ala alex apr ariz assn assoc atty attys aug ave bancorp bhd blvd brig bros calif capt cf cmdr co col colo
+comdr conn corp cos cpl ct dak dec dept det dr drs elec esq est etc ext feb fla fri ft ga gen gov govs hon inc ind intl
+invt jan jos jr jul jun kan ky lieut lt ltd maj mar md messrs mich minn mlle mme mo mon mont mr mrs ms mt neb nev nov
+oct okla penn ph pfc plc pres prof profs pte pty pvt rd rep reps rev rt sen sens sep sept seq sfc sgt spc sq sr st ste
+supt supts sys tel tenn thu thurs tue tues univ va vs vt wed wis wisc wm wyo""".split())
+_PTB_SPLITS = [(re.compile(pattern), repl) for pattern, repl in (
+    (r"(?<=[^\W_])(n't|'s|'re|'ve|'m|'ll|'d)(?![^\W_])", r" \1"),  # clitics: do n't, dog 's, they 're
+    (r"\b(can)(not)\b|\b(gon|wan)(na)\b|\b(got)(ta)\b|\b(gim|lem)(me)\b", r"\1\3\5\7 \2\4\6\8"))]
+_PTB_TOKEN = re.compile(r"""
+    \d+(?:[.,:]\d+)+(?=[^\W\d_])                              # a number before its unit: 2.5 mm
+  | (?:[^\W\d_]\.)+(?![^\W_])                                 # initials and acronyms, periods kept: a.m.
+  | (?P<word>[^\W_]+(?:[-./'][^\W_]+|(?<=\d)[,:]\d+)*)(?P<period>\.)?  # x-ray, 1,000, 3.5, o'clock, 1/2
+  | '(?:s|re|ve|m|ll|d)(?![^\W_])                             # a clitic split off its word
+  | (?<![^\W_])[-+]\d+(?:[.,:]\d+)*                           # a signed number: -5
+  | (?P<ellipsis>\.{2,})|-{2,}|[?!]+                          # ellipses, dashes, runs of ? and !
+  | \S""", re.X)
+
+
+def coco_tokenize(text):
+    """A caption as the COCO caption evaluation scores it: pycocoevalcap runs Stanford's
+    PTBTokenizer (Java) with -lowerCase and drops its punctuation tokens; this follows its
+    rules in plain Python. Lower-cased; clitics split (do n't, ca n't, dog 's, can not,
+    gon na); punctuation split off words and dropped, except a period that ends an
+    abbreviation (mr., st., u.s.); brackets kept as -lrb- and the like; other symbols
+    ($, %, &, #, *, +, =, /) split off and kept; hyphenated words, numbers (3.5, 1,000, 12:30,
+    1/2) and o'clock stay whole. Returns the words joined by spaces. Where it differs from
+    PTBTokenizer (the test checks many cases against it): PTB reads case and context for a
+    few abbreviations ("No. 5" and "Mass." keep their period, "A." at a sentence's end loses
+    it), keeps URLs and @names whole, splits rock 'n' roll and 't is, joins "1 1/2" into one
+    token, and splits punctuation glued to the front of a number (",50") in its own way."""
+    text = text.lower().translate({0x2018: "'", 0x2019: "'", 0x201C: '"', 0x201D: '"', 0x2013: " -- ", 0x2014: " -- "})
+    for pattern, repl in _PTB_SPLITS:
+        text = pattern.sub(repl, text)
+    words = []
+    for m in _PTB_TOKEN.finditer(text):
+        word = m["word"] if m["period"] and m["word"] not in PTB_ABBREVIATIONS else m[0]
+        word = "..." if m["ellipsis"] else PTB_BRACKETS.get(word, word)
+        if word not in PTB_DROPPED:
+            words.append(word)
+    return " ".join(words)
+
+
+def ngram_counts(text, n=4):
+    """Counter of the 1..n-grams (word tuples) of a text, split on white space."""
+    w = text.split()
+    return Counter(tuple(w[i:i + k]) for k in range(1, n + 1) for i in range(len(w) - k + 1))
+
+
+def _check_captions(refs, cands):
+    """refs {image: [tokenised references]}, cands {image: one tokenised candidate}."""
+    if refs.keys() != cands.keys():
+        raise ValueError(f"references and candidates name different images: {len(refs.keys() ^ cands.keys())} "
+                         f"are in one but not the other")
+    empty = [k for k, r in refs.items() if not r]
+    if empty:
+        raise ValueError(f"{len(empty)} images have no reference caption, e.g. {empty[0]!r}")
+
+
+def bleu(refs, cands, n=4):
+    """Corpus BLEU-1..n (a list) of one candidate per image against its references, as
+    pycocoevalcap's Bleu(n): clipped n-gram counts and lengths summed over the images, each
+    image's reference length the one closest to its candidate's (the shorter on a tie), the
+    brevity penalty on the sums, and its smoothing (1e-15 and 1e-9, so a zero count gives a
+    tiny BLEU, not 0). refs {image: [tokenised captions]}, cands {image: tokenised caption}."""
+    _check_captions(refs, cands)
+    correct, guess, cand_len, ref_len = [0] * n, [0] * n, 0, 0
+    for key in refs:
+        counts, length = ngram_counts(cands[key], n), len(cands[key].split())
+        most = Counter()  # each n-gram's largest count in one reference: the clip
+        for r in refs[key]:
+            most |= ngram_counts(r, n)
+        for gram, c in (counts & most).items():
+            correct[len(gram) - 1] += c
+        for k in range(n):
+            guess[k] += max(0, length - k)
+        cand_len += length
+        ref_len += min((abs(len(r.split()) - length), len(r.split())) for r in refs[key])[1]
+    scores, p = [], 1.0
+    for k in range(n):
+        p *= (correct[k] + 1e-15) / (guess[k] + 1e-9)
+        scores.append(p ** (1 / (k + 1)))
+    ratio = (cand_len + 1e-15) / (ref_len + 1e-9)
+    return [s * math.exp(1 - 1 / ratio) for s in scores] if ratio < 1 else scores
+
+
+def cider_d(refs, cands, n=4, sigma=6.0):
+    """CIDEr-D, as pycocoevalcap's Cider: per image and n-gram order, the cosine similarity of
+    the candidate's tf-idf vector to each reference's, the candidate's weights clipped at the
+    reference's, times exp(-delta^2 / 2 sigma^2) for the difference delta of their lengths in
+    words (pycocoevalcap counts bigrams: the same difference, as an empty caption scores 0
+    anyway); averaged over the orders 1..n and the references, times 10, averaged over the
+    images. Document frequencies: the images whose references hold the n-gram, among these
+    images. refs {image: [tokenised captions]}, cands {image: one tokenised caption}."""
+    _check_captions(refs, cands)
+    ref_counts = {key: [ngram_counts(r, n) for r in rs] for key, rs in refs.items()}
+    df = Counter(gram for counts in ref_counts.values() for gram in set().union(*counts))
+    log_images = np.log(float(len(refs)))
+
+    def tfidf(counts):
+        """Per order: {n-gram: tf-idf} and the vector's norm; and the length in words."""
+        vec, norm = [{} for _ in range(n)], [0.0] * n
+        for gram, tf in counts.items():
+            v = vec[len(gram) - 1][gram] = float(tf) * (log_images - np.log(max(1.0, df[gram])))
+            norm[len(gram) - 1] += v ** 2
+        return vec, [np.sqrt(s) for s in norm], sum(tf for gram, tf in counts.items() if len(gram) == 1)
+
+    scores = []
+    for key in refs:
+        vec, norm, length = tfidf(ngram_counts(cands[key], n))
+        total = np.zeros(n)
+        for counts in ref_counts[key]:
+            rvec, rnorm, rlength = tfidf(counts)
+            for k in range(n):
+                s = 0.0
+                for gram, v in vec[k].items():
+                    r = rvec[k].get(gram, 0.0)
+                    s += min(v, r) * r
+                if norm[k] != 0 and rnorm[k] != 0:
+                    s /= norm[k] * rnorm[k]
+                total[k] += s * np.e ** (-(float(length - rlength) ** 2) / (2 * sigma ** 2))  # np.e **, not exp: its last bit
+        scores.append(np.mean(total) / len(ref_counts[key]) * 10.0)
+    return float(np.mean(scores))
+
+
+def caption_scores(captions, references):
+    """BLEU-1..4 and CIDEr-D of generated captions (texts, one per image) against each image's
+    reference captions (a list of texts per image), both tokenised by coco_tokenize."""
+    refs = {i: [coco_tokenize(r) for r in rs] for i, rs in enumerate(references)}
+    cands = {i: coco_tokenize(c) for i, c in enumerate(captions)}
+    out = {f"caption_bleu{k}": float(s) for k, s in enumerate(bleu(refs, cands), 1)}
+    out["caption_cider"] = cider_d(refs, cands)
+    return out
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, tokenizer, image_emb, objects, length, device, ctx=nullcontext()):
+    """Shape and colour classification by ITC (see the module docstring) of images of one
+    object: image_emb (n, D) their embeddings, objects (n, 3+) their object rows."""
+    if not len(objects):
+        return {}
+    out = {}
+    for kind, field in (("shape", 0), ("colour", 1)):
+        classes = class_embeddings(model, tokenizer, class_prompts(kind), length, device, ctx)
+        pred = (image_emb @ classes.t()).argmax(1).cpu().numpy()
+        out[f"zeroshot_{kind}_acc"] = float((pred == objects[:, field]).mean())
+    return out
+
+
 @torch.no_grad()
 def evaluate_split(model, ds, split, device, select=None, ctx=nullcontext(), rerank_k=8):
     """Every metric on one split (or the rows `select` of it) that the model's objectives
-    give: retrieval and zero-shot (ITC), ITM, RTD and R2D (ELECTRA), caption parse accuracy.
-    Flat dict of floats."""
+    give: retrieval (ITC), ITM, RTD and R2D (ELECTRA); then on the shapes world zero-shot
+    classification and caption parse accuracy, on real captions ('captions' datasets) BLEU
+    and CIDEr-D of greedy captions. Flat dict of floats."""
+    kind = ds.meta.get("kind")
+    if kind not in ("shapes", "captions"):
+        raise ValueError(f"{ds.path} is a {kind!r} dataset: evaluate takes the shapes world or captioned images")
     images = ds.array(split, "images")
     idx = np.arange(len(images)) if select is None else np.asarray(select)
     images = images[idx]
     tokens = ds.array(split, "tokens")[idx]  # (N, C, T)
     scene = ds.array(split, "scene")[idx]
-    objects = ds.array(split, "objects")[idx]
-    counts = (objects[:, :, 0] >= 0).sum(1)
     N, C, T = tokens.shape
+    # the gallery: every valid caption, image by image (real data repeats them to fill C slots)
+    n_captions = ds.array(split, "n_captions")[idx].astype(np.int64) if kind == "captions" else np.full(N, C)
+    if ((n_captions < 1) | (n_captions > C)).any():
+        raise ValueError(f"{ds.path}: {split}.n_captions must be 1 to {C} (the caption slots), "
+                         f"got {n_captions.min()} to {n_captions.max()}")
+    valid = np.arange(C)[None, :] < n_captions[:, None]
+    gallery, owner = tokens[valid], np.nonzero(valid)[0]  # (G, T), (G,) the image of each caption
     image_emb = embed_images(model, images, device, ctx=ctx)
-    text_emb = embed_texts(model, tokens.reshape(N * C, T), device, ctx=ctx)
-    out = retrieval(image_emb, text_emb, scene, np.repeat(scene, C))
+    text_emb = embed_texts(model, gallery, device, ctx=ctx)
+    out = retrieval(image_emb, text_emb, scene, scene[owner])
     cfg = model.cfg
     if cfg.itm_weight > 0:
-        relevant = torch.as_tensor(scene)[:, None] == torch.as_tensor(np.repeat(scene, C))[None, :]
-        out.update(itm_evaluation(model, image_tokens_of(model, images, device, ctx=ctx),
-                                  torch.from_numpy(tokens.reshape(N * C, T)).long(),
-                                  (image_emb @ text_emb.t()).cpu(), relevant, rerank_k, device, ctx))
+        relevant = torch.as_tensor(scene)[:, None] == torch.as_tensor(scene[owner])[None, :]
+        out.update(itm_evaluation(model, image_tokens_of(model, images, device, ctx=ctx), torch.from_numpy(gallery).long(),
+                                  (image_emb @ text_emb.t()).cpu(), relevant, np.cumsum(n_captions) - n_captions,
+                                  rerank_k, device, ctx))
     if cfg.rtd_weight > 0 or cfg.r2d_weight > 0:
         codes = ds.codes(split, cfg.patch_size, cfg.n_codes)[idx]
         out.update(electra_evaluation(model, images, tokens[:, 0], codes, device, ctx=ctx))
-    single = counts == 1
-    for kind, field in (("shape", 0), ("colour", 1)):
-        if single.any():
-            classes = class_embeddings(model, ds.tokenizer, class_prompts(kind), T, device, ctx)
-            pred = (image_emb[torch.from_numpy(single)] @ classes.t()).argmax(1).cpu().numpy()
-            out[f"zeroshot_{kind}_acc"] = float((pred == objects[single, 0, field]).mean())
     captions = generate_captions(model, ds.tokenizer, images, device, ctx=ctx)
-    out.update(caption_parse_accuracy(captions, scene, counts))
+    if kind == "captions":
+        references = [[data.decode_tokens(ds.tokenizer, row) for row in tokens[i, :n_captions[i]]] for i in range(N)]
+        out.update(caption_scores(captions, references))
+    else:
+        objects = ds.array(split, "objects")[idx]
+        counts = (objects[:, :, 0] >= 0).sum(1)
+        single = counts == 1
+        out.update(zero_shot_accuracy(model, ds.tokenizer, image_emb[torch.from_numpy(single)], objects[single, 0], T,
+                                      device, ctx))
+        out.update(caption_parse_accuracy(captions, scene, counts))
     return out
 
 
 def evaluate(model, ds, device, max_images=None, heldout=True, ctx=nullcontext(), rerank_k=8):
     """The metrics of a run: val (its first max_images images, or all), and, with heldout,
-    the same on the test images whose objects are held-out compositions (keys 'heldout_*')."""
+    the same on the test images whose objects are held-out compositions (keys 'heldout_*'),
+    where the dataset marks them (the shapes world's test.heldout)."""
     was_training = model.training
     model.eval()
     n = ds.split_size("val")
     out = evaluate_split(model, ds, "val", device, np.arange(min(n, max_images or n)), ctx, rerank_k)
-    if heldout:
+    if heldout and ds.has("test", "heldout"):
         held = np.flatnonzero(ds.array("test", "heldout"))
         out.update({f"heldout_{k}": v for k, v in evaluate_split(model, ds, "test", device, held, ctx, rerank_k).items()})
     model.train(was_training)
