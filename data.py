@@ -1,9 +1,10 @@
 """
 The data of nanoVLP: the shapes world (procedural scenes whose ground truth is known), its
-tokenizer, preparation into memory-mapped arrays, and batches sliced from those arrays.
+tokenizer and the pretrained ones (GPT-2's, CLIP's), real data prepared from image files, and
+batches sliced from the prepared arrays.
 
 A prepared dataset is a directory:
-    meta.json                  what is in it (splits, sizes, vocabularies, tokenizer)
+    meta.json                  what is in it (kind, splits, sizes, vocabularies, tokenizer)
     tokenizer.tiktoken         the BPE ranks in tiktoken's own file format
     {split}.images.npy         (N, S, S, 3) uint8 images
     {split}.tokens.npy         (N, C, T) int32 captions: <bos> text <eos> <pad>...
@@ -12,23 +13,57 @@ A prepared dataset is a directory:
     {split}.classmap.npy       (N, S, S) uint8 per-pixel class: 0 background, 1 + shape index
 and, for some splits, extra arrays (web corruption, held-out flags, multi-image questions;
 in a set cleaned by CapFilt (train.py --stage capfilt), each caption slot's source and each
-image's index in the split it came from).
+image's index in the split it came from). That is the shapes world (meta kind 'shapes').
+Real data comes in three kinds, each with a report.json of what was kept and skipped, and why:
+  'captions'  splits train, val (and test when the source has one): images; tokens, C =
+              captions_per_image slots: the image's valid captions, then repeated in order;
+              n_captions (N,) int16 distinct captions in the slots (1..C); scene (N,) int64,
+              the image's index (its own scene)
+  'masks'     splits novel_train, novel_val (read by the prompt stage): images; classmap, the
+              mask values (0 background); objects (N, R, 7) int16, a row per 8-connected region
+              of one class: class value - 1, -1, -1, x0, y0, x1, y1 (-1 rows pad); meta classes
+              (the name of each value, background first) and novel_classes (the others)
+  'multi'     splits multi_train, multi_val (read by the instruct stage): images, a pool;
+              sets (n, K) int32 pool indices (-1 pads); question (n, T) int32, at most
+              T - answer_length tokens; answer (n, answer_length) int32; qtype (n,) int16, an
+              index into meta qtypes
 Every array is opened with np.load(mmap_mode='r'): a batch is one fancy-indexed slice.
+
+Real data is prepared on the command line (python data.py SOURCE --help for the options):
+    python data.py coco --captions annotations/captions_train2017.json --images train2017 \
+        --split train --out data/coco --tokenizer openai/clip-vit-base-patch32 \
+        --image_size 224 --context_length 77
+    python data.py coco --captions annotations/captions_val2017.json --images val2017 --split val \
+        --out data/coco ...  (the same tokenizer and sizes: the split is added)
+    python data.py karpathy --json dataset_coco.json --images COCO_ROOT --out data/coco-karpathy ...
+    python data.py table --file captions.jsonl --val_fraction 0.05 --out data/mine ...  (.csv, .tsv; --val FILE)
+    python data.py masks --images IMAGES --masks MASKS --classes classes.txt --val_fraction 0.2 ...
+    python data.py multi --file sets.json --val val_sets.json --max_images 4 --answer_length 8 ...
+each also with --tokenizer (a Hugging Face CLIP or GPT-2 tokenizer, 'gpt2' for tiktoken's, or
+a prepared dataset), --image_size and --context_length (the model's) and --workers.
 """
 
+import argparse
 import base64
+import csv
 import hashlib
+import html
 import json
+import multiprocessing
 import os
+import re
 import shutil
 import time
+import unicodedata
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import regex
 import tiktoken
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 WORLD_VERSION = 2  # bump when the generator changes: cached worlds are then regenerated
 
@@ -356,36 +391,203 @@ def bpe_from_text(text):
     return {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in text.splitlines() if line)}
 
 
-def make_encoding(name, ranks, pattern=GPT2_PATTERN, specials=None):
-    """A tiktoken Encoding with our special tokens numbered after the ranks (keeping any the
-    base encoding already has, such as GPT-2's <|endoftext|>)."""
+def make_encoding(name, ranks, pattern=GPT2_PATTERN, specials=None, cls=tiktoken.Encoding):
+    """A tiktoken Encoding (or subclass cls) with our special tokens numbered after the ranks
+    (keeping any the base encoding already has, such as GPT-2's <|endoftext|>)."""
     specials = dict(specials or {})
     for tok in SPECIAL_TOKENS:
         if tok not in specials:
             specials[tok] = len(ranks) + len(specials)
-    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    return cls(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+
+
+# Pretrained tokenizers: GPT-2's and OpenAI CLIP's byte-level BPE, read from a Hugging Face
+# directory's vocab.json and merges.txt into tiktoken ranks. tiktoken merges the adjacent
+# pair whose joined bytes rank lowest, Hugging Face the pair that comes first in merges.txt:
+# the same merges when each merge makes a new token numbered in merge order, as in both
+# files (hf_bpe_ranks checks it). CLIP marks the last symbol of a word with '</w>'; here it
+# is a trailing space byte, which no CLIP word contains (its words never hold white space),
+# merged onto the last byte first since the 256 byte+'</w>' tokens rank below every merge.
+
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+CLIP_WORDS = regex.compile(CLIP_PATTERN, regex.IGNORECASE)
+END_OF_WORD = "</w>"
+
+
+def bytes_to_unicode():
+    """GPT-2's table {byte: printable character} that Hugging Face byte-level vocabularies
+    are written in: printable Latin-1 bytes stand for themselves, the rest for chr(256 + n)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
+
+
+def clip_normalize(text):
+    """CLIP's text cleaning: Unicode NFC, HTML entities unescaped (twice, as CLIP does), runs of
+    white space made one space, the ends stripped, lower case. OpenAI's CLIP also runs
+    ftfy.fix_text (mojibake repair) first; ftfy is not installed here, so only its NFC step
+    is done. Hugging Face's CLIPTokenizer does not unescape HTML ('&amp;' stays as it is)."""
+    text = html.unescape(html.unescape(unicodedata.normalize("NFC", text)))
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+class ClipEncoding(tiktoken.Encoding):
+    """OpenAI CLIP's BPE as a tiktoken Encoding: text is cleaned (clip_normalize) and split
+    into words by CLIP's pattern, each word followed by the space that stands for '</w>', and
+    tiktoken encodes the words (its pattern: a run up to and with a space). decode turns the
+    spaces back into word breaks and strips the ends, as CLIP's decoder does."""
+
+    def words(self, text):
+        return "".join(w + " " for w in CLIP_WORDS.findall(clip_normalize(text)))
+
+    def encode_ordinary(self, text):
+        return super().encode_ordinary(self.words(text))
+
+    def encode(self, text, **kwargs):
+        return super().encode(self.words(text), **kwargs)
+
+    def decode(self, tokens, errors="replace"):
+        return super().decode(tokens, errors=errors).strip()
+
+
+def hf_bpe_ranks(vocab, merges, end_of_word=""):
+    """tiktoken ranks {token bytes: id} from a Hugging Face byte-level BPE: vocab {token: id},
+    merges [(a, b)] in order. The tokens are the 256 bytes (with end_of_word, also each byte
+    ending a word) and the merged ones. Raises ValueError if the ids are not 0..n-1 or a
+    merged token's id is not in merge order (tiktoken's merge rule would then differ)."""
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+
+    def to_bytes(token):
+        word_end = bool(end_of_word) and token.endswith(end_of_word)
+        chars = token[:len(token) - len(end_of_word) * word_end]
+        if not chars or any(c not in byte_of for c in chars):
+            raise ValueError(f"token {token!r} is not written in byte characters")
+        return bytes(byte_of[c] for c in chars) + b" " * word_end
+
+    base = list(byte_of) + [c + end_of_word for c in byte_of] * bool(end_of_word)
+    merged = [a + b for a, b in merges]
+    missing = [t for t in base + merged if t not in vocab]
+    if missing:
+        raise ValueError(f"the vocabulary lacks {len(missing)} of its byte and merged tokens, e.g. {missing[:3]}")
+    ranks = {to_bytes(t): vocab[t] for t in base + merged}
+    ids = [vocab[t] for t in merged]
+    if len(ranks) != len(base) + len(merged) or sorted(ranks.values()) != list(range(len(ranks))) \
+            or any(a >= b for a, b in zip(ids, ids[1:])) or (ids and ids[0] < len(base)):
+        raise ValueError("the vocabulary does not number its byte tokens 0..n-1 and its merged tokens after them "
+                         "in merge order: tiktoken cannot reproduce its merges")
+    return ranks
+
+
+def hf_files(name_or_path, names):
+    """Local paths of files of a Hugging Face model: in a directory, or downloaded from the hub
+    (huggingface_hub's cache)."""
+    if os.path.isdir(name_or_path):
+        paths = [os.path.join(name_or_path, n) for n in names]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"{name_or_path} has no {', '.join(map(os.path.basename, missing))}")
+        return paths
+    try:
+        from huggingface_hub import hf_hub_download
+        return [hf_hub_download(name_or_path, n) for n in names]
+    except Exception as e:  # offline, unknown repository, no such file: all say the same to the user
+        raise ValueError(f"{name_or_path!r} is not a directory, and its {', '.join(names)} could not be had from "
+                         f"the Hugging Face hub ({type(e).__name__}: {e})") from None
+
+
+def hf_bpe(name_or_path):
+    """(vocab, merges) as read from a Hugging Face tokenizer, a directory or a hub name: its
+    vocab.json and merges.txt, or else its tokenizer.json (all that transformers 5 saves)."""
+    try:
+        files = hf_files(name_or_path, ("vocab.json", "merges.txt"))
+    except ValueError as first:
+        try:
+            files = hf_files(name_or_path, ("tokenizer.json",))
+        except ValueError:
+            raise ValueError(f"{first}, nor tokenizer.json") from None
+    try:
+        with open(files[0], encoding="utf-8") as f:
+            content = json.load(f)
+        if len(files) == 1:  # tokenizer.json
+            model = content["model"]
+            return model["vocab"], [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+        with open(files[1], encoding="utf-8") as f:
+            return content, [line.split() for line in f if line.strip() and not line.startswith("#version")]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{name_or_path}: its tokenizer files cannot be read as a BPE ({type(e).__name__}: {e})") from None
+
+
+def hf_tokenizer(name_or_path):
+    """(kind, bpe_text) of a Hugging Face GPT-2 or CLIP tokenizer (hf_bpe): kind 'clip' when the
+    vocabulary has '</w>' word ends, else 'gpt2'; bpe_text the ranks in tiktoken's file format
+    (get_tokenizer reads it back). The vocabulary's other tokens must be the kind's own
+    specials right after the ranks: CLIP's <|startoftext|> and <|endoftext|>, GPT-2's
+    <|endoftext|>."""
+    vocab, merges = hf_bpe(name_or_path)
+    try:
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()) \
+                or not all(isinstance(m, list) and len(m) == 2 for m in merges):
+            raise ValueError("the vocabulary is not {token: id} or a merge is not two tokens")
+        kind = "clip" if any(t.endswith(END_OF_WORD) for t in vocab) else "gpt2"
+        ranks = hf_bpe_ranks(vocab, [tuple(m) for m in merges], END_OF_WORD if kind == "clip" else "")
+    except ValueError as e:
+        raise ValueError(f"{name_or_path}: not a byte-level BPE tokenizer: {e}") from None
+    n, specials = len(ranks), (BOS, EOS) if kind == "clip" else (EOS,)
+    extra = {t: i for t, i in vocab.items() if i >= n}
+    if extra != {t: n + k for k, t in enumerate(specials)}:
+        raise ValueError(f"{name_or_path}: a {kind} vocabulary should end with {', '.join(specials)} at {n}.., "
+                         f"not {extra}")
+    return kind, bpe_to_text(ranks)
 
 
 def get_tokenizer(kind, bpe_text=None):
-    """'bpe': the world's encoding from the text of its tiktoken file; 'gpt2': tiktoken's
-    GPT-2 encoding (its file must be cached or downloadable)."""
-    if kind == "gpt2":
-        base = tiktoken.get_encoding("gpt2")
-        return make_encoding("gpt2-vlp", base._mergeable_ranks, base._pat_str, base._special_tokens)
+    """The encoding of a prepared dataset's tokenizer from the text of its tiktoken file:
+    'bpe' the world's; 'gpt2' GPT-2's (without a text, tiktoken's own file, which must be
+    cached or downloadable); 'clip' CLIP's (ClipEncoding). Specials as in the README: GPT-2's
+    <|endoftext|> and CLIP's <|startoftext|> and <|endoftext|> keep their ids."""
     if kind == "bpe":
         return make_encoding("shapes-bpe", bpe_from_text(bpe_text))
-    raise ValueError(f"unknown tokenizer {kind!r}: expected 'bpe' or 'gpt2'")
+    if kind == "gpt2" and bpe_text is None:
+        base = tiktoken.get_encoding("gpt2")
+        return make_encoding("gpt2-vlp", base._mergeable_ranks, base._pat_str, base._special_tokens)
+    if kind == "gpt2":
+        ranks = bpe_from_text(bpe_text)
+        return make_encoding("gpt2-vlp", ranks, GPT2_PATTERN, {EOS: len(ranks)})
+    if kind == "clip":
+        ranks = bpe_from_text(bpe_text)
+        return make_encoding("clip-vlp", ranks, r"[^ ]+ ", {BOS: len(ranks), EOS: len(ranks) + 1}, ClipEncoding)
+    raise ValueError(f"unknown tokenizer {kind!r}: expected 'bpe', 'gpt2' or 'clip'")
+
+
+def load_tokenizer(spec):
+    """(kind, bpe_text) named on a command line: 'gpt2' (tiktoken's GPT-2 file), a prepared
+    dataset (its tokenizer), or a Hugging Face tokenizer directory or hub name (hf_tokenizer)."""
+    if spec == "gpt2":
+        try:
+            return "gpt2", bpe_to_text(tiktoken.get_encoding("gpt2")._mergeable_ranks)
+        except Exception as e:  # not cached and no network
+            raise ValueError(f"tiktoken's gpt2 file is not cached and could not be downloaded ({type(e).__name__}); "
+                             f"give a Hugging Face GPT-2 directory instead") from None
+    if os.path.exists(os.path.join(spec, "meta.json")):
+        ds = Dataset(spec)
+        return ds.meta["tokenizer"]["kind"], ds.bpe_text
+    return hf_tokenizer(spec)
+
+
+def tokenizer_meta(kind, enc):
+    """The tokenizer entry of meta.json (write_meta adds its file)."""
+    return dict(kind=kind, n_vocab=enc.n_vocab, special_tokens={t: enc.encode_single_token(t) for t in SPECIAL_TOKENS})
 
 
 def encode_checked(enc, texts, length):
     """(tokens (n, length) int32 rows <bos> tokens <eos> <pad>..., problems): problems[i] is
-    '' for a good text, 'empty' for one of only white space (encoded all the same) and
-    'too long' for one of more than length - 2 tokens (its row left all <pad>)."""
+    '' for a good text, 'empty' for one of only white space or of no tokens (encoded all the
+    same) and 'too long' for one of more than length - 2 tokens (its row left all <pad>)."""
     bos, eos, pad = (enc.encode_single_token(t) for t in (BOS, EOS, PAD))
     out = np.full((len(texts), length), pad, np.int32)
     problems = []
     for i, ids in enumerate(enc.encode_ordinary_batch(list(texts))):
-        problems.append("too long" if len(ids) + 2 > length else "" if texts[i].strip() else "empty")
+        problems.append("too long" if len(ids) + 2 > length else "" if texts[i].strip() and ids else "empty")
         if problems[-1] != "too long":
             out[i, 0], out[i, 1:len(ids) + 1], out[i, len(ids) + 1] = bos, ids, eos
     return out, problems
@@ -601,36 +803,23 @@ def gen_novel(rng, n, S, grid):
     return {key: np.stack(value) for key, value in arrays.items()}
 
 
-def write_dataset(path, splits, meta, bpe_text=None, copy_from=None, copy_splits=(), replace=False):
-    """Write a prepared dataset: every array of splits ({split: {key: array}}) as
-    {split}.{key}.npy, the arrays of copy_splits copied from the dataset copy_from (not their
-    visual codes: a codebook belongs to its own train split), the tokenizer file (bpe_text)
-    and meta.json (meta, with the size of every split). It is written to a temporary
-    directory renamed into place, so a killed writer leaves nothing half-written. A prepared
-    dataset already at path is replaced, or with replace False kept (another process was
-    first); anything else there is an error."""
+@contextmanager
+def staged_dataset(path, replace=False):
+    """A temporary directory to write a prepared dataset into, renamed to path when the block
+    ends, so a killed writer leaves nothing half-written (and an error in the block removes
+    it). A prepared dataset already at path is replaced, or with replace False kept (another
+    process was first); anything else there is an error."""
     path = os.path.normpath(path)
     if os.path.exists(path) and not os.path.exists(os.path.join(path, "meta.json")):
         raise ValueError(f"{path} exists and is not a prepared dataset: not writing over it")
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    if bpe_text is not None:
-        with open(os.path.join(tmp, "tokenizer.tiktoken"), "w") as f:
-            f.write(bpe_text)
-        meta = dict(meta, tokenizer=dict(meta["tokenizer"], file="tokenizer.tiktoken"))
-    sizes = {}
-    for name, arrays in splits.items():
-        sizes[name] = len(arrays["sets"] if "sets" in arrays else arrays["images"])
-        for key, arr in arrays.items():
-            np.save(os.path.join(tmp, f"{name}.{key}.npy"), arr)
-    for name in copy_splits:
-        sizes[name] = copy_from.split_size(name)
-        for file in sorted(os.listdir(copy_from.path)):
-            if file.startswith(name + ".") and file.endswith(".npy") and not file.startswith(f"{name}.codes-"):
-                shutil.copyfile(os.path.join(copy_from.path, file), os.path.join(tmp, file))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(dict(meta, splits=sizes), f, indent=1)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = f"{path}.old-{os.getpid()}"
     if replace and os.path.exists(path):
         os.rename(path, old)
@@ -643,7 +832,42 @@ def write_dataset(path, splits, meta, bpe_text=None, copy_from=None, copy_splits
             raise
         # else another process finished first: keep its copy
     shutil.rmtree(old, ignore_errors=True)
-    return path
+
+
+def copy_split_files(tmp, copy_from, names):
+    """Copy the arrays of splits `names` of the dataset copy_from into tmp (not their visual
+    codes: a codebook belongs to its own train split); returns their sizes."""
+    for name in names:
+        for file in sorted(os.listdir(copy_from.path)):
+            if file.startswith(name + ".") and file.endswith(".npy") and not file.startswith(f"{name}.codes-"):
+                shutil.copyfile(os.path.join(copy_from.path, file), os.path.join(tmp, file))
+    return {name: copy_from.split_size(name) for name in names}
+
+
+def write_meta(tmp, meta, sizes, bpe_text=None):
+    """meta.json (meta with the size of every split) and the tokenizer file (bpe_text)."""
+    if bpe_text is not None:
+        with open(os.path.join(tmp, "tokenizer.tiktoken"), "w") as f:
+            f.write(bpe_text)
+        meta = dict(meta, tokenizer=dict(meta["tokenizer"], file="tokenizer.tiktoken"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(dict(meta, splits=sizes), f, indent=1)
+
+
+def write_dataset(path, splits, meta, bpe_text=None, copy_from=None, copy_splits=(), replace=False):
+    """Write a prepared dataset (staged_dataset: atomically): every array of splits ({split:
+    {key: array}}) as {split}.{key}.npy, the arrays of copy_splits copied from the dataset
+    copy_from, the tokenizer file (bpe_text) and meta.json (meta, with the size of every
+    split). replace: as staged_dataset."""
+    with staged_dataset(path, replace) as tmp:
+        sizes = {}
+        for name, arrays in splits.items():
+            sizes[name] = len(arrays["sets"] if "sets" in arrays else arrays["images"])
+            for key, arr in arrays.items():
+                np.save(os.path.join(tmp, f"{name}.{key}.npy"), arr)
+        sizes.update(copy_split_files(tmp, copy_from, copy_splits))
+        write_meta(tmp, meta, sizes, bpe_text)
+    return os.path.normpath(path)
 
 
 def world_dir(root, cfg, image_size, context_length):
@@ -702,11 +926,719 @@ def prepare_world(root, cfg, image_size, context_length, log=print):
                 shapes=list(SHAPES), novel_shapes=list(NOVEL_SHAPES), colours=list(COLOUR_NAMES), sizes=list(SIZES),
                 heldout_pairs=[[ALL_SHAPES[s], COLOUR_NAMES[c]] for s, c in held],
                 corruptions=list(CORRUPTIONS), qtypes=list(QTYPES),
-                tokenizer=dict(kind="bpe", file="tokenizer.tiktoken", n_vocab=enc.n_vocab,
-                               special_tokens={t: enc.encode_single_token(t) for t in SPECIAL_TOKENS}))
+                tokenizer=tokenizer_meta("bpe", enc))
     write_dataset(path, splits, meta, bpe_text)
     log(f"shapes world ready in {time.time() - t0:.1f} s")
     return path
+
+
+# -----------------------------------------------------------------------------
+# image files
+
+
+class BadImage(ValueError):
+    """An image (or mask) file that cannot be used, and why: reason is a report's key."""
+
+    def __init__(self, path, reason, detail=""):
+        super().__init__(f"{reason}: {path}" + (f" ({detail})" if detail else ""))
+        self.path, self.reason, self.detail = path, reason, detail
+
+    def __reduce__(self):  # to come back from a worker process whole
+        return BadImage, (self.path, self.reason, self.detail)
+
+
+def read_image_file(path, convert, what="image"):
+    """convert(im) of the decoded image file at path. Raises BadImage with the reason
+    '<what> not found', 'empty <what> file' (0 bytes), 'oversized <what>' (more pixels than
+    Image.MAX_IMAGE_PIXELS, Pillow's decompression-bomb limit, whose warning is an error here),
+    'truncated <what>' or 'corrupt <what>' (anything else Pillow cannot decode)."""
+    if not os.path.isfile(path):
+        raise BadImage(path, f"{what} not found")
+    if os.path.getsize(path) == 0:
+        raise BadImage(path, f"empty {what} file")
+
+    def bad(e):
+        return BadImage(path, f"{'truncated' if 'truncated' in str(e).lower() else 'corrupt'} {what}",
+                        f"{type(e).__name__}: {e}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise BadImage(path, f"oversized {what}", str(e)) from None
+    except Exception as e:  # Pillow raises many kinds on bad data
+        raise bad(e) from None
+    with im:
+        try:
+            im.load()
+        except Exception as e:
+            raise bad(e) from None
+        return convert(im)
+
+
+def fit_square(im, size, resample):
+    """(size, size, ...) array of a PIL image: the shorter side resized to size, then the
+    centre cropped. Masks take the geometry of their images with resample NEAREST."""
+    w, h = im.size
+    scale = size / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)))
+
+
+def to_rgb(im):
+    """An opened image as RGB: 16-bit grey scaled to 8 bits (32-bit grey too, by 65535 if any
+    value is over 255, else as it is), transparent parts on black (like the world), other
+    modes (grey, palette, CMYK) by Pillow's convert."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 255.0 if im.mode == "I" and a.max() <= 255 else 65535.0
+        return Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", rgba.size)
+        out.paste(rgba, mask=rgba.split()[-1])
+        return out
+    return im.convert("RGB")
+
+
+def read_image(path, size):
+    """(pixels (size, size, 3) uint8 as fit_square makes them (bicubic), the file's mode if it
+    was not RGB (else None), the file's (width, height)). Raises BadImage."""
+    return read_image_file(path, lambda im: (fit_square(to_rgb(im), size, Image.BICUBIC).astype(np.uint8),
+                                             None if im.mode == "RGB" else im.mode, im.size))
+
+
+def load_image(path, size):
+    """Read any common image file (RGB, RGBA, L, LA, P, CMYK, 16-bit) as (size, size, 3)
+    uint8: the shorter side resized to size, then centre-cropped. Raises BadImage (a
+    ValueError) naming the file and why it cannot be read."""
+    return read_image(path, size)[0]
+
+
+# -----------------------------------------------------------------------------
+# real data: reports, parallel decoding and the writing of image arrays
+#
+# Real sources are checked item by item: a bad image, caption, mask or question set is
+# skipped with its reason in the report (report.json beside meta.json, and a summary on
+# screen); only a source that cannot be read at all (a missing path, JSON that is not JSON
+# or not the expected schema) or that leaves a split empty stops the preparation, with an
+# error naming it. Image files are decoded in worker processes straight into a memory-mapped
+# array in the staging directory, so a source is never all in memory.
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+NO_SPLIT = "(no split)"  # the report's place for items skipped before their split is known
+
+
+class Report:
+    """What a preparation kept and skipped, per split: counts kept, skipped items by reason
+    (an item is what the reason is about: an image, a caption, a row, a question set), images
+    converted by their file's mode, and the first `limit` skipped items with their reasons."""
+
+    def __init__(self, limit=1000):
+        self.limit, self.splits = limit, {}
+
+    def split(self, name):
+        return self.splits.setdefault(name or NO_SPLIT, dict(kept={}, skipped={}, converted={}, first_skipped=[]))
+
+    def skip(self, split, reason, item, detail=""):
+        s = self.split(split)
+        s["skipped"][reason] = s["skipped"].get(reason, 0) + 1
+        if len(s["first_skipped"]) < self.limit:
+            entry = dict(item=str(item), reason=reason)
+            s["first_skipped"].append(dict(entry, detail=str(detail)) if detail else entry)
+
+    def convert(self, split, mode):
+        s = self.split(split)
+        s["converted"][mode] = s["converted"].get(mode, 0) + 1
+
+    def keep(self, split, **counts):
+        self.split(split)["kept"].update(counts)
+
+    def reasons(self, split):
+        return ", ".join(f"{r}: {n}" for r, n in self.split(split)["skipped"].items()) or "none"
+
+    def ordered(self):
+        order = ("train", "val", "test", "novel_train", "novel_val", "multi_train", "multi_val", NO_SPLIT)
+        return dict(sorted(self.splits.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else -1))
+
+    def to_dict(self):
+        """report.json: the splits, and the skipped and converted counts summed over them."""
+        total = {key: {} for key in ("skipped", "converted")}
+        for s in self.splits.values():
+            for key, counts in total.items():
+                for k, n in s[key].items():
+                    counts[k] = counts.get(k, 0) + n
+        return dict(total, splits=self.ordered())
+
+    def summary(self):
+        lines = []
+        for name, s in self.ordered().items():
+            kept = ", ".join(f"{n} {k}" for k, n in s["kept"].items()) or "nothing kept"
+            conv = f"; converted {s['converted']}" if s["converted"] else ""
+            lines.append(f"{name}: {kept}; skipped {self.reasons(name)}{conv}")
+        return "\n".join(lines)
+
+
+def nothing_left(source, split, report):
+    unsplit = f"; before a split was known: {report.reasons(None)}" if NO_SPLIT in report.splits else ""
+    return ValueError(f"{source}: nothing usable is left for split {split!r} "
+                      f"(skipped: {report.reasons(split)}{unsplit})")
+
+
+def text_reason(problem, what):
+    """The report's reason for a text encode_checked found a problem with ('empty', 'too long')."""
+    return f"empty {what}" if problem == "empty" else f"{what} {problem}"
+
+
+def by_split(rows, source, report, expected):
+    """{split: [row less its split]} of rows (split, ...), in the order of expected, each of
+    which must have rows (else the error of nothing_left)."""
+    out = {split: [] for split in expected}
+    for split, *rest in rows:
+        out[split].append(tuple(rest))
+    for split, items in out.items():
+        if not items:
+            raise nothing_left(source, split, report)
+    return out
+
+
+def _attempt(fn, task):
+    try:
+        return fn(task), None
+    except BadImage as e:
+        return None, e
+
+
+def run_files(fn, tasks, workers):
+    """(fn(task), None), or (None, the BadImage it raised), for each task in order: in
+    `workers` forked processes when more than one (decoding is most of the work), else here."""
+    call = partial(_attempt, fn)
+    if workers > 1 and len(tasks) > 1:
+        methods = multiprocessing.get_all_start_methods()
+        with multiprocessing.get_context("fork" if "fork" in methods else None).Pool(min(workers, len(tasks))) as pool:
+            yield from pool.imap(call, tasks, chunksize=max(1, min(32, len(tasks) // (8 * workers))))
+    else:
+        yield from map(call, tasks)
+
+
+def shrink_npy(file, n):
+    """Keep the first n rows of a C-order .npy file in place: its header's shape made n rows
+    (padded with spaces to the header's old length, as the format allows) and the rest cut."""
+    with open(file, "r+b") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        start, prefix = f.tell(), 10 if version == (1, 0) else 12
+        header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n, *shape[1:])})
+        f.seek(prefix)
+        f.write((header.ljust(start - prefix - 1) + "\n").encode("latin1"))
+        f.truncate(start + n * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+
+
+def write_rows(tmp, split, tasks, fn, rows, workers, report):
+    """Run fn over tasks (run_files) and write each good result's arrays, in order, into the
+    memory-mapped files {split}.{key}.npy of tmp, rows {key: (row shape, dtype)}. fn returns
+    ({key: row}, the mode its image was converted from or None, anything else). A task whose
+    fn raised BadImage is skipped in the report. Returns [(task index, anything else)]."""
+    files = {key: os.path.join(tmp, f"{split}.{key}.npy") for key in rows}
+    out = {key: np.lib.format.open_memmap(files[key], "w+", dtype, (len(tasks), *shape))
+           for key, (shape, dtype) in rows.items()}
+    kept = []
+    for i, (result, bad) in enumerate(run_files(fn, tasks, workers)):
+        if bad is not None:
+            report.skip(split, bad.reason, bad.path, bad.detail)
+            continue
+        arrays, mode, extra = result
+        if mode:
+            report.convert(split, mode)
+        for key, row in arrays.items():
+            out[key][len(kept)] = row
+        kept.append((i, extra))
+    for key in rows:
+        out.pop(key).flush()  # and unmapped, before the file is cut
+    for file in files.values():
+        shrink_npy(file, len(kept))
+    return kept
+
+
+def image_row(path, size):
+    """An image file as a row of an images array (write_rows)."""
+    pixels, mode, _ = read_image(path, size)
+    return {"images": pixels}, mode, None
+
+
+def held_out(key, fraction):
+    """Whether an item goes to the held-out split: a hash of its key (a path, say) below
+    fraction, so the split does not depend on the order of the source."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") < fraction * 2 ** 64
+
+
+def read_json(path):
+    """A JSON file's content; ValueError naming it when it is missing or not valid JSON."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def check_dir(path):
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is not a directory")
+    return path
+
+
+def finish_dataset(tmp, out, meta, sizes, bpe_text, report, log):
+    """meta.json, the tokenizer file and report.json of a prepared real dataset; the summary
+    printed."""
+    write_meta(tmp, meta, sizes, bpe_text)
+    with open(os.path.join(tmp, "report.json"), "w") as f:
+        json.dump(report.to_dict(), f, indent=1)
+    log(f"prepared {out} ({meta['kind']}):\n{report.summary()}")
+
+
+# -----------------------------------------------------------------------------
+# real data: captioned images (COCO, Karpathy's splits, a table of image paths and captions)
+
+
+def coco_items(captions_file, image_dir, split, report):
+    """[(image path, [captions])] of a COCO captions file (images[] with id and file_name,
+    annotations[] with image_id and caption) whose images are in image_dir, in the order of
+    images[]. Entries missing a field are skipped with the reason."""
+    doc = read_json(captions_file)
+    check_dir(image_dir)
+    if not (isinstance(doc, dict) and isinstance(doc.get("images"), list) and isinstance(doc.get("annotations"), list)):
+        raise ValueError(f"{captions_file} is not a COCO captions file: it has no lists 'images' and 'annotations'")
+    files, captions = {}, {}
+    for k, im in enumerate(doc["images"]):
+        where = f"{captions_file}: images[{k}]"
+        if not isinstance(im, dict) or not isinstance(im.get("id"), (int, str)):
+            report.skip(split, "image without id", where)
+        elif not isinstance(im.get("file_name"), str) or not im["file_name"]:
+            report.skip(split, "image without file_name", where)
+        elif im["id"] in files:
+            report.skip(split, "duplicate image id", where, im["id"])
+        else:
+            files[im["id"]], captions[im["id"]] = os.path.join(image_dir, im["file_name"]), []
+    for k, ann in enumerate(doc["annotations"]):
+        where = f"{captions_file}: annotations[{k}]"
+        if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), (int, str)):
+            report.skip(split, "annotation without image_id", where)
+        elif not isinstance(ann.get("caption"), str):
+            report.skip(split, "annotation without caption", where)
+        elif ann["image_id"] not in files:
+            report.skip(split, "annotation of an unknown image", where, ann["image_id"])
+        else:
+            captions[ann["image_id"]].append(ann["caption"])
+    return [(files[i], captions[i]) for i in files]
+
+
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+
+
+def karpathy_items(split_file, root, report):
+    """{split: [(image path, [captions])]} of Karpathy's split file (dataset_coco.json: images[]
+    with filepath, filename, split and sentences[].raw) over the COCO root folder (images at
+    root/filepath/filename; Flickr's files have no filepath). 'restval' joins train."""
+    doc = read_json(split_file)
+    check_dir(root)
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise ValueError(f"{split_file} is not a Karpathy split file: it has no list 'images'")
+    items, seen = [], {"train"}
+    for k, im in enumerate(doc["images"]):
+        where = f"{split_file}: images[{k}]"
+        raw = im.get("split") if isinstance(im, dict) else None
+        split = KARPATHY_SPLITS.get(raw) if isinstance(raw, str) else None
+        seen.add(split)
+        if split is None:
+            report.skip(None, "entry without a known split", where)
+        elif not (isinstance(im.get("filename"), str) and im["filename"] and isinstance(im.get("filepath", ""), str)):
+            report.skip(split, "entry without filename", where)
+        elif not isinstance(im.get("sentences"), list):
+            report.skip(split, "entry without sentences", where)
+        else:
+            captions = []
+            for s in im["sentences"]:
+                if isinstance(s, dict) and isinstance(s.get("raw"), str):
+                    captions.append(s["raw"])
+                else:
+                    report.skip(split, "sentence without raw", where)
+            items.append((split, os.path.join(root, im.get("filepath", ""), im["filename"]), captions))
+    return by_split(items, split_file, report, [s for s in ("train", "val", "test") if s in seen])
+
+
+def table_rows(file, columns, report, split_of):
+    """(split, image path, {column: text}) of each usable row of a CSV or TSV file (with a
+    header row) or a JSONL file (one object per line); image paths (column 'image') relative
+    to the file's folder or absolute. A row with bytes that are not UTF-8, a JSONL line that
+    is not a JSON object, or a row missing one of the columns is skipped with the reason.
+    split_of(image path as written) names a row's split."""
+    if not os.path.isfile(file):
+        raise ValueError(f"{file} does not exist")
+    ext = os.path.splitext(file)[1].lower()
+    if ext not in (".csv", ".tsv", ".jsonl"):
+        raise ValueError(f"{file}: expected a .csv, .tsv or .jsonl file")
+    folder = os.path.dirname(os.path.abspath(file))
+    image_key = columns[0]
+
+    def row_of(where, row):
+        path = row.get(image_key)
+        if not isinstance(path, str) or not path.strip():
+            report.skip(None, f"{image_key} missing", where)
+            return None
+        split = split_of(os.path.normpath(path))
+        missing = [c for c in columns[1:] if not isinstance(row.get(c), str)]
+        if missing:
+            report.skip(split, f"{missing[0]} missing", where)
+            return None
+        return split, os.path.join(folder, os.path.normpath(path)), {c: row[c] for c in columns[1:]}
+
+    rows = []
+    if ext == ".jsonl":
+        with open(file, "rb") as f:
+            for n, line in enumerate(f, 1):
+                where = f"{file}:{n}"
+                try:
+                    row = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    report.skip(None, "not valid UTF-8", where)
+                    continue
+                except json.JSONDecodeError:
+                    if line.strip():
+                        report.skip(None, "not valid JSON", where)
+                    continue
+                if not isinstance(row, dict):
+                    report.skip(None, "not a JSON object", where)
+                elif (r := row_of(where, row)) is not None:
+                    rows.append(r)
+        return rows
+    with open(file, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
+        absent = [c for c in columns if c not in (reader.fieldnames or [])]
+        if absent:
+            raise ValueError(f"{file} has no column {absent[0]!r} in its header row (it has {reader.fieldnames})")
+        for row in reader:
+            where = f"{file}:{reader.line_num}"
+            try:
+                [v.encode("utf-8") for v in row.values() if isinstance(v, str)]
+            except UnicodeEncodeError:  # the bytes that were not UTF-8, kept as lone surrogates
+                report.skip(None, "not valid UTF-8", where)
+                continue
+            if (r := row_of(where, row)) is not None:
+                rows.append(r)
+    return rows
+
+
+def table_items(file, report, val_file=None, val_fraction=0.0, image_column="image", caption_column="caption"):
+    """{split: [(image path, [captions])]} of a table of image paths and captions (table_rows):
+    rows of the same image are one image with their captions in row order. The val split is
+    the file val_file, or the images whose path (as written) hashes below val_fraction."""
+    columns = (image_column, caption_column)
+    if val_file is None:
+        rows = table_rows(file, columns, report, lambda p: "val" if held_out(p, val_fraction) else "train")
+    else:
+        rows = table_rows(file, columns, report, lambda p: "train")
+        rows += table_rows(val_file, columns, report, lambda p: "val")
+    images = {}
+    for split, path, row in rows:
+        images.setdefault((split, path), []).append(row[caption_column])
+    expected = ("train", "val") if val_file is not None or val_fraction > 0 else ("train",)
+    return by_split([(split, path, captions) for (split, path), captions in images.items()], file, report, expected)
+
+
+def captioned_split(tmp, split, items, enc, size, length, per_image, workers, report, source):
+    """Write one split of captioned images (captioned_dataset); returns its size."""
+    tokens, problems = encode_checked(enc, [c for _, captions in items for c in captions], length)
+    tasks, good, k = [], [], 0
+    for path, captions in items:
+        rows = []
+        for caption in captions:
+            if problems[k]:
+                report.skip(split, text_reason(problems[k], "caption"), path, caption[:200])
+            else:
+                rows.append(k)
+            k += 1
+        if rows:
+            tasks.append(path)
+            good.append(rows)
+        else:
+            report.skip(split, "no valid caption", path)
+    kept = write_rows(tmp, split, tasks, partial(image_row, size=size), {"images": ((size, size, 3), np.uint8)},
+                      workers, report) if tasks else []
+    if not kept:
+        raise nothing_left(source, split, report)
+    rows = [good[i] for i, _ in kept]
+    n_captions = np.array([min(len(r), per_image) for r in rows], np.int16)
+    slots = [[r[j % n] for j in range(per_image)] for r, n in zip(rows, n_captions)]  # repeated in order
+    np.save(os.path.join(tmp, f"{split}.tokens.npy"), tokens[slots])
+    np.save(os.path.join(tmp, f"{split}.n_captions.npy"), n_captions)
+    np.save(os.path.join(tmp, f"{split}.scene.npy"), np.arange(len(kept), dtype=np.int64))
+    report.keep(split, images=len(kept), captions=int(n_captions.sum()),
+                captions_unused=sum(len(r) - int(n) for r, n in zip(rows, n_captions)))
+    return len(kept)
+
+
+def captioned_dataset(out, items, tokenizer, image_size, context_length, captions_per_image=5, workers=1,
+                      source="", report=None, add=False, log=print):
+    """Prepare captioned images, items {split: [(image path, [captions])]}, into the dataset out
+    (kind 'captions': layout in the module docstring). Every caption is encoded with tokenizer
+    (kind, bpe_text) into context_length tokens; empty and too long ones are skipped, and an
+    image left without one; the first captions_per_image of an image are kept, repeated in
+    order to fill the slots. Every image is decoded (workers processes) and the unreadable
+    skipped. With add, the splits go into the captioned dataset already at out (same tokenizer
+    and sizes), its other splits kept; else out is replaced. Returns out."""
+    kind, bpe_text = tokenizer
+    enc = get_tokenizer(kind, bpe_text)
+    report = report or Report()
+    old = Dataset(out) if add and os.path.exists(os.path.join(out, "meta.json")) else None
+    meta = dict(kind="captions", image_size=image_size, context_length=context_length,
+                captions_per_image=captions_per_image, tokenizer=tokenizer_meta(kind, enc),
+                source={split: source for split in items})
+    keep = []
+    if old is not None:
+        same = {k: old.meta.get(k) for k in ("kind", "image_size", "context_length", "captions_per_image")}
+        if same != {k: meta[k] for k in same} or (old.meta["tokenizer"]["kind"], old.bpe_text) != (kind, bpe_text):
+            raise ValueError(f"{out} holds {same} with another tokenizer or sizes than asked: prepare into a new --out")
+        keep = [s for s in old.meta["splits"] if s not in items]
+        meta["source"] = {**{s: old.meta.get("source", {}).get(s) for s in keep}, **meta["source"]}
+        with open(os.path.join(out, "report.json")) as f:
+            report.splits = {**{s: v for s, v in json.load(f)["splits"].items() if s in keep}, **report.splits}
+    with staged_dataset(out, replace=True) as tmp:
+        sizes = {}
+        for split, split_items in items.items():
+            t0 = time.time()
+            sizes[split] = captioned_split(tmp, split, split_items, enc, image_size, context_length,
+                                           captions_per_image, workers, report, source)
+            log(f"{split}: {sizes[split]} images in {time.time() - t0:.1f} s")
+        sizes.update(copy_split_files(tmp, old, keep) if keep else {})
+        finish_dataset(tmp, out, meta, sizes, bpe_text, report, log)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# real data: class masks (the prompt stage)
+
+
+def check_classes(names, where):
+    """The class names of a mask set, the background's first: 2 to 256 (class maps are uint8),
+    distinct, non-empty and without commas (train.py --classes lists them with commas)."""
+    if any(not n or "," in n for n in names) or len(set(names)) != len(names) or not 2 <= len(names) <= 256:
+        raise ValueError(f"{where}: need 2 to 256 distinct class names, the background's first, none empty or with a "
+                         f"comma; got {names[:10]}{'...' if len(names) > 10 else ''}")
+    return names
+
+
+def read_classes(file):
+    """The class names of a file with one per line, line k naming mask value k: the first line
+    names value 0, the background."""
+    if not os.path.isfile(file):
+        raise ValueError(f"{file} does not exist")
+    with open(file, encoding="utf-8") as f:
+        return check_classes([line.strip() for line in f.read().rstrip("\n").split("\n")], file)
+
+
+def mask_pairs(image_dir, mask_dir, split_of, report):
+    """[(split, image path, mask path)] of the image files in image_dir (sorted) and the PNG
+    masks of the same base name in mask_dir; an image without a mask ('mask not found'), and
+    a mask without an image, are skipped. split_of(image file name) names a pair's split."""
+    images = sorted(f for f in os.listdir(check_dir(image_dir)) if f.lower().endswith(IMAGE_EXTENSIONS))
+    masks = {os.path.splitext(f)[0]: f for f in os.listdir(check_dir(mask_dir)) if f.lower().endswith(".png")}
+    pairs = []
+    for f in images:
+        mask = masks.pop(os.path.splitext(f)[0], None)
+        if mask is None:
+            report.skip(split_of(f), "mask not found", os.path.join(image_dir, f))
+        else:
+            pairs.append((split_of(f), os.path.join(image_dir, f), os.path.join(mask_dir, mask)))
+    for mask in masks.values():
+        report.skip(None, "mask without image", os.path.join(mask_dir, mask))
+    return pairs
+
+
+def mask_values(im):
+    """(values (H, W) int64, (W, H)) of a single-band mask image."""
+    if im.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
+        raise BadImage(im.filename, "mask not single-band", im.mode)
+    return np.asarray(im).astype(np.int64), im.size
+
+
+def class_regions(classmap):
+    """[(value, x0, y0, x1, y1)] of every 8-connected region of one class (value > 0) in a
+    class map (H, W); x1, y1 one past its last pixel; by value, then top, then left. Runs of
+    one value along rows are joined to the runs of the row above that touch them."""
+    H, W = classmap.shape
+    runs, first = [], []  # runs (y, x0, x1, value); first[y]: the index of row y's first run
+    for y in range(H):
+        row = classmap[y]
+        cuts = [0, *(np.flatnonzero(row[1:] != row[:-1]) + 1).tolist(), W]
+        first.append(len(runs))
+        runs += [(y, x0, x1, int(row[x0])) for x0, x1 in zip(cuts, cuts[1:]) if row[x0]]
+    first.append(len(runs))
+    parent = list(range(len(runs)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for y in range(1, H):
+        for i in range(first[y], first[y + 1]):
+            _, x0, x1, v = runs[i]
+            for j in range(first[y - 1], first[y]):
+                _, p0, p1, pv = runs[j]
+                if p0 > x1:
+                    break
+                if pv == v and x0 <= p1:  # columns within one of each other
+                    parent[root(i)] = root(j)
+    boxes = {}
+    for i, (y, x0, x1, v) in enumerate(runs):
+        b = boxes.setdefault(root(i), [v, x0, y, x1, y + 1])
+        b[1], b[3], b[4] = min(b[1], x0), max(b[3], x1), y + 1
+    return sorted(tuple(b) for b in boxes.values())
+
+
+def mask_row(pair, size, n_classes, void):
+    """An image and its class mask as rows of a mask split: the mask resized and cropped as its
+    image (nearest neighbour), void values made background; and the boxes of its regions."""
+    image, mask = pair
+    pixels, mode, image_wh = read_image(image, size)
+    values, mask_wh = read_image_file(mask, mask_values, "mask")
+    if mask_wh != image_wh:
+        raise BadImage(mask, "mask size differs from its image", f"{mask_wh} vs {image_wh}")
+    if void is not None:
+        values[values == void] = 0
+    if values.max() >= n_classes or values.min() < 0:
+        raise BadImage(mask, "mask value beyond the classes", f"{values.min()}..{values.max()} for {n_classes} classes")
+    classmap = fit_square(Image.fromarray(values.astype(np.uint8)), size, Image.NEAREST)
+    return {"images": pixels, "classmap": classmap}, mode, class_regions(classmap)
+
+
+def mask_dataset(out, pairs, classes, tokenizer, image_size, context_length, void=None, workers=1, source="",
+                 report=None, log=print):
+    """Prepare images with class masks, pairs {split: [(image path, mask path)]} and classes the
+    names of the mask values (background first), into the dataset out (kind 'masks', splits
+    novel_train and novel_val as the prompt stage reads them; layout in the module docstring).
+    A pair whose mask is missing, unreadable, of another size than its image or with a value
+    beyond the classes (after void values are made background) is skipped. Returns out."""
+    kind, bpe_text = tokenizer
+    enc = get_tokenizer(kind, bpe_text)
+    report = report or Report()
+    check_classes(classes, "the classes")
+    meta = dict(kind="masks", image_size=image_size, context_length=context_length, tokenizer=tokenizer_meta(kind, enc),
+                classes=list(classes), novel_classes=list(classes[1:]), void=void,
+                source={split: source for split in pairs})
+    with staged_dataset(out, replace=True) as tmp:
+        sizes = {}
+        for split, tasks in pairs.items():
+            rows = {"images": ((image_size, image_size, 3), np.uint8), "classmap": ((image_size, image_size), np.uint8)}
+            kept = write_rows(tmp, split, tasks, partial(mask_row, size=image_size, n_classes=len(classes), void=void),
+                              rows, workers, report) if tasks else []
+            if not kept:
+                raise nothing_left(source, split, report)
+            objects = np.full((len(kept), max(1, max(len(b) for _, b in kept)), 7), -1, np.int16)
+            for n, (_, boxes) in enumerate(kept):
+                for j, (v, *box) in enumerate(boxes):
+                    objects[n, j] = (v - 1, -1, -1, *box)  # the world's objects rows: class value - 1 as the shape
+            np.save(os.path.join(tmp, f"{split}.objects.npy"), objects)
+            sizes[split] = len(kept)
+            report.keep(split, images=len(kept), regions=int((objects[:, :, 0] >= 0).sum()))
+        finish_dataset(tmp, out, meta, sizes, bpe_text, report, log)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# real data: multi-image question sets (the instruct stage)
+
+
+def multi_items(file, max_images, report, split_of):
+    """[(split, [image paths], question, answer, type)] of a JSON list of question sets
+    {"images": [paths], "question": str, "answer": str, "type": optional str}; paths
+    relative to the file's folder or absolute; a set without a type has type 'other'. Sets
+    missing a field, or with more than max_images images, are skipped. split_of(set as
+    written) names a set's split."""
+    doc = read_json(file)
+    if not isinstance(doc, list):
+        raise ValueError(f"{file} is not a list of question sets")
+    folder, sets = os.path.dirname(os.path.abspath(file)), []
+    for k, s in enumerate(doc):
+        where = f"{file}: [{k}]"
+        if not isinstance(s, dict):
+            report.skip(None, "set not an object", where)
+            continue
+        split = split_of(json.dumps([s.get("images"), s.get("question")]))
+        images = s.get("images")
+        if not isinstance(images, list) or not images or not all(isinstance(p, str) and p for p in images):
+            report.skip(split, "images missing", where)
+        elif len(images) > max_images:
+            report.skip(split, "too many images", where, f"{len(images)} > {max_images}")
+        elif not isinstance(s.get("question"), str):
+            report.skip(split, "question missing", where)
+        elif not isinstance(s.get("answer"), str):
+            report.skip(split, "answer missing", where)
+        elif not isinstance(s.get("type", "other"), str):
+            report.skip(split, "type not a string", where)
+        else:
+            paths = [os.path.join(folder, os.path.normpath(p)) for p in images]
+            sets.append((split, paths, s["question"], s["answer"], s.get("type", "other")))
+    return sets
+
+
+def multi_dataset(out, sets, tokenizer, image_size, context_length, answer_length=8, workers=1, source="",
+                  report=None, log=print):
+    """Prepare multi-image question sets, {split: [([image paths], question, answer, type)]},
+    into the dataset out (kind 'multi', splits multi_train and multi_val; layout in the module
+    docstring). Questions get context_length - answer_length tokens and answers answer_length
+    (as the model's question and answer blocks); a set with an empty or too long question or
+    answer, or an image that cannot be read, is skipped. Returns out."""
+    kind, bpe_text = tokenizer
+    enc = get_tokenizer(kind, bpe_text)
+    report = report or Report()
+    meta = dict(kind="multi", image_size=image_size, context_length=context_length, answer_length=answer_length,
+                tokenizer=tokenizer_meta(kind, enc), source={split: source for split in sets})
+    with staged_dataset(out, replace=True) as tmp:
+        sizes, types = {}, {}
+        for split, split_sets in sets.items():
+            question, q_problems = encode_checked(enc, [s[1] for s in split_sets], context_length - answer_length)
+            answer, a_problems = encode_checked(enc, [s[2] for s in split_sets], answer_length)
+            good = []
+            for i, (_, q, a, _) in enumerate(split_sets):
+                problems = [text_reason(p, w) for p, w in ((q_problems[i], "question"), (a_problems[i], "answer")) if p]
+                if problems:
+                    report.skip(split, problems[0], q[:200], a[:200])
+                else:
+                    good.append(i)
+            paths = sorted({p for i in good for p in split_sets[i][0]})
+            kept = write_rows(tmp, split, paths, partial(image_row, size=image_size),
+                              {"images": ((image_size, image_size, 3), np.uint8)}, workers, report) if paths else []
+            pool = {paths[i]: n for n, (i, _) in enumerate(kept)}
+            rows = []
+            for i in good:
+                lost = [p for p in split_sets[i][0] if p not in pool]
+                if lost:
+                    report.skip(split, "unusable image", split_sets[i][1][:200], lost[0])
+                else:
+                    rows.append(i)
+            if not rows:
+                raise nothing_left(source, split, report)
+            members = [[pool[p] for p in split_sets[i][0]] for i in rows]
+            width, pad = max(map(len, members)), enc.encode_single_token(PAD)
+            arrays = dict(sets=np.array([m + [-1] * (width - len(m)) for m in members], np.int32),
+                          question=np.pad(question[rows], ((0, 0), (0, answer_length)), constant_values=pad),
+                          answer=answer[rows])
+            for key, a in arrays.items():
+                np.save(os.path.join(tmp, f"{split}.{key}.npy"), a)
+            sizes[split], types[split] = len(rows), [split_sets[i][3] for i in rows]
+            report.keep(split, sets=len(rows), images=len(kept))
+        meta["qtypes"] = sorted({t for ts in types.values() for t in ts})  # the types of the sets kept
+        for split, ts in types.items():
+            np.save(os.path.join(tmp, f"{split}.qtype.npy"), np.array([meta["qtypes"].index(t) for t in ts], np.int16))
+        finish_dataset(tmp, out, meta, sizes, bpe_text, report, log)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -726,8 +1658,8 @@ class Dataset:
         self.image_size = self.meta["image_size"]
         self.context_length = self.meta["context_length"]
         tok = self.meta["tokenizer"]
-        self.bpe_text = None
-        if tok["kind"] == "bpe":
+        self.bpe_text = None  # a GPT-2 dataset without a file uses tiktoken's own
+        if tok.get("file"):
             with open(os.path.join(path, tok["file"])) as f:
                 self.bpe_text = f.read()
         self.tokenizer = get_tokenizer(tok["kind"], self.bpe_text)
@@ -904,7 +1836,6 @@ def prepare_codebook(path, patch_size, n_codes, iters=15, max_fit=65536, seed=0,
     return book_file
 
 
-@lru_cache(maxsize=4)
 @lru_cache(maxsize=2)  # a batch reads one epoch, or two at a boundary: each is drawn once, not per batch
 def _epoch_permutation(n, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -937,31 +1868,119 @@ def batch_indices(n, batch_size, step, seed, rank=0, world_size=1, grad_accum=1,
 
 
 # -----------------------------------------------------------------------------
-# image files
+# the command line: real data into prepared datasets
 
 
-def load_image(path, size):
-    """Read any common image file (RGB, RGBA, L, P, CMYK, 16-bit) as (size, size, 3) uint8:
-    the shorter side resized to size, then centre-cropped. Raises ValueError naming the file."""
+def command_line():
+    """The parser of `python data.py SOURCE ...` (the module docstring shows the commands)."""
+    parser = argparse.ArgumentParser(prog="data.py", description="Prepare real data into a nanoVLP dataset directory.")
+    sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="the prepared dataset's directory")
+    common.add_argument("--tokenizer", required=True, help="a Hugging Face CLIP or GPT-2 tokenizer (directory or hub "
+                        "name), 'gpt2' (tiktoken's file), or a prepared dataset (its tokenizer)")
+    common.add_argument("--image_size", type=int, required=True, help="the model's image_size")
+    common.add_argument("--context_length", type=int, required=True, help="the model's context_length")
+    common.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes decoding images")
+    captions = argparse.ArgumentParser(add_help=False)
+    captions.add_argument("--captions_per_image", type=int, default=5, help="caption slots per image")
+    held = argparse.ArgumentParser(add_help=False)
+    held.add_argument("--val_fraction", type=float, default=0.0,
+                      help="the fraction held out for val, chosen by a hash of each item (not its place in the file)")
+    p = sub.add_parser("coco", parents=[common, captions], help="a COCO captions file and its image folder: one split")
+    p.add_argument("--captions", required=True, help="e.g. annotations/captions_train2017.json")
+    p.add_argument("--images", required=True, help="its image folder, e.g. train2017")
+    p.add_argument("--split", default="train", help="the split it becomes; other splits already in --out are kept")
+    p = sub.add_parser("karpathy", parents=[common, captions], help="Karpathy's split file over the COCO images")
+    p.add_argument("--json", required=True, help="dataset_coco.json")
+    p.add_argument("--images", required=True, help="the COCO root, which holds the folders the file's filepaths name")
+    p = sub.add_parser("table", parents=[common, captions, held], help="a CSV, TSV or JSONL of images and captions")
+    p.add_argument("--file", required=True, help="columns (or keys) image and caption; paths relative to its folder")
+    p.add_argument("--val", help="a second such file for the val split")
+    p.add_argument("--image_column", default="image")
+    p.add_argument("--caption_column", default="caption")
+    p = sub.add_parser("masks", parents=[common, held], help="images and PNG class masks for the prompt stage")
+    p.add_argument("--images", required=True, help="the image folder")
+    p.add_argument("--masks", required=True, help="the mask folder: <image base name>.png, pixel value = class")
+    p.add_argument("--classes", required=True, help="a text file naming mask value k on line k + 1 (background first)")
+    p.add_argument("--val_images", help="an image folder for the val split")
+    p.add_argument("--val_masks", help="its mask folder")
+    p.add_argument("--void", type=int, help="a mask value made background (PASCAL VOC marks object borders 255)")
+    p = sub.add_parser("multi", parents=[common, held], help="multi-image question sets for the instruct stage")
+    p.add_argument("--file", required=True, help='a JSON list of {"images": [paths], "question", "answer", "type"}')
+    p.add_argument("--val", help="a second such file for the val split")
+    p.add_argument("--answer_length", type=int, default=8, help="the model's answer_length")
+    p.add_argument("--max_images", type=int, default=4, help="the most images of a set (the model's image_slots)")
+    for p in sub.choices.values():
+        p.set_defaults(parser=p)  # usage errors are told with the command's own usage
+    return parser
+
+
+def usage_problem(args):
+    """What is wrong with the parsed arguments, or ''."""
+    if args.image_size < 1 or args.context_length < 3 or args.workers < 1:
+        return "--image_size and --workers must be at least 1, --context_length at least 3"
+    if getattr(args, "captions_per_image", 1) < 1:
+        return "--captions_per_image must be at least 1"
+    if not 0 <= getattr(args, "val_fraction", 0) < 1:
+        return "--val_fraction must be in [0, 1)"
+    if getattr(args, "val", None) and args.val_fraction:
+        return "give --val or --val_fraction, not both"
+    if args.source == "masks" and (bool(args.val_images) != bool(args.val_masks) or
+                                   bool(args.val_images) and bool(args.val_fraction)):
+        return "give --val_images with --val_masks, or --val_fraction, or neither"
+    if args.source == "multi" and not (3 <= args.answer_length < args.context_length and args.max_images >= 1):
+        return "--answer_length must be at least 3 and below --context_length, --max_images at least 1"
+    return ""
+
+
+def split_rule(val, fraction, train, held):
+    """split_of(key) for a source's main file: `train`, or with a fraction (and no val file)
+    `held` for the keys that hash below it."""
+    return (lambda key: held if held_out(key, fraction) else train) if val is None and fraction else (lambda key: train)
+
+
+def main(argv=None):
+    """python data.py SOURCE ...: prepare a real source; bad input stops with 'error: ...'."""
+    parser = command_line()
+    args = parser.parse_args(argv)
+    problem = usage_problem(args)
+    if problem:
+        args.parser.error(problem)
+    report = Report()
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
-                a = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if a.max() > 255 else 255.0
-                im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-            elif im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                im = Image.new("RGB", rgba.size)
-                im.paste(rgba, mask=rgba.split()[-1])  # transparent parts on black, like the world
-            im = im.convert("RGB")
-    except FileNotFoundError:
-        raise ValueError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
-    w, h = im.size
-    scale = size / min(w, h)
-    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = im.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+        common = dict(tokenizer=load_tokenizer(args.tokenizer), image_size=args.image_size,
+                      context_length=args.context_length, workers=args.workers, report=report)
+        if args.source == "coco":
+            items = {args.split: coco_items(args.captions, args.images, args.split, report)}
+            captioned_dataset(args.out, items, captions_per_image=args.captions_per_image, source=args.captions,
+                              add=True, **common)
+        elif args.source == "karpathy":
+            items = karpathy_items(args.json, args.images, report)
+            captioned_dataset(args.out, items, captions_per_image=args.captions_per_image, source=args.json, **common)
+        elif args.source == "table":
+            items = table_items(args.file, report, args.val, args.val_fraction, args.image_column, args.caption_column)
+            captioned_dataset(args.out, items, captions_per_image=args.captions_per_image, source=args.file, **common)
+        elif args.source == "masks":
+            classes = read_classes(args.classes)
+            split_of = split_rule(args.val_images, args.val_fraction, "novel_train", "novel_val")
+            rows = mask_pairs(args.images, args.masks, split_of, report)
+            if args.val_images:
+                rows += mask_pairs(args.val_images, args.val_masks, lambda key: "novel_val", report)
+            expected = ("novel_train", "novel_val") if args.val_images or args.val_fraction else ("novel_train",)
+            mask_dataset(args.out, by_split(rows, args.images, report, expected), classes, void=args.void,
+                         source=args.images, **common)
+        else:
+            split_of = split_rule(args.val, args.val_fraction, "multi_train", "multi_val")
+            rows = multi_items(args.file, args.max_images, report, split_of)
+            if args.val:
+                rows += multi_items(args.val, args.max_images, report, lambda key: "multi_val")
+            expected = ("multi_train", "multi_val") if args.val or args.val_fraction else ("multi_train",)
+            multi_dataset(args.out, by_split(rows, args.file, report, expected), answer_length=args.answer_length,
+                          source=args.file, **common)
+    except ValueError as e:  # bad input, named: no stack trace
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
