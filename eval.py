@@ -555,7 +555,8 @@ def evaluate_instruct(model, ds, device, max_sets=None, split="multi_val", laten
     out = {"instruct_acc": float(right.mean())}
     for t, name in enumerate(qtypes):
         values, counts = np.unique(train_answers[train_qtype == t], return_counts=True)
-        majority[qtype == t] = truth[qtype == t] == values[counts.argmax()]
+        if len(values):  # a type no training set asks has no majority answer: its baseline gets none right
+            majority[qtype == t] = truth[qtype == t] == values[counts.argmax()]
         if (qtype == t).any():
             out[f"instruct_acc_{name}"] = float(right[qtype == t].mean())
             out[f"instruct_majority_{name}"] = float(majority[qtype == t].mean())

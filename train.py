@@ -41,6 +41,7 @@ from model import (VLM, VLMConfig, all_gather, dist_info, draw_noise, fp32, pret
                    uses_electra)
 
 STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
+CAPTION_DRAWS = 720720  # the least common multiple of 1..16: divisible by every count of distinct captions
 PRETRAINING = ("pretrain", "finetune")  # the stages whose steps are pretraining steps (every objective, M1-M8)
 
 
@@ -52,7 +53,8 @@ class TrainConfig:
     data_dir: str = "data"  # where generated worlds are cached
     train_split: str = "train"  # the split to train on: 'train' (clean captions) or 'web' (noisy)
     stage: str = "pretrain"  # one of STAGES
-    init_from: str = ""  # start from the weights of this checkpoint
+    init_from: str = ""  # start from these weights: a checkpoint (ckpt.pt), or a Hugging Face CLIP or GPT-2 (hub name or directory)
+    init_text: str = ""  # with a Hugging Face CLIP as init_from: a Hugging Face GPT-2 for the text transformer
     resume: bool = False  # continue from out_dir/ckpt.pt
     eval_interval: int = 200  # steps between evaluations on the first eval_images val images
     eval_images: int = 256
@@ -303,14 +305,14 @@ def pick_runtime(cfg, local_rank=0):
 
 
 def load_data(cfg, rank, world_size):
-    """The prepared dataset (the shapes world generated on first use) with, when ELECTRA is on,
-    its visual codebook; rank 0 prepares while the others wait."""
+    """The prepared dataset (the shapes world generated on first use) with, when a pretraining
+    stage uses ELECTRA, its visual codebook; rank 0 prepares while the others wait."""
     m = cfg.model
     path = cfg.data if cfg.data != "shapes" else data.world_dir(cfg.data_dir, cfg.world, m.image_size, m.context_length)
     if rank == 0:
         if cfg.data == "shapes":
             data.prepare_world(cfg.data_dir, cfg.world, m.image_size, m.context_length)
-        if uses_electra(m):
+        if uses_electra(m) and cfg.stage in PRETRAINING:
             data.prepare_codebook(path, m.patch_size, m.n_codes)
     if world_size > 1:
         dist.barrier()
@@ -339,8 +341,8 @@ def fit_model_to_data(mcfg, ds):
 def check_tokenizer(ckpt, ds):
     """Stop if a checkpoint's tokenizer is not the dataset's: its token ids would mean other words."""
     if ckpt["tokenizer"] != {"kind": ds.meta["tokenizer"]["kind"], "bpe": ds.bpe_text}:
-        raise SystemExit(f"the tokenizer of the checkpoint (trained on {ckpt['data_path']}) is not that of {ds.path}: "
-                         f"use the data it was trained on, or data prepared with its tokenizer")
+        raise SystemExit(f"the tokenizer of the starting weights ({ckpt['data_path']}) is not that of {ds.path}: "
+                         f"use the data they were trained on, or data prepared with their tokenizer (data.py --tokenizer)")
 
 
 def load_weights(model, state, strict, log=print):
@@ -432,6 +434,13 @@ def pretrain_batches(cfg, ds, raw_model, device, rank, world_size):
         raise SystemExit(f"--train_images must be at least 0 (0: the whole split), got {cfg.train_images}")
     n_train = min(ds.split_size(split), cfg.train_images or ds.split_size(split))
     n_captions = ds.array(split, "tokens").shape[1]
+    # real data: an image may have fewer distinct captions than slots (data.py repeats them to
+    # fill the slots); a draw from [0, CAPTION_DRAWS) modulo its count picks one of them uniformly
+    distinct = ds.array(split, "n_captions") if ds.has(split, "n_captions") else None
+    if distinct is not None:
+        if n_captions > 16:
+            raise SystemExit(f"{ds.path}: {n_captions} caption slots per image; at most 16 are drawn from uniformly")
+        n_captions = CAPTION_DRAWS
     # captions known to be true of their scene (not the noisy web split): paraphrases of one scene are never negatives
     clean = ds.has(split, "scene") and not ds.has(split, "corruption")
     electra = uses_electra(cfg.model)
@@ -441,6 +450,8 @@ def pretrain_batches(cfg, ds, raw_model, device, rank, world_size):
     def fetch(micro_step):
         idx, caption = data.batch_indices(n_train, cfg.batch_size, micro_step, cfg.seed, rank, world_size,
                                           cfg.grad_accum, n_captions)
+        if distinct is not None:
+            caption = caption % distinct[idx]
         images, tokens = ds.image_text_batch(split, idx, caption)
         parts = dict(images=images, tokens=tokens.astype(np.int64))
         if clean:
@@ -810,7 +821,7 @@ def train(cfg, ckpt=None, init=None):
     if prompt:
         if world_size > 1:
             raise SystemExit("--stage prompt trains a few thousand parameters on a few dozen images: run it as one process")
-        cfg.classes = cfg.classes or ",".join(ds.meta.get("novel_shapes", []))
+        cfg.classes = cfg.classes or ",".join(ds.meta.get("novel_classes") or ds.meta.get("novel_shapes", []))
         if not cfg.classes:
             raise SystemExit(f"--stage prompt: {ds.path} names no novel classes; give --classes=a,b,...")
     if cfg.stop_loss > 0 and world_size > 1:
@@ -821,7 +832,7 @@ def train(cfg, ckpt=None, init=None):
         raise SystemExit(f"--stage {cfg.stage}: {e}") from None
     if init is not None:
         load_weights(model, init["model"], strict=cfg.stage == "pretrain", log=print if master else lambda *a: None)
-    if uses_electra(cfg.model):  # the data's own codebook: its codes are the MOC targets (an init's may be another's)
+    if uses_electra(cfg.model) and cfg.stage in PRETRAINING:  # the data's own codebook: its codes are the MOC targets (an init's may be another's)
         model.codebook.copy_(torch.from_numpy(ds.codebook(cfg.model.patch_size, cfg.model.n_codes)))
     freeze_for_stage(model, cfg.stage, cfg.train_vit)
     model.to(device)
@@ -956,15 +967,36 @@ def start_state(cfg, changes, overrides):
         # the run continues with its own config; flags given now (say a larger max_iters) still apply
         return apply_overrides(config_from_dict(ckpt["config"]), overrides), ckpt, None
     if not cfg.init_from:
+        if cfg.init_text:
+            raise SystemExit("--init_text goes with --init_from (a Hugging Face CLIP for the ViT)")
         return cfg, None, None
-    if not os.path.exists(cfg.init_from):
-        raise SystemExit(f"--init_from: no checkpoint at {cfg.init_from}")
-    init = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
-    # the architecture comes with the weights; what the stage and the flags set on the model still applies
     known = config_fields()
-    cfg.model = apply_overrides(config_from_dict({**asdict(cfg), "model": init["config"]["model"]}),
-                                {k: v for k, v in changes.items() if known[k][0] == "model"}).model
+    model_changes = {k: v for k, v in changes.items() if known[k][0] == "model"}
+    if os.path.isfile(cfg.init_from):
+        if cfg.init_text:
+            raise SystemExit("--init_text goes with a Hugging Face CLIP as --init_from, not with a checkpoint")
+        init = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+    elif cfg.init_from.endswith(".pt"):
+        raise SystemExit(f"--init_from: no checkpoint at {cfg.init_from}")
+    else:
+        init = hf_init(cfg.init_from, cfg.init_text, model_changes)
+    # the architecture comes with the weights; what the stage and the flags set on the model still applies
+    cfg.model = apply_overrides(config_from_dict({**asdict(cfg), "model": init["config"]["model"]}), model_changes).model
     return cfg, None, init
+
+
+def hf_init(name, text, model_changes):
+    """A Hugging Face CLIP or GPT-2 (a hub name, or a directory written by save_pretrained) as
+    a starting checkpoint: its weights in our layout (VLM.from_pretrained, the model flags
+    given applied), its architecture, and the tokenizer of its text side, which the data
+    must have been prepared with (data.py --tokenizer)."""
+    try:
+        model = VLM.from_pretrained(name, text=text or None, **model_changes)
+        kind, bpe = data.hf_tokenizer(text or name)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--init_from {name}{' --init_text ' + text if text else ''}: {e}") from None
+    return {"model": model.state_dict(), "config": {"model": asdict(model.cfg)}, "tokenizer": {"kind": kind, "bpe": bpe},
+            "data_path": text or name}
 
 
 def sub_run(cfg, changes, overrides, run, name):

@@ -1,0 +1,150 @@
+"""The README's path on real data, in small: a Hugging Face CLIP (random, saved with its
+tokenizer files) and a COCO-format folder written here, prepared with that CLIP's tokenizer
+and trained from its weights; the prompt and instruct stages on prepared mask and question
+sets."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPModel
+
+import data
+import train
+from model import VLM
+from test_real_data import CORPUS, train_vocab, write_vocab
+
+S, T = 32, 16  # the CLIP's image size and context length
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A random CLIPModel saved by save_pretrained, with a CLIP-style vocab.json and merges.txt."""
+    vocab, merges = train_vocab(CORPUS * 3, 200, clip=True)
+    path = write_vocab(tmp_path_factory.mktemp("hf-clip"), vocab, merges)
+    V = len(vocab)
+    common = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=V, hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=T, bos_token_id=V - 2, eos_token_id=V - 1, **common),
+        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=S, patch_size=8, **common), projection_dim=24)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    return path
+
+
+def write_coco(root, split, n, seed):
+    """A COCO captions JSON and its image folder: n images, 5 captions each (one image with 2)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root / f"{split}2017")
+    images, annotations = [], []
+    for i in range(n):
+        name = f"{i:012d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (S + 8 * (i % 3), S, 3), dtype=np.uint8)).save(root / f"{split}2017" / name)
+        images.append({"id": 100 + i, "file_name": name, "height": S, "width": S})
+        for j in range(2 if i == 0 else 5):
+            annotations.append({"id": len(annotations), "image_id": 100 + i, "caption": CORPUS[(i + j) % len(CORPUS)]})
+    os.makedirs(root / "annotations", exist_ok=True)
+    with open(root / "annotations" / f"captions_{split}2017.json", "w") as f:
+        json.dump({"images": images, "annotations": annotations}, f)
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory, clip_dir):
+    """The COCO folder prepared with the CLIP's tokenizer, train and val."""
+    root = tmp_path_factory.mktemp("coco")
+    out = str(root / "prepared")
+    for split, n in (("train", 24), ("val", 8)):
+        write_coco(root, split, n, seed=n)
+        data.main(["coco", "--captions", str(root / "annotations" / f"captions_{split}2017.json"), "--images",
+                   str(root / f"{split}2017"), "--split", split, "--out", out, "--tokenizer", clip_dir,
+                   "--image_size", str(S), "--context_length", str(T)])
+    return out
+
+
+def run(out_dir, *flags):
+    return train.main(["--config", "tiny", f"--out_dir={out_dir}", "--batch_size=8", "--eval_images=8",
+                       "--log_interval=1", "--warmup_iters=1", *flags])
+
+
+def test_a_coco_folder_trains_from_a_hugging_face_clip(tmp_path, clip_dir, coco):
+    """With a learning rate of 0 the run's weights are the CLIP's, tensor for tensor (the
+    init path loads them all); with the preset's rate, a few steps train every objective and
+    evaluate COCO-style."""
+    frozen = str(tmp_path / "frozen")
+    run(frozen, f"--data={coco}", f"--init_from={clip_dir}", "--max_iters=2", "--lr=0", "--min_lr=0")
+    state = torch.load(os.path.join(frozen, "ckpt.pt"), weights_only=True)["model"]
+    reference = VLM.from_pretrained(clip_dir).state_dict()
+    towers = [k for k in reference if k.startswith(("visual.", "text.")) or k == "logit_scale"]
+    V = CLIPConfig.from_pretrained(clip_dir).text_config.vocab_size  # the specials' rows after it start fresh
+    for k in towers:
+        rows = slice(V) if k.endswith(("token_embedding.weight", "lm_head.weight")) else slice(None)
+        assert torch.equal(state[k][rows], reference[k][rows]), k
+    trained = str(tmp_path / "trained")
+    metrics = run(trained, f"--data={coco}", f"--init_from={clip_dir}", "--max_iters=6")
+    with open(os.path.join(trained, "log.jsonl")) as f:
+        steps = [json.loads(line) for line in f if '"lr"' in line]
+    assert len(steps) == 6
+    for k in ("loss", "itc", "itm", "mlm", "moc", "rtd", "r2d", "caption"):
+        assert np.isfinite([s[k] for s in steps]).all(), k
+    state = torch.load(os.path.join(trained, "ckpt.pt"), weights_only=True)["model"]
+    assert not torch.equal(state["visual.conv1.weight"], reference["visual.conv1.weight"])
+    for k in ("retrieval_i2t_r1", "retrieval_t2i_r5", "itm_auc", "caption_bleu4", "caption_cider"):
+        assert np.isfinite(metrics[k]), k
+    assert not any(k.startswith(("heldout_", "zeroshot_", "caption_parse")) for k in metrics)
+
+
+def test_a_clip_start_on_data_of_another_tokenizer_stops_with_a_message(tmp_path, clip_dir):
+    other = write_vocab(tmp_path / "gpt2", *train_vocab(CORPUS * 3, 200, clip=False))
+    write_coco(tmp_path, "train", 16, seed=0)
+    prepared = str(tmp_path / "prepared")
+    data.main(["coco", "--captions", str(tmp_path / "annotations" / "captions_train2017.json"), "--images",
+               str(tmp_path / "train2017"), "--out", prepared, "--tokenizer", other, "--image_size", str(S),
+               "--context_length", str(T)])
+    with pytest.raises(SystemExit, match="tokenizer of the starting weights"):
+        run(str(tmp_path / "run"), f"--data={prepared}", f"--init_from={clip_dir}", "--max_iters=1")
+    with pytest.raises(SystemExit, match="--init_text goes with"):
+        run(str(tmp_path / "run"), "--init_text=gpt2", "--max_iters=1")
+
+
+def write_mask_folder(root, n, size):
+    """n images with a red square (class 1) and a blue bar (class 2) at random places, their
+    PNG class masks and the class list."""
+    rng = np.random.default_rng(0)
+    for folder in ("images", "masks"):
+        os.makedirs(root / folder)
+    for i in range(n):
+        image, mask = np.full((size, size, 3), 40, np.uint8), np.zeros((size, size), np.uint8)
+        for value, colour, (h, w) in ((1, (220, 40, 40), (12, 12)), (2, (50, 90, 240), (6, 20))):
+            y, x = rng.integers(0, size - h), rng.integers(0, size - w)
+            image[y:y + h, x:x + w], mask[y:y + h, x:x + w] = colour, value
+        Image.fromarray(image).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+    (root / "classes.txt").write_text("background\nred square\nblue bar\n")
+
+
+def test_the_prompt_and_instruct_stages_run_on_prepared_folders(tmp_path, tiny_run, tiny_world):
+    """A pretrained run's tokenizer prepares a mask folder and question sets; the prompt stage
+    detects the class list's classes by default, and the instruct stage answers the sets."""
+    size, ckpt = tiny_world.image_size, os.path.join(tiny_run, "ckpt.pt")
+    common = ["--tokenizer", tiny_world.path, "--image_size", str(size), "--context_length", str(tiny_world.context_length)]
+    write_mask_folder(tmp_path, 12, size)
+    masks = str(tmp_path / "masks-prepared")
+    data.main(["masks", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"), "--classes",
+               str(tmp_path / "classes.txt"), "--val_fraction", "0.3", "--out", masks, *common])
+    out = str(tmp_path / "prompt")
+    metrics = train.main(["--config", "tiny", "--stage", "prompt", f"--init_from={ckpt}", f"--data={masks}",
+                          f"--out_dir={out}", "--shots=2", "--shot_seeds=1", "--max_iters=3"])
+    assert {"iou_red square", "iou_blue bar", "ap50_red square"} <= set(metrics)
+    sets = [{"images": [f"images/{i}.png", f"images/{(i + 1) % 12}.png"][:1 + i % 2],
+             "question": "how many images?", "answer": ["one", "two"][i % 2], "type": "count"} for i in range(12)]
+    (tmp_path / "sets.json").write_text(json.dumps(sets))
+    multi = str(tmp_path / "multi-prepared")
+    data.main(["multi", "--file", str(tmp_path / "sets.json"), "--val_fraction", "0.3", "--out", multi, *common])
+    metrics = train.main(["--config", "tiny", "--stage", "instruct", f"--init_from={ckpt}", f"--data={multi}",
+                          f"--out_dir={tmp_path / 'instruct'}", "--max_iters=3", "--batch_size=4"])
+    assert 0 <= metrics["instruct_acc"] <= 1 and "instruct_acc_count" in metrics
