@@ -1,7 +1,7 @@
 """
 The data of nanoVLP: the shapes world (procedural scenes whose ground truth is known), its
 tokenizer and the pretrained ones (GPT-2's, CLIP's), real data prepared from image files, and
-batches sliced from the prepared arrays.
+batches sliced from the prepared arrays (or streamed from webdataset shards).
 
 A prepared dataset is a directory:
     meta.json                  what is in it (kind, splits, sizes, vocabularies, tokenizer)
@@ -18,7 +18,9 @@ Real data comes in three kinds, each with a report.json of what was kept and ski
   'captions'  splits train, val (and test when the source has one): images; tokens, C =
               captions_per_image slots: the image's valid captions, then repeated in order;
               n_captions (N,) int16 distinct captions in the slots (1..C); scene (N,) int64,
-              the image's index (its own scene)
+              the image's index (its own scene). From webdataset shards (img2dataset's tars of
+              key.jpg + key.txt) the train split is not prepared but streamed from its shards
+              (meta stream: their paths and sample count; ShardStream), val prepared (C = 1)
   'masks'     splits novel_train, novel_val (read by the prompt stage): images; classmap, the
               mask values (0 background); objects (N, R, 7) int16, a row per 8-connected region
               of one class: class value - 1, -1, -1, x0, y0, x1, y1 (-1 rows pad); meta classes
@@ -39,6 +41,7 @@ Real data is prepared on the command line (python data.py SOURCE --help for the 
     python data.py table --file captions.jsonl --val_fraction 0.05 --out data/mine ...  (.csv, .tsv; --val FILE)
     python data.py masks --images IMAGES --masks MASKS --classes classes.txt --val_fraction 0.2 ...
     python data.py multi --file sets.json --val val_sets.json --max_images 4 --answer_length 8 ...
+    python data.py webdataset --train 'shards/{00000..00099}.tar' --val shards/00100.tar ...
 each also with --tokenizer (a Hugging Face CLIP or GPT-2 tokenizer, 'gpt2' for tiktoken's, or
 a prepared dataset), --image_size and --context_length (the model's) and --workers.
 """
@@ -46,16 +49,21 @@ a prepared dataset), --image_size and --context_length (the model's) and --worke
 import argparse
 import base64
 import csv
+import glob
 import hashlib
 import html
+import io
+import itertools
 import json
 import multiprocessing
 import os
 import re
 import shutil
+import tarfile
 import time
 import unicodedata
 import warnings
+from collections import namedtuple
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache, partial
@@ -947,14 +955,43 @@ class BadImage(ValueError):
         return BadImage, (self.path, self.reason, self.detail)
 
 
+@dataclass(frozen=True)
+class TarMember:
+    """A file inside a tar file (a webdataset shard's image): size bytes at offset of tar,
+    read without going through the tar's other members."""
+    tar: str
+    name: str
+    offset: int
+    size: int
+
+    def __str__(self):
+        return f"{self.tar}:{self.name}"
+
+    def read(self):
+        with open(self.tar, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
 def read_image_file(path, convert, what="image"):
-    """convert(im) of the decoded image file at path. Raises BadImage with the reason
-    '<what> not found', 'empty <what> file' (0 bytes), 'oversized <what>' (more pixels than
-    Image.MAX_IMAGE_PIXELS, Pillow's decompression-bomb limit, whose warning is an error here),
-    'truncated <what>' or 'corrupt <what>' (anything else Pillow cannot decode)."""
-    if not os.path.isfile(path):
+    """convert(im) of the decoded image file at path (or TarMember). Raises BadImage with the
+    reason '<what> not found', 'empty <what> file' (0 bytes), 'oversized <what>' (more pixels
+    than Image.MAX_IMAGE_PIXELS, Pillow's decompression-bomb limit, whose warning is an error
+    here), 'truncated <what>' (also one its tar file ends inside) or 'corrupt <what>'
+    (anything else Pillow cannot decode)."""
+    if isinstance(path, TarMember):
+        try:
+            data = path.read()
+        except OSError as e:
+            raise BadImage(path, f"{what} not found", str(e)) from None
+        if len(data) < path.size:
+            raise BadImage(path, f"truncated {what}", f"its tar file ends after {len(data)} of its {path.size} bytes")
+        size, source = len(data), io.BytesIO(data)
+    elif not os.path.isfile(path):
         raise BadImage(path, f"{what} not found")
-    if os.path.getsize(path) == 0:
+    else:
+        size, source = os.path.getsize(path), path
+    if size == 0:
         raise BadImage(path, f"empty {what} file")
 
     def bad(e):
@@ -963,7 +1000,7 @@ def read_image_file(path, convert, what="image"):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(source)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise BadImage(path, f"oversized {what}", str(e)) from None
     except Exception as e:  # Pillow raises many kinds on bad data
@@ -1383,21 +1420,22 @@ def captioned_split(tmp, split, items, enc, size, length, per_image, workers, re
 
 
 def captioned_dataset(out, items, tokenizer, image_size, context_length, captions_per_image=5, workers=1,
-                      source="", report=None, add=False, log=print):
-    """Prepare captioned images, items {split: [(image path, [captions])]}, into the dataset out
-    (kind 'captions': layout in the module docstring). Every caption is encoded with tokenizer
-    (kind, bpe_text) into context_length tokens; empty and too long ones are skipped, and an
-    image left without one; the first captions_per_image of an image are kept, repeated in
-    order to fill the slots. Every image is decoded (workers processes) and the unreadable
-    skipped. With add, the splits go into the captioned dataset already at out (same tokenizer
-    and sizes), its other splits kept; else out is replaced. Returns out."""
+                      source="", report=None, add=False, extra_meta=None, log=print):
+    """Prepare captioned images, items {split: [(image path or TarMember, [captions])]}, into
+    the dataset out (kind 'captions': layout in the module docstring). Every caption is
+    encoded with tokenizer (kind, bpe_text) into context_length tokens; empty and too long ones
+    are skipped, and an image left without one; the first captions_per_image of an image are
+    kept, repeated in order to fill the slots. Every image is decoded (workers processes) and
+    the unreadable skipped. With add, the splits go into the captioned dataset already at out
+    (same tokenizer and sizes), its other splits kept; else out is replaced. extra_meta: more
+    entries of meta.json (a streamed train split's). Returns out."""
     kind, bpe_text = tokenizer
     enc = get_tokenizer(kind, bpe_text)
     report = report or Report()
     old = Dataset(out) if add and os.path.exists(os.path.join(out, "meta.json")) else None
     meta = dict(kind="captions", image_size=image_size, context_length=context_length,
                 captions_per_image=captions_per_image, tokenizer=tokenizer_meta(kind, enc),
-                source={split: source for split in items})
+                source={split: source for split in items}, **(extra_meta or {}))
     keep = []
     if old is not None:
         same = {k: old.meta.get(k) for k in ("kind", "image_size", "context_length", "captions_per_image")}
@@ -1417,6 +1455,144 @@ def captioned_dataset(out, items, tokenizer, image_size, context_length, caption
         sizes.update(copy_split_files(tmp, old, keep) if keep else {})
         finish_dataset(tmp, out, meta, sizes, bpe_text, report, log)
     return out
+
+
+# -----------------------------------------------------------------------------
+# real data: webdataset shards, the train split streamed
+#
+# img2dataset (and webdataset) write image-text pairs as tar files, "shards", of samples: the
+# members that share a key (a member's path up to the first dot of its base name) are one
+# sample, key.jpg (or .jpeg, .png, .webp) its image and key.txt its caption. Such a train set
+# is too large to prepare into arrays, and it need not be: training streams it (ShardStream,
+# below the batches), each rank and loader worker reading its own part of the shards. Its val
+# split is prepared from val shards like any captioned source.
+
+WDS_IMAGE = ("jpg", "jpeg", "png", "webp")  # the extensions of a sample's image member
+WDS_CAPTION = "txt"
+SHARD_RANGE = regex.compile(r"\{(\d+)\.\.(\d+)\}")  # webdataset's brace range: {00000..00099}
+WdsSample = namedtuple("WdsSample", "key image caption")  # image a TarMember, caption bytes; either None if absent
+
+
+def expand_braces(name):
+    """The names of a brace range name, in order: each number of the range zero-padded to the
+    width of its first bound (several ranges multiply)."""
+    m = SHARD_RANGE.search(name)
+    if m is None:
+        return [name]
+    lo, hi = m.groups()
+    if int(hi) < int(lo):
+        raise ValueError(f"webdataset shards {name}: the range {m.group()} runs backwards")
+    return [expanded for i in range(int(lo), int(hi) + 1)
+            for expanded in expand_braces(name[:m.start()] + str(i).zfill(len(lo)) + name[m.end():])]
+
+
+def expand_shards(spec):
+    """The absolute paths of a shard spec, in order: comma-separated parts, each a path, a glob
+    (its files sorted) or a brace range as webdataset names shards (shards/{00000..00099}.tar).
+    Raises naming a shard that does not exist, a glob that matches none, or a shard named twice."""
+    paths = []
+    for part in filter(None, spec.split(",")):
+        if glob.has_magic(part):
+            names = sorted(glob.glob(part))
+            if not names:
+                raise ValueError(f"webdataset shards {part}: no file matches")
+        else:
+            names = expand_braces(part)
+        missing = [n for n in names if not os.path.isfile(n)]
+        if missing:
+            raise ValueError(f"webdataset shard not found: {missing[0]}")
+        paths += [os.path.abspath(n) for n in names]
+    if not paths:
+        raise ValueError(f"no webdataset shard in {spec!r}")
+    twice = [p for p in paths if paths.count(p) > 1]
+    if twice:
+        raise ValueError(f"webdataset shard {twice[0]} is named twice in {spec}")
+    return paths
+
+
+def tar_samples(path):
+    """(samples, problem) of a webdataset tar: its samples in the tar's order (WdsSample: the
+    key, the first image member and the caption's bytes, read here; the image is not), and ''
+    or what is wrong with the tar. A tar that cannot be read to its end (cut short, a damaged
+    header, not a tar) keeps the samples before the damage, and problem says where it stopped."""
+    samples, problem = [], ""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                dot = member.name.find(".", member.name.rfind("/") + 1)
+                key, ext = (member.name[:dot], member.name[dot + 1:].lower()) if dot >= 0 else (member.name, "")
+                if not samples or samples[-1].key != key:
+                    samples.append(WdsSample(key, None, None))
+                if ext in WDS_IMAGE and samples[-1].image is None:
+                    image = TarMember(path, member.name, member.offset_data, member.size)
+                    samples[-1] = samples[-1]._replace(image=image)
+                elif ext == WDS_CAPTION:
+                    samples[-1] = samples[-1]._replace(caption=tar.extractfile(member).read())
+            tar.fileobj.seek(tar.offset)  # tarfile stops quietly at a damaged header: only zeros may follow
+            if tar.fileobj.read(512).strip(b"\0"):
+                problem = f"unreadable from byte {tar.offset} on"
+    except (tarfile.TarError, OSError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    return samples, problem and f"{problem} (after {len(samples)} samples)"
+
+
+def wds_caption(sample):
+    """(caption, '') of a sample with an image member and a UTF-8 caption, else (None, why not)."""
+    if sample.image is None:
+        return None, "no image"
+    if sample.caption is None:
+        return None, "no caption"
+    try:
+        return sample.caption.decode("utf-8"), ""
+    except UnicodeDecodeError:
+        return None, "caption not UTF-8"
+
+
+def shard_samples(shards, split, report):
+    """(shard, its samples) for each shard (tar_samples); a damaged one in the report."""
+    for shard in shards:
+        samples, problem = tar_samples(shard)
+        if problem:
+            report.skip(split, "damaged tar", shard, problem)
+        yield shard, samples
+
+
+def webdataset_items(shards, split, report):
+    """[(image TarMember, [caption])] of the samples of shards, for captioned_dataset; samples
+    without an image or a UTF-8 caption, and damaged tars, in the report."""
+    items = []
+    for shard, samples in shard_samples(shards, split, report):
+        for sample in samples:
+            caption, reason = wds_caption(sample)
+            if reason:
+                report.skip(split, reason, f"{shard}:{sample.key}")
+            else:
+                items.append((sample.image, [caption]))
+    return items
+
+
+def webdataset_dataset(out, train, val, tokenizer, image_size, context_length, workers=1, report=None, log=print):
+    """A captioned dataset (captioned_dataset, one caption per image) whose val split is
+    prepared from the val shards and whose train split is streamed from the train shards
+    (shard specs as expand_shards reads them): meta 'stream' = {'shards': their absolute
+    paths, 'samples': how many samples their tar headers hold}, and no train arrays. The
+    visual codebook is then fitted on the first images of the stream (prepare_codebook), so
+    no sample of the train shards needs preparing. A shard that is missing, or in both sets,
+    is an error; a damaged one is reported and its samples before the damage count."""
+    report = report or Report()
+    train_shards, val_shards = expand_shards(train), expand_shards(val)
+    both = [s for s in train_shards if s in val_shards]
+    if both:
+        raise ValueError(f"webdataset shard {both[0]} is in both the train and the val shards")
+    samples = sum(len(found) for _, found in shard_samples(train_shards, "train", report))
+    if not samples:
+        raise ValueError(f"webdataset shards {train}: no sample in them")
+    report.keep("train", shards=len(train_shards), samples=samples)
+    return captioned_dataset(out, {"val": webdataset_items(val_shards, "val", report)}, tokenizer, image_size,
+                             context_length, captions_per_image=1, workers=workers, source=val, report=report,
+                             extra_meta=dict(stream=dict(shards=train_shards, samples=samples)), log=log)
 
 
 # -----------------------------------------------------------------------------
@@ -1663,6 +1839,7 @@ class Dataset:
             with open(os.path.join(path, tok["file"])) as f:
                 self.bpe_text = f.read()
         self.tokenizer = get_tokenizer(tok["kind"], self.bpe_text)
+        self.stream = self.meta.get("stream")  # a train split streamed from webdataset shards: {shards, samples}
         self._arrays = {}
 
     def array(self, split, key):
@@ -1678,7 +1855,7 @@ class Dataset:
         return os.path.exists(os.path.join(self.path, f"{split}.{key}.npy"))
 
     def __len__(self):
-        return self.meta["splits"]["train"]
+        return self.stream["samples"] if self.stream else self.meta["splits"]["train"]
 
     def split_size(self, split):
         return self.meta["splits"][split]
@@ -1781,6 +1958,14 @@ def nearest_code(x, centroids):
     return ((centroids ** 2).sum(1)[None, :] - 2.0 * (x @ centroids.T)).argmin(1)
 
 
+def visual_codes(images, centroids, patch_size):
+    """(N, P) int64: the code (nearest centroid) of every patch of images (N, S, S, 3) uint8,
+    the targets of ELECTRA's MOC: prepare_codebook stores them for a prepared split, a
+    streamed batch computes them as it is read."""
+    x = patchify(images, patch_size)
+    return nearest_code(x.reshape(-1, x.shape[-1]), centroids).reshape(len(x), -1)
+
+
 def kmeans(x, k, iters, rng):
     """Lloyd's k-means on the rows of x, started from k distinct rows; a cluster that empties
     is re-seeded with the row farthest from its centroid. Returns (k, d) centroids."""
@@ -1803,8 +1988,9 @@ def kmeans(x, k, iters, rng):
 
 def prepare_codebook(path, patch_size, n_codes, iters=15, max_fit=65536, seed=0, log=print):
     """The visual codebook of ELECTRA's MOC objective, stored with a prepared dataset: k-means
-    (n_codes centroids) over the patches of up to max_fit train images' patches, pixels scaled
-    to [0, 1]; then every patch of every captioned split gets the index of its nearest
+    (n_codes centroids) over the patches of up to max_fit patches' worth of train images (drawn
+    at random; of a streamed train split, the first images of its walk), pixels scaled to
+    [0, 1]; then every patch of every prepared captioned split gets the index of its nearest
     centroid. Writes codebook-p{p}-k{K}.npy (K, p*p*3) float32 and {split}.codes-p{p}-k{K}.npy
     (N, P) int16, each atomically, the codebook last (it marks the work done)."""
     name = codebook_name(patch_size, n_codes)
@@ -1816,17 +2002,20 @@ def prepare_codebook(path, patch_size, n_codes, iters=15, max_fit=65536, seed=0,
         raise ValueError(f"image size {ds.image_size} is not a multiple of patch size {patch_size}")
     t0 = time.time()
     rng = np.random.default_rng(seed)
-    train = ds.array("train", "images")
     per_image = (ds.image_size // patch_size) ** 2
-    pick = np.sort(rng.choice(len(train), min(len(train), max(1, max_fit // per_image)), replace=False))
-    centroids = kmeans(patchify(train[pick], patch_size).reshape(-1, 3 * patch_size ** 2), n_codes, iters, rng)
+    n = min(len(ds), max(1, max_fit // per_image))
+    if ds.stream:
+        fit = ShardStream(ds.stream["shards"], 0, 1, seed, ds.tokenizer, ds.context_length, ds.image_size, n,
+                          log=log).batch(0)[0]
+    else:
+        fit = ds.array("train", "images")[np.sort(rng.choice(len(ds), n, replace=False))]
+    centroids = kmeans(patchify(fit, patch_size).reshape(-1, 3 * patch_size ** 2), n_codes, iters, rng)
     splits = [s for s in ds.meta["splits"] if ds.has(s, "tokens")]
     for split in splits:
         images = ds.array(split, "images")
         codes = np.empty((len(images), per_image), np.int16)
         for i in range(0, len(images), 1024):
-            x = patchify(images[i:i + 1024], patch_size)
-            codes[i:i + 1024] = nearest_code(x.reshape(-1, x.shape[-1]), centroids).reshape(len(x), -1)
+            codes[i:i + 1024] = visual_codes(images[i:i + 1024], centroids, patch_size)
         file = os.path.join(path, f"{split}.{name}.npy")
         np.save(file + ".tmp.npy", codes)
         os.replace(file + ".tmp.npy", file)
@@ -1865,6 +2054,161 @@ def batch_indices(n, batch_size, step, seed, rank=0, world_size=1, grad_accum=1,
         if n_captions:
             caption[sel] = _epoch_captions(n, n_captions, seed, int(e))[within[sel]]
     return (out, caption) if n_captions else out
+
+
+# -----------------------------------------------------------------------------
+# streaming webdataset shards: the batches of a train split too large to prepare
+#
+# The consumers of a stream are the loader workers of every rank: consumer c = rank * n + j of
+# C = world_size * n reads stream j of its rank (n streams a rank, one per loader worker).
+# Every consumer walks the shards in the same order, new each epoch, and takes its own part
+# of them, so no sample is read twice in an epoch; its valid samples, in order, make its
+# stream, cut into batches. A batch is found by counting samples: a consumer that starts late
+# (a resumed run, or a worker's turn) gets there reading tar headers and captions, not images.
+
+StreamSample = namedtuple("StreamSample", "epoch shard key image tokens")  # tokens (T,) int32
+
+
+def nearest_good(good):
+    """For each place of a batch, the nearest place whose image is good (good (B,) bool, at
+    least one), the earlier one on a tie."""
+    places = np.flatnonzero(good)
+    return places[np.abs(np.arange(len(good))[:, None] - places[None, :]).argmin(1)]
+
+
+class ShardStream:
+    """Consumer `consumer` of n_consumers reading webdataset shards, epoch after epoch. Each
+    epoch the shards are put in a random order (by seed and epoch) and each shard's samples
+    too (by seed, epoch and shard). With at least as many shards as consumers, the consumer
+    reads the shards at places c, c + C, ... of the epoch's order (all of each); with fewer,
+    every consumer reads every shard and takes the samples at places c, c + C, ... of the
+    epoch's walk over all of them. A sample without an image member, or whose caption is
+    missing, not UTF-8, empty or too long for context_length, is passed over; the rest, in
+    order, are the consumer's stream, and batch(k) its samples [k*B, (k+1)*B). Every sample
+    passed over, image that does not decode and damaged tar is counted in skipped (reason ->
+    count) and logged, one line each."""
+
+    def __init__(self, shards, consumer, n_consumers, seed, enc, context_length, image_size, batch_size, log=print):
+        self.shards, self.c, self.n, self.seed = shards, consumer, n_consumers, seed
+        self.enc, self.T, self.S, self.B, self.log = enc, context_length, image_size, batch_size, log
+        self.skipped = {}
+        self._walk, self._start, self._held = None, 0, []  # the walk, and its samples held from place _start on
+
+    def skip(self, reason, item, action="passed over"):
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.log(f"webdataset: {item}: {reason}, {action} ({self.skipped[reason]} so far)")
+
+    def walk(self):
+        """(epoch, shard, [StreamSample]) for each shard this consumer reads, epoch after epoch:
+        its valid samples of the shard, in the epoch's order. Raises if a whole epoch gives
+        it none (an endless walk would never find a batch)."""
+        split = len(self.shards) >= self.n
+        for epoch in itertools.count():
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+            place, found = 0, 0  # where the shard starts in the epoch's walk; samples found
+            for s in order[self.c::self.n] if split else order:
+                shard = self.shards[s]
+                samples, problem = tar_samples(shard)
+                if problem:
+                    self.skip("damaged tar", shard, f"read as far as it goes: {problem}")
+                samples = [samples[i] for i in np.random.default_rng([self.seed, epoch, s]).permutation(len(samples))]
+                if not split:
+                    samples, place = samples[(self.c - place) % self.n::self.n], place + len(samples)
+                valid = self.captioned(epoch, shard, samples)
+                found += len(valid)
+                yield epoch, shard, valid
+            if not found:
+                raise ValueError(f"webdataset shards {', '.join(self.shards)}: consumer {self.c} of {self.n} found no "
+                                 f"sample with an image and a usable caption in an epoch (skipped: {self.skipped})")
+
+    def captioned(self, epoch, shard, samples):
+        """The samples with an image member and a caption that fits, with its tokens."""
+        texts, keep = [], []
+        for sample in samples:
+            caption, reason = wds_caption(sample)
+            if reason:
+                self.skip(reason, f"{shard}:{sample.key}")
+            else:
+                texts.append(caption)
+                keep.append(sample)
+        tokens, problems = encode_checked(self.enc, texts, self.T)
+        out = []
+        for sample, row, problem in zip(keep, tokens, problems):
+            if problem:
+                self.skip(text_reason(problem, "caption"), f"{shard}:{sample.key}")
+            else:
+                out.append(StreamSample(epoch, shard, sample.key, sample.image, row))
+        return out
+
+    def samples(self, k):
+        """The StreamSamples of batch k. Batches are read forwards: an earlier batch than the
+        last one asked for starts the walk again."""
+        lo, hi = k * self.B, (k + 1) * self.B
+        if self._walk is None or lo < self._start:
+            self._walk, self._start, self._held = self.walk(), 0, []
+        while self._start + len(self._held) < hi:
+            self._held += next(self._walk)[2]
+            if self._start + len(self._held) <= lo:  # all before the batch: let go
+                self._start, self._held = self._start + len(self._held), []
+        del self._held[:lo - self._start]
+        self._start = lo
+        return self._held[:self.B]
+
+    def batch(self, k):
+        """Images (B, S, S, 3) uint8 (load_image) and tokens (B, T) int32 of batch k. An image
+        that does not decode is replaced by the nearest good sample of the batch (nearest_good:
+        image and caption); a batch without one is an error naming its shards."""
+        samples = self.samples(k)
+        images = np.zeros((self.B, self.S, self.S, 3), np.uint8)
+        good = np.zeros(self.B, bool)
+        for i, sample in enumerate(samples):
+            try:
+                images[i], good[i] = load_image(sample.image, self.S), True
+            except BadImage as e:
+                self.skip(e.reason, sample.image, "replaced by the nearest good sample of its batch")
+        if not good.any():
+            shards = sorted({sample.shard for sample in samples})
+            raise ValueError(f"webdataset shards {', '.join(shards)}: no image of batch {k} of consumer {self.c} "
+                             f"of {self.n} decodes (skipped: {self.skipped})")
+        source = nearest_good(good)
+        return images[source], np.stack([samples[i].tokens for i in source])
+
+
+class ShardBatches:
+    """A rank's pretraining batches streamed from webdataset shards (ShardStream), for
+    loader workers: micro-step s is batch k = s // n of stream j = s % n (consumer rank * n + j
+    of world_size * n), so with the micro-steps dealt to n workers in turn each worker reads
+    one stream, and a run resumed with the same ranks and workers reads the same batches.
+    A stream is made where it is first read (in the loader worker that reads it)."""
+
+    def __init__(self, shards, rank, world_size, n_streams, seed, enc, context_length, image_size, batch_size,
+                 log=print):
+        self.n, self.rank, self.world_size = n_streams, rank, world_size
+        self.args = (seed, enc, context_length, image_size, batch_size)
+        self.shards, self.log, self.streams = shards, log, {}
+
+    def stream(self, s):
+        j = s % self.n
+        if j not in self.streams:
+            self.streams[j] = ShardStream(self.shards, self.rank * self.n + j, self.world_size * self.n, *self.args,
+                                          log=self.log)
+        return self.streams[j]
+
+    def samples(self, s):
+        """The StreamSamples of micro-step s."""
+        return self.stream(s).samples(s // self.n)
+
+    def fetch(self, s):
+        """Images (B, S, S, 3) uint8 and tokens (B, T) int32 of micro-step s (ShardStream.batch)."""
+        return self.stream(s).batch(s // self.n)
+
+    def skipped(self):
+        """{reason: count} over the streams read in this process."""
+        out = {}
+        for stream in self.streams.values():
+            for reason, n in stream.skipped.items():
+                out[reason] = out.get(reason, 0) + n
+        return out
 
 
 # -----------------------------------------------------------------------------
@@ -1911,6 +2255,10 @@ def command_line():
     p.add_argument("--val", help="a second such file for the val split")
     p.add_argument("--answer_length", type=int, default=8, help="the model's answer_length")
     p.add_argument("--max_images", type=int, default=4, help="the most images of a set (the model's image_slots)")
+    p = sub.add_parser("webdataset", parents=[common], help="webdataset tar shards: val prepared, train streamed")
+    p.add_argument("--train", required=True, help="the train shards, streamed in training: paths, globs or brace "
+                   "ranges, comma-separated (quoted), e.g. 'shards/{00000..00099}.tar'")
+    p.add_argument("--val", required=True, help="the val shards, prepared (one caption per image)")
     for p in sub.choices.values():
         p.set_defaults(parser=p)  # usage errors are told with the command's own usage
     return parser
@@ -1924,7 +2272,7 @@ def usage_problem(args):
         return "--captions_per_image must be at least 1"
     if not 0 <= getattr(args, "val_fraction", 0) < 1:
         return "--val_fraction must be in [0, 1)"
-    if getattr(args, "val", None) and args.val_fraction:
+    if getattr(args, "val", None) and getattr(args, "val_fraction", 0):
         return "give --val or --val_fraction, not both"
     if args.source == "masks" and (bool(args.val_images) != bool(args.val_masks) or
                                    bool(args.val_images) and bool(args.val_fraction)):
@@ -1961,6 +2309,8 @@ def main(argv=None):
         elif args.source == "table":
             items = table_items(args.file, report, args.val, args.val_fraction, args.image_column, args.caption_column)
             captioned_dataset(args.out, items, captions_per_image=args.captions_per_image, source=args.file, **common)
+        elif args.source == "webdataset":
+            webdataset_dataset(args.out, args.train, args.val, **common)
         elif args.source == "masks":
             classes = read_classes(args.classes)
             split_of = split_rule(args.val_images, args.val_fraction, "novel_train", "novel_val")

@@ -1,0 +1,338 @@
+"""webdataset shards: tars written here (PNG and JPEG members; samples with no caption, an
+empty one, one that is not UTF-8 or too long, a corrupt image, no image) streamed by ranks and
+loader workers with every valid sample read once an epoch, batches equal to the tar read
+independently, a resumed stream equal to a walked one, skips counted per reason; shard specs;
+the preparation command (val prepared, train streamed) and the visual codes of a streamed batch."""
+
+import io
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+S, T, N = 8, 24, 40  # image size, context length, samples written
+BAD_CAPTIONS = {5: (None, "no caption"), 9: (b"   ", "empty caption"), 13: (b"caf\xe9 au lait", "caption not UTF-8"),
+                25: (b"word " * 10, "caption too long")}
+NO_IMAGE, CORRUPT = 21, 17  # a sample of a caption (and a .json) only; one whose .jpg is not an image
+
+
+def key(k):
+    return f"part/{k:05d}"
+
+
+def image_bytes(k):
+    a = np.random.default_rng(k).integers(0, 256, (10 + k % 3, 12, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG" if k % 2 else "PNG")
+    return buf.getvalue()
+
+
+def sample_members(k):
+    """{extension: bytes} of sample k."""
+    caption = BAD_CAPTIONS[k][0] if k in BAD_CAPTIONS else f"a photo number {k}".encode()
+    members = {"json": json.dumps({"key": k}).encode()}
+    if k != NO_IMAGE:
+        members["png" if k % 2 == 0 else "jpg"] = image_bytes(k) if k != CORRUPT else b"\xff\xd8 not a jpeg" * 9
+    if caption is not None:
+        members["txt"] = caption
+    return members
+
+
+VALID = [key(k) for k in range(N) if k not in BAD_CAPTIONS and k != NO_IMAGE]  # the stream's samples (CORRUPT too)
+EPOCH_SKIPS = {**Counter(reason for _, reason in BAD_CAPTIONS.values()), "no image": 1}
+
+
+def write_tar(path, ks):
+    with tarfile.open(path, "w") as tar:
+        for k in ks:
+            for ext, content in sample_members(k).items():
+                info = tarfile.TarInfo(f"{key(k)}.{ext}")
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A Hugging Face GPT-2 tokenizer without merges: every byte a token."""
+    folder = tmp_path_factory.mktemp("bytes-bpe")
+    vocab = {c: b for b, c in data.bytes_to_unicode().items()}
+    (folder / "vocab.json").write_text(json.dumps({**vocab, "<|endoftext|>": 256}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def enc(tokenizer_dir):
+    return data.get_tokenizer(*data.hf_tokenizer(tokenizer_dir))
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """The same samples as one tar, three shards and five shards: {name: [tar paths]}."""
+    root = tmp_path_factory.mktemp("shards")
+    out = {}
+    for n in (1, 3, 5):
+        os.makedirs(root / str(n))
+        out[n] = [write_tar(root / str(n) / f"{i:03d}.tar", range(N)[i::n] if n > 1 else range(N)) for i in range(n)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, enc):
+    """{key: (pixels as load_image reads the member's bytes from a file, tokens as encode_texts
+    writes the caption)} of every valid sample but the corrupt one."""
+    folder = tmp_path_factory.mktemp("members")
+    out = {}
+    for k in range(N):
+        if key(k) in VALID and k != CORRUPT:
+            members = sample_members(k)
+            ext = "png" if "png" in members else "jpg"
+            path = folder / f"{k}.{ext}"
+            path.write_bytes(members[ext])
+            out[key(k)] = data.load_image(str(path), S), data.encode_texts(enc, [members["txt"].decode()], T)[0]
+    return out
+
+
+def stream(shards, c, n, enc, batch_size=4, seed=3, log=lambda line: None):
+    return data.ShardStream(shards, c, n, seed, enc, T, S, batch_size, log=log)
+
+
+def epoch_parts(shards, c, n):
+    """How many shards consumer c of n reads an epoch: its share of them, or all of them."""
+    return len(range(c, len(shards), n)) if len(shards) >= n else len(shards)
+
+
+# -----------------------------------------------------------------------------
+# splitting the shards among consumers
+
+
+@pytest.mark.parametrize("n_shards", [1, 3, 5])
+@pytest.mark.parametrize("world_size,n_streams", [(2, 1), (2, 2)])
+def test_every_valid_sample_is_read_once_an_epoch(layouts, enc, n_shards, world_size, n_streams):
+    shards, C = layouts[n_shards], world_size * n_streams
+    reads, skipped, orders, sizes, assigned = {0: Counter(), 1: Counter()}, Counter(), [], [], {0: [], 1: []}
+    for c in range(C):
+        s = stream(shards, c, C, enc)
+        walk = s.walk()
+        for epoch in (0, 1):
+            keys = []
+            for _ in range(epoch_parts(shards, c, C)):
+                e, shard, samples = next(walk)
+                assert e == epoch and all(x.shard == shard for x in samples)
+                keys += [x.key for x in samples]
+                assigned[epoch].append(shard)
+                if n_shards >= C:  # shard-level split: the consumer reads all of each shard it reads
+                    with tarfile.open(shard) as tar:
+                        assert {m.name.split(".")[0] for m in tar} & set(VALID) == {x.key for x in samples}
+            reads[epoch].update(keys)
+            orders.append(keys)
+            if epoch == 0:
+                skipped.update(s.skipped)
+                sizes.append(len(keys) + sum(s.skipped.values()))  # the samples of its part of the epoch
+    for epoch in (0, 1):
+        assert sorted(reads[epoch]) == sorted(VALID) and set(reads[epoch].values()) == {1}
+    assert skipped == EPOCH_SKIPS  # each bad sample passed over once an epoch, by the consumer whose it is
+    if n_shards < C:  # the samples dealt in turn over the epoch's walk: every consumer gets as many, give or take one
+        assert max(sizes) - min(sizes) <= 1 and sum(sizes) == N
+    else:  # the shards dealt in turn, in a new order each epoch
+        assert sorted(assigned[0]) == sorted(assigned[1]) == sorted(shards) and assigned[0] != assigned[1]
+    assert orders[0] != orders[1]  # consumer 0 reads another part, or in another order, in epoch 1
+
+
+def test_micro_steps_go_to_one_stream_per_worker(layouts, enc):
+    """ShardBatches: micro-step s of rank r is batch s // n of consumer r * n + s % n."""
+    shards = layouts[3]
+    for rank in (0, 1):
+        batches = data.ShardBatches(shards, rank, 2, 2, 3, enc, T, S, 4, log=lambda line: None)
+        for s in range(8):
+            want = stream(shards, rank * 2 + s % 2, 4, enc).samples(s // 2)
+            assert [x.key for x in batches.samples(s)] == [x.key for x in want]
+            images, tokens = batches.fetch(s)
+            assert images.shape == (4, S, S, 3) and tokens.shape == (4, T) and images.dtype == np.uint8
+        assert set(batches.streams) == {0, 1}
+
+
+@pytest.mark.parametrize("n_shards", [1, 5])
+def test_batches_are_the_tar_read_independently_and_resume_where_they_were(layouts, enc, reference, monkeypatch,
+                                                                          n_shards):
+    shards, B = layouts[n_shards], 4
+    walked = stream(shards, 1, 2, enc, B)
+    three_epochs = [x.key for part in itertools.islice(walked.walk(), 3 * epoch_parts(shards, 1, 2)) for x in part[2]]
+    keys, batches = [], []
+    for k in range(2 * len(three_epochs) // 3 // B + 2):  # into the third epoch
+        samples = walked.samples(k)
+        images, tokens = walked.batch(k)
+        batches.append((images, tokens))
+        keys += [x.key for x in samples]
+        for i, x in enumerate(samples):
+            if x.key != key(CORRUPT):
+                assert np.array_equal(images[i], reference[x.key][0]), (k, i)
+                assert np.array_equal(tokens[i], reference[x.key][1]), (k, i)
+    assert keys == three_epochs[:len(keys)]  # the batches cut the walk with no gap or overlap
+
+    decoded = []
+    monkeypatch.setattr(data, "load_image", lambda path, size: decoded.append(path) or data.read_image(path, size)[0])
+    last = len(batches) - 1
+    resumed = stream(shards, 1, 2, enc, B).batch(last)  # a run resumed there
+    assert all(np.array_equal(a, b) for a, b in zip(resumed, batches[last]))
+    assert len(decoded) == B  # getting there read captions and headers, no image
+    again = walked.batch(last - 1)  # an earlier batch than the last: the walk starts again
+    assert all(np.array_equal(a, b) for a, b in zip(again, batches[last - 1])) and len(decoded) == 2 * B
+
+
+def test_a_corrupt_image_takes_the_nearest_good_sample_of_its_batch(layouts, enc, reference):
+    for good in ([False, True, False, False, True, False], [True, False, True], [False, False, True]):
+        brute = [min(np.flatnonzero(good), key=lambda p: (abs(p - i), p)) for i in range(len(good))]
+        assert data.nearest_good(np.array(good)).tolist() == brute
+    lines = []
+    s = stream(layouts[1], 0, 1, enc, batch_size=4, log=lines.append)
+    k = next(k for k in range(N) if key(CORRUPT) in [x.key for x in s.samples(k)])
+    samples = s.samples(k)
+    images, tokens = s.batch(k)
+    bad = [x.key for x in samples].index(key(CORRUPT))
+    near = min((i for i in range(4) if i != bad), key=lambda i: (abs(i - bad), i))
+    assert np.array_equal(images[bad], reference[samples[near].key][0])
+    assert np.array_equal(tokens[bad], reference[samples[near].key][1])
+    assert s.skipped["corrupt image"] == 1
+    assert f"{layouts[1][0]}:{key(CORRUPT)}.jpg: corrupt image" in lines[-1] and "(1 so far)" in lines[-1]
+    assert sum(f"{layouts[1][0]}:" in line for line in lines) == sum(s.skipped.values())  # a line each
+
+    one = stream(layouts[1], 0, 1, enc, batch_size=1)
+    k = next(k for k in range(N) if one.samples(k)[0].key == key(CORRUPT))
+    with pytest.raises(ValueError, match=re.escape(f"webdataset shards {layouts[1][0]}: no image of batch {k}")):
+        one.batch(k)
+
+
+# -----------------------------------------------------------------------------
+# tar files and shard specs
+
+
+def test_tar_samples_group_members_by_key_and_stop_at_damage(layouts, tmp_path, enc):
+    tar = layouts[1][0]
+    samples, problem = data.tar_samples(tar)
+    assert problem == "" and [x.key for x in samples] == [key(k) for k in range(N)]
+    for k, x in enumerate(samples):
+        members = sample_members(k)
+        assert x.caption == members.get("txt")
+        image = members.get("png", members.get("jpg"))
+        assert (x.image is None) == (image is None) and (image is None or x.image.read() == image)
+
+    raw = open(tar, "rb").read()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(raw[:len(raw) // 2 + 100])
+    broken = bytearray(raw)
+    offset = next(m.offset for m in tarfile.open(tar) if m.name == f"{key(30)}.json")
+    broken[offset + 100:offset + 110] = b"x" * 10  # its header's checksum no longer holds
+    (tmp_path / "broken.tar").write_bytes(bytes(broken))
+    (tmp_path / "junk.tar").write_bytes(b"not a tar file" * 100)
+    for name, before in (("cut.tar", None), ("broken.tar", 30), ("junk.tar", 0)):
+        got, problem = data.tar_samples(str(tmp_path / name))
+        assert problem and f"(after {len(got)} samples)" in problem, (name, problem)
+        if before is not None:
+            assert [x.key for x in got] == [key(k) for k in range(before)]
+        assert [x.key for x in got] == [x.key for x in samples[:len(got)]]
+
+    lines, before = [], [k for k in VALID if k < key(30)]
+    s = stream([str(tmp_path / "broken.tar")], 0, 1, enc, batch_size=len(before), log=lines.append)
+    assert sorted(x.key for x in s.samples(0)) == before  # an epoch: the samples before the damage
+    assert s.skipped == {"damaged tar": 1, **EPOCH_SKIPS}
+    assert "broken.tar: damaged tar, read as far as it goes: unreadable from byte" in lines[0]
+
+
+def test_shard_specs_expand_ranges_globs_and_lists(tmp_path):
+    for name in ("a-000.tar", "a-001.tar", "a-002.tar", "b-09.tar", "b-10.tar", "c-1-2.tar"):
+        (tmp_path / name).write_bytes(b"")
+    p = str(tmp_path)
+    assert data.expand_shards(f"{p}/a-{{000..002}}.tar") == [f"{p}/a-{i:03d}.tar" for i in range(3)]
+    assert data.expand_shards(f"{p}/b-{{09..10}}.tar,{p}/a-*.tar") == \
+        [f"{p}/b-09.tar", f"{p}/b-10.tar"] + [f"{p}/a-{i:03d}.tar" for i in range(3)]
+    assert data.expand_shards(f"{p}/c-{{1..1}}-{{2..2}}.tar") == [f"{p}/c-1-2.tar"]
+    rel = os.path.relpath(f"{p}/b-09.tar")
+    assert data.expand_shards(rel) == [f"{p}/b-09.tar"]  # absolute
+    for spec, message in ((f"{p}/a-{{000..003}}.tar", f"webdataset shard not found: {p}/a-003.tar"),
+                          (f"{p}/z-*.tar", f"webdataset shards {p}/z-*.tar: no file matches"),
+                          (f"{p}/a-*.tar,{p}/a-001.tar", f"webdataset shard {p}/a-001.tar is named twice"),
+                          (f"{p}/a-{{002..000}}.tar", "runs backwards"), (",", "no webdataset shard in ','")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            data.expand_shards(spec)
+
+
+# -----------------------------------------------------------------------------
+# preparing a streamed dataset, its codebook and the visual codes of a streamed batch
+
+
+def test_preparation_prepares_val_and_points_at_the_train_shards(layouts, tmp_path, tokenizer_dir, enc, reference):
+    train, folder = layouts[3], os.path.dirname(layouts[3][0])
+    spec = f"{folder}/{{000..002}}.tar"
+    val = write_tar(tmp_path / "val.tar", [3, 4, 9, 13, CORRUPT, NO_IMAGE, 25, 26])
+    out = str(tmp_path / "wds")
+    argv = ["--out", out, "--tokenizer", tokenizer_dir, "--image_size", str(S), "--context_length", str(T),
+            "--workers", "1"]
+    data.main(["webdataset", "--train", spec, "--val", val, *argv])
+    ds = data.Dataset(out)
+    kept = [key(k) for k in (3, 4, 26)]
+    assert ds.meta["kind"] == "captions" and ds.meta["splits"] == {"val": 3} and ds.meta["captions_per_image"] == 1
+    assert ds.stream == {"shards": train, "samples": N} and len(ds) == N
+    assert np.array_equal(ds.array("val", "images")[:], np.stack([reference[k][0] for k in kept]))
+    assert np.array_equal(ds.array("val", "tokens")[:], np.stack([reference[k][1] for k in kept])[:, None])
+    assert ds.array("val", "n_captions").tolist() == [1, 1, 1] and ds.array("val", "scene").tolist() == [0, 1, 2]
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    assert report["splits"]["train"]["kept"] == {"shards": 3, "samples": N}
+    assert report["skipped"] == {"empty caption": 1, "caption too long": 1, "no valid caption": 2, "no image": 1,
+                                 "caption not UTF-8": 1, "corrupt image": 1}
+    assert {d["item"] for d in report["splits"]["val"]["first_skipped"]} == \
+        {f"{val}:{key(k)}" for k in (13, NO_IMAGE)} | {f"{val}:{key(k)}.jpg" for k in (9, 25, CORRUPT)}
+
+    for extra, message in ((["--train", f"{folder}/{{000..003}}.tar", "--val", val],
+                            f"error: webdataset shard not found: {folder}/003.tar"),
+                           (["--train", spec, "--val", train[1]], f"error: webdataset shard {train[1]} is in both")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            data.main(["webdataset", *extra, "--out", str(tmp_path / "other"), *argv[2:]])
+    assert not os.path.exists(tmp_path / "other")
+
+    data.prepare_codebook(out, 4, 4, log=lambda *a: None)  # fitted on the stream's first images
+    centroids = data.Dataset(out).codebook(4, 4)
+    images, _ = stream(train, 0, 1, enc, batch_size=6).batch(0)
+    for batch, codes in ((images, data.visual_codes(images, centroids, 4)),
+                         (ds.array("val", "images")[:], data.Dataset(out).codes("val", 4, 4))):
+        brute = [[((batch[i, r:r + 4, c:c + 4].reshape(-1) / 255.0 - centroids) ** 2).sum(1).argmin()
+                  for r in range(0, S, 4) for c in range(0, S, 4)] for i in range(len(batch))]
+        assert np.array_equal(codes, brute)
+
+
+# -----------------------------------------------------------------------------
+# two ranks in two processes, each with two loader workers
+
+
+def test_two_ranks_stream_a_tar_with_no_sample_read_twice(layouts, tmp_path, tokenizer_dir, enc):
+    steps, out = 12, str(tmp_path / "reads.json")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "tests", "wds_ranks.py"), layouts[1][0], tokenizer_dir,
+                             str(S), str(T), str(steps), out],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out) as f:
+        reads = json.load(f)  # [rank][step] -> [[epoch, key]]
+    by_epoch = {0: Counter(), 1: Counter()}
+    for rank, steps_read in enumerate(reads):
+        for s, read in enumerate(steps_read):
+            want = data.ShardBatches(layouts[1], rank, 2, 2, 0, enc, T, S, 2, log=lambda line: None).samples(s)
+            assert read == [[x.epoch, x.key] for x in want]  # in a loader worker of its rank as in this process
+            for epoch, k in read:
+                by_epoch[epoch][k] += 1
+    assert sorted(by_epoch[0]) == sorted(VALID) and set(by_epoch[0].values()) == {1}
+    assert by_epoch[1] and set(by_epoch[1].values()) == {1}
