@@ -631,6 +631,34 @@ def decode_tokens(enc, ids):
     return enc.decode(out)
 
 
+# mirrored images: a caption that says left or right must say the other
+FLIP_WORDS = regex.compile(r"\b(left|right)(?=(?:most|wards?)?\b)", regex.IGNORECASE)
+
+
+def flip_caption(text):
+    """The caption of the image mirrored left to right: 'left' and 'right' swapped where they
+    are a word or begin leftmost, rightward(s)..., in the case they were written in."""
+    def swap(m):
+        word = {"left": "right", "right": "left"}[m.group(1).lower()]
+        return word.upper() if m.group(1).isupper() else word.capitalize() if m.group(1)[0].isupper() else word
+    return FLIP_WORDS.sub(swap, text)
+
+
+def mirror(images, tokens, enc, flip):
+    """Images (B, S, S, 3) and token rows (B, T) with the rows where flip is true mirrored left
+    to right and their captions swapped to match (flip_caption); a row whose swapped caption
+    would not fit the context stays as it was, image and caption. Returns new arrays and the
+    indices of the rows mirrored."""
+    images, tokens = np.array(images), np.array(tokens)
+    rows = np.flatnonzero(flip)
+    swapped, problems = encode_checked(enc, [flip_caption(decode_tokens(enc, tokens[i])) for i in rows], tokens.shape[1])
+    ok = np.array([p != "too long" for p in problems], bool)
+    rows = rows[ok] if len(rows) else rows
+    images[rows] = images[rows, :, ::-1]
+    tokens[rows] = swapped[ok]
+    return images, tokens, rows
+
+
 # -----------------------------------------------------------------------------
 # generating the splits
 

@@ -79,6 +79,7 @@ class TrainConfig:
     shot_seeds: int = 3  # the stage runs samples shot_seed.. of them (out_dir/seed<k>); out_dir/eval.json: mean and std
     stop_loss: float = 0.0  # stop as soon as the training loss is under this (0: run max_iters steps)
     augment: bool = True  # shift by whole patches, mirror and permute the colour channels of the shots
+    flip: bool = False  # pretraining: mirror half the images left to right, 'left' and 'right' swapped in their captions
     # data
     batch_size: int = 128  # per rank and micro-step
     num_workers: int = 0  # loader processes per rank that read batches ahead (0: read in the training process)
@@ -426,8 +427,36 @@ def pretrain_batches(cfg, ds, raw_model, device, rank, world_size):
     """(fetch, place, n): fetch(micro_step) reads this rank's batch of that micro-step on the
     host (numpy: images by index arrays, from the first train_images of the split or all of
     it, one caption each, and what the objectives need besides: visual codes, paraphrase
-    groups); place(parts) makes the pretraining losses' keyword arguments on the device."""
+    groups; or, from a dataset that streams its train split, the next samples of the shards);
+    place(parts) makes the pretraining losses' keyword arguments on the device."""
     split = cfg.train_split
+    electra = uses_electra(cfg.model)
+    if ds.stream is not None and split == "train":
+        fetch, n_train = stream_fetch(cfg, ds, rank, world_size)
+    else:
+        fetch, n_train = prepared_fetch(cfg, ds, split, rank, world_size, electra)
+    codebook = ds.codebook(cfg.model.patch_size, cfg.model.n_codes) if electra else None
+
+    def fetch_batch(micro_step):
+        parts, rows = fetch(micro_step), []
+        if cfg.flip:
+            parts["images"], parts["tokens"], rows = data.mirror(parts["images"], parts["tokens"], ds.tokenizer,
+                                                                 flip_draw(cfg, micro_step, rank, world_size))
+        if electra and "codes" not in parts:  # streamed images: their codes are computed here
+            parts["codes"] = data.visual_codes(parts["images"], codebook, cfg.model.patch_size)
+        elif electra and len(rows):  # mirrored patches have codes of their own
+            parts["codes"][rows] = data.visual_codes(parts["images"][rows], codebook, cfg.model.patch_size)
+        return parts
+
+    def place(parts):
+        x = {k: to_device(v, device) for k, v in parts.items()}
+        return dict(pixels=raw_model.normalize_pixels(x["images"]), tokens=x["tokens"], groups=x.get("groups"),
+                    codes=x.get("codes"))
+    return fetch_batch, place, n_train
+
+
+def prepared_fetch(cfg, ds, split, rank, world_size, electra):
+    """(fetch, n) over a prepared split: batches by data.batch_indices, one caption per image."""
     if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
         raise SystemExit(f"--train_split {split!r}: {ds.path} has no captioned split of that name")
     if cfg.train_images < 0:
@@ -443,7 +472,6 @@ def pretrain_batches(cfg, ds, raw_model, device, rank, world_size):
         n_captions = CAPTION_DRAWS
     # captions known to be true of their scene (not the noisy web split): paraphrases of one scene are never negatives
     clean = ds.has(split, "scene") and not ds.has(split, "corruption")
-    electra = uses_electra(cfg.model)
     if electra:
         ds.codes(split, cfg.model.patch_size, cfg.model.n_codes)  # computed once here, not in each loader worker
 
@@ -459,12 +487,33 @@ def pretrain_batches(cfg, ds, raw_model, device, rank, world_size):
         if electra:
             parts["codes"] = ds.codes(split, cfg.model.patch_size, cfg.model.n_codes)[idx].astype(np.int64)
         return parts
+    return fetch, n_train
 
-    def place(parts):
-        x = {k: to_device(v, device) for k, v in parts.items()}
-        return dict(pixels=raw_model.normalize_pixels(x["images"]), tokens=x["tokens"], groups=x.get("groups"),
-                    codes=x.get("codes"))
-    return fetch, place, n_train
+
+def stream_fetch(cfg, ds, rank, world_size):
+    """(fetch, n) over webdataset shards (data.ShardBatches): micro-step s is read by stream
+    s mod n of this rank, n = max(1, num_workers), so each loader worker serves one stream and
+    a run resumed with the same ranks and workers reads the same batches. Every sample is its
+    own group (no groups); n is the shards' sample count."""
+    if cfg.train_images:
+        raise SystemExit(f"--train_images: {ds.path} streams its train split from webdataset shards")
+    batches = data.ShardBatches(ds.stream["shards"], rank, world_size, max(1, cfg.num_workers), cfg.seed,
+                                ds.tokenizer, ds.context_length, ds.image_size, cfg.batch_size)
+
+    def fetch(micro_step):
+        images, tokens = batches.fetch(micro_step)
+        return dict(images=images, tokens=tokens.astype(np.int64))
+    return fetch, ds.stream["samples"]
+
+
+def flip_draw(cfg, micro_step, rank, world_size):
+    """(batch_size,) bool: which samples of this rank's micro-batch --flip mirrors, drawn per
+    place of the optimizer step's whole batch (as data.batch_indices orders it), so the draw
+    does not depend on how the step is split."""
+    t, i = divmod(micro_step, cfg.grad_accum)
+    u = np.random.default_rng([cfg.seed, 3, t]).random(cfg.batch_size * cfg.grad_accum * world_size)
+    start = (rank * cfg.grad_accum + i) * cfg.batch_size
+    return u[start:start + cfg.batch_size] < 0.5
 
 
 def instruct_batches(cfg, ds, raw_model, device, rank, world_size):

@@ -148,3 +148,102 @@ def test_the_prompt_and_instruct_stages_run_on_prepared_folders(tmp_path, tiny_r
     metrics = train.main(["--config", "tiny", "--stage", "instruct", f"--init_from={ckpt}", f"--data={multi}",
                           f"--out_dir={tmp_path / 'instruct'}", "--max_iters=3", "--batch_size=4"])
     assert 0 <= metrics["instruct_acc"] <= 1 and "instruct_acc_count" in metrics
+
+
+# -----------------------------------------------------------------------------
+# --flip: mirrored images with captions to match
+
+
+def test_flip_caption_swaps_left_and_right_words_only():
+    cases = {"a red circle left of a blue square": "a red circle right of a blue square",
+             "from right to left": "from left to right", "Left to RIGHT, leftmost rightwards": "Right to LEFT, rightmost leftwards",
+             "leftover bright righteous copyright": "leftover bright righteous copyright", "above the left": "above the right"}
+    for text, flipped in cases.items():
+        assert data.flip_caption(text) == flipped
+        assert data.flip_caption(flipped) == text
+
+
+def test_a_mirrored_shapes_caption_describes_the_mirrored_scene():
+    """Every template: the swapped caption of a scene parses to the scene seen in a mirror (a
+    row read the other way; a column or a single object as it was)."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 4))
+        objs = [(int(rng.integers(len(data.SHAPES))), int(rng.integers(8)), int(rng.integers(2))) for _ in range(n)]
+        axis = 0 if n == 1 else int(rng.integers(1, 3))
+        mirrored = data.scene_id(axis, objs[::-1] if axis == 1 else objs)
+        for t in range(len(data.TEMPLATES[n])):
+            assert data.parse_caption(data.flip_caption(data.write_caption(axis, objs, t))) == mirrored
+
+
+def test_mirror_keeps_a_row_whose_swapped_caption_would_not_fit():
+    enc = data.make_encoding("left-only", data.train_bpe(["left left left"]))  # 'left' one token, 'right' five
+    tokens = data.encode_texts(enc, ["go left", "go left", "stay"], 6)  # <bos> go ␠left <eos>: 'right' needs 9
+    tokens[1] = data.encode_texts(enc, ["left"], 6)[0]
+    images = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    out, toks, rows = data.mirror(images, tokens, enc, np.array([True, True, True]))
+    fits = [data.encode_checked(enc, [data.flip_caption(data.decode_tokens(enc, r))], 6)[1][0] != "too long" for r in tokens]
+    assert rows.tolist() == [i for i in range(3) if fits[i]] and not all(fits)
+    for i in range(3):
+        flipped = i in rows.tolist()
+        assert np.array_equal(out[i], images[i, :, ::-1] if flipped else images[i])
+        text = data.decode_tokens(enc, tokens[i])
+        assert data.decode_tokens(enc, toks[i]) == (data.flip_caption(text) if flipped else text)
+
+
+def test_flip_batches_are_the_plain_ones_mirrored_with_their_codes(tiny_world, world_root):
+    """--flip: the rows of flip_draw mirrored, their captions swapped and their visual codes
+    those of the mirrored patches; the draw of a step split over 2 ranks of 2 micro-batches is
+    one process's draw."""
+    cfg = train.apply_overrides(train.PRESETS["tiny"], {"data_dir": world_root, "batch_size": 8})
+    cfg.model = train.fit_model_to_data(cfg.model, tiny_world)
+    data.prepare_codebook(tiny_world.path, cfg.model.patch_size, cfg.model.n_codes, log=lambda *a: None)
+    model = VLM(cfg.model)
+    plain = train.pretrain_batches(cfg, tiny_world, model, "cpu", 0, 1)[0](3)
+    flipped = train.pretrain_batches(train.apply_overrides(cfg, {"flip": True}), tiny_world, model, "cpu", 0, 1)[0](3)
+    draw = train.flip_draw(cfg, 3, 0, 1)
+    assert 0 < draw.sum() < len(draw)
+    images, tokens, rows = data.mirror(plain["images"], plain["tokens"], tiny_world.tokenizer, draw)
+    assert rows.tolist() == np.flatnonzero(draw).tolist()  # the world's captions all fit mirrored
+    assert np.array_equal(flipped["images"], images) and np.array_equal(flipped["tokens"], tokens)
+    assert np.array_equal(flipped["groups"], plain["groups"])
+    book = tiny_world.codebook(cfg.model.patch_size, cfg.model.n_codes)
+    codes = np.where(draw[:, None], data.visual_codes(images, book, cfg.model.patch_size), plain["codes"])
+    assert np.array_equal(flipped["codes"], codes) and not np.array_equal(codes, plain["codes"])
+    split = train.apply_overrides(cfg, {"batch_size": 2, "grad_accum": 2})
+    whole = train.apply_overrides(cfg, {"batch_size": 8})
+    assert np.array_equal(np.concatenate([train.flip_draw(split, 4 + i, r, 2) for r in range(2) for i in range(2)]),
+                          train.flip_draw(whole, 2, 0, 1))
+
+
+def test_webdataset_shards_train_with_flip(tmp_path, tiny_world):
+    """Shards streamed into a tiny pretraining run with every objective and --flip (codes of
+    streamed images computed on the fly), evaluated on the val split prepared from a shard."""
+    import tarfile
+    import io
+    rng = np.random.default_rng(0)
+    size = tiny_world.image_size
+
+    def write_tar(path, keys):
+        with tarfile.open(path, "w") as tar:
+            for k in keys:
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(buf, "PNG")
+                words = f"a {['red', 'blue'][k % 2]} thing {['left', 'right'][k % 3 % 2]} of a circle".encode()
+                for ext, content in (("png", buf.getvalue()), ("txt", words)):
+                    info = tarfile.TarInfo(f"{k:05d}.{ext}")
+                    info.size = len(content)
+                    tar.addfile(info, io.BytesIO(content))
+        return str(path)
+    shards = [write_tar(tmp_path / f"{i:03d}.tar", range(i * 20, i * 20 + 20)) for i in range(2)]
+    val = write_tar(tmp_path / "val.tar", range(100, 112))
+    prepared = str(tmp_path / "wds")
+    data.main(["webdataset", "--train", f"{tmp_path}/{{000..001}}.tar", "--val", val, "--out", prepared,
+               "--tokenizer", tiny_world.path, "--image_size", str(size), "--context_length",
+               str(tiny_world.context_length), "--workers", "1"])
+    out = str(tmp_path / "run")
+    metrics = run(out, f"--data={prepared}", "--max_iters=3", "--flip", "--n_codes=16")
+    with open(os.path.join(out, "log.jsonl")) as f:
+        steps = [json.loads(line) for line in f if '"lr"' in line]
+    assert len(steps) == 3 and all(np.isfinite([s["loss"], s["moc"], s["r2d"]]).all() for s in steps)
+    assert np.isfinite(metrics["retrieval_i2t_r1"]) and "caption_cider" in metrics
