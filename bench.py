@@ -391,8 +391,9 @@ def bench_vs_hf(cfg, bench):
 
 
 def bench_loader(cfg, bench):
-    """Pretraining batches from the prepared shapes world as the training loop takes them:
-    place(next(stream)), read in this process or by --num_workers loader processes."""
+    """Pretraining batches as the training loop takes them (the shapes world, or --data: a
+    prepared directory, or one that streams webdataset shards): place(next(stream)), read
+    in this process or by --num_workers loader processes."""
     device, device_type, _, _, _ = runtime(cfg)
     ds = train.load_data(cfg, 0, 1)
     cfg.model = train.fit_model_to_data(cfg.model, ds)

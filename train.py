@@ -6,6 +6,7 @@ Train a nanoVLP model.
     python train.py --config small --stage prompt --init_from out/ckpt.pt   # a later stage, from a pretrained run
     python train.py --config small --stage capfilt --init_from out-web/ckpt.pt   # bootstrap the web captions
     python train.py --config small --stage finetune --init_from out/ckpt.pt # continue on a small clean set
+    python train.py --config base --data=data/coco --init_from=openai/clip-vit-base-patch32   # real data (data.py), published weights
     torchrun --standalone --nproc_per_node=8 train.py --config base   # DDP on 8 GPUs
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 \
         train.py --config base                             # 2 nodes: the same on the other with --node_rank=1
