@@ -4,6 +4,7 @@ split and on the test images that show held-out colour-shape pairs; on real capt
 images, retrieval and BLEU and CIDEr-D of its captions on the val split.
 
     python eval.py --ckpt out/ckpt.pt            # prints the metrics, writes out/eval.json
+    python eval.py --ckpt out-coco/ckpt.pt --split test   # another split: keys test_*
     python eval.py --ablation --train_split=web  # trains each objective subset, writes a table
     python eval.py --ablation --stage=instruct --init_from=out/ckpt.pt   # the two-pass rows
     python eval.py --ablation --stage=prompt --init_from=out/ckpt.pt     # the prompt rows, 3 shot samples each
@@ -117,8 +118,8 @@ def embed_texts(model, tokens, device, batch_size=1024, ctx=nullcontext()):
 
 def recall_at_k(sim, relevant, ks=(1, 5, 10)):
     """Fraction of queries (rows of sim) with a relevant item among their k most similar."""
-    order = sim.argsort(dim=1, descending=True)
-    hits = torch.gather(relevant, 1, order)  # (Q, G): relevance in rank order
+    order = sim.topk(min(max(ks), sim.size(1)), dim=1).indices  # the k nearest, nearest first
+    hits = torch.gather(relevant, 1, order)  # (Q, max k): relevance in rank order
     return {k: hits[:, :k].any(1).float().mean().item() for k in ks}
 
 
@@ -190,8 +191,9 @@ def itm_evaluation(model, image_tokens, tokens, sim, relevant, first, k, device,
         top = s.topk(min(k, s.size(1)), dim=1).indices  # (Q, k)
         q = torch.arange(s.size(0))[:, None].expand_as(top)
         pairs = torch.stack([q, top] if image_first else [top, q], -1).reshape(-1, 2)
-        reranked = s.clone()
-        reranked[q, top] = 1e4 + itm_margins(model, image_tokens, tokens, pairs, device, ctx=ctx).cpu().view_as(top)
+        reranked = s.double()  # in float64: 1e4 + a margin keeps the margin's digits (float32 would tie close ones)
+        margins = itm_margins(model, image_tokens, tokens, pairs, device, ctx=ctx).cpu().double()
+        reranked[q, top] = 1e4 + margins.view_as(top)
         out.update({f"retrieval_itm_{name}_r{kk}": v for kk, v in recall_at_k(reranked, rel).items()})
     return out
 
@@ -478,14 +480,17 @@ def evaluate_split(model, ds, split, device, select=None, ctx=nullcontext(), rer
     return out
 
 
-def evaluate(model, ds, device, max_images=None, heldout=True, ctx=nullcontext(), rerank_k=8):
-    """The metrics of a run: val (its first max_images images, or all), and, with heldout,
-    the same on the test images whose objects are held-out compositions (keys 'heldout_*'),
-    where the dataset marks them (the shapes world's test.heldout)."""
+def evaluate(model, ds, device, max_images=None, heldout=True, ctx=nullcontext(), rerank_k=8, split="val"):
+    """The metrics of a run: split (val; its first max_images images, or all), and, with
+    heldout, the same on the test images whose objects are held-out compositions (keys
+    'heldout_*'), where the dataset marks them (the shapes world's test.heldout)."""
+    if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
+        raise ValueError(f"{ds.path} has no captioned split {split!r}; it has "
+                         f"{', '.join(s for s in ds.meta['splits'] if ds.has(s, 'tokens'))}")
     was_training = model.training
     model.eval()
-    n = ds.split_size("val")
-    out = evaluate_split(model, ds, "val", device, np.arange(min(n, max_images or n)), ctx, rerank_k)
+    n = ds.split_size(split)
+    out = evaluate_split(model, ds, split, device, np.arange(min(n, max_images or n)), ctx, rerank_k)
     if heldout and ds.has("test", "heldout"):
         held = np.flatnonzero(ds.array("test", "heldout"))
         out.update({f"heldout_{k}": v for k, v in evaluate_split(model, ds, "test", device, held, ctx, rerank_k).items()})
@@ -913,6 +918,7 @@ def main():
     parser.add_argument("--out", default=None, help="where to write the metrics (default: eval.json beside the checkpoint)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rerank_k", type=int, default=8, help="ITM re-ranks the top k of ITC retrieval")
+    parser.add_argument("--split", default="val", help="the captioned split to evaluate (Karpathy's COCO: test)")
     ab = parser.add_argument_group("ablation (--ablation; any other --key=value goes to every train.py run)")
     ab.add_argument("--ablation", action="store_true", help="train and evaluate the objective subsets, write a table")
     ab.add_argument("--stage", default="pretrain", choices=("pretrain", "instruct", "prompt", "capfilt"),
@@ -946,7 +952,12 @@ def main():
     elif model.cfg.instruct:
         metrics = evaluate_instruct(model, ds, args.device)
     else:
-        metrics = evaluate(model, ds, args.device, rerank_k=args.rerank_k)
+        try:
+            metrics = evaluate(model, ds, args.device, rerank_k=args.rerank_k, split=args.split)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        if args.split != "val":  # beside the val metrics in eval.json, not over them
+            metrics = {f"{args.split}_{k}": v for k, v in metrics.items()}
     for k, v in metrics.items():
         print(f"{k:32s} {v:.4f}")
     out = args.out or os.path.join(os.path.dirname(args.ckpt), "eval.json")

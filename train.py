@@ -497,7 +497,8 @@ def stream_fetch(cfg, ds, rank, world_size):
     a run resumed with the same ranks and workers reads the same batches. Every sample is its
     own group (no groups); n is the shards' sample count."""
     if cfg.train_images:
-        raise SystemExit(f"--train_images: {ds.path} streams its train split from webdataset shards")
+        raise SystemExit(f"--train_images={cfg.train_images} (a flag, or the finetune stage's preset): {ds.path} "
+                         f"streams its train split from webdataset shards; give --train_images=0 to stream them all")
     batches = data.ShardBatches(ds.stream["shards"], rank, world_size, max(1, cfg.num_workers), cfg.seed,
                                 ds.tokenizer, ds.context_length, ds.image_size, cfg.batch_size)
 
@@ -1029,19 +1030,22 @@ def start_state(cfg, changes, overrides):
     elif cfg.init_from.endswith(".pt"):
         raise SystemExit(f"--init_from: no checkpoint at {cfg.init_from}")
     else:
-        init = hf_init(cfg.init_from, cfg.init_text, model_changes)
+        init = hf_init(cfg.init_from, cfg.init_text, model_changes, cfg.seed)
     # the architecture comes with the weights; what the stage and the flags set on the model still applies
     cfg.model = apply_overrides(config_from_dict({**asdict(cfg), "model": init["config"]["model"]}), model_changes).model
     return cfg, None, init
 
 
-def hf_init(name, text, model_changes):
+def hf_init(name, text, model_changes, seed):
     """A Hugging Face CLIP or GPT-2 (a hub name, or a directory written by save_pretrained) as
     a starting checkpoint: its weights in our layout (VLM.from_pretrained, the model flags
     given applied), its architecture, and the tokenizer of its text side, which the data
-    must have been prepared with (data.py --tokenizer)."""
+    must have been prepared with (data.py --tokenizer). The parts that start fresh are drawn
+    from seed, so every rank, and every run of the same seed, starts from the same weights."""
     try:
-        model = VLM.from_pretrained(name, text=text or None, **model_changes)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = VLM.from_pretrained(name, text=text or None, **model_changes)
         kind, bpe = data.hf_tokenizer(text or name)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--init_from {name}{' --init_text ' + text if text else ''}: {e}") from None

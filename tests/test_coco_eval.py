@@ -239,3 +239,11 @@ def test_captioned_caption_metrics_score_greedy_captions_against_valid_reference
     assert out["caption_bleu1"] > 0 and out["caption_cider"] > 0  # some words of the random captions match
     repeated = {i: [r[j % len(r)] for j in range(5)] for i, r in refs.items()}  # with the fill slots
     assert pycocoevalcap_scores(repeated, cands)[1] != pytest.approx(cider, rel=1e-9)
+
+
+def test_another_split_is_evaluated_alone_and_an_unknown_one_named(captioned, model):
+    ds, _ = captioned
+    out = evaluation.evaluate(model, ds, "cpu", split="test")
+    assert out == evaluation.evaluate_split(model.eval(), ds, "test", "cpu", np.arange(ds.split_size("test")))
+    with pytest.raises(ValueError, match="no captioned split 'nope'; it has val, test"):
+        evaluation.evaluate(model, ds, "cpu", split="nope")
