@@ -17,10 +17,13 @@ image's index in the split it came from). That is the shapes world (meta kind 's
 Real data comes in three kinds, each with a report.json of what was kept and skipped, and why:
   'captions'  splits train, val (and test when the source has one): images; tokens, C =
               captions_per_image slots: the image's valid captions, then repeated in order;
-              n_captions (N,) int16 distinct captions in the slots (1..C); scene (N,) int64,
-              the image's index (its own scene). From webdataset shards (img2dataset's tars of
-              key.jpg + key.txt) the train split is not prepared but streamed from its shards
-              (meta stream: their paths and sample count; ShardStream), val prepared (C = 1)
+              n_captions (N,) int16 valid captions in the slots (1..C; two equal captions
+              count twice); scene (N,) int64, the image's index (its own scene); and
+              {split}.captions.json, a JSON list of each image's n_captions captions as the
+              source wrote them, in slot order (Dataset.captions; what BLEU and CIDEr score
+              against). From webdataset shards (img2dataset's tars of key.jpg + key.txt) the
+              train split is not prepared but streamed from its shards (meta stream: the
+              paths of those not empty and their sample count; ShardStream), val prepared (C = 1)
   'masks'     splits novel_train, novel_val (read by the prompt stage): images; classmap, the
               mask values (0 background); objects (N, R, 7) int16, a row per 8-connected region
               of one class: class value - 1, -1, -1, x0, y0, x1, y1 (-1 rows pad); meta classes
@@ -486,6 +489,19 @@ def hf_bpe_ranks(vocab, merges, end_of_word=""):
     return ranks
 
 
+def write_file(file, content):
+    """Write content (text, or an array as np.save writes it) to a temporary file of this
+    process's own, then rename it to file: a reader, or another process writing the same
+    file, never meets a half-written one."""
+    tmp = f"{file}.tmp-{os.getpid()}{os.path.splitext(file)[1]}"
+    if isinstance(content, str):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content)
+    else:
+        np.save(tmp, content)
+    os.replace(tmp, file)
+
+
 def hf_files(name_or_path, names):
     """Local paths of files of a Hugging Face model: in a directory, or downloaded from the hub
     (huggingface_hub's cache)."""
@@ -546,6 +562,55 @@ def hf_tokenizer(name_or_path):
         raise ValueError(f"{name_or_path}: a {kind} vocabulary should end with {', '.join(specials)} at {n}.., "
                          f"not {extra}")
     return kind, bpe_to_text(ranks)
+
+
+def bpe_parts(token, ranks, below):
+    """The parts byte-level BPE leaves of token's bytes with only the ranks below `below`
+    (tiktoken's rule: the adjacent pair whose join ranks lowest is joined first)."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 1:
+        joins = [ranks.get(a + b, below) for a, b in zip(parts, parts[1:])]
+        best = min(range(len(joins)), key=joins.__getitem__)
+        if joins[best] >= below:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+def hf_tokenizer_files(kind, bpe_text, folder):
+    """Write a tokenizer, (kind, bpe_text) as get_tokenizer takes them, into folder as Hugging
+    Face's vocab.json and merges.txt: what transformers' CLIPTokenizer ('clip') or
+    GPT2Tokenizer ('gpt2') loads with our ids, and hf_tokenizer reads back as (kind,
+    bpe_text). The world's 'bpe' is a GPT-2 kind of BPE (GPT-2's pattern, <|endoftext|> right
+    after the ranks): it is written as one, and read back as 'gpt2' (the same encoding). The
+    merges, in rank order: for each token not of the base (a byte; for CLIP also a byte with
+    '</w>', the trailing space byte here), the two parts BPE joins into it (bpe_parts with the
+    ranks below its own); raises ValueError for a token that is not one join of lower ranked
+    tokens. Each file written atomically. Returns the two paths."""
+    if kind not in ("clip", "gpt2", "bpe"):
+        raise ValueError(f"unknown tokenizer {kind!r}: expected 'clip', 'gpt2' or 'bpe'")
+    clip, char = kind == "clip", bytes_to_unicode()
+    ranks = bpe_from_text(bpe_text)
+
+    def name(token):  # as Hugging Face writes a token: byte characters, CLIP's word end as '</w>'
+        word_end = clip and len(token) > 1 and token.endswith(b" ")
+        return "".join(char[b] for b in token[:len(token) - word_end]) + END_OF_WORD * word_end
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda x: x[1]):
+        if not (len(token) == 1 or clip and len(token) == 2 and token.endswith(b" ")):  # not a base token
+            parts = bpe_parts(token, ranks, rank)
+            if len(parts) != 2:
+                raise ValueError(f"{kind} token {token!r} (rank {rank}) is not one join of two lower ranked tokens "
+                                 f"(BPE leaves {len(parts)} parts): it has no Hugging Face merge")
+            merges.append(f"{name(parts[0])} {name(parts[1])}\n")
+    specials = (BOS, EOS) if clip else (EOS,)
+    vocab = {**{name(t): r for t, r in ranks.items()}, **{t: len(ranks) + k for k, t in enumerate(specials)}}
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, n) for n in ("vocab.json", "merges.txt")]
+    write_file(paths[0], json.dumps(vocab, ensure_ascii=False))
+    write_file(paths[1], "#version: 0.2\n" + "".join(merges))
+    return paths
 
 
 def get_tokenizer(kind, bpe_text=None):
@@ -633,11 +698,17 @@ def decode_tokens(enc, ids):
 
 # mirrored images: a caption that says left or right must say the other
 FLIP_WORDS = regex.compile(r"\b(left|right)(?=(?:most|wards?)?\b)", regex.IGNORECASE)
+# 'right' where it is not a side ('all right', 'right now', 'right next to', 'right behind'...):
+# swapping it would say something else, so mirror leaves such a caption and its image alone
+NOT_A_SIDE = regex.compile(r"\b(?:all\s+right|right\s+(?:next\s+to|now|away|here|there|behind|beside|in|on|at|by|up|"
+                           r"into|outside|inside|under|over|below|above|before|after))\b", regex.IGNORECASE)
 
 
 def flip_caption(text):
     """The caption of the image mirrored left to right: 'left' and 'right' swapped where they
-    are a word or begin leftmost, rightward(s)..., in the case they were written in."""
+    are a word or begin leftmost, rightward(s)..., in the case they were written in. Every
+    such word is swapped: mirror does not flip a caption where 'right' is not a side
+    (NOT_A_SIDE: 'all right', 'right now', 'right behind'...)."""
     def swap(m):
         word = {"left": "right", "right": "left"}[m.group(1).lower()]
         return word.upper() if m.group(1).isupper() else word.capitalize() if m.group(1)[0].isupper() else word
@@ -646,13 +717,15 @@ def flip_caption(text):
 
 def mirror(images, tokens, enc, flip):
     """Images (B, S, S, 3) and token rows (B, T) with the rows where flip is true mirrored left
-    to right and their captions swapped to match (flip_caption); a row whose swapped caption
-    would not fit the context stays as it was, image and caption. Returns new arrays and the
-    indices of the rows mirrored."""
+    to right and their captions swapped to match (flip_caption); a row whose caption uses
+    'right' for something other than a side (NOT_A_SIDE), or whose swapped caption would not
+    fit the context, stays as it was, image and caption. Returns new arrays and the indices
+    of the rows mirrored."""
     images, tokens = np.array(images), np.array(tokens)
     rows = np.flatnonzero(flip)
-    swapped, problems = encode_checked(enc, [flip_caption(decode_tokens(enc, tokens[i])) for i in rows], tokens.shape[1])
-    ok = np.array([p != "too long" for p in problems], bool)
+    texts = [decode_tokens(enc, tokens[i]) for i in rows]
+    swapped, problems = encode_checked(enc, [flip_caption(t) for t in texts], tokens.shape[1])
+    ok = np.array([p != "too long" and not NOT_A_SIDE.search(t) for p, t in zip(problems, texts)], bool)
     rows = rows[ok] if len(rows) else rows
     images[rows] = images[rows, :, ::-1]
     tokens[rows] = swapped[ok]
@@ -870,13 +943,25 @@ def staged_dataset(path, replace=False):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def link_or_copy(src, dst):
+    """dst the same file as src (a hard link: no bytes copied), or a copy of it where the file
+    system cannot link them (another device, no hard links). A prepared file is never written
+    in place (a new one is written and renamed over it), so the two names stay equal."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def copy_split_files(tmp, copy_from, names):
-    """Copy the arrays of splits `names` of the dataset copy_from into tmp (not their visual
-    codes: a codebook belongs to its own train split); returns their sizes."""
+    """Put the arrays and caption lists of splits `names` of the dataset copy_from into tmp
+    (link_or_copy; not their visual codes: a codebook belongs to its own train split); returns
+    their sizes."""
     for name in names:
         for file in sorted(os.listdir(copy_from.path)):
-            if file.startswith(name + ".") and file.endswith(".npy") and not file.startswith(f"{name}.codes-"):
-                shutil.copyfile(os.path.join(copy_from.path, file), os.path.join(tmp, file))
+            if file.startswith(name + ".") and file.endswith((".npy", ".captions.json")) \
+                    and not file.startswith(f"{name}.codes-"):
+                link_or_copy(os.path.join(copy_from.path, file), os.path.join(tmp, file))
     return {name: copy_from.split_size(name) for name in names}
 
 
@@ -1042,11 +1127,12 @@ def read_image_file(path, convert, what="image"):
 
 
 def fit_square(im, size, resample):
-    """(size, size, ...) array of a PIL image: the shorter side resized to size, then the
-    centre cropped. Masks take the geometry of their images with resample NEAREST."""
+    """(size, size, ...) array of a PIL image: the shorter side resized to size and the longer
+    in proportion, rounded down (int(size * long / short), as Hugging Face's CLIPImageProcessor
+    and torchvision's Resize do), then the centre cropped (of an odd number of pixels cut, the
+    one more on the right or bottom). Masks take the geometry of their images with resample NEAREST."""
     w, h = im.size
-    scale = size / min(w, h)
-    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+    im = im.resize((size, int(size * h / w)) if w <= h else (int(size * w / h), size), resample)
     w, h = im.size
     left, top = (w - size) // 2, (h - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)))
@@ -1096,6 +1182,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 NO_SPLIT = "(no split)"  # the report's place for items skipped before their split is known
 
 
+def count_text(counts):
+    """'reason: n, reason: n' of {reason: count}, or 'none'."""
+    return ", ".join(f"{r}: {n}" for r, n in counts.items()) or "none"
+
+
 class Report:
     """What a preparation kept and skipped, per split: counts kept, skipped items by reason
     (an item is what the reason is about: an image, a caption, a row, a question set), images
@@ -1122,7 +1213,7 @@ class Report:
         self.split(split)["kept"].update(counts)
 
     def reasons(self, split):
-        return ", ".join(f"{r}: {n}" for r, n in self.split(split)["skipped"].items()) or "none"
+        return count_text(self.split(split)["skipped"])
 
     def ordered(self):
         order = ("train", "val", "test", "novel_train", "novel_val", "multi_train", "multi_val", NO_SPLIT)
@@ -1167,6 +1258,19 @@ def by_split(rows, source, report, expected):
         if not items:
             raise nothing_left(source, split, report)
     return out
+
+
+def two_splits(read, main, val, fraction, names, report, source):
+    """{split: [row less its split]} (by_split) of a source of two splits, names (train, held):
+    read(part, split_of) the rows (split, ...) of main, and of val when given (all of them
+    held); else the rows whose key hashes below fraction are held (held_out: read calls
+    split_of(key) for each row). The held split must have rows when val or fraction is given."""
+    train, held = names
+    if val is None:
+        rows = read(main, lambda key: held if held_out(key, fraction) else train)
+    else:
+        rows = read(main, lambda key: train) + read(val, lambda key: held)
+    return by_split(rows, source, report, names if val is not None or fraction else names[:1])
 
 
 def _attempt(fn, task):
@@ -1338,10 +1442,11 @@ def karpathy_items(split_file, root, report):
 
 def table_rows(file, columns, report, split_of):
     """(split, image path, {column: text}) of each usable row of a CSV or TSV file (with a
-    header row) or a JSONL file (one object per line); image paths (column 'image') relative
-    to the file's folder or absolute. A row with bytes that are not UTF-8, a JSONL line that
-    is not a JSON object, or a row missing one of the columns is skipped with the reason.
-    split_of(image path as written) names a row's split."""
+    header row) or a JSONL file (one object per line), UTF-8 with or without a byte order
+    mark; image paths (column 'image') relative to the file's folder or absolute. A row with
+    bytes that are not UTF-8, a JSONL line that is not a JSON object, or a row missing one of
+    the columns is skipped with the reason. split_of(image path as written) names a row's
+    split."""
     if not os.path.isfile(file):
         raise ValueError(f"{file} does not exist")
     ext = os.path.splitext(file)[1].lower()
@@ -1368,7 +1473,7 @@ def table_rows(file, columns, report, split_of):
             for n, line in enumerate(f, 1):
                 where = f"{file}:{n}"
                 try:
-                    row = json.loads(line.decode("utf-8"))
+                    row = json.loads(line.decode("utf-8-sig"))  # a byte order mark (Excel writes one) dropped
                 except UnicodeDecodeError:
                     report.skip(None, "not valid UTF-8", where)
                     continue
@@ -1381,7 +1486,7 @@ def table_rows(file, columns, report, split_of):
                 elif (r := row_of(where, row)) is not None:
                     rows.append(r)
         return rows
-    with open(file, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with open(file, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
         absent = [c for c in columns if c not in (reader.fieldnames or [])]
         if absent:
@@ -1402,22 +1507,20 @@ def table_items(file, report, val_file=None, val_fraction=0.0, image_column="ima
     """{split: [(image path, [captions])]} of a table of image paths and captions (table_rows):
     rows of the same image are one image with their captions in row order. The val split is
     the file val_file, or the images whose path (as written) hashes below val_fraction."""
-    columns = (image_column, caption_column)
-    if val_file is None:
-        rows = table_rows(file, columns, report, lambda p: "val" if held_out(p, val_fraction) else "train")
-    else:
-        rows = table_rows(file, columns, report, lambda p: "train")
-        rows += table_rows(val_file, columns, report, lambda p: "val")
-    images = {}
-    for split, path, row in rows:
-        images.setdefault((split, path), []).append(row[caption_column])
-    expected = ("train", "val") if val_file is not None or val_fraction > 0 else ("train",)
-    return by_split([(split, path, captions) for (split, path), captions in images.items()], file, report, expected)
+    read = lambda part, split_of: table_rows(part, (image_column, caption_column), report, split_of)  # noqa: E731
+    out = {}
+    for split, rows in two_splits(read, file, val_file, val_fraction, ("train", "val"), report, file).items():
+        images = {}
+        for path, row in rows:
+            images.setdefault(path, []).append(row[caption_column])
+        out[split] = list(images.items())
+    return out
 
 
 def captioned_split(tmp, split, items, enc, size, length, per_image, workers, report, source):
     """Write one split of captioned images (captioned_dataset); returns its size."""
-    tokens, problems = encode_checked(enc, [c for _, captions in items for c in captions], length)
+    texts = [c for _, captions in items for c in captions]
+    tokens, problems = encode_checked(enc, texts, length)
     tasks, good, k = [], [], 0
     for path, captions in items:
         rows = []
@@ -1442,6 +1545,8 @@ def captioned_split(tmp, split, items, enc, size, length, per_image, workers, re
     np.save(os.path.join(tmp, f"{split}.tokens.npy"), tokens[slots])
     np.save(os.path.join(tmp, f"{split}.n_captions.npy"), n_captions)
     np.save(os.path.join(tmp, f"{split}.scene.npy"), np.arange(len(kept), dtype=np.int64))
+    with open(os.path.join(tmp, f"{split}.captions.json"), "w") as f:  # \u escapes: even a lone surrogate is kept
+        json.dump([[texts[k] for k in r[:int(n)]] for r, n in zip(rows, n_captions)], f)
     report.keep(split, images=len(kept), captions=int(n_captions.sum()),
                 captions_unused=sum(len(r) - int(n) for r, n in zip(rows, n_captions)))
     return len(kept)
@@ -1453,10 +1558,11 @@ def captioned_dataset(out, items, tokenizer, image_size, context_length, caption
     the dataset out (kind 'captions': layout in the module docstring). Every caption is
     encoded with tokenizer (kind, bpe_text) into context_length tokens; empty and too long ones
     are skipped, and an image left without one; the first captions_per_image of an image are
-    kept, repeated in order to fill the slots. Every image is decoded (workers processes) and
-    the unreadable skipped. With add, the splits go into the captioned dataset already at out
-    (same tokenizer and sizes), its other splits kept; else out is replaced. extra_meta: more
-    entries of meta.json (a streamed train split's). Returns out."""
+    kept, repeated in order to fill the slots, and written as they are in {split}.captions.json
+    (Dataset.captions). Every image is decoded (workers processes) and the unreadable skipped.
+    With add, the splits go into the captioned dataset already at out (same tokenizer and
+    sizes), its other splits kept (linked, not copied: link_or_copy); else out is replaced.
+    extra_meta: more entries of meta.json (a streamed train split's). Returns out."""
     kind, bpe_text = tokenizer
     enc = get_tokenizer(kind, bpe_text)
     report = report or Report()
@@ -1604,23 +1710,34 @@ def webdataset_items(shards, split, report):
 def webdataset_dataset(out, train, val, tokenizer, image_size, context_length, workers=1, report=None, log=print):
     """A captioned dataset (captioned_dataset, one caption per image) whose val split is
     prepared from the val shards and whose train split is streamed from the train shards
-    (shard specs as expand_shards reads them): meta 'stream' = {'shards': their absolute
-    paths, 'samples': how many samples their tar headers hold}, and no train arrays. The
-    visual codebook is then fitted on the first images of the stream (prepare_codebook), so
+    (shard specs as expand_shards reads them): meta 'stream' = {'shards': the absolute paths
+    of those not empty, 'samples': how many samples their tar headers hold}, and no train
+    arrays. The visual codebook is then fitted on the first images of the stream (prepare_codebook), so
     no sample of the train shards needs preparing. A shard that is missing, or in both sets,
-    is an error; a damaged one is reported and its samples before the damage count."""
+    is an error; a damaged one is reported and its samples before the damage count; one
+    without a sample that has an image and a UTF-8 caption (img2dataset writes an empty tar
+    when all of a chunk's downloads fail) is reported as an 'empty shard' and left out of
+    the stream. Train shards that are all empty are an error."""
     report = report or Report()
     train_shards, val_shards = expand_shards(train), expand_shards(val)
     both = [s for s in train_shards if s in val_shards]
     if both:
         raise ValueError(f"webdataset shard {both[0]} is in both the train and the val shards")
-    samples = sum(len(found) for _, found in shard_samples(train_shards, "train", report))
-    if not samples:
-        raise ValueError(f"webdataset shards {train}: no sample in them")
-    report.keep("train", shards=len(train_shards), samples=samples)
+    stream = dict(shards=[], samples=0)
+    for shard, found in shard_samples(train_shards, "train", report):
+        if any(not wds_caption(sample)[1] for sample in found):
+            stream["shards"].append(shard)
+            stream["samples"] += len(found)
+        else:
+            report.skip("train", "empty shard", shard,
+                        f"{len(found)} samples, none with an image and a UTF-8 caption" if found else "no sample")
+    if not stream["shards"]:
+        raise ValueError(f"webdataset shards {train}: no sample with an image and a UTF-8 caption in them "
+                         f"(skipped: {report.reasons('train')})")
+    report.keep("train", shards=len(stream["shards"]), samples=stream["samples"])
     return captioned_dataset(out, {"val": webdataset_items(val_shards, "val", report)}, tokenizer, image_size,
                              context_length, captions_per_image=1, workers=workers, source=val, report=report,
-                             extra_meta=dict(stream=dict(shards=train_shards, samples=samples)), log=log)
+                             extra_meta=dict(stream=stream), log=log)
 
 
 # -----------------------------------------------------------------------------
@@ -1888,6 +2005,16 @@ class Dataset:
     def split_size(self, split):
         return self.meta["splits"][split]
 
+    def captions(self, split):
+        """[[caption]] of a prepared captioned split: each image's n_captions captions as its
+        source wrote them, in slot order ({split}.captions.json); None where the dataset has no
+        such file (the shapes world, a dataset prepared before the file was written)."""
+        file = os.path.join(self.path, f"{split}.captions.json")
+        if not os.path.exists(file):
+            return None
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+
     def image_text_batch(self, split, idx, caption=None):
         """Images (B,S,S,3) uint8 and one caption each (B,T) int32 for the index array idx.
         caption: (B,) which caption of each image; default the first."""
@@ -2044,11 +2171,8 @@ def prepare_codebook(path, patch_size, n_codes, iters=15, max_fit=65536, seed=0,
         codes = np.empty((len(images), per_image), np.int16)
         for i in range(0, len(images), 1024):
             codes[i:i + 1024] = visual_codes(images[i:i + 1024], centroids, patch_size)
-        file = os.path.join(path, f"{split}.{name}.npy")
-        np.save(file + ".tmp.npy", codes)
-        os.replace(file + ".tmp.npy", file)
-    np.save(book_file + ".tmp.npy", centroids)
-    os.replace(book_file + ".tmp.npy", book_file)
+        write_file(os.path.join(path, f"{split}.{name}.npy"), codes)
+    write_file(book_file, centroids)
     log(f"visual codebook ({n_codes} codes of {patch_size}x{patch_size} patches) ready in {time.time() - t0:.1f} s")
     return book_file
 
@@ -2090,11 +2214,13 @@ def batch_indices(n, batch_size, step, seed, rank=0, world_size=1, grad_accum=1,
 # The consumers of a stream are the loader workers of every rank: consumer c = rank * n + j of
 # C = world_size * n reads stream j of its rank (n streams a rank, one per loader worker).
 # Every consumer walks the shards in the same order, new each epoch, and takes its own part
-# of them, so no sample is read twice in an epoch; its valid samples, in order, make its
-# stream, cut into batches. A batch is found by counting samples: a consumer that starts late
-# (a resumed run, or a worker's turn) gets there reading tar headers and captions, not images.
+# of them, as many shards as every other consumer, so no sample is read twice in an epoch and
+# the consumers stay in the same epoch; its valid samples, in order, make its stream, cut into
+# batches. A batch is found by counting samples: a consumer that starts late (a resumed run,
+# or a worker's turn) gets there reading tar headers and captions, not images.
 
 StreamSample = namedtuple("StreamSample", "epoch shard key image tokens")  # tokens (T,) int32
+LOGGED_SKIPS = 10  # a consumer logs its first skips, then only those whose count is a power of two
 
 
 def nearest_good(good):
@@ -2104,17 +2230,25 @@ def nearest_good(good):
     return places[np.abs(np.arange(len(good))[:, None] - places[None, :]).argmin(1)]
 
 
+def few(paths, n=3):
+    """The first n of a list of paths, and how many there are in all if more."""
+    return ", ".join(paths[:n]) + (f" ... ({len(paths)} in all)" if len(paths) > n else "")
+
+
 class ShardStream:
-    """Consumer `consumer` of n_consumers reading webdataset shards, epoch after epoch. Each
-    epoch the shards are put in a random order (by seed and epoch) and each shard's samples
-    too (by seed, epoch and shard). With at least as many shards as consumers, the consumer
-    reads the shards at places c, c + C, ... of the epoch's order (all of each); with fewer,
-    every consumer reads every shard and takes the samples at places c, c + C, ... of the
-    epoch's walk over all of them. A sample without an image member, or whose caption is
-    missing, not UTF-8, empty or too long for context_length, is passed over; the rest, in
-    order, are the consumer's stream, and batch(k) its samples [k*B, (k+1)*B). Every sample
-    passed over, image that does not decode and damaged tar is counted in skipped (reason ->
-    count) and logged, one line each."""
+    """Consumer `consumer` of n_consumers C reading S webdataset shards, epoch after epoch.
+    Each epoch the shards are put in a random order (by seed and epoch) and each shard's
+    samples too (by seed, epoch and shard). With S >= C, each consumer reads S // C shards of
+    the epoch (all of each): consumer c those at places c, c + C, ... of the order's first
+    S - S % C, so every consumer reads as many shards an epoch and none twice; the S % C
+    shards at the end of the order wait for another epoch's order. With S < C, every consumer
+    reads every shard and takes the samples at places c, c + C, ... of the epoch's walk over
+    all of them. A sample without an image member, or whose caption is missing, not UTF-8,
+    empty or too long for context_length, is passed over; the rest, in order, are the
+    consumer's stream, and batch(k) its samples [k*B, (k+1)*B). Every sample passed over,
+    image that does not decode and damaged tar is counted in skipped (reason -> count) and
+    logged: the first LOGGED_SKIPS of the consumer, then each whose count is a power of two,
+    each line with the counts so far."""
 
     def __init__(self, shards, consumer, n_consumers, seed, enc, context_length, image_size, batch_size, log=print):
         self.shards, self.c, self.n, self.seed = shards, consumer, n_consumers, seed
@@ -2124,17 +2258,24 @@ class ShardStream:
 
     def skip(self, reason, item, action="passed over"):
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        self.log(f"webdataset: {item}: {reason}, {action} ({self.skipped[reason]} so far)")
+        n = sum(self.skipped.values())
+        if n <= LOGGED_SKIPS or n & (n - 1) == 0:
+            later = "; from here on a skip is logged when the count reaches a power of two" if n == LOGGED_SKIPS else ""
+            self.log(f"webdataset: consumer {self.c} of {self.n}: {item}: {reason}, {action} "
+                     f"(skipped so far: {count_text(self.skipped)}{later})")
 
     def walk(self):
         """(epoch, shard, [StreamSample]) for each shard this consumer reads, epoch after epoch:
-        its valid samples of the shard, in the epoch's order. Raises if a whole epoch gives
-        it none (an endless walk would never find a batch)."""
+        its valid samples of the shard, in the epoch's order. An epoch that gives it none goes
+        on to the next. Raises (an endless walk would never find a batch) when every shard
+        has been read whole since its last valid sample (S >= C), or when C epochs in a row
+        have given it none (S < C)."""
         split = len(self.shards) >= self.n
+        dry, dry_epochs = set(), 0  # shards read whole (S >= C) and epochs walked since the last valid sample
         for epoch in itertools.count():
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
             place, found = 0, 0  # where the shard starts in the epoch's walk; samples found
-            for s in order[self.c::self.n] if split else order:
+            for s in order[:len(order) - len(order) % self.n][self.c::self.n] if split else order:
                 shard = self.shards[s]
                 samples, problem = tar_samples(shard)
                 if problem:
@@ -2144,10 +2285,17 @@ class ShardStream:
                     samples, place = samples[(self.c - place) % self.n::self.n], place + len(samples)
                 valid = self.captioned(epoch, shard, samples)
                 found += len(valid)
+                dry = set() if valid else dry | {s}
                 yield epoch, shard, valid
-            if not found:
-                raise ValueError(f"webdataset shards {', '.join(self.shards)}: consumer {self.c} of {self.n} found no "
-                                 f"sample with an image and a usable caption in an epoch (skipped: {self.skipped})")
+                if split and len(dry) == len(self.shards):
+                    raise self.nothing("every shard it read whole since its last valid sample")
+            dry_epochs = 0 if found else dry_epochs + 1
+            if not split and dry_epochs == self.n:
+                raise self.nothing(f"its share of the samples in {self.n} epochs in a row")
+
+    def nothing(self, where):
+        return ValueError(f"webdataset shards {few(self.shards)}: consumer {self.c} of {self.n} found no sample with "
+                          f"an image and a usable caption in {where} (skipped: {count_text(self.skipped)})")
 
     def captioned(self, epoch, shard, samples):
         """The samples with an image member and a caption that fits, with its tokens."""
@@ -2196,8 +2344,8 @@ class ShardStream:
                 self.skip(e.reason, sample.image, "replaced by the nearest good sample of its batch")
         if not good.any():
             shards = sorted({sample.shard for sample in samples})
-            raise ValueError(f"webdataset shards {', '.join(shards)}: no image of batch {k} of consumer {self.c} "
-                             f"of {self.n} decodes (skipped: {self.skipped})")
+            raise ValueError(f"webdataset shards {few(shards)}: no image of batch {k} of consumer {self.c} "
+                             f"of {self.n} decodes (skipped: {count_text(self.skipped)})")
         source = nearest_good(good)
         return images[source], np.stack([samples[i].tokens for i in source])
 
@@ -2229,14 +2377,6 @@ class ShardBatches:
     def fetch(self, s):
         """Images (B, S, S, 3) uint8 and tokens (B, T) int32 of micro-step s (ShardStream.batch)."""
         return self.stream(s).batch(s // self.n)
-
-    def skipped(self):
-        """{reason: count} over the streams read in this process."""
-        out = {}
-        for stream in self.streams.values():
-            for reason, n in stream.skipped.items():
-                out[reason] = out.get(reason, 0) + n
-        return out
 
 
 # -----------------------------------------------------------------------------
@@ -2310,12 +2450,6 @@ def usage_problem(args):
     return ""
 
 
-def split_rule(val, fraction, train, held):
-    """split_of(key) for a source's main file: `train`, or with a fraction (and no val file)
-    `held` for the keys that hash below it."""
-    return (lambda key: held if held_out(key, fraction) else train) if val is None and fraction else (lambda key: train)
-
-
 def main(argv=None):
     """python data.py SOURCE ...: prepare a real source; bad input stops with 'error: ...'."""
     parser = command_line()
@@ -2341,21 +2475,14 @@ def main(argv=None):
             webdataset_dataset(args.out, args.train, args.val, **common)
         elif args.source == "masks":
             classes = read_classes(args.classes)
-            split_of = split_rule(args.val_images, args.val_fraction, "novel_train", "novel_val")
-            rows = mask_pairs(args.images, args.masks, split_of, report)
-            if args.val_images:
-                rows += mask_pairs(args.val_images, args.val_masks, lambda key: "novel_val", report)
-            expected = ("novel_train", "novel_val") if args.val_images or args.val_fraction else ("novel_train",)
-            mask_dataset(args.out, by_split(rows, args.images, report, expected), classes, void=args.void,
-                         source=args.images, **common)
+            read = lambda folders, split_of: mask_pairs(*folders, split_of, report)  # noqa: E731
+            pairs = two_splits(read, (args.images, args.masks), (args.val_images, args.val_masks) if args.val_images
+                               else None, args.val_fraction, ("novel_train", "novel_val"), report, args.images)
+            mask_dataset(args.out, pairs, classes, void=args.void, source=args.images, **common)
         else:
-            split_of = split_rule(args.val, args.val_fraction, "multi_train", "multi_val")
-            rows = multi_items(args.file, args.max_images, report, split_of)
-            if args.val:
-                rows += multi_items(args.val, args.max_images, report, lambda key: "multi_val")
-            expected = ("multi_train", "multi_val") if args.val or args.val_fraction else ("multi_train",)
-            multi_dataset(args.out, by_split(rows, args.file, report, expected), answer_length=args.answer_length,
-                          source=args.file, **common)
+            sets = two_splits(lambda file, split_of: multi_items(file, args.max_images, report, split_of), args.file,
+                              args.val, args.val_fraction, ("multi_train", "multi_val"), report, args.file)
+            multi_dataset(args.out, sets, answer_length=args.answer_length, source=args.file, **common)
     except ValueError as e:  # bad input, named: no stack trace
         raise SystemExit(f"error: {e}") from None
 

@@ -29,6 +29,7 @@ def test_world_is_deterministic_and_depends_on_its_seed(tmp_path):
     b = data.prepare_world(str(tmp_path / "b"), cfg, 48, 24, log=lambda *_: None)
     files = sorted(os.listdir(a))
     assert files == sorted(os.listdir(b)) and "meta.json" in files and "tokenizer.tiktoken" in files
+    assert data.Dataset(a).captions("train") is None  # captions as written: prepared real data only
     for f in files:
         with open(os.path.join(a, f), "rb") as fa, open(os.path.join(b, f), "rb") as fb:
             assert fa.read() == fb.read(), f"{f} differs between two generations with the same seed"

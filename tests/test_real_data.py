@@ -1,7 +1,9 @@
 """Real data: the pretrained tokenizers against transformers' own, and sources prepared into
 datasets checked against the files they came from, with every bad input skipped for its reason."""
 
+import codecs
 import csv
+import errno
 import io
 import json
 import os
@@ -15,7 +17,7 @@ import tiktoken
 import torch
 from PIL import Image
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-from transformers import CLIPTokenizer, GPT2Tokenizer
+from transformers import CLIPImageProcessorPil, CLIPTokenizer, GPT2Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import data
@@ -182,6 +184,49 @@ def test_hf_tokenizer_errors_name_the_source(tmp_path, gpt2_dir, monkeypatch):
         data.hf_tokenizer(str(tmp_path / "swapped"))
 
 
+def test_tokenizer_files_are_the_hugging_face_ones_and_read_back(tmp_path, clip_dir, gpt2_dir):
+    """hf_tokenizer_files writes back the vocab.json and merges.txt the tokenizer was read from,
+    token for token; transformers loads them with our ids; the world's BPE goes out as GPT-2's."""
+    world = data.bpe_to_text(data.train_bpe(CORPUS))
+    for folder, cls, kind in ((clip_dir, CLIPTokenizer, "clip"), (gpt2_dir, GPT2Tokenizer, "gpt2"),
+                              (None, GPT2Tokenizer, "bpe")):
+        text = world if folder is None else data.hf_tokenizer(folder)[1]
+        out = str(tmp_path / kind)
+        assert data.hf_tokenizer_files(kind, text, out) == [os.path.join(out, n) for n in ("vocab.json", "merges.txt")]
+        assert data.hf_tokenizer(out) == ("gpt2" if kind == "bpe" else kind, text)
+        if folder is not None:
+            read = [[open(os.path.join(f, n), encoding="utf-8").read() for n in ("vocab.json", "merges.txt")]
+                    for f in (folder, out)]
+            assert json.loads(read[0][0]) == json.loads(read[1][0]) and read[0][1] == read[1][1]
+        enc, hf = data.get_tokenizer(kind, text), cls.from_pretrained(out)
+        assert hf.eos_token_id == enc.encode_single_token(data.EOS)
+        assert kind != "clip" or hf.bos_token_id == enc.encode_single_token(data.BOS)
+        for s in STRINGS:
+            assert hf(s, add_special_tokens=False)["input_ids"] == enc.encode_ordinary(s), (kind, s)
+    with pytest.raises(ValueError, match="unknown tokenizer 'sentencepiece'"):
+        data.hf_tokenizer_files("sentencepiece", world, str(tmp_path / "sp"))
+    ranks = {bytes([b]): b for b in range(256)}
+    with pytest.raises(ValueError, match=r"gpt2 token b'abc' \(rank 256\) is not one join of two lower ranked tokens"):
+        data.hf_tokenizer_files("gpt2", data.bpe_to_text({**ranks, b"abc": 256}), str(tmp_path / "no-join"))
+
+
+# -----------------------------------------------------------------------------
+# images
+
+
+@pytest.mark.parametrize("height,width", [(480, 640), (333, 500), (224, 225), (100, 50), (500, 333), (227, 1000)])
+def test_images_are_cropped_as_clip_image_processor_crops_them(tmp_path, height, width):
+    """load_image's pixels are those of transformers' CLIP image processor (its PIL backend:
+    shorter side to 224 bicubic, the longer rounded down, centre crop) before rescaling."""
+    path = save(tmp_path, "image.png", rgb(height * width, height, width))
+    processor = CLIPImageProcessorPil(do_rescale=False, do_normalize=False)
+    assert processor.size.shortest_edge == 224 and processor.crop_size.height == processor.crop_size.width == 224
+    assert processor.resample == Image.BICUBIC and processor.do_resize and processor.do_center_crop
+    pixels = processor(Image.open(path), return_tensors="np")["pixel_values"]
+    assert pixels.shape == (1, 3, 224, 224) and pixels.dtype == np.uint8
+    assert np.array_equal(data.load_image(path, 224), pixels[0].transpose(1, 2, 0))
+
+
 # -----------------------------------------------------------------------------
 # captioned sources
 
@@ -214,8 +259,10 @@ def write_json(path, obj):
 
 def check_captions(ds, split, files, captions, enc, C=5):
     """The split's arrays against the source: pixels as load_image reads each file, the first
-    C captions of each image encoded in its slots and then repeated, distinct counts, scenes."""
+    C captions of each image encoded in its slots and then repeated, their counts, scenes, and
+    the captions as written (captions.json)."""
     assert ds.split_size(split) == len(files)
+    assert ds.captions(split) == [list(caps[:C]) for caps in captions]
     for i, (file, caps) in enumerate(zip(files, captions)):
         n = min(len(caps), C)
         assert np.array_equal(ds.array(split, "images")[i], data.load_image(file, S))
@@ -225,7 +272,21 @@ def check_captions(ds, split, files, captions, enc, C=5):
     assert ds.array(split, "scene").tolist() == list(range(len(files)))
 
 
-def test_coco_split_matches_its_files_and_val_is_added(tmp_path, clip_dir, enc):
+def links_work(folder):
+    """Whether the file system of folder makes hard links."""
+    try:
+        open(os.path.join(folder, "link-src"), "w").close()
+        os.link(os.path.join(folder, "link-src"), os.path.join(folder, "link-dst"))
+        return True
+    except OSError:
+        return False
+    finally:
+        for name in ("link-src", "link-dst"):
+            if os.path.exists(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+
+
+def test_coco_split_matches_its_files_and_val_is_added(tmp_path, clip_dir, enc, monkeypatch):
     root = tmp_path / "coco"
     os.makedirs(root / "train2017")
     os.makedirs(root / "val2017")
@@ -244,6 +305,8 @@ def test_coco_split_matches_its_files_and_val_is_added(tmp_path, clip_dir, enc):
     check_captions(ds, "train", files, caps, enc)
     assert read_report(out)["splits"]["train"]["kept"] == {"images": 4, "captions": 13, "captions_unused": 2}
     before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out) if f.startswith("train.")}
+    inodes = {f: os.stat(os.path.join(out, f)).st_ino for f in before}
+    assert set(before) == {f"train.{k}.npy" for k in ("images", "tokens", "n_captions", "scene")} | {"train.captions.json"}
 
     val_files = [save(root / "val2017", f"v{k}.png", rgb(10 + k, 18, 18)) for k in range(2)]
     val_caps = [["a blue dog"], ["two birds", "three birds"]]
@@ -255,6 +318,17 @@ def test_coco_split_matches_its_files_and_val_is_added(tmp_path, clip_dir, enc):
     assert ds.meta["splits"] == {"train": 4, "val": 2} and set(read_report(out)["splits"]) == {"train", "val"}
     check_captions(ds, "val", val_files, val_caps, enc)
     assert before == {f: open(os.path.join(out, f), "rb").read() for f in before}  # train kept as it was
+    if links_work(tmp_path):  # else copied
+        assert inodes == {f: os.stat(os.path.join(out, f)).st_ino for f in before}  # linked, not copied
+
+    def no_link(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    monkeypatch.setattr(os, "link", no_link)
+    prepare(clip_dir, "coco", "--captions", val_json, "--images", str(root / "val2017"), "--split", "val", "--out", out)
+    assert before == {f: open(os.path.join(out, f), "rb").read() for f in before}  # copied where links fail
+    assert not set(inodes.values()) & {os.stat(os.path.join(out, f)).st_ino for f in before}
+    check_captions(data.Dataset(out), "val", val_files, val_caps, enc)
+    monkeypatch.undo()
 
     par = str(tmp_path / "parallel")
     prepare(clip_dir, "coco", "--captions", train_json, "--images", str(root / "train2017"), "--out", par, workers=2)
@@ -354,6 +428,22 @@ def test_tables_group_rows_and_hold_out_val_by_path(tmp_path, clip_dir, enc):
     ds = data.Dataset(out_v)
     assert ds.meta["splits"] == {"train": 12, "val": 1}
     check_captions(ds, "val", [files[11]], [["the held out one"]], enc)
+
+
+def test_a_byte_order_mark_is_not_read_as_text(tmp_path):
+    """Excel writes UTF-8 with a byte order mark: the table reads as it does without one (the
+    first column named as written, the first JSONL line JSON), bad UTF-8 still skipped."""
+    os.makedirs(tmp_path / "img")
+    files = [save(tmp_path / "img", f"i{k}.png", rgb(k)) for k in range(3)]
+    rows = [{"image": f"img/i{k}.png", "caption": f"caption {k}"} for k in range(3)]
+    for ext, broken in ((".csv", b"caf\xe9,img/i0.png\n"), (".jsonl", b'{"image": "img/i0.png", "caption": "caf\xe9"}\n')):
+        plain = write_table(tmp_path / f"plain{ext}", rows + [broken])
+        marked = tmp_path / f"marked{ext}"
+        marked.write_bytes(codecs.BOM_UTF8 + open(plain, "rb").read())
+        report = data.Report()
+        assert data.table_items(str(marked), report) == data.table_items(plain, data.Report()) == \
+            {"train": [(f, [f"caption {k}"]) for k, f in enumerate(files)]}
+        assert report.to_dict()["skipped"] == {"not valid UTF-8": 1}
 
 
 def reference_rgb(mode, a):

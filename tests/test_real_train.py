@@ -191,6 +191,29 @@ def test_mirror_keeps_a_row_whose_swapped_caption_would_not_fit():
         assert data.decode_tokens(enc, toks[i]) == (data.flip_caption(text) if flipped else text)
 
 
+NOT_SIDES = ["all right", "right next to", "right now", "right away", "right here", "right there"] + \
+    [f"right {w}" for w in "behind beside in on at by up into outside inside under over below above before after".split()]
+
+
+def test_mirror_keeps_a_row_where_right_is_not_a_side():
+    """A caption with 'right' as an intensifier or 'all right' is neither mirrored nor swapped;
+    'right' and 'left' as sides (also beside those words) are."""
+    sides = ["a dog on the right of a cat", "the left one is right of the tree", "from left to right", "Right Of It",
+             "a rightward arrow by the upright post", "bright lights right of center", "a man on the left, all set"]
+    ambiguous = [f"a cat {p} the dog" for p in NOT_SIDES] + ["ALL  RIGHT, the left one", "Right Now on the left",
+                                                              "a car parked right\tbehind a bus"]
+    texts = sides + ambiguous
+    enc = data.make_encoding("flip", data.train_bpe(texts + [data.flip_caption(t) for t in texts]))
+    tokens = data.encode_texts(enc, texts, 24)
+    images = np.random.default_rng(1).integers(0, 256, (len(texts), 4, 4, 3), dtype=np.uint8)
+    out, toks, rows = data.mirror(images, tokens, enc, np.ones(len(texts), bool))
+    assert rows.tolist() == list(range(len(sides)))
+    for i, text in enumerate(texts):
+        flipped = i < len(sides)
+        assert np.array_equal(out[i], images[i, :, ::-1] if flipped else images[i])
+        assert data.decode_tokens(enc, toks[i]) == (data.flip_caption(text) if flipped else text)
+
+
 def test_flip_batches_are_the_plain_ones_mirrored_with_their_codes(tiny_world, world_root):
     """--flip: the rows of flip_draw mirrored, their captions swapped and their visual codes
     those of the mirrored patches; the draw of a step split over 2 ranks of 2 micro-batches is

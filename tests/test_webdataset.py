@@ -63,6 +63,11 @@ def write_tar(path, ks):
     return str(path)
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     """A Hugging Face GPT-2 tokenizer without merges: every byte a token."""
@@ -109,9 +114,14 @@ def stream(shards, c, n, enc, batch_size=4, seed=3, log=lambda line: None):
     return data.ShardStream(shards, c, n, seed, enc, T, S, batch_size, log=log)
 
 
-def epoch_parts(shards, c, n):
-    """How many shards consumer c of n reads an epoch: its share of them, or all of them."""
-    return len(range(c, len(shards), n)) if len(shards) >= n else len(shards)
+def epoch_parts(shards, n):
+    """How many shards a consumer of n reads an epoch: len(shards) // n of them, or all of them."""
+    return len(shards) // n if len(shards) >= n else len(shards)
+
+
+def skip_reason(k):
+    """Why sample k is passed over in a walk, or None."""
+    return "no image" if k == NO_IMAGE else BAD_CAPTIONS[k][1] if k in BAD_CAPTIONS else None
 
 
 # -----------------------------------------------------------------------------
@@ -120,15 +130,19 @@ def epoch_parts(shards, c, n):
 
 @pytest.mark.parametrize("n_shards", [1, 3, 5])
 @pytest.mark.parametrize("world_size,n_streams", [(2, 1), (2, 2)])
-def test_every_valid_sample_is_read_once_an_epoch(layouts, enc, n_shards, world_size, n_streams):
-    shards, C = layouts[n_shards], world_size * n_streams
-    reads, skipped, orders, sizes, assigned = {0: Counter(), 1: Counter()}, Counter(), [], [], {0: [], 1: []}
+def test_no_sample_is_read_twice_an_epoch(layouts, enc, n_shards, world_size, n_streams):
+    """Three epochs of every consumer: with fewer shards than consumers every valid sample is
+    read once an epoch; with more, every consumer reads len(shards) // C whole shards, and
+    the valid samples of all but the len(shards) % C left over are read once."""
+    shards, C, epochs = layouts[n_shards], world_size * n_streams, range(3)
+    reads, skipped, assigned = [Counter() for _ in epochs], [Counter() for _ in epochs], [[] for _ in epochs]
+    orders = []
     for c in range(C):
         s = stream(shards, c, C, enc)
         walk = s.walk()
-        for epoch in (0, 1):
-            keys = []
-            for _ in range(epoch_parts(shards, c, C)):
+        for epoch in epochs:
+            keys, before = [], Counter(s.skipped)
+            for _ in range(epoch_parts(shards, C)):
                 e, shard, samples = next(walk)
                 assert e == epoch and all(x.shard == shard for x in samples)
                 keys += [x.key for x in samples]
@@ -137,18 +151,30 @@ def test_every_valid_sample_is_read_once_an_epoch(layouts, enc, n_shards, world_
                     with tarfile.open(shard) as tar:
                         assert {m.name.split(".")[0] for m in tar} & set(VALID) == {x.key for x in samples}
             reads[epoch].update(keys)
+            skipped[epoch].update(Counter(s.skipped) - before)
             orders.append(keys)
-            if epoch == 0:
-                skipped.update(s.skipped)
-                sizes.append(len(keys) + sum(s.skipped.values()))  # the samples of its part of the epoch
-    for epoch in (0, 1):
-        assert sorted(reads[epoch]) == sorted(VALID) and set(reads[epoch].values()) == {1}
-    assert skipped == EPOCH_SKIPS  # each bad sample passed over once an epoch, by the consumer whose it is
-    if n_shards < C:  # the samples dealt in turn over the epoch's walk: every consumer gets as many, give or take one
-        assert max(sizes) - min(sizes) <= 1 and sum(sizes) == N
-    else:  # the shards dealt in turn, in a new order each epoch
-        assert sorted(assigned[0]) == sorted(assigned[1]) == sorted(shards) and assigned[0] != assigned[1]
+    for epoch in epochs:
+        read_shards = set(shards) if n_shards < C else set(assigned[epoch])
+        assert len(assigned[epoch]) == (C * n_shards if n_shards < C else n_shards - n_shards % C)
+        assert len(set(assigned[epoch])) == len(read_shards)  # no shard dealt twice
+        held = [k for k in range(N) if shards[k % n_shards] in read_shards]  # shard i holds samples i, i + n, ...
+        assert set(reads[epoch].values()) == {1} and sorted(reads[epoch]) == sorted(set(VALID) & {key(k) for k in held})
+        assert skipped[epoch] == Counter(skip_reason(k) for k in held if skip_reason(k))  # once, by whoever reads it
     assert orders[0] != orders[1]  # consumer 0 reads another part, or in another order, in epoch 1
+
+
+def test_consumers_read_as_many_shards_an_epoch_and_stay_in_step(tmp_path, enc):
+    """4 shards of 6 valid samples, 3 consumers: each reads one shard an epoch, so batch k of
+    every consumer (6 samples) is of epoch k and the three batches hold no sample twice."""
+    valid = [k for k in range(N) if key(k) in VALID and k != CORRUPT][:24]
+    shards = [write_tar(tmp_path / f"{i}.tar", valid[i::4]) for i in range(4)]
+    for seed in range(3):
+        streams = [data.ShardStream(shards, c, 3, seed, enc, T, S, 6, log=lambda line: None) for c in range(3)]
+        for k in range(8):
+            batches = [s.samples(k) for s in streams]
+            assert {x.epoch for b in batches for x in b} == {k}
+            keys = [x.key for b in batches for x in b]
+            assert len(keys) == 18 and len(set(keys)) == 18, (seed, k)
 
 
 def test_micro_steps_go_to_one_stream_per_worker(layouts, enc):
@@ -169,7 +195,7 @@ def test_batches_are_the_tar_read_independently_and_resume_where_they_were(layou
                                                                           n_shards):
     shards, B = layouts[n_shards], 4
     walked = stream(shards, 1, 2, enc, B)
-    three_epochs = [x.key for part in itertools.islice(walked.walk(), 3 * epoch_parts(shards, 1, 2)) for x in part[2]]
+    three_epochs = [x.key for part in itertools.islice(walked.walk(), 3 * epoch_parts(shards, 2)) for x in part[2]]
     keys, batches = [], []
     for k in range(2 * len(three_epochs) // 3 // B + 2):  # into the third epoch
         samples = walked.samples(k)
@@ -205,14 +231,44 @@ def test_a_corrupt_image_takes_the_nearest_good_sample_of_its_batch(layouts, enc
     near = min((i for i in range(4) if i != bad), key=lambda i: (abs(i - bad), i))
     assert np.array_equal(images[bad], reference[samples[near].key][0])
     assert np.array_equal(tokens[bad], reference[samples[near].key][1])
-    assert s.skipped["corrupt image"] == 1
-    assert f"{layouts[1][0]}:{key(CORRUPT)}.jpg: corrupt image" in lines[-1] and "(1 so far)" in lines[-1]
-    assert sum(f"{layouts[1][0]}:" in line for line in lines) == sum(s.skipped.values())  # a line each
+    assert s.skipped == {**EPOCH_SKIPS, "corrupt image": 1}
+    assert lines[-1].startswith(f"webdataset: consumer 0 of 1: {layouts[1][0]}:{key(CORRUPT)}.jpg: corrupt image, "
+                                f"replaced by the nearest good sample of its batch (skipped so far: ")
+    assert counts_in(lines[-1]) == s.skipped and len(lines) == sum(s.skipped.values())  # a line each, so far
 
     one = stream(layouts[1], 0, 1, enc, batch_size=1)
     k = next(k for k in range(N) if one.samples(k)[0].key == key(CORRUPT))
     with pytest.raises(ValueError, match=re.escape(f"webdataset shards {layouts[1][0]}: no image of batch {k}")):
         one.batch(k)
+
+
+def counts_in(line):
+    """{reason: count} of a skip's log line: '... (skipped so far: reason: n, reason: n)'."""
+    counts = re.search(r"\(skipped so far: (.*?)(; from here on .*)?\)$", line).group(1)
+    return dict((r, int(n)) for r, n in (part.rsplit(": ", 1) for part in counts.split(", ")))
+
+
+def test_skips_are_logged_ten_then_at_powers_of_two_with_the_counts(layouts, enc, monkeypatch):
+    """Thirty epochs of a tar with five bad samples: the log is the one a line a skip would
+    be, cut to the first ten lines and those whose count of skips is a power of two (the
+    tenth saying so), each with the counts so far."""
+    def thirty_epochs():
+        lines = []
+        s = stream(layouts[1], 0, 1, enc, log=lines.append)
+        assert [e for e, _, _ in itertools.islice(s.walk(), 30)] == list(range(30))
+        return s, lines
+    s, logged = thirty_epochs()
+    monkeypatch.setattr(data, "LOGGED_SKIPS", 10 ** 9)
+    _, every = thirty_epochs()
+    assert s.skipped == {reason: 30 * n for reason, n in EPOCH_SKIPS.items()} and len(every) == 150
+    for i, line in enumerate(every):
+        count = Counter(counts_in(line))
+        (reason, one), = (count - Counter(counts_in(every[i - 1]) if i else {})).items()  # one more, of one reason
+        assert one == 1 and sum(count.values()) == i + 1 and f": {reason}, passed over (" in line
+    kept = [i for i in range(150) if i < 10 or (i + 1) & i == 0]
+    assert kept[10:] == [15, 31, 63, 127] and len(logged) == len(kept)
+    note = "; from here on a skip is logged when the count reaches a power of two)"
+    assert logged == [every[i][:-1] + note if i == 9 else every[i] for i in kept]
 
 
 # -----------------------------------------------------------------------------
@@ -288,8 +344,8 @@ def test_preparation_prepares_val_and_points_at_the_train_shards(layouts, tmp_pa
     assert np.array_equal(ds.array("val", "images")[:], np.stack([reference[k][0] for k in kept]))
     assert np.array_equal(ds.array("val", "tokens")[:], np.stack([reference[k][1] for k in kept])[:, None])
     assert ds.array("val", "n_captions").tolist() == [1, 1, 1] and ds.array("val", "scene").tolist() == [0, 1, 2]
-    with open(os.path.join(out, "report.json")) as f:
-        report = json.load(f)
+    assert ds.captions("val") == [[sample_members(k)["txt"].decode()] for k in (3, 4, 26)]
+    report = read_json(os.path.join(out, "report.json"))
     assert report["splits"]["train"]["kept"] == {"shards": 3, "samples": N}
     assert report["skipped"] == {"empty caption": 1, "caption too long": 1, "no valid caption": 2, "no image": 1,
                                  "caption not UTF-8": 1, "corrupt image": 1}
@@ -311,6 +367,46 @@ def test_preparation_prepares_val_and_points_at_the_train_shards(layouts, tmp_pa
         brute = [[((batch[i, r:r + 4, c:c + 4].reshape(-1) / 255.0 - centroids) ** 2).sum(1).argmin()
                   for r in range(0, S, 4) for c in range(0, S, 4)] for i in range(len(batch))]
         assert np.array_equal(codes, brute)
+
+
+def test_empty_shards_are_walked_past_and_left_out_of_a_prepared_stream(layouts, tmp_path, tokenizer_dir, enc):
+    empty = [write_tar(tmp_path / f"empty{i}.tar", []) for i in range(3)]
+    useless = write_tar(tmp_path / "useless.tar", [NO_IMAGE, 5, 13])  # no image, no caption, not UTF-8
+    full, lines = layouts[3][0], []  # samples 0, 3, 6, ...
+    in_full = [k for k in VALID if int(k.split("/")[1]) % 3 == 0]
+    for c in range(2):  # two shards of four an epoch: half the epochs give a consumer nothing
+        s = stream([*empty[:2], full, useless], c, 2, enc, batch_size=4, log=lines.append)
+        found = Counter()
+        for epoch, _, samples in itertools.islice(s.walk(), 2 * 12):
+            found[epoch] += len(samples)
+        assert sorted(found) == list(range(12)) and 0 in found.values() and set(found.values()) == {0, len(in_full)}
+        keys = [x.key for k in range(8) for x in s.samples(k)]
+        assert len(keys) == 32 and set(keys) == set(in_full)
+    dry = [*empty, useless]
+    with pytest.raises(ValueError, match=re.escape(f"webdataset shards {', '.join(dry[:3])} ... (4 in all): consumer 1 "
+                                                   f"of 2 found no sample with an image and a usable caption in every "
+                                                   f"shard it read whole since its last valid sample")):
+        stream(dry, 1, 2, enc).samples(0)
+    one = write_tar(tmp_path / "one.tar", [0])  # fewer shards than consumers: the one sample is consumer 0's
+    assert [x.key for x in stream([one], 0, 2, enc, batch_size=3).samples(0)] == [key(0)] * 3
+    with pytest.raises(ValueError, match="consumer 1 of 2 found no sample .* in its share of the samples in 2 epochs"):
+        stream([one], 1, 2, enc).samples(0)
+
+    argv = ["--val", write_tar(tmp_path / "val.tar", [3, 4]), "--tokenizer", tokenizer_dir, "--image_size", str(S),
+            "--context_length", str(T), "--workers", "1"]
+    out = str(tmp_path / "wds")
+    data.main(["webdataset", "--train", ",".join([empty[0], full, empty[1], useless]), "--out", out, *argv])
+    assert data.Dataset(out).stream == {"shards": [full], "samples": len(range(0, N, 3))}
+    report = read_json(os.path.join(out, "report.json"))["splits"]["train"]
+    assert report["kept"] == {"shards": 1, "samples": len(range(0, N, 3))} and report["skipped"] == {"empty shard": 3}
+    assert report["first_skipped"] == [dict(item=empty[0], reason="empty shard", detail="no sample"),
+                                       dict(item=empty[1], reason="empty shard", detail="no sample"),
+                                       dict(item=useless, reason="empty shard",
+                                            detail="3 samples, none with an image and a UTF-8 caption")]
+    with pytest.raises(SystemExit, match=re.escape("error: webdataset shards " + ",".join(dry) + ": no sample with an "
+                                                   "image and a UTF-8 caption in them (skipped: empty shard: 4)")):
+        data.main(["webdataset", "--train", ",".join(dry), "--out", str(tmp_path / "none"), *argv])
+    assert not os.path.exists(tmp_path / "none")
 
 
 # -----------------------------------------------------------------------------
