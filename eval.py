@@ -59,8 +59,8 @@ Protocols (real captioned images, a dataset of kind 'captions'): as above, excep
   (pycocoevalcap) computes them: corpus BLEU with the closest reference length; CIDEr-D
   (1- to 4-grams, sigma 6, clipped, times 10) with document frequencies from the references
   of the evaluated images. Both sides are tokenised as its PTBTokenizer does (coco_tokenize,
-  which differs in rare cases). What is scored is the decoded token rows, so what the
-  dataset's tokenizer normalises (CLIP's lower case and spacing) is normalised on both sides.
+  which differs in rare cases). The references are the captions as the source wrote them
+  ({split}.captions.json; in a dataset without it, the decoded token rows).
 - No held-out part, unless the dataset marks test images as held out (test.heldout).
 """
 
@@ -467,8 +467,10 @@ def evaluate_split(model, ds, split, device, select=None, ctx=nullcontext(), rer
         codes = ds.codes(split, cfg.patch_size, cfg.n_codes)[idx]
         out.update(electra_evaluation(model, images, tokens[:, 0], codes, device, ctx=ctx))
     captions = generate_captions(model, ds.tokenizer, images, device, ctx=ctx)
-    if kind == "captions":
-        references = [[data.decode_tokens(ds.tokenizer, row) for row in tokens[i, :n_captions[i]]] for i in range(N)]
+    if kind == "captions":  # the references as written (captions.json), else as the token rows decode
+        written = ds.captions(split)
+        references = [written[i] for i in idx] if written is not None else \
+            [[data.decode_tokens(ds.tokenizer, row) for row in tokens[i, :n_captions[i]]] for i in range(N)]
         out.update(caption_scores(captions, references))
     else:
         objects = ds.array(split, "objects")[idx]

@@ -1733,15 +1733,15 @@ def hf_clip_config(cfg):
                       logit_scale_init_value=math.log(1 / 0.07), nanovlp_specials=specials)
 
 
-def export_hf_clip(model, path):
+def export_hf_clip(model, path, write_extra=None):
     """Write model's ViT, text transformer, their projections and logit_scale as a Hugging
     Face CLIP directory that transformers.CLIPModel.from_pretrained loads with equal
     embeddings and logits: config.json (hf_clip_config), model.safetensors (float32), and
     preprocessor_config.json (CLIPImageProcessor's: bicubic resize of the short side and
     centre crop to image_size, as data.load_image, then our image_mean and image_std).
-    Nothing else goes out: not the converter, generator, heads, momentum copy or prompts, nor
-    tokenizer files. Written to a temporary directory beside path, then renamed; path must
-    not exist yet."""
+    Nothing else goes out: not the converter, generator, heads, momentum copy or prompts.
+    write_extra(directory), if given, writes more files (the tokenizer's: sample.py export).
+    Written to a temporary directory beside path, then renamed; path must not exist yet."""
     from transformers import CLIPModel
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists: export_hf_clip writes a new directory")
@@ -1760,6 +1760,8 @@ def export_hf_clip(model, path):
         hf.save_pretrained(tmp)
         with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
             json.dump(pre, f, indent=2)
+        if write_extra is not None:
+            write_extra(tmp)
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,7 +7,7 @@ Use a trained nanoVLP checkpoint on image files.
     python sample.py classify a.png --labels "small red circle" "large blue square" --template "a {}"
     python sample.py --ckpt out-instruct/ckpt.pt answer a.png b.png --question "which image has the most objects?"
     python sample.py --ckpt out-prompt/seed0/ckpt.pt detect a.png --classes star moon --out a.detect.png
-    python sample.py export --out clip-hf    # the ViT and text transformer as a Hugging Face CLIP directory
+    python sample.py export --out clip-hf    # the towers and the tokenizer as a Hugging Face CLIP directory
 
 Every command takes --ckpt (default out/ckpt.pt) and --device. Images of any common mode
 (RGB, RGBA, L, P, CMYK, 16-bit) are converted to RGB, resized on the short side and
@@ -143,11 +143,13 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     size = model.cfg.image_size
     if args.command == "export":
-        try:
-            export_hf_clip(model, args.out)
+        tok = ckpt["tokenizer"]
+        try:  # with the tokenizer's vocab.json and merges.txt: CLIPTokenizer and --init_from read them
+            export_hf_clip(model, args.out, lambda folder: data.hf_tokenizer_files(tok["kind"], tok["bpe"], folder))
         except (ValueError, OSError) as e:
             raise SystemExit(f"error: {e}") from None
-        print(f"wrote {args.out}: load it with transformers.CLIPModel.from_pretrained({args.out!r})")
+        print(f"wrote {args.out}: load it with transformers.CLIPModel.from_pretrained({args.out!r}) and "
+              f"CLIPTokenizer.from_pretrained({args.out!r})")
     elif args.command == "caption":
         images = load_images(args.images, size)
         generator = torch.Generator(args.device).manual_seed(args.seed)

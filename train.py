@@ -42,7 +42,7 @@ from model import (VLM, VLMConfig, all_gather, dist_info, draw_noise, fp32, pret
                    uses_electra)
 
 STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
-CAPTION_DRAWS = 720720  # the least common multiple of 1..16: divisible by every count of distinct captions
+CAPTION_DRAWS = 720720  # the least common multiple of 1..16: divisible by every count of valid captions
 PRETRAINING = ("pretrain", "finetune")  # the stages whose steps are pretraining steps (every objective, M1-M8)
 
 
@@ -341,8 +341,11 @@ def fit_model_to_data(mcfg, ds):
 
 
 def check_tokenizer(ckpt, ds):
-    """Stop if a checkpoint's tokenizer is not the dataset's: its token ids would mean other words."""
-    if ckpt["tokenizer"] != {"kind": ds.meta["tokenizer"]["kind"], "bpe": ds.bpe_text}:
+    """Stop if a checkpoint's tokenizer is not the dataset's: its token ids would mean other
+    words. The world's BPE and GPT-2's are one kind of encoding (sample.py export writes the
+    world's as GPT-2 files), so between those two only the ranks are compared."""
+    kind = lambda k: "gpt2" if k == "bpe" else k  # noqa: E731
+    if (kind(ckpt["tokenizer"]["kind"]), ckpt["tokenizer"]["bpe"]) != (kind(ds.meta["tokenizer"]["kind"]), ds.bpe_text):
         raise SystemExit(f"the tokenizer of the starting weights ({ckpt['data_path']}) is not that of {ds.path}: "
                          f"use the data they were trained on, or data prepared with their tokenizer (data.py --tokenizer)")
 
@@ -464,10 +467,10 @@ def prepared_fetch(cfg, ds, split, rank, world_size, electra):
         raise SystemExit(f"--train_images must be at least 0 (0: the whole split), got {cfg.train_images}")
     n_train = min(ds.split_size(split), cfg.train_images or ds.split_size(split))
     n_captions = ds.array(split, "tokens").shape[1]
-    # real data: an image may have fewer distinct captions than slots (data.py repeats them to
+    # real data: an image may have fewer valid captions than slots (data.py repeats them to
     # fill the slots); a draw from [0, CAPTION_DRAWS) modulo its count picks one of them uniformly
-    distinct = ds.array(split, "n_captions") if ds.has(split, "n_captions") else None
-    if distinct is not None:
+    valid = ds.array(split, "n_captions") if ds.has(split, "n_captions") else None
+    if valid is not None:
         if n_captions > 16:
             raise SystemExit(f"{ds.path}: {n_captions} caption slots per image; at most 16 are drawn from uniformly")
         n_captions = CAPTION_DRAWS
@@ -479,8 +482,8 @@ def prepared_fetch(cfg, ds, split, rank, world_size, electra):
     def fetch(micro_step):
         idx, caption = data.batch_indices(n_train, cfg.batch_size, micro_step, cfg.seed, rank, world_size,
                                           cfg.grad_accum, n_captions)
-        if distinct is not None:
-            caption = caption % distinct[idx]
+        if valid is not None:
+            caption = caption % valid[idx]
         images, tokens = ds.image_text_batch(split, idx, caption)
         parts = dict(images=images, tokens=tokens.astype(np.int64))
         if clean:

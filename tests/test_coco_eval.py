@@ -3,6 +3,7 @@ and the evaluation of a real captioned dataset against direct computations."""
 
 import json
 import math
+import os
 import random
 import shutil
 
@@ -247,3 +248,19 @@ def test_another_split_is_evaluated_alone_and_an_unknown_one_named(captioned, mo
     assert out == evaluation.evaluate_split(model.eval(), ds, "test", "cpu", np.arange(ds.split_size("test")))
     with pytest.raises(ValueError, match="no captioned split 'nope'; it has val, test"):
         evaluation.evaluate(model, ds, "cpu", split="nope")
+
+
+def test_references_are_the_captions_as_written_where_the_dataset_keeps_them(captioned, model, evaluated, tmp_path):
+    """With {split}.captions.json the references are its texts, not the decoded token rows:
+    here each image's are the next image's texts, which changes the scores."""
+    ds, texts = captioned
+    path = str(tmp_path / "with-captions")
+    shutil.copytree(ds.path, path)
+    written = texts[1:] + texts[:1]
+    with open(os.path.join(path, "val.captions.json"), "w") as f:
+        json.dump(written, f)
+    out = evaluation.evaluate(model, data.Dataset(path), "cpu", rerank_k=1000)
+    captions = evaluation.generate_captions(model, ds.tokenizer, ds.array("val", "images"), "cpu")
+    expected = evaluation.caption_scores(captions, written)
+    assert {k: out[k] for k in expected} == expected
+    assert out["caption_cider"] != evaluated["caption_cider"]

@@ -13,6 +13,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPModel
 
 import data
+import sample
 import train
 from model import VLM
 from test_real_data import CORPUS, train_vocab, write_vocab
@@ -22,14 +23,16 @@ S, T = 32, 16  # the CLIP's image size and context length
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    """A random CLIPModel saved by save_pretrained, with a CLIP-style vocab.json and merges.txt."""
+    """A random CLIPModel saved by save_pretrained, with a CLIP-style vocab.json and merges.txt;
+    its config names <bos> and <eos> 0 and 2, as OpenAI's hub configs do (they are the
+    vocabulary's last two)."""
     vocab, merges = train_vocab(CORPUS * 3, 200, clip=True)
     path = write_vocab(tmp_path_factory.mktemp("hf-clip"), vocab, merges)
     V = len(vocab)
     common = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5)
     config = CLIPConfig(
         text_config=dict(vocab_size=V, hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=T, bos_token_id=V - 2, eos_token_id=V - 1, **common),
+                         max_position_embeddings=T, bos_token_id=0, eos_token_id=2, **common),
         vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                            image_size=S, patch_size=8, **common), projection_dim=24)
     torch.manual_seed(0)
@@ -96,6 +99,26 @@ def test_a_coco_folder_trains_from_a_hugging_face_clip(tmp_path, clip_dir, coco)
     for k in ("retrieval_i2t_r1", "retrieval_t2i_r5", "itm_auc", "caption_bleu4", "caption_cider"):
         assert np.isfinite(metrics[k]), k
     assert not any(k.startswith(("heldout_", "zeroshot_", "caption_parse")) for k in metrics)
+    # the trained towers exported with their tokenizer start a run on the same data again
+    exported = str(tmp_path / "exported")
+    sample.main(["--ckpt", os.path.join(trained, "ckpt.pt"), "export", "--out", exported])
+    again = str(tmp_path / "again")
+    run(again, f"--data={coco}", f"--init_from={exported}", "--max_iters=1", "--lr=0", "--min_lr=0")
+    restarted = torch.load(os.path.join(again, "ckpt.pt"), weights_only=True)["model"]
+    for k in towers:
+        assert torch.equal(restarted[k], state[k]), k
+
+
+def test_a_hugging_face_start_is_drawn_from_the_seed(clip_dir):
+    """The parts a CLIP does not have start from the run's seed: the same seed, the same
+    weights (every rank, every rerun); another seed, other fresh parts and the same towers."""
+    a, b, c = (train.hf_init(clip_dir, "", {}, seed)["model"] for seed in (1, 1, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh = [k for k in a if not torch.equal(a[k], c[k])]
+    assert fresh and all(k.startswith(("converter.", "generator.", "itm_head.", "rtd_head.", "r2d_head.", "momentum.",
+                                       "text.token_embedding", "text.lm_head")) for k in fresh), fresh
+    V = CLIPConfig.from_pretrained(clip_dir).text_config.vocab_size
+    assert torch.equal(a["text.token_embedding.weight"][:V], c["text.token_embedding.weight"][:V])
 
 
 def test_a_clip_start_on_data_of_another_tokenizer_stops_with_a_message(tmp_path, clip_dir):
@@ -258,7 +281,8 @@ def test_webdataset_shards_train_with_flip(tmp_path, tiny_world):
                     info.size = len(content)
                     tar.addfile(info, io.BytesIO(content))
         return str(path)
-    shards = [write_tar(tmp_path / f"{i:03d}.tar", range(i * 20, i * 20 + 20)) for i in range(2)]
+    for i in range(2):
+        write_tar(tmp_path / f"{i:03d}.tar", range(i * 20, i * 20 + 20))
     val = write_tar(tmp_path / "val.tar", range(100, 112))
     prepared = str(tmp_path / "wds")
     data.main(["webdataset", "--train", f"{tmp_path}/{{000..001}}.tar", "--val", val, "--out", prepared,
