@@ -886,7 +886,8 @@ def train(cfg, ckpt=None, init=None):
         raise SystemExit(f"--stage {cfg.stage}: {e}") from None
     if init is not None:
         load_weights(model, init["model"], strict=cfg.stage == "pretrain", log=print if master else lambda *a: None)
-    if uses_electra(cfg.model) and cfg.stage in PRETRAINING:  # the data's own codebook: its codes are the MOC targets (an init's may be another's)
+    if uses_electra(cfg.model) and cfg.stage in PRETRAINING:
+        # the data's own codebook: its codes are the MOC targets (an init's may be another's)
         model.codebook.copy_(torch.from_numpy(ds.codebook(cfg.model.patch_size, cfg.model.n_codes)))
     freeze_for_stage(model, cfg.stage, cfg.train_vit)
     model.to(device)
@@ -1046,7 +1047,7 @@ def hf_init(name, text, model_changes, seed):
     must have been prepared with (data.py --tokenizer). The parts that start fresh are drawn
     from seed, so every rank, and every run of the same seed, starts from the same weights."""
     try:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[]):  # built on the CPU: no GPU's generator is touched
             torch.manual_seed(seed)
             model = VLM.from_pretrained(name, text=text or None, **model_changes)
         kind, bpe = data.hf_tokenizer(text or name)
