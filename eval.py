@@ -947,6 +947,9 @@ def main():
     except FileNotFoundError as e:
         raise SystemExit(str(e))
     ds = data.Dataset(args.data or ckpt["data_path"])
+    if args.split != "val" and (model.cfg.prompt or model.cfg.instruct):
+        raise SystemExit("error: --split is for pretraining checkpoints; the prompt and instruct stages evaluate "
+                         "their own val splits")
     if model.cfg.prompt:
         names = ckpt["config"]["classes"].split(",")
         metrics = evaluate_prompt(model, ds, args.device, names,
@@ -955,7 +958,8 @@ def main():
         metrics = evaluate_instruct(model, ds, args.device)
     else:
         try:
-            metrics = evaluate(model, ds, args.device, rerank_k=args.rerank_k, split=args.split)
+            metrics = evaluate(model, ds, args.device, rerank_k=args.rerank_k, split=args.split,
+                               heldout=args.split == "val")  # the held-out part goes with the val metrics
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         if args.split != "val":  # beside the val metrics in eval.json, not over them

@@ -42,6 +42,7 @@ from model import (VLM, VLMConfig, all_gather, dist_info, draw_noise, fp32, pret
                    uses_electra)
 
 STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
+FLIP_STREAM = 0x666C6970  # 'flip': its random stream's key, apart from data.py's (seed, epoch, ...) streams
 CAPTION_DRAWS = 720720  # the least common multiple of 1..16: divisible by every count of valid captions
 PRETRAINING = ("pretrain", "finetune")  # the stages whose steps are pretraining steps (every objective, M1-M8)
 
@@ -516,7 +517,7 @@ def flip_draw(cfg, micro_step, rank, world_size):
     place of the optimizer step's whole batch (as data.batch_indices orders it), so the draw
     does not depend on how the step is split."""
     t, i = divmod(micro_step, cfg.grad_accum)
-    u = np.random.default_rng([cfg.seed, 3, t]).random(cfg.batch_size * cfg.grad_accum * world_size)
+    u = np.random.default_rng([cfg.seed, FLIP_STREAM, t]).random(cfg.batch_size * cfg.grad_accum * world_size)
     start = (rank * cfg.grad_accum + i) * cfg.batch_size
     return u[start:start + cfg.batch_size] < 0.5
 
