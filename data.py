@@ -11,6 +11,10 @@ A prepared dataset is a directory:
     {split}.scene.npy          (N,) int64 id of the scene each image shows (see scene_id)
     {split}.objects.npy        (N, 3, 7) int16 shape, colour, size, x0, y0, x1, y1 (-1: none)
     {split}.classmap.npy       (N, S, S) uint8 per-pixel class: 0 background, 1 + shape index
+    codebook-p{p}-k{K}.npy     (K, p*p*3) float32 visual codebook of p x p patches (prepare_codebook,
+                               written when training first needs it)
+    {split}.codes-p{p}-k{K}.npy  (N, P) int16 the nearest code of each patch of the split's images
+    report.json                (real data) what the preparation kept and skipped, and why
 and, for some splits, extra arrays (web corruption, held-out flags, multi-image questions;
 in a set cleaned by CapFilt (train.py --stage capfilt), each caption slot's source and each
 image's index in the split it came from). That is the shapes world (meta kind 'shapes').
@@ -23,7 +27,8 @@ Real data comes in three kinds, each with a report.json of what was kept and ski
               source wrote them, in slot order (Dataset.captions; what BLEU and CIDEr score
               against). From webdataset shards (img2dataset's tars of key.jpg + key.txt) the
               train split is not prepared but streamed from its shards (meta stream: the
-              paths of those not empty and their sample count; ShardStream), val prepared (C = 1)
+              paths of those not empty, each one's sample count and their sum; ShardStream),
+              val prepared (C = 1)
   'masks'     splits novel_train, novel_val (read by the prompt stage): images; classmap, the
               mask values (0 background); objects (N, R, 7) int16, a row per 8-connected region
               of one class: class value - 1, -1, -1, x0, y0, x1, y1 (-1 rows pad); meta classes
@@ -54,6 +59,7 @@ import base64
 import csv
 import glob
 import hashlib
+import heapq
 import html
 import io
 import itertools
@@ -354,7 +360,8 @@ def parse_caption(text):
 
 
 # -----------------------------------------------------------------------------
-# the tokenizer: byte-level BPE trained on the world's texts, used through tiktoken
+# tokenizers, used through tiktoken: the world's byte-level BPE trained on its texts, and
+# GPT-2's and CLIP's read from (and written as) Hugging Face files
 
 
 def train_bpe(texts, max_merges=2000):
@@ -489,19 +496,6 @@ def hf_bpe_ranks(vocab, merges, end_of_word=""):
     return ranks
 
 
-def write_file(file, content):
-    """Write content (text, or an array as np.save writes it) to a temporary file of this
-    process's own, then rename it to file: a reader, or another process writing the same
-    file, never meets a half-written one."""
-    tmp = f"{file}.tmp-{os.getpid()}{os.path.splitext(file)[1]}"
-    if isinstance(content, str):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(content)
-    else:
-        np.save(tmp, content)
-    os.replace(tmp, file)
-
-
 def hf_files(name_or_path, names):
     """Local paths of files of a Hugging Face model: in a directory, or downloaded from the hub
     (huggingface_hub's cache)."""
@@ -564,55 +558,6 @@ def hf_tokenizer(name_or_path):
     return kind, bpe_to_text(ranks)
 
 
-def bpe_parts(token, ranks, below):
-    """The parts byte-level BPE leaves of token's bytes with only the ranks below `below`
-    (tiktoken's rule: the adjacent pair whose join ranks lowest is joined first)."""
-    parts = [token[i:i + 1] for i in range(len(token))]
-    while len(parts) > 1:
-        joins = [ranks.get(a + b, below) for a, b in zip(parts, parts[1:])]
-        best = min(range(len(joins)), key=joins.__getitem__)
-        if joins[best] >= below:
-            break
-        parts[best:best + 2] = [parts[best] + parts[best + 1]]
-    return parts
-
-
-def hf_tokenizer_files(kind, bpe_text, folder):
-    """Write a tokenizer, (kind, bpe_text) as get_tokenizer takes them, into folder as Hugging
-    Face's vocab.json and merges.txt: what transformers' CLIPTokenizer ('clip') or
-    GPT2Tokenizer ('gpt2') loads with our ids, and hf_tokenizer reads back as (kind,
-    bpe_text). The world's 'bpe' is a GPT-2 kind of BPE (GPT-2's pattern, <|endoftext|> right
-    after the ranks): it is written as one, and read back as 'gpt2' (the same encoding). The
-    merges, in rank order: for each token not of the base (a byte; for CLIP also a byte with
-    '</w>', the trailing space byte here), the two parts BPE joins into it (bpe_parts with the
-    ranks below its own); raises ValueError for a token that is not one join of lower ranked
-    tokens. Each file written atomically. Returns the two paths."""
-    if kind not in ("clip", "gpt2", "bpe"):
-        raise ValueError(f"unknown tokenizer {kind!r}: expected 'clip', 'gpt2' or 'bpe'")
-    clip, char = kind == "clip", bytes_to_unicode()
-    ranks = bpe_from_text(bpe_text)
-
-    def name(token):  # as Hugging Face writes a token: byte characters, CLIP's word end as '</w>'
-        word_end = clip and len(token) > 1 and token.endswith(b" ")
-        return "".join(char[b] for b in token[:len(token) - word_end]) + END_OF_WORD * word_end
-
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda x: x[1]):
-        if not (len(token) == 1 or clip and len(token) == 2 and token.endswith(b" ")):  # not a base token
-            parts = bpe_parts(token, ranks, rank)
-            if len(parts) != 2:
-                raise ValueError(f"{kind} token {token!r} (rank {rank}) is not one join of two lower ranked tokens "
-                                 f"(BPE leaves {len(parts)} parts): it has no Hugging Face merge")
-            merges.append(f"{name(parts[0])} {name(parts[1])}\n")
-    specials = (BOS, EOS) if clip else (EOS,)
-    vocab = {**{name(t): r for t, r in ranks.items()}, **{t: len(ranks) + k for k, t in enumerate(specials)}}
-    os.makedirs(folder, exist_ok=True)
-    paths = [os.path.join(folder, n) for n in ("vocab.json", "merges.txt")]
-    write_file(paths[0], json.dumps(vocab, ensure_ascii=False))
-    write_file(paths[1], "#version: 0.2\n" + "".join(merges))
-    return paths
-
-
 def get_tokenizer(kind, bpe_text=None):
     """The encoding of a prepared dataset's tokenizer from the text of its tiktoken file:
     'bpe' the world's; 'gpt2' GPT-2's (without a text, tiktoken's own file, which must be
@@ -650,6 +595,67 @@ def load_tokenizer(spec):
 def tokenizer_meta(kind, enc):
     """The tokenizer entry of meta.json (write_meta adds its file)."""
     return dict(kind=kind, n_vocab=enc.n_vocab, special_tokens={t: enc.encode_single_token(t) for t in SPECIAL_TOKENS})
+
+
+def bpe_parts(token, ranks, below):
+    """The parts byte-level BPE leaves of token's bytes with only the ranks below `below`
+    (tiktoken's rule: the adjacent pair whose join ranks lowest is joined first)."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 1:
+        joins = [ranks.get(a + b, below) for a, b in zip(parts, parts[1:])]
+        best = min(range(len(joins)), key=joins.__getitem__)
+        if joins[best] >= below:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+HF_TOKENIZER_CLASSES = {"clip": "CLIPTokenizer", "gpt2": "GPT2Tokenizer", "bpe": "GPT2Tokenizer"}  # by our kind
+
+
+def hf_tokenizer_files(kind, bpe_text, folder):
+    """Write a tokenizer, (kind, bpe_text) as get_tokenizer takes them, into folder as Hugging
+    Face's vocab.json, merges.txt and tokenizer_config.json: transformers.AutoTokenizer loads
+    them as the kind's class (HF_TOKENIZER_CLASSES) giving our token rows, <bos> text <eos>
+    <pad>... with padding="max_length" (encode_texts), and hf_tokenizer reads them back as
+    (kind, bpe_text). The world's 'bpe' is a GPT-2 kind of BPE (GPT-2's pattern,
+    <|endoftext|> right after the ranks): it is written as one, and read back as 'gpt2' (the
+    same encoding). vocab.json holds the ranks and the kind's own specials (CLIP's
+    <|startoftext|> and <|endoftext|>, GPT-2's <|endoftext|>); tokenizer_config.json names
+    bos, eos and pad, has a GPT2Tokenizer add bos and eos as CLIPTokenizer does, and lists
+    every special of ours at its id. The merges, in rank order: for each token not of the
+    base (a byte; for CLIP also a byte with '</w>', the trailing space byte here), the two
+    parts BPE joins into it (bpe_parts with the ranks below its own); raises ValueError for
+    a token that is not one join of lower ranked tokens. Each file written atomically.
+    Returns the three paths."""
+    if kind not in HF_TOKENIZER_CLASSES:
+        raise ValueError(f"unknown tokenizer {kind!r}: expected 'clip', 'gpt2' or 'bpe'")
+    clip, char = kind == "clip", bytes_to_unicode()
+    ranks = bpe_from_text(bpe_text)
+
+    def name(token):  # as Hugging Face writes a token: byte characters, CLIP's word end as '</w>'
+        word_end = clip and len(token) > 1 and token.endswith(b" ")
+        return "".join(char[b] for b in token[:len(token) - word_end]) + END_OF_WORD * word_end
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda x: x[1]):
+        if not (len(token) == 1 or clip and len(token) == 2 and token.endswith(b" ")):  # not a base token
+            parts = bpe_parts(token, ranks, rank)
+            if len(parts) != 2:
+                raise ValueError(f"{kind} token {token!r} (rank {rank}) is not one join of two lower ranked tokens "
+                                 f"(BPE leaves {len(parts)} parts): it has no Hugging Face merge")
+            merges.append(f"{name(parts[0])} {name(parts[1])}\n")
+    ids = tokenizer_meta(kind, get_tokenizer(kind, bpe_text))["special_tokens"]
+    vocab = {**{name(t): r for t, r in ranks.items()}, **{t: ids[t] for t in ((BOS, EOS) if clip else (EOS,))}}
+    config = dict(tokenizer_class=HF_TOKENIZER_CLASSES[kind], bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                  **({} if clip else dict(add_bos_token=True, add_eos_token=True)),
+                  added_tokens_decoder={str(ids[t]): dict(content=t, special=True) for t in SPECIAL_TOKENS})
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, n) for n in ("vocab.json", "merges.txt", "tokenizer_config.json")]
+    write_file(paths[0], json.dumps(vocab, ensure_ascii=False))
+    write_file(paths[1], "#version: 0.2\n" + "".join(merges))
+    write_file(paths[2], json.dumps(config, indent=1))
+    return paths
 
 
 def encode_checked(enc, texts, length):
@@ -696,40 +702,100 @@ def decode_tokens(enc, ids):
     return enc.decode(out)
 
 
-# mirrored images: a caption that says left or right must say the other
-FLIP_WORDS = regex.compile(r"\b(left|right)(?=(?:most|wards?)?\b)", regex.IGNORECASE)
-# 'right' where it is not a side ('all right', 'right now', 'right next to', 'right behind'...):
-# swapping it would say something else, so mirror leaves such a caption and its image alone
-NOT_A_SIDE = regex.compile(r"\b(?:all\s+right|right\s+(?:next\s+to|now|away|here|there|behind|beside|in|on|at|by|up|"
-                           r"into|outside|inside|under|over|below|above|before|after))\b", regex.IGNORECASE)
+# -----------------------------------------------------------------------------
+# writing prepared datasets
 
 
-def flip_caption(text):
-    """The caption of the image mirrored left to right: 'left' and 'right' swapped where they
-    are a word or begin leftmost, rightward(s)..., in the case they were written in. Every
-    such word is swapped: mirror does not flip a caption where 'right' is not a side
-    (NOT_A_SIDE: 'all right', 'right now', 'right behind'...)."""
-    def swap(m):
-        word = {"left": "right", "right": "left"}[m.group(1).lower()]
-        return word.upper() if m.group(1).isupper() else word.capitalize() if m.group(1)[0].isupper() else word
-    return FLIP_WORDS.sub(swap, text)
+def write_file(file, content):
+    """Write content (text, or an array as np.save writes it) to a temporary file of this
+    process's own, then rename it to file: a reader, or another process writing the same
+    file, never meets a half-written one."""
+    tmp = f"{file}.tmp-{os.getpid()}{os.path.splitext(file)[1]}"
+    if isinstance(content, str):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content)
+    else:
+        np.save(tmp, content)
+    os.replace(tmp, file)
 
 
-def mirror(images, tokens, enc, flip):
-    """Images (B, S, S, 3) and token rows (B, T) with the rows where flip is true mirrored left
-    to right and their captions swapped to match (flip_caption); a row whose caption uses
-    'right' for something other than a side (NOT_A_SIDE), or whose swapped caption would not
-    fit the context, stays as it was, image and caption. Returns new arrays and the indices
-    of the rows mirrored."""
-    images, tokens = np.array(images), np.array(tokens)
-    rows = np.flatnonzero(flip)
-    texts = [decode_tokens(enc, tokens[i]) for i in rows]
-    swapped, problems = encode_checked(enc, [flip_caption(t) for t in texts], tokens.shape[1])
-    ok = np.array([p != "too long" and not NOT_A_SIDE.search(t) for p, t in zip(problems, texts)], bool)
-    rows = rows[ok] if len(rows) else rows
-    images[rows] = images[rows, :, ::-1]
-    tokens[rows] = swapped[ok]
-    return images, tokens, rows
+@contextmanager
+def staged_dataset(path, replace=False):
+    """A temporary directory to write a prepared dataset into, renamed to path when the block
+    ends, so a killed writer leaves nothing half-written (and an error in the block removes
+    it). A prepared dataset already at path is replaced, or with replace False kept (another
+    process was first); anything else there is an error."""
+    path = os.path.normpath(path)
+    if os.path.exists(path) and not os.path.exists(os.path.join(path, "meta.json")):
+        raise ValueError(f"{path} exists and is not a prepared dataset: not writing over it")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = f"{path}.old-{os.getpid()}"
+    if replace and os.path.exists(path):
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(old):  # the old one goes back: nothing is lost
+            os.rename(old, path)
+            raise
+        # else another process finished first: keep its copy
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def link_or_copy(src, dst):
+    """dst the same file as src (a hard link: no bytes copied), or a copy of it where the file
+    system cannot link them (another device, no hard links). A prepared file is never written
+    in place (a new one is written and renamed over it), so the two names stay equal."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def link_split_files(tmp, dataset, names):
+    """Put the arrays and caption lists of splits `names` of a prepared dataset into tmp
+    (link_or_copy; not their visual codes: a codebook belongs to its own train split); returns
+    their sizes."""
+    for name in names:
+        for file in sorted(os.listdir(dataset.path)):
+            if file.startswith(name + ".") and file.endswith((".npy", ".captions.json")) \
+                    and not file.startswith(f"{name}.codes-"):
+                link_or_copy(os.path.join(dataset.path, file), os.path.join(tmp, file))
+    return {name: dataset.split_size(name) for name in names}
+
+
+def write_meta(tmp, meta, sizes, bpe_text=None):
+    """meta.json (meta with the size of every split) and the tokenizer file (bpe_text)."""
+    if bpe_text is not None:
+        with open(os.path.join(tmp, "tokenizer.tiktoken"), "w") as f:
+            f.write(bpe_text)
+        meta = dict(meta, tokenizer=dict(meta["tokenizer"], file="tokenizer.tiktoken"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(dict(meta, splits=sizes), f, indent=1)
+
+
+def write_dataset(path, splits, meta, bpe_text=None, copy_from=None, copy_splits=(), replace=False):
+    """Write a prepared dataset (staged_dataset: atomically): every array of splits ({split:
+    {key: array}}) as {split}.{key}.npy, the files of splits copy_splits of the dataset
+    copy_from (link_split_files), the tokenizer file (bpe_text) and meta.json (meta, with the
+    size of every split). replace: as staged_dataset."""
+    with staged_dataset(path, replace) as tmp:
+        sizes = {}
+        for name, arrays in splits.items():
+            sizes[name] = len(arrays["sets"] if "sets" in arrays else arrays["images"])
+            for key, arr in arrays.items():
+                np.save(os.path.join(tmp, f"{name}.{key}.npy"), arr)
+        sizes.update(link_split_files(tmp, copy_from, copy_splits))
+        write_meta(tmp, meta, sizes, bpe_text)
+    return os.path.normpath(path)
 
 
 # -----------------------------------------------------------------------------
@@ -910,85 +976,6 @@ def gen_novel(rng, n, S, grid):
         for key, value in zip(arrays, (image, classmap, object_rows(objs, boxes))):
             arrays[key].append(value)
     return {key: np.stack(value) for key, value in arrays.items()}
-
-
-@contextmanager
-def staged_dataset(path, replace=False):
-    """A temporary directory to write a prepared dataset into, renamed to path when the block
-    ends, so a killed writer leaves nothing half-written (and an error in the block removes
-    it). A prepared dataset already at path is replaced, or with replace False kept (another
-    process was first); anything else there is an error."""
-    path = os.path.normpath(path)
-    if os.path.exists(path) and not os.path.exists(os.path.join(path, "meta.json")):
-        raise ValueError(f"{path} exists and is not a prepared dataset: not writing over it")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = f"{path}.old-{os.getpid()}"
-    if replace and os.path.exists(path):
-        os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if os.path.exists(old):  # the old one goes back: nothing is lost
-            os.rename(old, path)
-            raise
-        # else another process finished first: keep its copy
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def link_or_copy(src, dst):
-    """dst the same file as src (a hard link: no bytes copied), or a copy of it where the file
-    system cannot link them (another device, no hard links). A prepared file is never written
-    in place (a new one is written and renamed over it), so the two names stay equal."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def copy_split_files(tmp, copy_from, names):
-    """Put the arrays and caption lists of splits `names` of the dataset copy_from into tmp
-    (link_or_copy; not their visual codes: a codebook belongs to its own train split); returns
-    their sizes."""
-    for name in names:
-        for file in sorted(os.listdir(copy_from.path)):
-            if file.startswith(name + ".") and file.endswith((".npy", ".captions.json")) \
-                    and not file.startswith(f"{name}.codes-"):
-                link_or_copy(os.path.join(copy_from.path, file), os.path.join(tmp, file))
-    return {name: copy_from.split_size(name) for name in names}
-
-
-def write_meta(tmp, meta, sizes, bpe_text=None):
-    """meta.json (meta with the size of every split) and the tokenizer file (bpe_text)."""
-    if bpe_text is not None:
-        with open(os.path.join(tmp, "tokenizer.tiktoken"), "w") as f:
-            f.write(bpe_text)
-        meta = dict(meta, tokenizer=dict(meta["tokenizer"], file="tokenizer.tiktoken"))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(dict(meta, splits=sizes), f, indent=1)
-
-
-def write_dataset(path, splits, meta, bpe_text=None, copy_from=None, copy_splits=(), replace=False):
-    """Write a prepared dataset (staged_dataset: atomically): every array of splits ({split:
-    {key: array}}) as {split}.{key}.npy, the arrays of copy_splits copied from the dataset
-    copy_from, the tokenizer file (bpe_text) and meta.json (meta, with the size of every
-    split). replace: as staged_dataset."""
-    with staged_dataset(path, replace) as tmp:
-        sizes = {}
-        for name, arrays in splits.items():
-            sizes[name] = len(arrays["sets"] if "sets" in arrays else arrays["images"])
-            for key, arr in arrays.items():
-                np.save(os.path.join(tmp, f"{name}.{key}.npy"), arr)
-        sizes.update(copy_split_files(tmp, copy_from, copy_splits))
-        write_meta(tmp, meta, sizes, bpe_text)
-    return os.path.normpath(path)
 
 
 def world_dir(root, cfg, image_size, context_length):
@@ -1237,7 +1224,8 @@ class Report:
         return "\n".join(lines)
 
 
-def nothing_left(source, split, report):
+def nothing_left_error(source, split, report):
+    """The error of a split left with nothing usable, with the report's reasons."""
     unsplit = f"; before a split was known: {report.reasons(None)}" if NO_SPLIT in report.splits else ""
     return ValueError(f"{source}: nothing usable is left for split {split!r} "
                       f"(skipped: {report.reasons(split)}{unsplit})")
@@ -1250,14 +1238,20 @@ def text_reason(problem, what):
 
 def by_split(rows, source, report, expected):
     """{split: [row less its split]} of rows (split, ...), in the order of expected, each of
-    which must have rows (else the error of nothing_left)."""
+    which must have rows (else nothing_left_error)."""
     out = {split: [] for split in expected}
     for split, *rest in rows:
         out[split].append(tuple(rest))
     for split, items in out.items():
         if not items:
-            raise nothing_left(source, split, report)
+            raise nothing_left_error(source, split, report)
     return out
+
+
+def held_out(key, fraction):
+    """Whether an item goes to the held-out split: a hash of its key (a path, say) below
+    fraction, so the split does not depend on the order of the source."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") < fraction * 2 ** 64
 
 
 def two_splits(read, main, val, fraction, names, report, source):
@@ -1336,12 +1330,6 @@ def image_row(path, size):
     """An image file as a row of an images array (write_rows)."""
     pixels, mode, _ = read_image(path, size)
     return {"images": pixels}, mode, None
-
-
-def held_out(key, fraction):
-    """Whether an item goes to the held-out split: a hash of its key (a path, say) below
-    fraction, so the split does not depend on the order of the source."""
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") < fraction * 2 ** 64
 
 
 def read_json(path):
@@ -1538,7 +1526,7 @@ def captioned_split(tmp, split, items, enc, size, length, per_image, workers, re
     kept = write_rows(tmp, split, tasks, partial(image_row, size=size), {"images": ((size, size, 3), np.uint8)},
                       workers, report) if tasks else []
     if not kept:
-        raise nothing_left(source, split, report)
+        raise nothing_left_error(source, split, report)
     rows = [good[i] for i, _ in kept]
     n_captions = np.array([min(len(r), per_image) for r in rows], np.int16)
     slots = [[r[j % n] for j in range(per_image)] for r, n in zip(rows, n_captions)]  # repeated in order
@@ -1561,8 +1549,10 @@ def captioned_dataset(out, items, tokenizer, image_size, context_length, caption
     kept, repeated in order to fill the slots, and written as they are in {split}.captions.json
     (Dataset.captions). Every image is decoded (workers processes) and the unreadable skipped.
     With add, the splits go into the captioned dataset already at out (same tokenizer and
-    sizes), its other splits kept (linked, not copied: link_or_copy); else out is replaced.
-    extra_meta: more entries of meta.json (a streamed train split's). Returns out."""
+    sizes, else an error naming each field that differs), its other splits kept (linked, not
+    copied: link_split_files) with their report entries, and a streamed train split (meta
+    stream) too unless train is among the splits; else out is replaced. extra_meta: more
+    entries of meta.json (a streamed train split's). Returns out."""
     kind, bpe_text = tokenizer
     enc = get_tokenizer(kind, bpe_text)
     report = report or Report()
@@ -1572,13 +1562,24 @@ def captioned_dataset(out, items, tokenizer, image_size, context_length, caption
                 source={split: source for split in items}, **(extra_meta or {}))
     keep = []
     if old is not None:
-        same = {k: old.meta.get(k) for k in ("kind", "image_size", "context_length", "captions_per_image")}
-        if same != {k: meta[k] for k in same} or (old.meta["tokenizer"]["kind"], old.bpe_text) != (kind, bpe_text):
-            raise ValueError(f"{out} holds {same} with another tokenizer or sizes than asked: prepare into a new --out")
+        fields = ("kind", "image_size", "context_length", "captions_per_image")
+        differ = [f"{k} {old.meta.get(k)} there, {meta[k]} asked" for k in fields if old.meta.get(k) != meta[k]]
+        old_kind, old_text = old.meta["tokenizer"]["kind"], old.bpe_text or ""
+        if (old_kind, old_text) != (kind, bpe_text):
+            n_old, n_new = (text.count("\n") for text in (old_text, bpe_text))  # a line a rank
+            differ.append(f"tokenizer {old_kind} of {n_old} ranks there, {'other ' * (old_kind == kind)}{kind} of "
+                          f"{n_new} ranks asked")
+        if differ:
+            raise ValueError(f"{out} holds a dataset of other sizes or another tokenizer than asked: "
+                             f"{'; '.join(differ)}: prepare into a new --out, or ask for the same")
         keep = [s for s in old.meta["splits"] if s not in items]
-        meta["source"] = {**{s: old.meta.get("source", {}).get(s) for s in keep}, **meta["source"]}
+        streamed = "stream" in old.meta and "train" not in items  # a streamed train split is kept too
+        if streamed:
+            meta["stream"] = old.meta["stream"]
+        kept, sources = keep + ["train"] * streamed, old.meta.get("source", {})
+        meta["source"] = {**{s: sources[s] for s in kept if s in sources}, **meta["source"]}
         with open(os.path.join(out, "report.json")) as f:
-            report.splits = {**{s: v for s, v in json.load(f)["splits"].items() if s in keep}, **report.splits}
+            report.splits = {**{s: v for s, v in json.load(f)["splits"].items() if s in kept}, **report.splits}
     with staged_dataset(out, replace=True) as tmp:
         sizes = {}
         for split, split_items in items.items():
@@ -1586,7 +1587,7 @@ def captioned_dataset(out, items, tokenizer, image_size, context_length, caption
             sizes[split] = captioned_split(tmp, split, split_items, enc, image_size, context_length,
                                            captions_per_image, workers, report, source)
             log(f"{split}: {sizes[split]} images in {time.time() - t0:.1f} s")
-        sizes.update(copy_split_files(tmp, old, keep) if keep else {})
+        sizes.update(link_split_files(tmp, old, keep))
         finish_dataset(tmp, out, meta, sizes, bpe_text, report, log)
     return out
 
@@ -1711,22 +1712,25 @@ def webdataset_dataset(out, train, val, tokenizer, image_size, context_length, w
     """A captioned dataset (captioned_dataset, one caption per image) whose val split is
     prepared from the val shards and whose train split is streamed from the train shards
     (shard specs as expand_shards reads them): meta 'stream' = {'shards': the absolute paths
-    of those not empty, 'samples': how many samples their tar headers hold}, and no train
-    arrays. The visual codebook is then fitted on the first images of the stream (prepare_codebook), so
-    no sample of the train shards needs preparing. A shard that is missing, or in both sets,
-    is an error; a damaged one is reported and its samples before the damage count; one
-    without a sample that has an image and a UTF-8 caption (img2dataset writes an empty tar
-    when all of a chunk's downloads fail) is reported as an 'empty shard' and left out of
-    the stream. Train shards that are all empty are an error."""
+    of those not empty, 'counts': how many samples each one's tar headers hold, in the same
+    order, 'samples': their sum}, and no train arrays. No sample of the train shards is
+    prepared: the visual codebook is fitted later, when training first needs it (train.py's
+    load_data calls prepare_codebook), on the first images of the stream. A shard that is
+    missing, or in both sets, is an error; a damaged one is reported and its samples before
+    the damage count; one without a sample that has an image and a UTF-8 caption
+    (img2dataset writes an empty tar when all of a chunk's downloads fail) is reported as an
+    'empty shard' and left out of the stream. Train shards that are all empty are an
+    error."""
     report = report or Report()
     train_shards, val_shards = expand_shards(train), expand_shards(val)
     both = [s for s in train_shards if s in val_shards]
     if both:
         raise ValueError(f"webdataset shard {both[0]} is in both the train and the val shards")
-    stream = dict(shards=[], samples=0)
+    stream = dict(shards=[], counts=[], samples=0)
     for shard, found in shard_samples(train_shards, "train", report):
         if any(not wds_caption(sample)[1] for sample in found):
             stream["shards"].append(shard)
+            stream["counts"].append(len(found))
             stream["samples"] += len(found)
         else:
             report.skip("train", "empty shard", shard,
@@ -1860,7 +1864,7 @@ def mask_dataset(out, pairs, classes, tokenizer, image_size, context_length, voi
             kept = write_rows(tmp, split, tasks, partial(mask_row, size=image_size, n_classes=len(classes), void=void),
                               rows, workers, report) if tasks else []
             if not kept:
-                raise nothing_left(source, split, report)
+                raise nothing_left_error(source, split, report)
             objects = np.full((len(kept), max(1, max(len(b) for _, b in kept)), 7), -1, np.int16)
             for n, (_, boxes) in enumerate(kept):
                 for j, (v, *box) in enumerate(boxes):
@@ -1945,7 +1949,7 @@ def multi_dataset(out, sets, tokenizer, image_size, context_length, answer_lengt
                 else:
                     rows.append(i)
             if not rows:
-                raise nothing_left(source, split, report)
+                raise nothing_left_error(source, split, report)
             members = [[pool[p] for p in split_sets[i][0]] for i in rows]
             width, pad = max(map(len, members)), enc.encode_single_token(PAD)
             arrays = dict(sets=np.array([m + [-1] * (width - len(m)) for m in members], np.int32),
@@ -1984,7 +1988,10 @@ class Dataset:
             with open(os.path.join(path, tok["file"])) as f:
                 self.bpe_text = f.read()
         self.tokenizer = get_tokenizer(tok["kind"], self.bpe_text)
-        self.stream = self.meta.get("stream")  # a train split streamed from webdataset shards: {shards, samples}
+        self.stream = self.meta.get("stream")  # a train split streamed from shards: {shards, counts, samples}
+        if self.stream is not None and "counts" not in self.stream:
+            raise ValueError(f"{path} streams its train split from webdataset shards but was prepared before their "
+                             f"sample counts were kept (meta stream 'counts'): prepare it again (data.py webdataset)")
         self._arrays = {}
 
     def array(self, split, key):
@@ -2160,8 +2167,8 @@ def prepare_codebook(path, patch_size, n_codes, iters=15, max_fit=65536, seed=0,
     per_image = (ds.image_size // patch_size) ** 2
     n = min(len(ds), max(1, max_fit // per_image))
     if ds.stream:
-        fit = ShardStream(ds.stream["shards"], 0, 1, seed, ds.tokenizer, ds.context_length, ds.image_size, n,
-                          log=log).batch(0)[0]
+        fit = ShardStream(ds.stream["shards"], ds.stream["counts"], 0, 1, seed, ds.tokenizer, ds.context_length,
+                          ds.image_size, n, log=log).batch(0)[0]
     else:
         fit = ds.array("train", "images")[np.sort(rng.choice(len(ds), n, replace=False))]
     centroids = kmeans(patchify(fit, patch_size).reshape(-1, 3 * patch_size ** 2), n_codes, iters, rng)
@@ -2175,6 +2182,10 @@ def prepare_codebook(path, patch_size, n_codes, iters=15, max_fit=65536, seed=0,
     write_file(book_file, centroids)
     log(f"visual codebook ({n_codes} codes of {patch_size}x{patch_size} patches) ready in {time.time() - t0:.1f} s")
     return book_file
+
+
+# -----------------------------------------------------------------------------
+# batches of a prepared split
 
 
 @lru_cache(maxsize=2)  # a batch reads one epoch, or two at a boundary: each is drawn once, not per batch
@@ -2209,15 +2220,78 @@ def batch_indices(n, batch_size, step, seed, rank=0, world_size=1, grad_accum=1,
 
 
 # -----------------------------------------------------------------------------
+# augmentation: mirrored images and captions
+
+
+# A mirrored image needs its caption's 'left' and 'right' swapped, where they name a side.
+# Where they do not ('the train has left the station', 'right now', 'all right'), swapping
+# would say something else: mirror then leaves the row as it is, image and caption. A word
+# is taken for a side by its neighbours alone: the word before it (SIDE_BEFORE: 'on the
+# left', 'her right', 'turn left', 'from left to right') or after it (SIDE_AFTER: 'left of',
+# 'right hand', 'left-handed'), or its own ending (leftmost, rightward, rightwards).
+FLIP_WORDS = regex.compile(r"\b(left|right)(?=(?:most|wards?)?\b)", regex.IGNORECASE)
+SIDE_BEFORE = regex.compile(r"\b(?:the|her|his|its|their|my|your|our|far|to|from|turn(?:s|ed|ing)?|bear(?:s|ing)?|"
+                            r"veer(?:s|ed|ing)?|keep(?:s|ing)?)\s+$", regex.IGNORECASE)
+SIDE_AFTER = regex.compile(r"(?:most|wards?)\b|-hand(?:ed)?\b|"
+                           r"\s+(?:sides?|hand|arms?|legs?|foot|feet|eye|ear|lane|turn|of|corner|edge|half|wing)\b",
+                           regex.IGNORECASE)
+
+
+def flip_caption(text):
+    """The caption of the image mirrored left to right: every 'left' and 'right' swapped where
+    it is a word or begins leftmost, rightward(s)..., in the case it was written in (not
+    leftover, bright, copyright). Whether each is a side is mirror's question (sides_only)."""
+    def swap(m):
+        word = {"left": "right", "right": "left"}[m.group(1).lower()]
+        return word.upper() if m.group(1).isupper() else word.capitalize() if m.group(1)[0].isupper() else word
+    return FLIP_WORDS.sub(swap, text)
+
+
+def sides_only(text):
+    """Whether every 'left' and 'right' word of text (FLIP_WORDS) names a side: the word before
+    it is one of SIDE_BEFORE's or the text after it starts as SIDE_AFTER says. True for a
+    text without such a word."""
+    return all(SIDE_BEFORE.search(text, 0, m.start()) or SIDE_AFTER.match(text, m.end())
+               for m in FLIP_WORDS.finditer(text))
+
+
+def mirror(images, tokens, enc, flip):
+    """Images (B, S, S, 3) and token rows (B, T) with the rows where flip is true mirrored left
+    to right and their captions swapped to match (flip_caption); a row whose caption has a
+    'left' or 'right' that is not a side (sides_only), or whose swapped caption would not
+    fit the context, stays as it was, image and caption. Returns new arrays and the indices
+    of the rows mirrored."""
+    images, tokens = np.array(images), np.array(tokens)
+    rows = np.flatnonzero(flip)
+    texts = [decode_tokens(enc, tokens[i]) for i in rows]
+    swapped, problems = encode_checked(enc, [flip_caption(t) for t in texts], tokens.shape[1])
+    ok = np.array([p != "too long" and sides_only(t) for p, t in zip(problems, texts)], bool)
+    rows = rows[ok] if len(rows) else rows
+    images[rows] = images[rows, :, ::-1]
+    tokens[rows] = swapped[ok]
+    return images, tokens, rows
+
+
+def mirrored_scene(sid):
+    """The scene id (scene_id) of a shapes-world scene seen in a mirror: a row (axis 1) read
+    the other way; a column or a single object as it was."""
+    axis, objects = decode_scene(sid)
+    return scene_id(1, objects[::-1]) if axis == 1 else int(sid)
+
+
+# -----------------------------------------------------------------------------
 # streaming webdataset shards: the batches of a train split too large to prepare
 #
 # The consumers of a stream are the loader workers of every rank: consumer c = rank * n + j of
 # C = world_size * n reads stream j of its rank (n streams a rank, one per loader worker).
-# Every consumer walks the shards in the same order, new each epoch, and takes its own part
-# of them, as many shards as every other consumer, so no sample is read twice in an epoch and
-# the consumers stay in the same epoch; its valid samples, in order, make its stream, cut into
-# batches. A batch is found by counting samples: a consumer that starts late (a resumed run,
-# or a worker's turn) gets there reading tar headers and captions, not images.
+# Every consumer walks the shards in the same order, new each epoch. With at least as many
+# shards as consumers, each epoch deals every shard to one consumer, the one with the fewest
+# samples so far, so no sample is read twice in an epoch, none is left out, and the
+# consumers' sample counts stay within the largest shard of each other: they go through
+# the epochs together. With fewer shards, every consumer reads every shard and takes its
+# turn of the samples. Its valid samples, in order, make its stream, cut into batches. A
+# batch is found by counting samples: a consumer that starts late (a resumed run, or a
+# worker's turn) gets there reading tar headers and captions, not images.
 
 StreamSample = namedtuple("StreamSample", "epoch shard key image tokens")  # tokens (T,) int32
 LOGGED_SKIPS = 10  # a consumer logs its first skips, then only those whose count is a power of two
@@ -2235,23 +2309,43 @@ def few(paths, n=3):
     return ", ".join(paths[:n]) + (f" ... ({len(paths)} in all)" if len(paths) > n else "")
 
 
-class ShardStream:
-    """Consumer `consumer` of n_consumers C reading S webdataset shards, epoch after epoch.
-    Each epoch the shards are put in a random order (by seed and epoch) and each shard's
-    samples too (by seed, epoch and shard). With S >= C, each consumer reads S // C shards of
-    the epoch (all of each): consumer c those at places c, c + C, ... of the order's first
-    S - S % C, so every consumer reads as many shards an epoch and none twice; the S % C
-    shards at the end of the order wait for another epoch's order. With S < C, every consumer
-    reads every shard and takes the samples at places c, c + C, ... of the epoch's walk over
-    all of them. A sample without an image member, or whose caption is missing, not UTF-8,
-    empty or too long for context_length, is passed over; the rest, in order, are the
-    consumer's stream, and batch(k) its samples [k*B, (k+1)*B). Every sample passed over,
-    image that does not decode and damaged tar is counted in skipped (reason -> count) and
-    logged: the first LOGGED_SKIPS of the consumer, then each whose count is a power of two,
-    each line with the counts so far."""
+def deal_shards(order, counts, dealt):
+    """The consumer each shard of order goes to: the one with the fewest samples dealt so far
+    (dealt, a heap of (samples, consumer) over every consumer, updated here; counts the
+    samples of each shard, an empty one counted as 1 so that it still goes round), the
+    lowest consumer on a tie. The consumers' totals so stay within the largest shard of each
+    other (a shard goes to the smallest)."""
+    out = []
+    for s in order:
+        total, c = heapq.heappop(dealt)
+        heapq.heappush(dealt, (total + max(1, counts[s]), c))
+        out.append(c)
+    return out
 
-    def __init__(self, shards, consumer, n_consumers, seed, enc, context_length, image_size, batch_size, log=print):
-        self.shards, self.c, self.n, self.seed = shards, consumer, n_consumers, seed
+
+class ShardStream:
+    """Consumer `consumer` of n_consumers C reading S webdataset shards, epoch after epoch;
+    counts: the samples of each shard (meta stream's; S >= C deals by them). Each epoch the shards are
+    put in a random order (by seed and epoch) and each shard's samples too (by seed, epoch and
+    shard). With S >= C the epoch deals every shard, in that order, to the consumer with the
+    fewest samples dealt so far, this epoch and those before (deal_shards): a consumer reads
+    all of each shard dealt to it, every sample is read once an epoch, and the consumers'
+    totals stay within the largest shard of each other. With S < C every
+    consumer reads every shard, and the samples of the walk over every epoch are dealt in
+    turn: consumer c takes the valid ones at places c, c + C, ... of all the valid ones (an
+    epoch with any valid sample gives every consumer one within C epochs), and counts the
+    passed-over ones at places c, c + C, ... of those. A sample without an image member, or
+    whose caption is missing, not UTF-8, empty or too long for context_length, is passed
+    over; the rest, in order, are the consumer's stream, and batch(k) its samples [k*B,
+    (k+1)*B). Every sample passed over, image that does not decode and damaged tar is counted
+    in skipped (reason -> count) and logged: the first LOGGED_SKIPS of the consumer, then each
+    whose count is a power of two, each line with the counts so far."""
+
+    def __init__(self, shards, counts, consumer, n_consumers, seed, enc, context_length, image_size, batch_size,
+                 log=print):
+        if len(counts) != len(shards):
+            raise ValueError(f"{len(shards)} webdataset shards but {len(counts)} sample counts")
+        self.shards, self.counts, self.c, self.n, self.seed = shards, counts, consumer, n_consumers, seed
         self.enc, self.T, self.S, self.B, self.log = enc, context_length, image_size, batch_size, log
         self.skipped = {}
         self._walk, self._start, self._held = None, 0, []  # the walk, and its samples held from place _start on
@@ -2268,53 +2362,51 @@ class ShardStream:
         """(epoch, shard, [StreamSample]) for each shard this consumer reads, epoch after epoch:
         its valid samples of the shard, in the epoch's order. An epoch that gives it none goes
         on to the next. Raises (an endless walk would never find a batch) when every shard
-        has been read whole since its last valid sample (S >= C), or when C epochs in a row
-        have given it none (S < C)."""
+        has been read whole since its last valid sample (S >= C), or when a whole epoch, every
+        sample of every shard, has no valid sample (S < C; nor will any epoch after it)."""
         split = len(self.shards) >= self.n
-        dry, dry_epochs = set(), 0  # shards read whole (S >= C) and epochs walked since the last valid sample
+        dealt = [(0, c) for c in range(self.n)]  # a heap of (samples dealt so far, consumer) (S >= C)
+        dry = set()  # shards read whole since the last valid sample (S >= C)
+        walked = {True: 0, False: 0}  # valid and passed-over samples of the walk so far (S < C)
         for epoch in itertools.count():
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-            place, found = 0, 0  # where the shard starts in the epoch's walk; samples found
-            for s in order[:len(order) - len(order) % self.n][self.c::self.n] if split else order:
+            if split:
+                order = [s for s, c in zip(order, deal_shards(order, self.counts, dealt)) if c == self.c]
+            found = 0  # valid samples of the shards read this epoch
+            for s in order:
                 shard = self.shards[s]
                 samples, problem = tar_samples(shard)
                 if problem:
                     self.skip("damaged tar", shard, f"read as far as it goes: {problem}")
                 samples = [samples[i] for i in np.random.default_rng([self.seed, epoch, s]).permutation(len(samples))]
-                if not split:
-                    samples, place = samples[(self.c - place) % self.n::self.n], place + len(samples)
-                valid = self.captioned(epoch, shard, samples)
-                found += len(valid)
+                valid = []
+                for sample, row, reason in zip(samples, *self.caption_rows(samples)):
+                    place, walked[not reason] = walked[not reason], walked[not reason] + 1
+                    if split or place % self.n == self.c:
+                        if reason:
+                            self.skip(reason, f"{shard}:{sample.key}")
+                        else:
+                            valid.append(StreamSample(epoch, shard, sample.key, sample.image, row))
+                    found += not reason
                 dry = set() if valid else dry | {s}
                 yield epoch, shard, valid
                 if split and len(dry) == len(self.shards):
-                    raise self.nothing("every shard it read whole since its last valid sample")
-            dry_epochs = 0 if found else dry_epochs + 1
-            if not split and dry_epochs == self.n:
-                raise self.nothing(f"its share of the samples in {self.n} epochs in a row")
+                    raise self.nothing_error("every shard it read whole since its last valid sample")
+            if not split and not found:
+                raise self.nothing_error("a whole epoch of every shard")
 
-    def nothing(self, where):
+    def nothing_error(self, where):
         return ValueError(f"webdataset shards {few(self.shards)}: consumer {self.c} of {self.n} found no sample with "
                           f"an image and a usable caption in {where} (skipped: {count_text(self.skipped)})")
 
-    def captioned(self, epoch, shard, samples):
-        """The samples with an image member and a caption that fits, with its tokens."""
-        texts, keep = [], []
-        for sample in samples:
-            caption, reason = wds_caption(sample)
-            if reason:
-                self.skip(reason, f"{shard}:{sample.key}")
-            else:
-                texts.append(caption)
-                keep.append(sample)
-        tokens, problems = encode_checked(self.enc, texts, self.T)
-        out = []
-        for sample, row, problem in zip(keep, tokens, problems):
-            if problem:
-                self.skip(text_reason(problem, "caption"), f"{shard}:{sample.key}")
-            else:
-                out.append(StreamSample(epoch, shard, sample.key, sample.image, row))
-        return out
+    def caption_rows(self, samples):
+        """(tokens (n, T) int32, reasons): each sample's caption encoded (encode_checked), and ''
+        or why the sample is passed over: no image, no caption, not UTF-8 (wds_caption), or a
+        caption empty or too long (text_reason)."""
+        captions = [wds_caption(sample) for sample in samples]
+        tokens, problems = encode_checked(self.enc, [caption or "" for caption, _ in captions], self.T)
+        return tokens, [reason or problem and text_reason(problem, "caption")
+                        for (_, reason), problem in zip(captions, problems)]
 
     def samples(self, k):
         """The StreamSamples of batch k. Batches are read forwards: an earlier batch than the
@@ -2355,23 +2447,24 @@ class ShardBatches:
     loader workers: micro-step s is batch k = s // n of stream j = s % n (consumer rank * n + j
     of world_size * n), so with the micro-steps dealt to n workers in turn each worker reads
     one stream, and a run resumed with the same ranks and workers reads the same batches.
-    A stream is made where it is first read (in the loader worker that reads it)."""
+    shards and counts: as ShardStream takes them (meta stream's). A stream is made where it
+    is first read (in the loader worker that reads it)."""
 
-    def __init__(self, shards, rank, world_size, n_streams, seed, enc, context_length, image_size, batch_size,
+    def __init__(self, shards, counts, rank, world_size, n_streams, seed, enc, context_length, image_size, batch_size,
                  log=print):
         self.n, self.rank, self.world_size = n_streams, rank, world_size
         self.args = (seed, enc, context_length, image_size, batch_size)
-        self.shards, self.log, self.streams = shards, log, {}
+        self.shards, self.counts, self.log, self.streams = shards, counts, log, {}
 
     def stream(self, s):
         j = s % self.n
         if j not in self.streams:
-            self.streams[j] = ShardStream(self.shards, self.rank * self.n + j, self.world_size * self.n, *self.args,
-                                          log=self.log)
+            self.streams[j] = ShardStream(self.shards, self.counts, self.rank * self.n + j, self.world_size * self.n,
+                                          *self.args, log=self.log)
         return self.streams[j]
 
     def samples(self, s):
-        """The StreamSamples of micro-step s."""
+        """The StreamSamples of micro-step s (for tests: which samples a step reads)."""
         return self.stream(s).samples(s // self.n)
 
     def fetch(self, s):

@@ -144,12 +144,12 @@ def main(argv=None):
     size = model.cfg.image_size
     if args.command == "export":
         tok = ckpt["tokenizer"]
-        try:  # with the tokenizer's vocab.json and merges.txt: CLIPTokenizer and --init_from read them
+        try:  # with the tokenizer's files: transformers' AutoTokenizer and our --tokenizer and --init_from read them
             export_hf_clip(model, args.out, lambda folder: data.hf_tokenizer_files(tok["kind"], tok["bpe"], folder))
         except (ValueError, OSError) as e:
             raise SystemExit(f"error: {e}") from None
         print(f"wrote {args.out}: load it with transformers.CLIPModel.from_pretrained({args.out!r}) and "
-              f"CLIPTokenizer.from_pretrained({args.out!r})")
+              f"transformers.AutoTokenizer.from_pretrained({args.out!r}) (a {data.HF_TOKENIZER_CLASSES[tok['kind']]})")
     elif args.command == "caption":
         images = load_images(args.images, size)
         generator = torch.Generator(args.device).manual_seed(args.seed)

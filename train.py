@@ -319,7 +319,10 @@ def load_data(cfg, rank, world_size):
             data.prepare_codebook(path, m.patch_size, m.n_codes)
     if world_size > 1:
         dist.barrier()
-    return data.Dataset(path)
+    try:
+        return data.Dataset(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--data: {e}") from None
 
 
 def fit_model_to_data(mcfg, ds):
@@ -441,12 +444,16 @@ def pretrain_batches(cfg, ds, raw_model, device, rank, world_size):
     else:
         fetch, n_train = prepared_fetch(cfg, ds, split, rank, world_size, electra)
     codebook = ds.codebook(cfg.model.patch_size, cfg.model.n_codes) if electra else None
+    shapes = ds.meta["kind"] == "shapes"
 
     def fetch_batch(micro_step):
         parts, rows = fetch(micro_step), []
         if cfg.flip:
             parts["images"], parts["tokens"], rows = data.mirror(parts["images"], parts["tokens"], ds.tokenizer,
                                                                  flip_draw(cfg, micro_step, rank, world_size))
+            if len(rows) and "groups" in parts:  # a mirrored row shows another scene (a real image: its own mirror)
+                parts["groups"][rows] = [data.mirrored_scene(g) for g in parts["groups"][rows]] if shapes \
+                    else parts["groups"][rows] + ds.split_size(cfg.train_split)
         if electra and "codes" not in parts:  # streamed images: their codes are computed here
             parts["codes"] = data.visual_codes(parts["images"], codebook, cfg.model.patch_size)
         elif electra and len(rows):  # mirrored patches have codes of their own
@@ -503,8 +510,8 @@ def stream_fetch(cfg, ds, rank, world_size):
     if cfg.train_images:
         raise SystemExit(f"--train_images={cfg.train_images} (a flag, or the finetune stage's preset): {ds.path} "
                          f"streams its train split from webdataset shards; give --train_images=0 to stream them all")
-    batches = data.ShardBatches(ds.stream["shards"], rank, world_size, max(1, cfg.num_workers), cfg.seed,
-                                ds.tokenizer, ds.context_length, ds.image_size, cfg.batch_size)
+    batches = data.ShardBatches(ds.stream["shards"], ds.stream["counts"], rank, world_size, max(1, cfg.num_workers),
+                                cfg.seed, ds.tokenizer, ds.context_length, ds.image_size, cfg.batch_size)
 
     def fetch(micro_step):
         images, tokens = batches.fetch(micro_step)

@@ -9,8 +9,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel
+from transformers import AutoTokenizer, BertConfig, CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel
 
+import data
 from model import VLM, VLMConfig, export_hf_clip
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -239,8 +240,11 @@ def test_sample_export_of_a_trained_checkpoint(tiny_run, tmp_path, capsys):
     path = str(tmp_path / "clip")
     sample.main(["--ckpt", ckpt, "export", "--out", path])
     assert "CLIPModel.from_pretrained" in capsys.readouterr().out
-    model = load_checkpoint(ckpt)[0]
+    model, enc, _ = load_checkpoint(ckpt)
     hf = CLIPModel.from_pretrained(path).eval()
+    texts = ["a small red circle left of a large blue square", "there is a ring"]  # our rows from its tokenizer
+    rows = AutoTokenizer.from_pretrained(path)(texts, padding="max_length", max_length=model.cfg.context_length)
+    assert rows["input_ids"] == data.encode_texts(enc, texts, model.cfg.context_length).tolist()
     tokens, input_ids, mask = caption_rows(model.cfg, model.cfg.vocab_size)
     pixels = torch.randn(4, 3, model.cfg.image_size, model.cfg.image_size, generator=torch.Generator().manual_seed(1))
     assert_same_clip(model, hf, tokens, tokens, mask, pixels)

@@ -17,7 +17,7 @@ import tiktoken
 import torch
 from PIL import Image
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-from transformers import CLIPImageProcessorPil, CLIPTokenizer, GPT2Tokenizer
+from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPTokenizer, GPT2Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import data
@@ -186,13 +186,16 @@ def test_hf_tokenizer_errors_name_the_source(tmp_path, gpt2_dir, monkeypatch):
 
 def test_tokenizer_files_are_the_hugging_face_ones_and_read_back(tmp_path, clip_dir, gpt2_dir):
     """hf_tokenizer_files writes back the vocab.json and merges.txt the tokenizer was read from,
-    token for token; transformers loads them with our ids; the world's BPE goes out as GPT-2's."""
+    token for token; transformers loads them with our ids; the world's BPE goes out as GPT-2's.
+    With tokenizer_config.json, AutoTokenizer (beside a CLIP's config.json, as in an export)
+    pads texts into our rows: <bos> text <eos> <pad>..."""
     world = data.bpe_to_text(data.train_bpe(CORPUS))
     for folder, cls, kind in ((clip_dir, CLIPTokenizer, "clip"), (gpt2_dir, GPT2Tokenizer, "gpt2"),
                               (None, GPT2Tokenizer, "bpe")):
         text = world if folder is None else data.hf_tokenizer(folder)[1]
         out = str(tmp_path / kind)
-        assert data.hf_tokenizer_files(kind, text, out) == [os.path.join(out, n) for n in ("vocab.json", "merges.txt")]
+        assert data.hf_tokenizer_files(kind, text, out) == \
+            [os.path.join(out, n) for n in ("vocab.json", "merges.txt", "tokenizer_config.json")]
         assert data.hf_tokenizer(out) == ("gpt2" if kind == "bpe" else kind, text)
         if folder is not None:
             read = [[open(os.path.join(f, n), encoding="utf-8").read() for n in ("vocab.json", "merges.txt")]
@@ -203,6 +206,13 @@ def test_tokenizer_files_are_the_hugging_face_ones_and_read_back(tmp_path, clip_
         assert kind != "clip" or hf.bos_token_id == enc.encode_single_token(data.BOS)
         for s in STRINGS:
             assert hf(s, add_special_tokens=False)["input_ids"] == enc.encode_ordinary(s), (kind, s)
+        CLIPConfig().save_pretrained(out)  # model_type 'clip': the tokenizer's class comes from its own config
+        auto = AutoTokenizer.from_pretrained(out)
+        assert type(auto).__name__ == data.HF_TOKENIZER_CLASSES[kind]
+        rows = auto(STRINGS, padding="max_length", max_length=T * 4)["input_ids"]
+        assert rows == data.encode_texts(enc, STRINGS, T * 4).tolist(), kind
+        assert [auto.convert_ids_to_tokens(enc.encode_single_token(t)) for t in data.SPECIAL_TOKENS] == \
+            list(data.SPECIAL_TOKENS)
     with pytest.raises(ValueError, match="unknown tokenizer 'sentencepiece'"):
         data.hf_tokenizer_files("sentencepiece", world, str(tmp_path / "sp"))
     ranks = {bytes([b]): b for b in range(256)}

@@ -187,16 +187,19 @@ def test_flip_caption_swaps_left_and_right_words_only():
 
 
 def test_a_mirrored_shapes_caption_describes_the_mirrored_scene():
-    """Every template: the swapped caption of a scene parses to the scene seen in a mirror (a
-    row read the other way; a column or a single object as it was)."""
+    """Every template: the caption's every 'left' and 'right' is a side (mirror flips it), and
+    the swapped caption parses to mirrored_scene of the scene (a row read the other way; a
+    column or a single object as it was)."""
     rng = np.random.default_rng(0)
     for _ in range(300):
         n = int(rng.integers(1, 4))
         objs = [(int(rng.integers(len(data.SHAPES))), int(rng.integers(8)), int(rng.integers(2))) for _ in range(n)]
         axis = 0 if n == 1 else int(rng.integers(1, 3))
         mirrored = data.scene_id(axis, objs[::-1] if axis == 1 else objs)
+        assert data.mirrored_scene(data.scene_id(axis, objs)) == mirrored
         for t in range(len(data.TEMPLATES[n])):
-            assert data.parse_caption(data.flip_caption(data.write_caption(axis, objs, t))) == mirrored
+            caption = data.write_caption(axis, objs, t)
+            assert data.sides_only(caption) and data.parse_caption(data.flip_caption(caption)) == mirrored
 
 
 def test_mirror_keeps_a_row_whose_swapped_caption_would_not_fit():
@@ -214,27 +217,49 @@ def test_mirror_keeps_a_row_whose_swapped_caption_would_not_fit():
         assert data.decode_tokens(enc, toks[i]) == (data.flip_caption(text) if flipped else text)
 
 
-NOT_SIDES = ["all right", "right next to", "right now", "right away", "right here", "right there"] + \
-    [f"right {w}" for w in "behind beside in on at by up into outside inside under over below above before after".split()]
+# captions of COCO's kind: those mirror flips (every 'left' and 'right' a side, or none), and
+# those it keeps as they are (some 'left' or 'right' not a side, or not known to be one)
+FLIPPED = [
+    "a man on the right side of the road", "turn right at the light", "a dog to the left of a cat",
+    "the man in the leftmost chair", "a car turning right", "a woman holding a racket in her right hand",
+    "a sign pointing to the right", "a cat sitting on the right in the picture", "a man on the right in a red shirt",
+    "two people, one on the left and one on the right", "a dog on the right at the door",
+    "a man on the right by the window", "a man on the right of the picture holding an umbrella",
+    "Left-handed pitcher throws", "a boat on the right, under a bridge", "the right lane of the highway",
+    "a right turn only sign", "a person on the far right", "copyright 2010", "the rightmost giraffe", "leftover food",
+    "stand on the RIGHT", "a man riding on the right on a bike", "Right-hand drive vehicle",
+    "a woman with her left arm raised", "on the right in a red shirt", "on the right by the window",
+    "a rightward arrow by the upright post", "bright lights right of center", "Right Of It", "veer left, keep right",
+    "the left one is right of the tree", "from left to right", "a bus bears left into the leftwards lane",
+    "a man on the left, all set",
+]
+KEPT = [
+    "It's all right", "a bus right next to a car", "a man standing right behind a fence",
+    "the train has left the station", "a plate with food left on it", "a slice of pizza left over",
+    "luggage left on the sidewalk", "a kid left alone in a room", "right in front of the building",
+    "a batter swinging right now", "a player right up against the net", "A man is right at home",
+    "he left right away", "a man's right knee", "food left on a plate", "pizza left over", "a kid left alone",
+    "ALL  RIGHT, the left one", "Right Now on the left", "a car parked right\tbehind a bus",
+] + [f"a cat right {w} the dog" for w in ["next to", *"now away here there behind beside in on at by up into outside "
+                                                   "inside under over below above before after".split()]]
 
 
-def test_mirror_keeps_a_row_where_right_is_not_a_side():
-    """A caption with 'right' as an intensifier or 'all right' is neither mirrored nor swapped;
-    'right' and 'left' as sides (also beside those words) are."""
-    sides = ["a dog on the right of a cat", "the left one is right of the tree", "from left to right", "Right Of It",
-             "a rightward arrow by the upright post", "bright lights right of center", "a man on the left, all set"]
-    ambiguous = [f"a cat {p} the dog" for p in NOT_SIDES] + ["ALL  RIGHT, the left one", "Right Now on the left",
-                                                              "a car parked right\tbehind a bus"]
-    texts = sides + ambiguous
+def test_mirror_flips_a_row_only_where_every_left_and_right_is_a_side():
+    """A caption whose every 'left' and 'right' is a side, by the word before it or after it,
+    is mirrored with its words swapped; one with a 'left' that is a verb or a 'right' that
+    is not a side ('all right', 'right now') keeps its image and caption."""
+    texts = FLIPPED + KEPT
     enc = data.make_encoding("flip", data.train_bpe(texts + [data.flip_caption(t) for t in texts]))
     tokens = data.encode_texts(enc, texts, 24)
     images = np.random.default_rng(1).integers(0, 256, (len(texts), 4, 4, 3), dtype=np.uint8)
     out, toks, rows = data.mirror(images, tokens, enc, np.ones(len(texts), bool))
-    assert rows.tolist() == list(range(len(sides)))
+    assert [texts[i] for i in rows] == FLIPPED
     for i, text in enumerate(texts):
-        flipped = i < len(sides)
+        flipped = i < len(FLIPPED)
         assert np.array_equal(out[i], images[i, :, ::-1] if flipped else images[i])
         assert data.decode_tokens(enc, toks[i]) == (data.flip_caption(text) if flipped else text)
+    assert data.flip_caption("two people, one on the left and one on the Right") == \
+        "two people, one on the right and one on the Left"
 
 
 def test_flip_batches_are_the_plain_ones_mirrored_with_their_codes(tiny_world, world_root):
@@ -252,7 +277,8 @@ def test_flip_batches_are_the_plain_ones_mirrored_with_their_codes(tiny_world, w
     images, tokens, rows = data.mirror(plain["images"], plain["tokens"], tiny_world.tokenizer, draw)
     assert rows.tolist() == np.flatnonzero(draw).tolist()  # the world's captions all fit mirrored
     assert np.array_equal(flipped["images"], images) and np.array_equal(flipped["tokens"], tokens)
-    assert np.array_equal(flipped["groups"], plain["groups"])
+    groups = [data.mirrored_scene(g) if d else g for g, d in zip(plain["groups"], draw)]  # a mirrored row: its mirror's scene
+    assert flipped["groups"].tolist() == groups and groups != plain["groups"].tolist()
     book = tiny_world.codebook(cfg.model.patch_size, cfg.model.n_codes)
     codes = np.where(draw[:, None], data.visual_codes(images, book, cfg.model.patch_size), plain["codes"])
     assert np.array_equal(flipped["codes"], codes) and not np.array_equal(codes, plain["codes"])

@@ -1,6 +1,7 @@
 """webdataset shards: tars written here (PNG and JPEG members; samples with no caption, an
 empty one, one that is not UTF-8 or too long, a corrupt image, no image) streamed by ranks and
-loader workers with every valid sample read once an epoch, batches equal to the tar read
+loader workers with every valid sample read once an epoch (shards of equal and unequal sizes
+dealt whole, the consumers kept within a shard of each other), batches equal to the tar read
 independently, a resumed stream equal to a walked one, skips counted per reason; shard specs;
 the preparation command (val prepared, train streamed) and the visual codes of a streamed batch."""
 
@@ -110,13 +111,27 @@ def reference(tmp_path_factory, enc):
     return out
 
 
+def sample_counts(shards):
+    """The samples of each shard, as preparation counts them (meta stream 'counts')."""
+    return [len(data.tar_samples(shard)[0]) for shard in shards]
+
+
 def stream(shards, c, n, enc, batch_size=4, seed=3, log=lambda line: None):
-    return data.ShardStream(shards, c, n, seed, enc, T, S, batch_size, log=log)
+    return data.ShardStream(shards, sample_counts(shards), c, n, seed, enc, T, S, batch_size, log=log)
 
 
-def epoch_parts(shards, n):
-    """How many shards a consumer of n reads an epoch: len(shards) // n of them, or all of them."""
-    return len(shards) // n if len(shards) >= n else len(shards)
+def by_epoch(s, n):
+    """[(shards, keys, skips)] of the first n epochs of stream s's walk: the shards it read, the
+    keys of its valid samples in order, and its samples passed over (Counter of reasons)."""
+    out, before = [([], [], Counter()) for _ in range(n)], Counter()
+    for epoch, shard, samples in s.walk():
+        if epoch >= n:
+            return out
+        shards, keys, skips = out[epoch]
+        shards.append(shard)
+        keys += [x.key for x in samples]
+        skips.update(Counter(s.skipped) - before)
+        before = Counter(s.skipped)
 
 
 def skip_reason(k):
@@ -130,58 +145,62 @@ def skip_reason(k):
 
 @pytest.mark.parametrize("n_shards", [1, 3, 5])
 @pytest.mark.parametrize("world_size,n_streams", [(2, 1), (2, 2)])
-def test_no_sample_is_read_twice_an_epoch(layouts, enc, n_shards, world_size, n_streams):
-    """Three epochs of every consumer: with fewer shards than consumers every valid sample is
-    read once an epoch; with more, every consumer reads len(shards) // C whole shards, and
-    the valid samples of all but the len(shards) % C left over are read once."""
-    shards, C, epochs = layouts[n_shards], world_size * n_streams, range(3)
-    reads, skipped, assigned = [Counter() for _ in epochs], [Counter() for _ in epochs], [[] for _ in epochs]
+def test_every_valid_sample_is_read_once_an_epoch(layouts, enc, n_shards, world_size, n_streams):
+    """Three epochs of every consumer: every valid sample is read once an epoch and every bad
+    one counted once; with at least as many shards as consumers each shard goes whole to
+    one consumer an epoch, with fewer every consumer reads every shard."""
+    shards, C = layouts[n_shards], world_size * n_streams
+    reads, skipped, dealt = [Counter() for _ in range(3)], [Counter() for _ in range(3)], [Counter() for _ in range(3)]
     orders = []
     for c in range(C):
-        s = stream(shards, c, C, enc)
-        walk = s.walk()
-        for epoch in epochs:
-            keys, before = [], Counter(s.skipped)
-            for _ in range(epoch_parts(shards, C)):
-                e, shard, samples = next(walk)
-                assert e == epoch and all(x.shard == shard for x in samples)
-                keys += [x.key for x in samples]
-                assigned[epoch].append(shard)
-                if n_shards >= C:  # shard-level split: the consumer reads all of each shard it reads
-                    with tarfile.open(shard) as tar:
-                        assert {m.name.split(".")[0] for m in tar} & set(VALID) == {x.key for x in samples}
+        for epoch, (read, keys, skips) in enumerate(by_epoch(stream(shards, c, C, enc), 3)):
+            if n_shards >= C:  # the consumer reads all of each shard dealt to it
+                valid = [{x.key for x in data.tar_samples(shard)[0]} & set(VALID) for shard in read]
+                assert sorted(keys) == sorted(set().union(*valid))
+            else:
+                assert sorted(read) == sorted(shards)
             reads[epoch].update(keys)
-            skipped[epoch].update(Counter(s.skipped) - before)
+            skipped[epoch].update(skips)
+            dealt[epoch].update(read)
             orders.append(keys)
-    for epoch in epochs:
-        read_shards = set(shards) if n_shards < C else set(assigned[epoch])
-        assert len(assigned[epoch]) == (C * n_shards if n_shards < C else n_shards - n_shards % C)
-        assert len(set(assigned[epoch])) == len(read_shards)  # no shard dealt twice
-        held = [k for k in range(N) if shards[k % n_shards] in read_shards]  # shard i holds samples i, i + n, ...
-        assert set(reads[epoch].values()) == {1} and sorted(reads[epoch]) == sorted(set(VALID) & {key(k) for k in held})
-        assert skipped[epoch] == Counter(skip_reason(k) for k in held if skip_reason(k))  # once, by whoever reads it
+    for epoch in range(3):
+        assert set(reads[epoch].values()) == {1} and sorted(reads[epoch]) == sorted(VALID)
+        assert skipped[epoch] == EPOCH_SKIPS  # once, by whoever reads it
+        assert dealt[epoch] == Counter({shard: 1 if n_shards >= C else C for shard in shards})
     assert orders[0] != orders[1]  # consumer 0 reads another part, or in another order, in epoch 1
 
 
-def test_consumers_read_as_many_shards_an_epoch_and_stay_in_step(tmp_path, enc):
-    """4 shards of 6 valid samples, 3 consumers: each reads one shard an epoch, so batch k of
-    every consumer (6 samples) is of epoch k and the three batches hold no sample twice."""
-    valid = [k for k in range(N) if key(k) in VALID and k != CORRUPT][:24]
-    shards = [write_tar(tmp_path / f"{i}.tar", valid[i::4]) for i in range(4)]
+@pytest.mark.parametrize("sizes,C", [((6, 6, 6, 6), 3), ((20, 2, 20, 2), 2), ((12, 2, 9, 2, 1, 6, 4), 3)])
+def test_shards_are_dealt_whole_and_consumers_stay_within_a_shard(tmp_path, enc, sizes, C):
+    """Shards of equal and unequal sizes: each epoch every sample is read once, and at each
+    epoch's end the samples dealt to the consumers so far are within the largest shard of
+    each other; dealing is a plain loop giving each shard to the consumer with the fewest."""
+    start = np.cumsum((0,) + sizes)
+    shards = [write_tar(tmp_path / f"{i}.tar", [k % N for k in range(a, b)])
+              for i, (a, b) in enumerate(zip(start, start[1:]))]
+    names = {shard: i for i, shard in enumerate(shards)}
     for seed in range(3):
-        streams = [data.ShardStream(shards, c, 3, seed, enc, T, S, 6, log=lambda line: None) for c in range(3)]
-        for k in range(8):
-            batches = [s.samples(k) for s in streams]
-            assert {x.epoch for b in batches for x in b} == {k}
-            keys = [x.key for b in batches for x in b]
-            assert len(keys) == 18 and len(set(keys)) == 18, (seed, k)
+        epochs = [by_epoch(stream(shards, c, C, enc, seed=seed), 4) for c in range(C)]
+        for epoch in range(4):
+            read = [shard for c in range(C) for shard in epochs[c][epoch][0]]
+            assert sorted(read) == sorted(shards)  # every shard, once
+            totals = [sum(sizes[names[shard]] for e in range(epoch + 1) for shard in epochs[c][e][0]) for c in range(C)]
+            assert max(totals) - min(totals) <= max(sizes), (seed, epoch, totals)
+    dealt, totals = [(0, c) for c in range(C)], [0] * C
+    for epoch in range(5):
+        order = np.random.default_rng([0, epoch]).permutation(len(sizes))
+        brute = []
+        for s in order:
+            brute.append(int(np.argmin(totals)))  # the first of the fewest
+            totals[brute[-1]] += sizes[s]
+        assert data.deal_shards(order, sizes, dealt) == brute
 
 
 def test_micro_steps_go_to_one_stream_per_worker(layouts, enc):
     """ShardBatches: micro-step s of rank r is batch s // n of consumer r * n + s % n."""
     shards = layouts[3]
     for rank in (0, 1):
-        batches = data.ShardBatches(shards, rank, 2, 2, 3, enc, T, S, 4, log=lambda line: None)
+        batches = data.ShardBatches(shards, sample_counts(shards), rank, 2, 2, 3, enc, T, S, 4, log=lambda line: None)
         for s in range(8):
             want = stream(shards, rank * 2 + s % 2, 4, enc).samples(s // 2)
             assert [x.key for x in batches.samples(s)] == [x.key for x in want]
@@ -195,7 +214,7 @@ def test_batches_are_the_tar_read_independently_and_resume_where_they_were(layou
                                                                           n_shards):
     shards, B = layouts[n_shards], 4
     walked = stream(shards, 1, 2, enc, B)
-    three_epochs = [x.key for part in itertools.islice(walked.walk(), 3 * epoch_parts(shards, 2)) for x in part[2]]
+    three_epochs = [key for _, keys, _ in by_epoch(walked, 3) for key in keys]
     keys, batches = [], []
     for k in range(2 * len(three_epochs) // 3 // B + 2):  # into the third epoch
         samples = walked.samples(k)
@@ -340,7 +359,7 @@ def test_preparation_prepares_val_and_points_at_the_train_shards(layouts, tmp_pa
     ds = data.Dataset(out)
     kept = [key(k) for k in (3, 4, 26)]
     assert ds.meta["kind"] == "captions" and ds.meta["splits"] == {"val": 3} and ds.meta["captions_per_image"] == 1
-    assert ds.stream == {"shards": train, "samples": N} and len(ds) == N
+    assert ds.stream == {"shards": train, "counts": [14, 13, 13], "samples": N} and len(ds) == N
     assert np.array_equal(ds.array("val", "images")[:], np.stack([reference[k][0] for k in kept]))
     assert np.array_equal(ds.array("val", "tokens")[:], np.stack([reference[k][1] for k in kept])[:, None])
     assert ds.array("val", "n_captions").tolist() == [1, 1, 1] and ds.array("val", "scene").tolist() == [0, 1, 2]
@@ -369,36 +388,84 @@ def test_preparation_prepares_val_and_points_at_the_train_shards(layouts, tmp_pa
         assert np.array_equal(codes, brute)
 
 
+def test_a_split_added_to_a_streamed_dataset_keeps_the_stream(layouts, tmp_path, tokenizer_dir):
+    """coco --split test into a streamed dataset: the stream and the train report are kept; a
+    dataset of other sizes or another tokenizer is refused, naming each field that differs."""
+    out, argv = str(tmp_path / "wds"), ["--tokenizer", tokenizer_dir, "--image_size", str(S), "--context_length",
+                                         str(T), "--workers", "1"]
+    data.main(["webdataset", "--train", ",".join(layouts[3]), "--val", write_tar(tmp_path / "val.tar", [3, 4]),
+               "--out", out, *argv])
+    before, train_report = data.Dataset(out).meta, read_json(os.path.join(out, "report.json"))["splits"]["train"]
+    os.makedirs(tmp_path / "images")
+    for k in (0, 2):
+        (tmp_path / "images" / f"{k}.png").write_bytes(image_bytes(k))
+    captions = str(tmp_path / "captions.json")
+    with open(captions, "w") as f:
+        json.dump({"images": [{"id": k, "file_name": f"{k}.png"} for k in (0, 2)],
+                   "annotations": [{"image_id": k, "caption": f"a photo number {k}"} for k in (0, 2)]}, f)
+    coco = ["coco", "--captions", captions, "--images", str(tmp_path / "images"), "--split", "test", "--out", out]
+    other = tmp_path / "other-bpe"  # one merge more than tokenizer_dir's
+    other.mkdir()
+    vocab = read_json(os.path.join(tokenizer_dir, "vocab.json"))
+    (other / "vocab.json").write_text(json.dumps({**vocab, "ab": 256, "<|endoftext|>": 257}))
+    (other / "merges.txt").write_text("#version: 0.2\na b\n")
+    for extra, message in (([], "captions_per_image 1 there, 5 asked"),
+                           (["--captions_per_image", "1", "--image_size", "16"], "image_size 8 there, 16 asked"),
+                           (["--captions_per_image", "1", "--tokenizer", str(other)],
+                            "tokenizer gpt2 of 256 ranks there, other gpt2 of 257 ranks asked")):
+        with pytest.raises(SystemExit, match=re.escape(f"error: {out} holds a dataset of other sizes or another "
+                                                       f"tokenizer than asked: {message}: prepare into a new --out")):
+            data.main([*coco, *argv, *extra])
+    data.main([*coco, *argv, "--captions_per_image", "1"])
+    ds = data.Dataset(out)
+    assert ds.stream == before["stream"] and ds.meta["splits"] == {"test": 2, "val": 2}
+    assert ds.meta["source"] == {"val": before["source"]["val"], "test": captions}
+    assert read_json(os.path.join(out, "report.json"))["splits"]["train"] == train_report
+    meta = dict(ds.meta, stream={k: v for k, v in ds.stream.items() if k != "counts"})  # as prepared before counts
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match="prepared before their sample counts were kept .*: prepare it again"):
+        data.Dataset(out)
+
+
 def test_empty_shards_are_walked_past_and_left_out_of_a_prepared_stream(layouts, tmp_path, tokenizer_dir, enc):
     empty = [write_tar(tmp_path / f"empty{i}.tar", []) for i in range(3)]
     useless = write_tar(tmp_path / "useless.tar", [NO_IMAGE, 5, 13])  # no image, no caption, not UTF-8
     full, lines = layouts[3][0], []  # samples 0, 3, 6, ...
     in_full = [k for k in VALID if int(k.split("/")[1]) % 3 == 0]
-    for c in range(2):  # two shards of four an epoch: half the epochs give a consumer nothing
+    found = {}
+    for c in range(2):
         s = stream([*empty[:2], full, useless], c, 2, enc, batch_size=4, log=lines.append)
-        found = Counter()
-        for epoch, _, samples in itertools.islice(s.walk(), 2 * 12):
-            found[epoch] += len(samples)
-        assert sorted(found) == list(range(12)) and 0 in found.values() and set(found.values()) == {0, len(in_full)}
+        for epoch, (_, keys, _) in enumerate(by_epoch(s, 12)):
+            found[epoch, c] = len(keys)
         keys = [x.key for k in range(8) for x in s.samples(k)]
-        assert len(keys) == 32 and set(keys) == set(in_full)
+        assert len(keys) == 32 and set(keys) == set(in_full)  # past the epochs that gave it nothing
+    assert all(sorted([found[e, 0], found[e, 1]]) == [0, len(in_full)] for e in range(12))  # full is one's
     dry = [*empty, useless]
     with pytest.raises(ValueError, match=re.escape(f"webdataset shards {', '.join(dry[:3])} ... (4 in all): consumer 1 "
                                                    f"of 2 found no sample with an image and a usable caption in every "
                                                    f"shard it read whole since its last valid sample")):
         stream(dry, 1, 2, enc).samples(0)
-    one = write_tar(tmp_path / "one.tar", [0])  # fewer shards than consumers: the one sample is consumer 0's
-    assert [x.key for x in stream([one], 0, 2, enc, batch_size=3).samples(0)] == [key(0)] * 3
-    with pytest.raises(ValueError, match="consumer 1 of 2 found no sample .* in its share of the samples in 2 epochs"):
-        stream([one], 1, 2, enc).samples(0)
+    # fewer shards than consumers: the valid samples of the epochs go to each consumer in turn
+    one = write_tar(tmp_path / "one.tar", [0])
+    for c in range(2):
+        assert [(x.epoch, x.key) for x in stream([one], c, 2, enc, batch_size=3).samples(0)] == \
+            [(epoch, key(0)) for epoch in (c, c + 2, c + 4)]
+    sparse = write_tar(tmp_path / "sparse.tar", [5, 9, 0, 13, NO_IMAGE, 25, 2])  # 2 valid samples of 7
+    for c in range(4):
+        assert {x.key for x in stream([sparse], c, 4, enc, batch_size=1).samples(9)} <= {key(0), key(2)}
+    with pytest.raises(ValueError, match=re.escape(f"webdataset shards {useless}: consumer 1 of 2 found no sample with "
+                                                   f"an image and a usable caption in a whole epoch of every shard")):
+        stream([useless], 1, 2, enc).samples(0)
 
     argv = ["--val", write_tar(tmp_path / "val.tar", [3, 4]), "--tokenizer", tokenizer_dir, "--image_size", str(S),
             "--context_length", str(T), "--workers", "1"]
     out = str(tmp_path / "wds")
     data.main(["webdataset", "--train", ",".join([empty[0], full, empty[1], useless]), "--out", out, *argv])
-    assert data.Dataset(out).stream == {"shards": [full], "samples": len(range(0, N, 3))}
+    n_full = len(range(0, N, 3))
+    assert data.Dataset(out).stream == {"shards": [full], "counts": [n_full], "samples": n_full}
     report = read_json(os.path.join(out, "report.json"))["splits"]["train"]
-    assert report["kept"] == {"shards": 1, "samples": len(range(0, N, 3))} and report["skipped"] == {"empty shard": 3}
+    assert report["kept"] == {"shards": 1, "samples": n_full} and report["skipped"] == {"empty shard": 3}
     assert report["first_skipped"] == [dict(item=empty[0], reason="empty shard", detail="no sample"),
                                        dict(item=empty[1], reason="empty shard", detail="no sample"),
                                        dict(item=useless, reason="empty shard",
@@ -426,7 +493,8 @@ def test_two_ranks_stream_a_tar_with_no_sample_read_twice(layouts, tmp_path, tok
     by_epoch = {0: Counter(), 1: Counter()}
     for rank, steps_read in enumerate(reads):
         for s, read in enumerate(steps_read):
-            want = data.ShardBatches(layouts[1], rank, 2, 2, 0, enc, T, S, 2, log=lambda line: None).samples(s)
+            want = data.ShardBatches(layouts[1], sample_counts(layouts[1]), rank, 2, 2, 0, enc, T, S, 2,
+                                     log=lambda line: None).samples(s)
             assert read == [[x.epoch, x.key] for x in want]  # in a loader worker of its rank as in this process
             for epoch, k in read:
                 by_epoch[epoch][k] += 1

@@ -22,7 +22,9 @@ def main(shards, tokenizer, S, T, steps, out):
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     enc = data.get_tokenizer(*data.hf_tokenizer(tokenizer))
-    batches = data.ShardBatches(data.expand_shards(shards), rank, world_size, 2, 0, enc, T, S, 2, log=lambda line: None)
+    shards = data.expand_shards(shards)
+    counts = [len(data.tar_samples(shard)[0]) for shard in shards]  # as preparation counts them
+    batches = data.ShardBatches(shards, counts, rank, world_size, 2, 0, enc, T, S, 2, log=lambda line: None)
 
     def fetch(s):
         images, tokens = batches.fetch(s)  # decoded in the worker, as in training
