@@ -66,13 +66,12 @@ import itertools
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import tarfile
 import time
 import unicodedata
 import warnings
-from collections import namedtuple
+from collections import Counter, namedtuple
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache, partial
@@ -446,7 +445,7 @@ def clip_normalize(text):
     ftfy.fix_text (mojibake repair) first; ftfy is not installed here, so only its NFC step
     is done. Hugging Face's CLIPTokenizer does not unescape HTML ('&amp;' stays as it is)."""
     text = html.unescape(html.unescape(unicodedata.normalize("NFC", text)))
-    return re.sub(r"\s+", " ", text).strip().lower()
+    return regex.sub(r"\s+", " ", text).strip().lower()
 
 
 class ClipEncoding(tiktoken.Encoding):
@@ -782,6 +781,12 @@ def write_meta(tmp, meta, sizes, bpe_text=None):
         json.dump(dict(meta, splits=sizes), f, indent=1)
 
 
+def save_arrays(tmp, split, arrays):
+    """Each array of {key: array} as {split}.{key}.npy in the staging directory tmp."""
+    for key, a in arrays.items():
+        np.save(os.path.join(tmp, f"{split}.{key}.npy"), a)
+
+
 def write_dataset(path, splits, meta, bpe_text=None, copy_from=None, copy_splits=(), replace=False):
     """Write a prepared dataset (staged_dataset: atomically): every array of splits ({split:
     {key: array}}) as {split}.{key}.npy, the files of splits copy_splits of the dataset
@@ -791,8 +796,7 @@ def write_dataset(path, splits, meta, bpe_text=None, copy_from=None, copy_splits
         sizes = {}
         for name, arrays in splits.items():
             sizes[name] = len(arrays["sets"] if "sets" in arrays else arrays["images"])
-            for key, arr in arrays.items():
-                np.save(os.path.join(tmp, f"{name}.{key}.npy"), arr)
+            save_arrays(tmp, name, arrays)
         sizes.update(link_split_files(tmp, copy_from, copy_splits))
         write_meta(tmp, meta, sizes, bpe_text)
     return os.path.normpath(path)
@@ -1144,7 +1148,7 @@ def to_rgb(im):
 def read_image(path, size):
     """(pixels (size, size, 3) uint8 as fit_square makes them (bicubic), the file's mode if it
     was not RGB (else None), the file's (width, height)). Raises BadImage."""
-    return read_image_file(path, lambda im: (fit_square(to_rgb(im), size, Image.BICUBIC).astype(np.uint8),
+    return read_image_file(path, lambda im: (fit_square(to_rgb(im), size, Image.BICUBIC),
                                              None if im.mode == "RGB" else im.mode, im.size))
 
 
@@ -1530,9 +1534,8 @@ def captioned_split(tmp, split, items, enc, size, length, per_image, workers, re
     rows = [good[i] for i, _ in kept]
     n_captions = np.array([min(len(r), per_image) for r in rows], np.int16)
     slots = [[r[j % n] for j in range(per_image)] for r, n in zip(rows, n_captions)]  # repeated in order
-    np.save(os.path.join(tmp, f"{split}.tokens.npy"), tokens[slots])
-    np.save(os.path.join(tmp, f"{split}.n_captions.npy"), n_captions)
-    np.save(os.path.join(tmp, f"{split}.scene.npy"), np.arange(len(kept), dtype=np.int64))
+    save_arrays(tmp, split, dict(tokens=tokens[slots], n_captions=n_captions,
+                                 scene=np.arange(len(kept), dtype=np.int64)))
     with open(os.path.join(tmp, f"{split}.captions.json"), "w") as f:  # \u escapes: even a lone surrogate is kept
         json.dump([[texts[k] for k in r[:int(n)]] for r, n in zip(rows, n_captions)], f)
     report.keep(split, images=len(kept), captions=int(n_captions.sum()),
@@ -1639,7 +1642,8 @@ def expand_shards(spec):
         paths += [os.path.abspath(n) for n in names]
     if not paths:
         raise ValueError(f"no webdataset shard in {spec!r}")
-    twice = [p for p in paths if paths.count(p) > 1]
+    seen = Counter(paths)
+    twice = [p for p in paths if seen[p] > 1]
     if twice:
         raise ValueError(f"webdataset shard {twice[0]} is named twice in {spec}")
     return paths
@@ -1723,7 +1727,7 @@ def webdataset_dataset(out, train, val, tokenizer, image_size, context_length, w
     error."""
     report = report or Report()
     train_shards, val_shards = expand_shards(train), expand_shards(val)
-    both = [s for s in train_shards if s in val_shards]
+    both = [s for s in train_shards if s in set(val_shards)]
     if both:
         raise ValueError(f"webdataset shard {both[0]} is in both the train and the val shards")
     stream = dict(shards=[], counts=[], samples=0)
@@ -1869,7 +1873,7 @@ def mask_dataset(out, pairs, classes, tokenizer, image_size, context_length, voi
             for n, (_, boxes) in enumerate(kept):
                 for j, (v, *box) in enumerate(boxes):
                     objects[n, j] = (v - 1, -1, -1, *box)  # the world's objects rows: class value - 1 as the shape
-            np.save(os.path.join(tmp, f"{split}.objects.npy"), objects)
+            save_arrays(tmp, split, dict(objects=objects))
             sizes[split] = len(kept)
             report.keep(split, images=len(kept), regions=int((objects[:, :, 0] >= 0).sum()))
         finish_dataset(tmp, out, meta, sizes, bpe_text, report, log)
@@ -1955,13 +1959,12 @@ def multi_dataset(out, sets, tokenizer, image_size, context_length, answer_lengt
             arrays = dict(sets=np.array([m + [-1] * (width - len(m)) for m in members], np.int32),
                           question=np.pad(question[rows], ((0, 0), (0, answer_length)), constant_values=pad),
                           answer=answer[rows])
-            for key, a in arrays.items():
-                np.save(os.path.join(tmp, f"{split}.{key}.npy"), a)
+            save_arrays(tmp, split, arrays)
             sizes[split], types[split] = len(rows), [split_sets[i][3] for i in rows]
             report.keep(split, sets=len(rows), images=len(kept))
         meta["qtypes"] = sorted({t for ts in types.values() for t in ts})  # the types of the sets kept
         for split, ts in types.items():
-            np.save(os.path.join(tmp, f"{split}.qtype.npy"), np.array([meta["qtypes"].index(t) for t in ts], np.int16))
+            save_arrays(tmp, split, dict(qtype=np.array([meta["qtypes"].index(t) for t in ts], np.int16)))
         finish_dataset(tmp, out, meta, sizes, bpe_text, report, log)
     return out
 
@@ -2266,7 +2269,7 @@ def mirror(images, tokens, enc, flip):
     texts = [decode_tokens(enc, tokens[i]) for i in rows]
     swapped, problems = encode_checked(enc, [flip_caption(t) for t in texts], tokens.shape[1])
     ok = np.array([p != "too long" and sides_only(t) for p, t in zip(problems, texts)], bool)
-    rows = rows[ok] if len(rows) else rows
+    rows = rows[ok]
     images[rows] = images[rows, :, ::-1]
     tokens[rows] = swapped[ok]
     return images, tokens, rows

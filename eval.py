@@ -692,10 +692,8 @@ def evaluate_prompt(model, ds, device, names, class_tokens, prompted=True, max_i
 
 
 def write_json(path, obj):
-    """Write atomically: a reader sees the old file or the new one, never half of one."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    """Write atomically (data.write_file): a reader sees the old file or the new one, never half of one."""
+    data.write_file(path, json.dumps(obj, indent=1))
 
 
 # -----------------------------------------------------------------------------
@@ -772,9 +770,7 @@ def run_train(out, flags, log_dir=""):
 
 def write_text(path, text):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    data.write_file(path, text)
     print(text)
 
 

@@ -806,7 +806,7 @@ def cached_pretrain_step(raw_model, batches, noise, counts, offsets, scaler, ctx
     graph); memory is one micro-batch's activations plus the cached representations. The
     momentum queue is read before and filled after, as one big batch would. The gradients
     are averaged over the ranks once, at the end."""
-    m, k, (rank, world_size) = raw_model, len(batches), dist_info()
+    m, k, world_size = raw_model, len(batches), dist_info()[1]
     B = batches[0]["tokens"].size(0)
     alpha = batches[0].get("alpha", 0.0)
     inputs = [{key: b.get(key) for key in ("pixels", "tokens", "codes", "groups")} for b in batches]
