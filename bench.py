@@ -5,6 +5,7 @@ loading, and captioning with and without the KV cache.
     python bench.py --config small                        # samples/s and MFU of the pretraining step
     python bench.py --config base --batch_size=8 --steps=5   # any train.py flag applies
     python bench.py --config small --vs hf                # the ITC step: ours against transformers.CLIPModel
+    python bench.py --config small --vs itc_lm            # every objective against ITC + captioning, one run
     python bench.py --config small --mode loader          # pretraining batches from the shapes world (--num_workers=N)
     python bench.py --config small --mode generate        # caption tokens/s, KV cache on and off
     python bench.py --config small --json out/bench.json  # the numbers also as JSON (written atomically)
@@ -24,15 +25,15 @@ positions, N = B contrastive columns (one process), Q = queue_size with momentum
 widths v (ViT), w (text), g (generator), D = embed_dim, V = vocab_size, K = n_codes, and
 X(L, d, n) = model.transformer_flops = L (2 n d^2 (4 + 2 mlp_ratio) + 4 n^2 d) per sequence:
 
-    vit       = B (6 P p^2 v + X(vit_layers, v, 1 + P))               (a second one on ELECTRA's replaced pixels)
+    vit       = B (6 P p^2 v + X(vit_layers, v, 1 + P))    (on ELECTRA's replaced pixels; a second one without shared_vit_pass)
     converter = B C, C = 2 P (v w + w^2) ('mlp') or 2 P v w + L_r (4 M w^2 (1 + r) + 4 P w^2 + 4 M P w),
-                on the first ViT pass, for captioning and, without ELECTRA, for the fused pass
+                on the first ViT pass, for captioning and the fused pass (a second one on the second pass)
     itc       = 2 B v D + B X(text_layers, w, T) + 2 B w D + 4 B (N + Q) D
     momentum  = vit + B X(text_layers, w, T) + 2 B (v + w) D + 4 B (N + Q) D          (no backward)
     generator = B (6 P p^2 g + 2 T w g + X(gen_layers, g, P + T) + 2 T g w + 2 T w V + 2 P g K)
                 (once more, no backward, as the momentum generator with MLM and momentum)
     fused     = R X(text_layers, w, M + T) + 4 R w (ITM head) + 2 B T w (RTD head) + 2 B M w (R2D head),
-                R = 3B rows with ITM (matched pairs, image + negative text, text + negative image), else B
+                R = (1 + itm_negatives) B rows with ITM (matched pairs, then pairs with a negative text or image), else B
     caption   = B X(text_layers, w, M + T - 1) + 2 B (T - 1) w V
     itm draws = 4 B N D                                                  (no backward)
 
@@ -63,7 +64,7 @@ from model import VLM, VLMConfig, hf_clip_config, loss_weights, transformer_flop
 @dataclass
 class BenchConfig:
     mode: str = "train"  # 'train' (the pretraining step), 'loader' (data) or 'generate' (captioning)
-    vs: str = ""  # 'hf': the ITC step side by side with transformers.CLIPModel (mode train)
+    vs: str = ""  # mode train, side by side: 'hf' (the ITC step against transformers.CLIPModel), 'itc_lm' (against ITC+LM)
     steps: int = 0  # timed steps (generate: timed calls of each kind); 0: the mode's default
     warmup: int = -1  # untimed steps first; -1: the mode's default
     new_tokens: int = 64  # generate: tokens per caption, exactly
@@ -138,12 +139,16 @@ def pretrain_terms(c, batch_size):
     def text(n):
         return transformer_flops(c.text_layers, w, n, r)
 
+    # with ELECTRA and shared_vit_pass one ViT pass (over the replaced pixels) serves everything;
+    # else the fused pass reads a second one over the replaced pixels
+    shared = electra and c.shared_vit_pass
+    one_pass = shared or not electra  # the fused pass reads the first pass's image tokens
     # what reaches a loss with a gradient: ITC's embeddings; the first pass's image tokens for
-    # captioning, and for ITM when ELECTRA does not replace them with its second pass's
-    tokens_grad = on["caption"] or (on["itm"] and not electra)
+    # captioning, and for the fused pass when they are its input
+    tokens_grad = on["caption"] or (fused and one_pass)
     vit_grad = on["itc"] or tokens_grad
     terms = [("vit.conv", B * conv, vit_grad), ("vit.blocks", B * vit, 2 * vit_grad)]
-    if on["caption"] or (fused and not electra):  # with ELECTRA the fused pass reads its second ViT pass
+    if on["caption"] or (fused and one_pass):
         terms.append(("converter", B * converter_flops(c), 2 * tokens_grad))
     if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the embeddings
         terms += [("itc.image_proj", 2 * B * vw * D, 2 * on["itc"]), ("itc.text", B * text(T), 2 * on["itc"]),
@@ -164,11 +169,11 @@ def pretrain_terms(c, batch_size):
         terms += gen
         if c.momentum_alpha > 0 and on["mlm"]:  # soft MLM targets from the momentum generator
             terms.append(("momentum.generator", sum(f for _, f, _ in gen), 0))
-        if fused:  # the discriminator reads the replaced pixels through the ViT again
+        if fused and not shared:  # the discriminator reads the replaced pixels through the ViT again
             terms += [("electra.vit.conv", B * conv, 1), ("electra.vit.blocks", B * vit, 2),
                       ("electra.converter", B * converter_flops(c), 2)]
     if fused:
-        R = 3 * B if on["itm"] else B  # matched pairs, then image + negative text, text + negative image
+        R = (1 + c.itm_negatives) * B if on["itm"] else B  # matched pairs, then pairs with a negative text or image
         terms.append(("fused.blocks", R * text(M + T), 2))
         if on["itm"]:
             terms += [("itm.head", 2 * R * w * 2, 2), ("itm.hard_negatives", 2 * 2 * B * N * D, 0)]
@@ -249,8 +254,24 @@ def optimizer_step(model, loss_fn, cfg, device_type, ctx, after=None):
     return step
 
 
+def cpu_peak(info=None):
+    """(float32 peak TFLOP/s of the cores torch uses, how it was found) from /proc/cpuinfo (or
+    its text, info): threads x clock x 32 FLOP per cycle with FMA (two 256-bit FMA pipes, as
+    AMD's Zen 4 runs AVX-512), 16 without; (None, why) where the clock cannot be read."""
+    try:
+        info = open("/proc/cpuinfo").read() if info is None else info
+        mhz = float(re.search(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M).group(1))
+    except (OSError, AttributeError):
+        return None, "no clock in /proc/cpuinfo: give --peak_tflops"
+    per_cycle = 32 if re.search(r"^flags\s*:.*\bfma\b", info, re.M) else 16
+    threads = torch.get_num_threads()
+    return threads * mhz * 1e6 * per_cycle / 1e12, f"{threads} threads x {mhz / 1e3:.2f} GHz x {per_cycle} float32 FLOP/cycle"
+
+
 def resolve_peak(bench, device_type):
     """(peak TFLOP/s or None, where it comes from or why there is none)."""
+    if device_type == "cpu" and bench.peak_tflops <= 0:
+        return cpu_peak()
     name = torch.cuda.get_device_name() if device_type == "cuda" else device_type
     peak = peak_tflops(name, bench.peak_tflops)
     if peak is None:
@@ -353,17 +374,7 @@ def bench_vs_hf(cfg, bench):
               "hf": lambda: hf(input_ids=tokens, attention_mask=mask, pixel_values=pixels, return_loss=True).loss}
     steps = {name: optimizer_step(m, losses[name], cfg, device_type, ctx)
              for name, m in (("ours", ours_raw), ("hf", hf_raw))}
-    for step in steps.values():
-        timed(step, bench.warmup, device_type)
-    per_block = math.ceil(bench.steps / 6)  # about 6 blocks each, at least --steps steps in all
-    blocks = math.ceil(bench.steps / per_block)
-    seconds, rates = {k: 0.0 for k in steps}, {k: [] for k in steps}
-    for i in range(blocks):  # ours first in even blocks, HF first in odd ones
-        for name in (("ours", "hf") if i % 2 == 0 else ("hf", "ours")):
-            t = timed(steps[name], per_block, device_type)
-            seconds[name] += t
-            rates[name].append(cfg.batch_size * per_block / t)
-    n = blocks * per_block
+    seconds, rates, n, blocks = alternate(steps, bench, device_type, cfg.batch_size)
     flops = pretrain_flops(mcfg, cfg.batch_size)  # the same matmuls in both (HF's q, k, v apart)
     peak, why = resolve_peak(bench, device_type)
     counts = clip_param_counts(ours_raw, hf_raw)
@@ -388,6 +399,55 @@ def bench_vs_hf(cfg, bench):
                 f"{n} steps each in {blocks} alternating blocks after {bench.warmup} warm-up | "
                 f"{flops / 1e9:.2f} GFLOP/step", rows)
     return out
+
+
+def bench_vs_itc_lm(cfg, bench):
+    """The preset's pretraining step (every objective by default) side by side with the ITC
+    and captioning step of the same model, timed in alternating blocks: what the other
+    objectives cost."""
+    device, device_type, dtype, ctx, compiled = runtime(cfg)
+    configs = {"all": bench_model_config(cfg.model),
+               "itc_lm": bench_model_config(cfg.model, **{**OBJECTIVES_OFF, "itc_weight": 1.0, "caption_weight": 1.0})}
+    steps, flops = {}, {}
+    for name, mcfg in configs.items():
+        torch.manual_seed(cfg.seed)
+        raw = VLM(mcfg).to(device)
+        raw.codebook.uniform_()  # random centroids: the cost is the same
+        model = torch.compile(raw) if compiled else raw
+        batch = random_batch(raw, cfg.batch_size, device, cfg.seed)
+        steps[name] = optimizer_step(raw, lambda m=model, b=batch, c=mcfg: m(**b, groups=None, alpha=c.momentum_alpha)["loss"],
+                                     cfg, device_type, ctx, after=raw.momentum_update)
+        flops[name] = pretrain_flops(mcfg, cfg.batch_size)
+    seconds, rates, n, blocks = alternate(steps, bench, device_type, cfg.batch_size)
+    peak, why = resolve_peak(bench, device_type)
+    out = {}
+    for name in steps:
+        out.update(throughput(name, flops[name], cfg.batch_size, n, seconds[name], peak), **{f"{name}_flops_per_step": flops[name]})
+    out["cost_ratio"] = out["itc_lm_samples_per_s"] / out["all_samples_per_s"]
+    rows = [(label, f"{out[name + '_samples_per_s']:8.4g} samples/s  {out[name + '_step_ms']:8.1f} ms/step  "
+                    f"{flops[name] / 1e9:6.2f} GFLOP/step  {out[name + '_tflops'] * 1e3:6.1f} GFLOP/s  "
+                    f"blocks {min(rates[name]):.4g}..{max(rates[name]):.4g}  MFU {fmt_mfu(out[name + '_mfu'], why)}")
+            for name, label in (("all", "the preset's objectives"), ("itc_lm", "ITC + captioning"))]
+    rows.append(("cost ratio", f"{out['cost_ratio']:.2f} (ITC+LM samples/s over the preset's)"))
+    print_table(f"pretraining step against ITC+LM | {device} {dtype} compile {compiled} | batch {cfg.batch_size}, "
+                f"{n} steps each in {blocks} alternating blocks after {bench.warmup} warm-up", rows)
+    return out
+
+
+def alternate(steps, bench, device_type, batch_size):
+    """Time two step functions ({name: fn}) in alternating blocks, so that both see the same
+    machine: (seconds, samples/s per block, steps each, blocks)."""
+    for step in steps.values():
+        timed(step, bench.warmup, device_type)
+    per_block = math.ceil(bench.steps / 6)  # about 6 blocks each, at least --steps steps in all
+    blocks = math.ceil(bench.steps / per_block)
+    seconds, rates = {k: 0.0 for k in steps}, {k: [] for k in steps}
+    for i in range(blocks):  # the first step first in even blocks, the other in odd ones
+        for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
+            t = timed(steps[name], per_block, device_type)
+            seconds[name] += t
+            rates[name].append(batch_size * per_block / t)
+    return seconds, rates, blocks * per_block, blocks
 
 
 def bench_loader(cfg, bench):
@@ -477,8 +537,8 @@ def parse_bench_args(argv):
     bench = BenchConfig(**values)
     if bench.mode not in DEFAULT_STEPS:
         raise SystemExit(f"unknown --mode {bench.mode!r}; modes: {', '.join(DEFAULT_STEPS)}")
-    if bench.vs not in ("", "hf") or (bench.vs and bench.mode != "train"):
-        raise SystemExit(f"--vs takes hf, with --mode train (got --vs={bench.vs!r}, --mode={bench.mode})")
+    if bench.vs not in ("", "hf", "itc_lm") or (bench.vs and bench.mode != "train"):
+        raise SystemExit(f"--vs takes hf or itc_lm, with --mode train (got --vs={bench.vs!r}, --mode={bench.mode})")
     steps, warmup = DEFAULT_STEPS[bench.mode]
     bench.steps = bench.steps if bench.steps > 0 else steps
     bench.warmup = bench.warmup if bench.warmup >= 0 else warmup
@@ -495,7 +555,7 @@ def main(argv=None):
         raise SystemExit("bench.py times steps of one batch: set --batch_size, not --grad_accum")
     torch.manual_seed(cfg.seed)
     modes = {"train": bench_train, "loader": bench_loader, "generate": bench_generate}
-    run = bench_vs_hf if bench.vs else modes[bench.mode]
+    run = {"hf": bench_vs_hf, "itc_lm": bench_vs_itc_lm}.get(bench.vs, modes[bench.mode])
     t0 = time.time()
     out = run(cfg, bench)
     out.update(config=preset, mode=bench.mode + (f"_vs_{bench.vs}" if bench.vs else ""), batch_size=cfg.batch_size,

@@ -59,6 +59,7 @@ class VLMConfig:
     rtd_weight: float = 10.0  # M6 discriminator: replaced text tokens (lambda; ELECTRA used 50, see README)
     r2d_weight: float = 10.0  # M6 discriminator: replaced image patches
     caption_weight: float = 1.0  # M8 captioning
+    itm_negatives: int = 1  # hard negatives per row: 1 (even rows a negative text, odd a negative image), 2 (both, as ALBEF)
     # ELECTRA (M6)
     text_mask_rate: float = 0.15  # of the non-special text tokens
     patch_mask_rate: float = 0.15  # of the image patches
@@ -66,6 +67,7 @@ class VLMConfig:
     gen_width: int = 0  # the generator's width; 0: text_width // 4 (at most that)
     gen_layers: int = 2
     gen_heads: int = 2
+    shared_vit_pass: bool = True  # one ViT pass, over ELECTRA's replaced pixels, for ITC, captioning and the fused pass
     # momentum distillation (M7): alpha is the weight of the momentum model's soft targets,
     # ramped up from 0 over the first epoch; 0 switches it off (no EMA copy, no queues)
     momentum_alpha: float = 0.4
@@ -814,6 +816,8 @@ class VLM(nn.Module):
         super().__init__()
         if cfg.converter not in ("mlp", "resampler"):
             raise ValueError(f"converter must be 'mlp' or 'resampler', got {cfg.converter!r}")
+        if cfg.itm_negatives not in (1, 2):
+            raise ValueError(f"itm_negatives must be 1 or 2, got {cfg.itm_negatives}")
         self.cfg = cfg
         w = cfg.text_width
         self.visual = VisionTransformer(cfg)
@@ -1136,17 +1140,7 @@ class VLM(nn.Module):
         electra, fused = uses_electra(cfg), on["itm"] or on["rtd"] or on["r2d"]
         losses = {}
         rows = dict(tokens=tokens, groups=groups if groups is not None else torch.full_like(tokens[:, 0], -1))
-        vit = self.visual(pixels)
-        caption = on["caption"] and per_sample
-        image_tokens = self.image_tokens(vit) if caption or (fused and not electra) else None
-        if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the ITC similarity
-            rows.update(image_emb=self._image_embedding(self.visual, vit), text_emb=self._text_embedding(self.text, tokens))
-        if self.momentum is not None and on["itc"] and momentum:
-            m = self.momentum
-            with torch.no_grad():
-                rows.update(image_m=self._image_embedding(m.visual, m.visual(pixels)), text_m=self._text_embedding(m.text, tokens))
-        if fused and not electra:
-            rows.update(fused_image=image_tokens, fused_tokens=tokens)
+        E = None
         if electra:
             if codes is None:
                 raise ValueError("ELECTRA's objectives need the visual codes of the patches (codes=...)")
@@ -1154,19 +1148,31 @@ class VLM(nn.Module):
                 raise ValueError("R2D labels each patch, but the resampler's image tokens are its queries: "
                                  "use --converter=mlp or --r2d_weight=0")
             E = self.electra_inputs(pixels, tokens, codes, noise=noise)
+        shared = E is not None and cfg.shared_vit_pass  # one ViT pass, over the replaced pixels (as FLIP's masked images)
+        vit = self.visual(E["pixels"] if shared else pixels)
+        caption = on["caption"] and per_sample
+        image_tokens = self.image_tokens(vit) if caption or (fused and (shared or E is None)) else None
+        if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the ITC similarity
+            rows.update(image_emb=self._image_embedding(self.visual, vit), text_emb=self._text_embedding(self.text, tokens))
+        if self.momentum is not None and on["itc"] and momentum:
+            m = self.momentum
+            with torch.no_grad():  # the momentum model reads the clean pixels
+                rows.update(image_m=self._image_embedding(m.visual, m.visual(pixels)), text_m=self._text_embedding(m.text, tokens))
+        if fused:  # the discriminator and ITM read the replaced image and text when ELECTRA is on
+            fused_image = image_tokens if shared or E is None else self.image_tokens(self.visual(E["pixels"]))
+            rows.update(fused_image=fused_image, fused_tokens=tokens if E is None else E["tokens"])
+        if E is not None:
             if per_sample:
                 logp = fp32(E["mlm_logits"]).log_softmax(-1)
-                target = F.one_hot(tokens, logp.size(-1)).to(logp.dtype)
+                mlm = -logp.gather(-1, tokens[..., None]).squeeze(-1)  # the original token's NLL (no one-hot)
                 if self.momentum is not None and on["mlm"]:
                     with torch.no_grad():
                         mlm_m, _ = self.momentum.generator(*E["gen_input"])
-                    target = alpha * fp32(mlm_m).softmax(-1) + (1 - alpha) * target
-                losses["mlm"] = masked_mean(-(target * logp).sum(-1), E["text_mask"], counts["mlm"])
+                    mlm = (1 - alpha) * mlm - alpha * (fp32(mlm_m).softmax(-1) * logp).sum(-1)
+                losses["mlm"] = masked_mean(mlm, E["text_mask"], counts["mlm"])
                 moc = F.cross_entropy(fp32(E["moc_logits"]).transpose(1, 2), codes.long(), reduction="none")
                 losses["moc"] = masked_mean(moc, E["patch_mask"], counts["moc"])
             rows.update(rtd_label=E["rtd_label"], r2d_label=E["r2d_label"])
-            if fused:
-                rows.update(fused_image=self.image_tokens(self.visual(E["pixels"])), fused_tokens=E["tokens"])
         if caption:
             losses["caption"] = self.caption_loss(image_tokens, tokens, counts["caption"])
         return losses, rows
@@ -1202,18 +1208,27 @@ class VLM(nn.Module):
         if not (on["itm"] or on["rtd"] or on["r2d"]):
             return losses
         images, texts = [rows["fused_image"]], [rows["fused_tokens"]]  # the matched pairs first
-        if on["itm"]:  # then each image with a hard negative text, each text with a hard negative image
-            neg_t, valid_t = hard_negatives(rows["image_emb"] @ cols["text_emb"].t(), same, u=noise["neg_text"], offset=offset)
-            neg_i, valid_i = hard_negatives(rows["text_emb"] @ cols["image_emb"].t(), same, u=noise["neg_image"], offset=offset)
-            images += [rows["fused_image"], cols["fused_image"][neg_i]]
-            texts += [cols["fused_tokens"][neg_t], rows["fused_tokens"]]
+        if on["itm"]:  # then pairs with a hard negative text or image, drawn at the ITC temperature (ALBEF)
+            scale = self.logit_scale.detach().exp().clamp(max=100)
+            neg_t, valid_t = hard_negatives(scale * rows["image_emb"] @ cols["text_emb"].t(), same, u=noise["neg_text"], offset=offset)
+            neg_i, valid_i = hard_negatives(scale * rows["text_emb"] @ cols["image_emb"].t(), same, u=noise["neg_image"], offset=offset)
+            neg_image, neg_text = cols["fused_image"][neg_i], cols["fused_tokens"][neg_t]
+            if cfg.itm_negatives == 2:  # each image with a negative text, each text with a negative image
+                images += [rows["fused_image"], neg_image]
+                texts += [neg_text, rows["fused_tokens"]]
+                valid = [valid_t, valid_i]
+            else:  # one negative per row: a text for even global rows, an image for odd ones
+                text_neg = (torch.arange(B, device=tokens.device) + offset) % 2 == 0
+                images.append(torch.where(text_neg[:, None, None], rows["fused_image"], neg_image))
+                texts.append(torch.where(text_neg[:, None], neg_text, rows["fused_tokens"]))
+                valid = [torch.where(text_neg, valid_t, valid_i)]
         P = rows["fused_image"].size(1)
         h = self.fuse(torch.cat(images), torch.cat(texts))
-        if on["itm"]:  # the mean over the 3B pairs; a pair without a candidate negative adds 0
-            labels = (torch.arange(3 * B, device=tokens.device) < B).long()
-            keep = torch.cat([valid_t.new_ones(B), valid_t, valid_i])
+        if on["itm"]:  # the mean over all pairs; a pair without a candidate negative adds 0
+            R = h.size(0)
+            labels = (torch.arange(R, device=tokens.device) < B).long()
             itm = F.cross_entropy(fp32(self.itm_head(h[:, P])), labels, reduction="none")
-            losses["itm"] = masked_mean(itm, keep, count=torch.tensor(3.0 * B, device=tokens.device))
+            losses["itm"] = masked_mean(itm, torch.cat([valid_t.new_ones(B)] + valid), count=torch.tensor(float(R), device=tokens.device))
         if on["rtd"]:  # the discriminator: the matched rows, every non-padding position
             rtd = fp32(self.rtd_head(h[:B, P:]).squeeze(-1))
             losses["rtd"] = masked_mean(F.binary_cross_entropy_with_logits(

@@ -936,9 +936,10 @@ def train(cfg, ckpt=None, init=None):
     # the prompt stage's batches are made on the device: no loader processes
     stream = host_batches(fetch, start_step * cfg.grad_accum, 0 if prompt else cfg.num_workers, device_type == "cuda")
 
-    def run_eval(**kw):
-        """The metrics on rank 0 (None on the others). Under FSDP every rank calls it: the
-        weights are gathered into a whole copy of the model on rank 0."""
+    def run_eval(show_captions=False, **kw):
+        """The metrics on rank 0 (None on the others), after printing a few val captions with
+        show_captions. Under FSDP every rank calls it: the weights are gathered into a whole
+        copy of the model on rank 0."""
         m = raw_model
         if cfg.fsdp and world_size > 1:
             state = full_state(raw_model, None, cfg)[0]
@@ -950,6 +951,8 @@ def train(cfg, ckpt=None, init=None):
             return evaluate_instruct(m, ds, device, ctx=ctx, **kw)
         if prompt:
             return evaluate_prompt(m, ds, device, cfg.classes.split(","), class_rows(ds, cfg), ctx=ctx, **kw)
+        if show_captions and cfg.model.caption_weight > 0 and ds.has("val", "tokens"):
+            print_captions(m, ds, device, ctx)
         return evaluate(m, ds, device, ctx=ctx, rerank_k=cfg.rerank_k, **kw)
 
     if prompt:
@@ -1005,7 +1008,7 @@ def train(cfg, ckpt=None, init=None):
     changed = [n for n, p in raw_model.named_parameters() if n in frozen and not torch.equal(p, frozen[n])]
     if changed:
         raise RuntimeError(f"--stage {cfg.stage} changed frozen parameters: {', '.join(changed)}")
-    metrics = run_eval() if master or cfg.fsdp else None
+    metrics = run_eval(show_captions=pretrain) if master or cfg.fsdp else None
     if master:
         metrics.update(step=step, train_time_s=time.time() - t_start)
         if prompt:
@@ -1018,6 +1021,17 @@ def train(cfg, ckpt=None, init=None):
     if world_size > 1:
         dist.destroy_process_group()
     return metrics if master else None
+
+
+def print_captions(model, ds, device, ctx, n=8):
+    """Print the greedy captions of the first n val images beside their first true caption:
+    what the model has learned, at a glance."""
+    images = ds.array("val", "images")[:n]
+    said = generate_captions(model, ds.tokenizer, images, device, ctx=ctx)
+    true = [data.decode_tokens(ds.tokenizer, row) for row in ds.array("val", "tokens")[:n, 0]]
+    print(f"captions of the first {len(said)} val images (true | generated):")
+    for t, g in zip(true, said):
+        print(f"  {t:<60s} | {g}")
 
 
 def start_state(cfg, changes, overrides):

@@ -27,6 +27,7 @@ OBJECTIVES = {
     "rtd": dict(OBJECTIVES_OFF, rtd_weight=1.0),
     "mlm+momentum": dict(OBJECTIVES_OFF, mlm_weight=1.0, momentum_alpha=0.4),
     "caption": dict(OBJECTIVES_OFF, caption_weight=1.0),
+    "all, two ViT passes, two negatives": dict(shared_vit_pass=False, itm_negatives=2),
     "resampler": dict(OBJECTIVES_OFF, itc_weight=1.0, itm_weight=1.0, caption_weight=1.0, converter="resampler",
                       n_queries=4),
 }
@@ -68,10 +69,11 @@ def test_pretrain_terms_follow_the_objectives():
     assert set(itc) == {"vit.conv", "vit.blocks", "itc.image_proj", "itc.text", "itc.text_proj", "itc.logits"}
     full = terms()
     assert full["momentum.vit"] == full["itm.hard_negatives"] == 0 and full["vit.conv"] == 1
-    assert {"electra.vit.blocks", "fused.blocks", "caption.lm_head", "generator.mlm_logits"} <= set(full)
-    flops = {n: f for n, f, _ in bench.pretrain_terms(bench.bench_model_config(CFG), 4)}
-    no_itm = {n: f for n, f, _ in bench.pretrain_terms(bench.bench_model_config(CFG, itm_weight=0), 4)}
-    assert 3 * no_itm["fused.blocks"] == flops["fused.blocks"]  # 3B rows with ITM's negatives, B without
+    assert {"fused.blocks", "caption.lm_head", "generator.mlm_logits"} <= set(full) and "electra.vit.blocks" not in full
+    assert "electra.vit.blocks" in terms(shared_vit_pass=False)
+    flops = lambda **changes: {n: f for n, f, _ in bench.pretrain_terms(bench.bench_model_config(CFG, **changes), 4)}  # noqa: E731
+    no_itm = flops(itm_weight=0)["fused.blocks"]
+    assert flops()["fused.blocks"] == 2 * no_itm and flops(itm_negatives=2)["fused.blocks"] == 3 * no_itm  # B rows + B or 2B
 
 
 def test_peak_lookup_by_device_name_and_override():
@@ -84,7 +86,15 @@ def test_peak_lookup_by_device_name_and_override():
     assert bench.peak_tflops("Some Future Accelerator 9000") is None
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", override=100.0) == 100.0
     assert bench.resolve_peak(bench.BenchConfig(peak_tflops=50.0), "cpu") == (50.0, "--peak_tflops")
-    peak, why = bench.resolve_peak(bench.BenchConfig(), "cpu")
+    assert bench.resolve_peak(bench.BenchConfig(), "cpu") == bench.cpu_peak()
+
+
+def test_cpu_peak_is_threads_times_clock_times_flops_per_cycle():
+    threads = torch.get_num_threads()
+    peak, why = bench.cpu_peak("processor\t: 0\ncpu MHz\t\t: 2600.000\nflags\t\t: fpu sse avx2 fma avx512f\n")
+    assert peak == pytest.approx(threads * 2.6e9 * 32 / 1e12) and "32 float32 FLOP/cycle" in why
+    assert bench.cpu_peak("cpu MHz : 2000\nflags : fpu sse2\n")[0] == pytest.approx(threads * 2e9 * 16 / 1e12)
+    peak, why = bench.cpu_peak("flags : fma\n")
     assert peak is None and "--peak_tflops" in why
 
 
@@ -122,10 +132,19 @@ def test_vs_hf_runs_a_training_step_of_each(tmp_path):
     out = bench.main(["--config", "tiny", "--vs", "hf", "--steps=2", "--warmup=0", "--batch_size=4", f"--json={path}"])
     assert out["ours_samples_per_s"] > 0 and out["hf_samples_per_s"] > 0 and out["ratio"] > 0
     assert out["params_ours"] == out["params_hf"] < out["params_ours_total"]
-    assert out["ours_mfu"] is None  # a CPU has no peak unless one is given
+    assert (out["ours_mfu"] is None) == (bench.cpu_peak()[0] is None)  # a CPU's peak from /proc/cpuinfo
     with open(path) as f:
         assert json.load(f)["params_hf"] == out["params_hf"]
     assert not os.path.exists(path + ".tmp")
+
+
+def test_vs_itc_lm_times_both_steps_and_their_ratio():
+    out = bench.main(["--config", "tiny", "--vs", "itc_lm", "--steps=2", "--warmup=0", "--batch_size=4"])
+    tiny = bench.train.PRESETS["tiny"].model
+    assert out["all_flops_per_step"] == bench.pretrain_flops(bench.bench_model_config(tiny), 4)
+    itc_lm = bench.bench_model_config(tiny, **{**OBJECTIVES_OFF, "itc_weight": 1.0, "caption_weight": 1.0})
+    assert out["itc_lm_flops_per_step"] == bench.pretrain_flops(itc_lm, 4) < out["all_flops_per_step"]
+    assert out["cost_ratio"] == pytest.approx(out["itc_lm_samples_per_s"] / out["all_samples_per_s"])
 
 
 def test_generate_mode_cached_equals_uncached_with_exactly_new_tokens(capsys):

@@ -53,6 +53,39 @@ def test_hard_negatives_follow_the_softmax_over_the_candidates():
     torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
 
 
+def test_pretraining_draws_itm_negatives_at_the_itc_temperature(monkeypatch):
+    """The step's hard negatives are drawn with probability softmax(exp(logit_scale) * cos) over
+    the candidates (ALBEF), not softmax(cos); even rows pair their image with a negative text,
+    odd rows their text with a negative image."""
+    import model as model_module
+    drawn, fused = [], []
+    real = model_module.hard_negatives
+    monkeypatch.setattr(model_module, "hard_negatives", lambda logits, same, **kw: drawn.append((logits, same)) or
+                        real(logits, same, **kw))
+    model = make_model(mlm_weight=0, moc_weight=0, rtd_weight=0, r2d_weight=0, momentum_alpha=0, caption_weight=0)
+    model.logit_scale.data.fill_(math.log(30.0))
+    real_fuse = model.fuse
+    monkeypatch.setattr(model, "fuse", lambda image, text: fused.append(text) or real_fuse(image, text))
+    B = 6
+    tokens = captions(B, [2, 3, 4, 5, 3, 2])
+    pixels, _ = images_and_codes(B)
+    noise = model_module.draw_noise(model.cfg, B, tokens.size(1))
+    model(pixels, tokens, noise=noise)
+    with torch.no_grad():
+        cos = model.encode_image(pixels) @ model.encode_text(tokens).t()
+    (logits_t, same), (logits_i, _) = drawn
+    for logits, sim in ((logits_t, cos), (logits_i, cos.t())):
+        u = (torch.arange(100000, dtype=torch.float64) + 0.5) / 100000  # the draw as a function of its uniform
+        idx, _ = real(logits[:1].expand(len(u), -1), same[:1].expand(len(u), -1), u=u)
+        freq = torch.bincount(idx, minlength=B).double() / len(u)
+        expected = (30.0 * sim[0]).masked_fill(same[0], float("-inf")).softmax(0)
+        torch.testing.assert_close(freq, expected, atol=1e-4, rtol=0)
+    neg_t, _ = real(logits_t, same, u=noise["neg_text"])
+    text = fused[0][B:]  # the negative pairs follow the B matched ones
+    assert fused[0].size(0) == 2 * B
+    assert torch.equal(text[0::2], tokens[neg_t[0::2]]) and torch.equal(text[1::2], tokens[1::2])
+
+
 @pytest.mark.parametrize("B", [1, 5])
 def test_a_row_without_candidates_is_flagged_not_nan(B):
     tokens = captions(1, [3]).repeat(B, 1)  # a batch of one, or of identical captions
