@@ -173,7 +173,8 @@ def pretrain_terms(c, batch_size):
             terms += [("electra.vit.conv", B * conv, 1), ("electra.vit.blocks", B * vit, 2),
                       ("electra.converter", B * converter_flops(c), 2)]
     if fused:
-        R = (1 + c.itm_negatives) * B if on["itm"] else B  # matched pairs, then pairs with a negative text or image
+        # matched pairs, then pairs with a negative text or image (0.5: the even rows of the batch)
+        R = B + {0.5: (B + 1) // 2, 1: B, 2: 2 * B}[c.itm_negatives] if on["itm"] else B
         terms.append(("fused.blocks", R * text(M + T), 2))
         if on["itm"]:
             terms += [("itm.head", 2 * R * w * 2, 2), ("itm.hard_negatives", 2 * 2 * B * N * D, 0)]

@@ -59,7 +59,7 @@ class VLMConfig:
     rtd_weight: float = 10.0  # M6 discriminator: replaced text tokens (lambda; ELECTRA used 50, see README)
     r2d_weight: float = 10.0  # M6 discriminator: replaced image patches
     caption_weight: float = 1.0  # M8 captioning
-    itm_negatives: int = 1  # hard negatives per row: 1 (even rows a negative text, odd a negative image), 2 (both, as ALBEF)
+    itm_negatives: float = 1.0  # negative pairs per matched pair: 2 (each image and each text, as ALBEF), 1 or 0.5 (see pretrain_head)
     # ELECTRA (M6)
     text_mask_rate: float = 0.15  # of the non-special text tokens
     patch_mask_rate: float = 0.15  # of the image patches
@@ -816,8 +816,8 @@ class VLM(nn.Module):
         super().__init__()
         if cfg.converter not in ("mlp", "resampler"):
             raise ValueError(f"converter must be 'mlp' or 'resampler', got {cfg.converter!r}")
-        if cfg.itm_negatives not in (1, 2):
-            raise ValueError(f"itm_negatives must be 1 or 2, got {cfg.itm_negatives}")
+        if cfg.itm_negatives not in (0.5, 1, 2):
+            raise ValueError(f"itm_negatives must be 0.5, 1 or 2, got {cfg.itm_negatives}")
         self.cfg = cfg
         w = cfg.text_width
         self.visual = VisionTransformer(cfg)
@@ -1217,18 +1217,20 @@ class VLM(nn.Module):
                 images += [rows["fused_image"], neg_image]
                 texts += [neg_text, rows["fused_tokens"]]
                 valid = [valid_t, valid_i]
-            else:  # one negative per row: a text for even global rows, an image for odd ones
-                text_neg = (torch.arange(B, device=tokens.device) + offset) % 2 == 0
-                images.append(torch.where(text_neg[:, None, None], rows["fused_image"], neg_image))
-                texts.append(torch.where(text_neg[:, None], neg_text, rows["fused_tokens"]))
-                valid = [torch.where(text_neg, valid_t, valid_i)]
+            else:  # global rows g: a negative text where g % period == 0, a negative image half a period on
+                period = round(2 / cfg.itm_negatives)  # 2 (every row) or 4 (every other row)
+                g = torch.arange(B, device=tokens.device) + offset
+                text_neg, pick = g % period == 0, g % (period // 2) == 0
+                images.append(torch.where(text_neg[:, None, None], rows["fused_image"], neg_image)[pick])
+                texts.append(torch.where(text_neg[:, None], neg_text, rows["fused_tokens"])[pick])
+                valid = [torch.where(text_neg, valid_t, valid_i)[pick]]
         P = rows["fused_image"].size(1)
         h = self.fuse(torch.cat(images), torch.cat(texts))
-        if on["itm"]:  # the mean over all pairs; a pair without a candidate negative adds 0
-            R = h.size(0)
-            labels = (torch.arange(R, device=tokens.device) < B).long()
+        if on["itm"]:  # the mean over (1 + itm_negatives) B pairs (the step's, in any split); one without a negative adds 0
+            labels = (torch.arange(h.size(0), device=tokens.device) < B).long()
             itm = F.cross_entropy(fp32(self.itm_head(h[:, P])), labels, reduction="none")
-            losses["itm"] = masked_mean(itm, torch.cat([valid_t.new_ones(B)] + valid), count=torch.tensor(float(R), device=tokens.device))
+            count = torch.tensor((1 + cfg.itm_negatives) * B, dtype=torch.float, device=tokens.device)
+            losses["itm"] = masked_mean(itm, torch.cat([valid_t.new_ones(B)] + valid), count=count)
         if on["rtd"]:  # the discriminator: the matched rows, every non-padding position
             rtd = fp32(self.rtd_head(h[:B, P:]).squeeze(-1))
             losses["rtd"] = masked_mean(F.binary_cross_entropy_with_logits(

@@ -28,6 +28,7 @@ OBJECTIVES = {
     "mlm+momentum": dict(OBJECTIVES_OFF, mlm_weight=1.0, momentum_alpha=0.4),
     "caption": dict(OBJECTIVES_OFF, caption_weight=1.0),
     "all, two ViT passes, two negatives": dict(shared_vit_pass=False, itm_negatives=2),
+    "all, half the negatives": dict(itm_negatives=0.5),
     "resampler": dict(OBJECTIVES_OFF, itc_weight=1.0, itm_weight=1.0, caption_weight=1.0, converter="resampler",
                       n_queries=4),
 }
@@ -74,6 +75,7 @@ def test_pretrain_terms_follow_the_objectives():
     flops = lambda **changes: {n: f for n, f, _ in bench.pretrain_terms(bench.bench_model_config(CFG, **changes), 4)}  # noqa: E731
     no_itm = flops(itm_weight=0)["fused.blocks"]
     assert flops()["fused.blocks"] == 2 * no_itm and flops(itm_negatives=2)["fused.blocks"] == 3 * no_itm  # B rows + B or 2B
+    assert 2 * flops(itm_negatives=0.5)["fused.blocks"] == 3 * no_itm  # B + B/2 rows
 
 
 def test_peak_lookup_by_device_name_and_override():

@@ -53,16 +53,20 @@ def test_hard_negatives_follow_the_softmax_over_the_candidates():
     torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
 
 
-def test_pretraining_draws_itm_negatives_at_the_itc_temperature(monkeypatch):
+@pytest.mark.parametrize("negatives", [0.5, 1, 2])
+def test_pretraining_draws_itm_negatives_at_the_itc_temperature(monkeypatch, negatives):
     """The step's hard negatives are drawn with probability softmax(exp(logit_scale) * cos) over
-    the candidates (ALBEF), not softmax(cos); even rows pair their image with a negative text,
-    odd rows their text with a negative image."""
+    the candidates (ALBEF), not softmax(cos). The pairs after the B matched ones: with 2 negatives
+    every image with a negative text, then every text with a negative image; with 1, row i pairs
+    its image with a negative text for even i, its text with a negative image for odd i; with
+    0.5, the same for the even rows only (negative texts where i % 4 == 0)."""
     import model as model_module
     drawn, fused = [], []
     real = model_module.hard_negatives
     monkeypatch.setattr(model_module, "hard_negatives", lambda logits, same, **kw: drawn.append((logits, same)) or
                         real(logits, same, **kw))
-    model = make_model(mlm_weight=0, moc_weight=0, rtd_weight=0, r2d_weight=0, momentum_alpha=0, caption_weight=0)
+    model = make_model(mlm_weight=0, moc_weight=0, rtd_weight=0, r2d_weight=0, momentum_alpha=0, caption_weight=0,
+                       itm_negatives=negatives)
     model.logit_scale.data.fill_(math.log(30.0))
     real_fuse = model.fuse
     monkeypatch.setattr(model, "fuse", lambda image, text: fused.append(text) or real_fuse(image, text))
@@ -81,9 +85,12 @@ def test_pretraining_draws_itm_negatives_at_the_itc_temperature(monkeypatch):
         expected = (30.0 * sim[0]).masked_fill(same[0], float("-inf")).softmax(0)
         torch.testing.assert_close(freq, expected, atol=1e-4, rtol=0)
     neg_t, _ = real(logits_t, same, u=noise["neg_text"])
-    text = fused[0][B:]  # the negative pairs follow the B matched ones
-    assert fused[0].size(0) == 2 * B
-    assert torch.equal(text[0::2], tokens[neg_t[0::2]]) and torch.equal(text[1::2], tokens[1::2])
+    if negatives == 2:
+        expected = [tokens[neg_t], tokens]
+    else:
+        period = round(2 / negatives)
+        expected = [tokens[neg_t[i]] if i % period == 0 else tokens[i] for i in range(0, B, period // 2)]
+    assert torch.equal(fused[0][B:], torch.cat(expected) if negatives == 2 else torch.stack(expected))
 
 
 @pytest.mark.parametrize("B", [1, 5])
