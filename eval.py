@@ -701,7 +701,7 @@ def write_json(path, obj):
 
 OBJECTIVES_OFF = dict(itc_weight=0, caption_weight=0, itm_weight=0, mlm_weight=0, moc_weight=0, rtd_weight=0, r2d_weight=0,
             momentum_alpha=0)
-_ELECTRA = dict(mlm_weight=1, moc_weight=1, rtd_weight=10, r2d_weight=10)
+_ELECTRA = dict(mlm_weight=1, moc_weight=1, rtd_weight=1, r2d_weight=1)
 ABLATION_ROWS = {
     "ITC": dict(OBJECTIVES_OFF, itc_weight=1),
     "ITC+LM": dict(OBJECTIVES_OFF, itc_weight=1, caption_weight=1),

@@ -56,8 +56,8 @@ class VLMConfig:
     itm_weight: float = 1.0  # M5 image-text matching with hard negatives
     mlm_weight: float = 1.0  # M6 generator: masked text tokens
     moc_weight: float = 1.0  # M6 generator: visual codes of masked patches
-    rtd_weight: float = 10.0  # M6 discriminator: replaced text tokens (lambda; ELECTRA used 50, see README)
-    r2d_weight: float = 10.0  # M6 discriminator: replaced image patches
+    rtd_weight: float = 1.0  # M6 discriminator: replaced text tokens (lambda; ELECTRA used 50, see README)
+    r2d_weight: float = 1.0  # M6 discriminator: replaced image patches
     caption_weight: float = 1.0  # M8 captioning
     itm_negatives: float = 1.0  # negative pairs per matched pair: 2 (each image and each text, as ALBEF), 1 or 0.5 (see pretrain_head)
     # ELECTRA (M6)
@@ -67,7 +67,7 @@ class VLMConfig:
     gen_width: int = 0  # the generator's width; 0: text_width // 4 (at most that)
     gen_layers: int = 2
     gen_heads: int = 2
-    shared_vit_pass: bool = True  # one ViT pass, over ELECTRA's replaced pixels, for ITC, captioning and the fused pass
+    shared_vit_pass: bool = False  # one ViT pass, over ELECTRA's replaced pixels, for ITC, captioning and the fused pass
     # momentum distillation (M7): alpha is the weight of the momentum model's soft targets,
     # ramped up from 0 over the first epoch; 0 switches it off (no EMA copy, no queues)
     momentum_alpha: float = 0.4
