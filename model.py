@@ -49,6 +49,7 @@ class VLMConfig:
     layer_norm_eps: float = 1e-5
     embed_dim: int = 128  # the joint image-text space of ITC
     converter: str = "mlp"  # image tokens -> text width: 'mlp' (one token per patch) or 'resampler'
+    image_positions: bool = False  # mlp: each image token also gets a learned position in the text width
     n_queries: int = 8  # the resampler's learned queries: image tokens per image
     resampler_layers: int = 2
     # loss weights: 0 switches an objective off and it costs nothing
@@ -365,10 +366,15 @@ class MLPConverter(nn.Module):
         self.c_fc = nn.Linear(cfg.vit_width, cfg.text_width)
         self.act = nn.GELU()
         self.c_proj = nn.Linear(cfg.text_width, cfg.text_width)
+        self.positional_embedding = None
+        if cfg.image_positions:  # learned, from a 2-D sin-cos map at about the scale of the outputs at initialisation
+            grid = cfg.image_size // cfg.patch_size
+            self.positional_embedding = nn.Parameter(0.05 * sincos_2d(grid, cfg.text_width))
 
     def forward(self, patches, context=None, context_valid=None):
         """patches (B, P, vit_width) -> (B, P, text_width); the context is the resampler's."""
-        return self.c_proj(self.act(self.c_fc(patches)))
+        x = self.c_proj(self.act(self.c_fc(patches)))
+        return x if self.positional_embedding is None else x + self.positional_embedding.to(x.dtype)
 
 
 class Resampler(nn.Module):
@@ -816,6 +822,8 @@ class VLM(nn.Module):
         super().__init__()
         if cfg.converter not in ("mlp", "resampler"):
             raise ValueError(f"converter must be 'mlp' or 'resampler', got {cfg.converter!r}")
+        if cfg.image_positions and cfg.converter != "mlp":
+            raise ValueError("image_positions go with --converter=mlp (the resampler's tokens are its queries)")
         if cfg.itm_negatives not in (0.5, 1, 2):
             raise ValueError(f"itm_negatives must be 0.5, 1 or 2, got {cfg.itm_negatives}")
         self.cfg = cfg

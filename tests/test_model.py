@@ -267,3 +267,19 @@ def test_quick_gelu_is_x_sigmoid_1702x_with_its_gradient():
     (grad,) = torch.autograd.grad(y.sum(), x)
     s = torch.sigmoid(1.702 * x)
     torch.testing.assert_close(grad, s + 1.702 * x * s * (1 - s), rtol=1e-12, atol=1e-15)
+
+
+def test_image_positions_add_a_learned_position_to_each_image_token():
+    model = make_model(image_positions=True)
+    c, P = model.converter, (CFG.image_size // CFG.patch_size) ** 2
+    vit = torch.randn(2, 1 + P, CFG.vit_width, dtype=torch.float64)
+    plain = c.c_proj(F.gelu(c.c_fc(vit[:, 1:])))
+    torch.testing.assert_close(model.image_tokens(vit), plain + c.positional_embedding)
+    grid = CFG.image_size // CFG.patch_size
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(CFG.text_width // 4) / (CFG.text_width // 4))
+    x, y = cols.flatten()[:, None] * omega, rows.flatten()[:, None] * omega  # MAE's map, written out
+    torch.testing.assert_close(c.positional_embedding, 0.05 * torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], 1).double())
+    assert make_model().converter.positional_embedding is None
+    with pytest.raises(ValueError, match="image_positions"):
+        make_model(image_positions=True, converter="resampler")
