@@ -25,7 +25,8 @@ positions, N = B contrastive columns (one process), Q = queue_size with momentum
 widths v (ViT), w (text), g (generator), D = embed_dim, V = vocab_size, K = n_codes, and
 X(L, d, n) = model.transformer_flops = L (2 n d^2 (4 + 2 mlp_ratio) + 4 n^2 d) per sequence:
 
-    vit       = B (6 P p^2 v + X(vit_layers, v, 1 + P))    (on ELECTRA's replaced pixels; a second one without shared_vit_pass)
+    vit       = B (6 P p^2 v + X(vit_layers, v, 1 + P))    (a second one on ELECTRA's replaced pixels,
+                unless shared_vit_pass: then the one pass reads them)
     converter = B C, C = 2 P (v w + w^2) ('mlp') or 2 P v w + L_r (4 M w^2 (1 + r) + 4 P w^2 + 4 M P w),
                 on the first ViT pass, for captioning and the fused pass (a second one on the second pass)
     itc       = 2 B v D + B X(text_layers, w, T) + 2 B w D + 4 B (N + Q) D
@@ -33,17 +34,19 @@ X(L, d, n) = model.transformer_flops = L (2 n d^2 (4 + 2 mlp_ratio) + 4 n^2 d) p
     generator = B (6 P p^2 g + 2 T w g + X(gen_layers, g, P + T) + 2 T g w + 2 T w V + 2 P g K)
                 (once more, no backward, as the momentum generator with MLM and momentum)
     fused     = R X(text_layers, w, M + T) + 4 R w (ITM head) + 2 B T w (RTD head) + 2 B M w (R2D head),
-                R = (1 + itm_negatives) B rows with ITM (matched pairs, then pairs with a negative text or image), else B
+                R = (1 + itm_negatives) B rows with ITM (matched pairs, then negative pairs), else B
     caption   = B X(text_layers, w, M + T - 1) + 2 B (T - 1) w V
     itm draws = 4 B N D                                                  (no backward)
 
     training FLOPs = sum over terms of F (1 + b): b = 2 where the backward computes the input
     and the weight gradients (each as many FLOPs as the forward), b = 1 where only the weight
     gradient (the patch conv and the generator's patch embedding: their input is pixels), b = 0
-    where there is no backward (momentum encoders, the hard-negative similarities, and any pass
-    whose output reaches no loss with a weight > 0). Exact for these ops (tests/test_bench.py
-    checks it against torch.utils.flop_counter). One batch per step: with --grad_accum > 1 and
-    ITC or ITM, train.py's cached step runs the encoders once more, without a graph.
+    where there is no backward (momentum encoders, the hard-negative similarities, any pass
+    whose output reaches no loss with a weight > 0, and with fused_vit_grad off the ViT pass
+    that only the fused pass reads; the converter's input map then has b = 1). Exact for these
+    ops (tests/test_bench.py checks it against torch.utils.flop_counter). One batch per step:
+    with --grad_accum > 1 and ITC or ITM, train.py's cached step runs the encoders once more,
+    without a graph.
 """
 
 import copy
@@ -64,7 +67,7 @@ from model import VLM, VLMConfig, hf_clip_config, loss_weights, transformer_flop
 @dataclass
 class BenchConfig:
     mode: str = "train"  # 'train' (the pretraining step), 'loader' (data) or 'generate' (captioning)
-    vs: str = ""  # mode train, side by side: 'hf' (the ITC step against transformers.CLIPModel), 'itc_lm' (against ITC+LM)
+    vs: str = ""  # mode train, side by side: 'hf' (ITC against transformers.CLIPModel), 'itc_lm' (against ITC+LM)
     steps: int = 0  # timed steps (generate: timed calls of each kind); 0: the mode's default
     warmup: int = -1  # untimed steps first; -1: the mode's default
     new_tokens: int = 64  # generate: tokens per caption, exactly
@@ -145,11 +148,18 @@ def pretrain_terms(c, batch_size):
     one_pass = shared or not electra  # the fused pass reads the first pass's image tokens
     # what reaches a loss with a gradient: ITC's embeddings; the first pass's image tokens for
     # captioning, and for the fused pass when they are its input
-    tokens_grad = on["caption"] or (fused and one_pass)
+    tokens_grad = on["caption"] or (fused and one_pass and c.fused_vit_grad)
     vit_grad = on["itc"] or tokens_grad
     terms = [("vit.conv", B * conv, vit_grad), ("vit.blocks", B * vit, 2 * vit_grad)]
-    if on["caption"] or (fused and one_pass):
-        terms.append(("converter", B * converter_flops(c), 2 * tokens_grad))
+    if tokens_grad:
+        terms.append(("converter", B * converter_flops(c), 2))
+    # a converter whose input has no gradient: its input map computes the weight gradient only
+    conv_in = 2 * P * vw * w  # c_fc of the mlp, c_in of the resampler
+
+    def detached_converter(name):
+        return [(name + ".in", B * conv_in, 1), (name, B * (converter_flops(c) - conv_in), 2)]
+    if fused and one_pass and not c.fused_vit_grad:
+        terms += detached_converter("fused.converter")
     if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the embeddings
         terms += [("itc.image_proj", 2 * B * vw * D, 2 * on["itc"]), ("itc.text", B * text(T), 2 * on["itc"]),
                   ("itc.text_proj", 2 * B * w * D, 2 * on["itc"])]
@@ -170,8 +180,12 @@ def pretrain_terms(c, batch_size):
         if c.momentum_alpha > 0 and on["mlm"]:  # soft MLM targets from the momentum generator
             terms.append(("momentum.generator", sum(f for _, f, _ in gen), 0))
         if fused and not shared:  # the discriminator reads the replaced pixels through the ViT again
-            terms += [("electra.vit.conv", B * conv, 1), ("electra.vit.blocks", B * vit, 2),
-                      ("electra.converter", B * converter_flops(c), 2)]
+            if c.fused_vit_grad:
+                terms += [("electra.vit.conv", B * conv, 1), ("electra.vit.blocks", B * vit, 2),
+                          ("electra.converter", B * converter_flops(c), 2)]
+            else:
+                terms += [("electra.vit.conv", B * conv, 0), ("electra.vit.blocks", B * vit, 0)]
+                terms += detached_converter("electra.converter")
     if fused:
         # matched pairs, then pairs with a negative text or image (0.5: the even rows of the batch)
         R = B + {0.5: (B + 1) // 2, 1: B, 2: 2 * B}[c.itm_negatives] if on["itm"] else B
@@ -266,7 +280,8 @@ def cpu_peak(info=None):
         return None, "no clock in /proc/cpuinfo: give --peak_tflops"
     per_cycle = 32 if re.search(r"^flags\s*:.*\bfma\b", info, re.M) else 16
     threads = torch.get_num_threads()
-    return threads * mhz * 1e6 * per_cycle / 1e12, f"{threads} threads x {mhz / 1e3:.2f} GHz x {per_cycle} float32 FLOP/cycle"
+    why = f"{threads} threads x {mhz / 1e3:.2f} GHz x {per_cycle} float32 FLOP/cycle"
+    return threads * mhz * 1e6 * per_cycle / 1e12, why
 
 
 def resolve_peak(bench, device_type):
@@ -416,14 +431,15 @@ def bench_vs_itc_lm(cfg, bench):
         raw.codebook.uniform_()  # random centroids: the cost is the same
         model = torch.compile(raw) if compiled else raw
         batch = random_batch(raw, cfg.batch_size, device, cfg.seed)
-        steps[name] = optimizer_step(raw, lambda m=model, b=batch, c=mcfg: m(**b, groups=None, alpha=c.momentum_alpha)["loss"],
-                                     cfg, device_type, ctx, after=raw.momentum_update)
+        loss = lambda m=model, b=batch, a=mcfg.momentum_alpha: m(**b, groups=None, alpha=a)["loss"]  # noqa: E731
+        steps[name] = optimizer_step(raw, loss, cfg, device_type, ctx, after=raw.momentum_update)
         flops[name] = pretrain_flops(mcfg, cfg.batch_size)
     seconds, rates, n, blocks = alternate(steps, bench, device_type, cfg.batch_size)
     peak, why = resolve_peak(bench, device_type)
     out = {}
     for name in steps:
-        out.update(throughput(name, flops[name], cfg.batch_size, n, seconds[name], peak), **{f"{name}_flops_per_step": flops[name]})
+        out.update(throughput(name, flops[name], cfg.batch_size, n, seconds[name], peak))
+        out[f"{name}_flops_per_step"] = flops[name]
     out["cost_ratio"] = out["itc_lm_samples_per_s"] / out["all_samples_per_s"]
     rows = [(label, f"{out[name + '_samples_per_s']:8.4g} samples/s  {out[name + '_step_ms']:8.1f} ms/step  "
                     f"{flops[name] / 1e9:6.2f} GFLOP/step  {out[name + '_tflops'] * 1e3:6.1f} GFLOP/s  "

@@ -60,7 +60,7 @@ class VLMConfig:
     rtd_weight: float = 1.0  # M6 discriminator: replaced text tokens (lambda; ELECTRA used 50, see README)
     r2d_weight: float = 1.0  # M6 discriminator: replaced image patches
     caption_weight: float = 1.0  # M8 captioning
-    itm_negatives: float = 1.0  # negative pairs per matched pair: 2 (each image and each text, as ALBEF), 1 or 0.5 (see pretrain_head)
+    itm_negatives: float = 1.0  # negative pairs per matched pair: 2 (an image's and a text's, as ALBEF), 1 or 0.5
     # ELECTRA (M6)
     text_mask_rate: float = 0.15  # of the non-special text tokens
     patch_mask_rate: float = 0.15  # of the image patches
@@ -68,7 +68,8 @@ class VLMConfig:
     gen_width: int = 0  # the generator's width; 0: text_width // 4 (at most that)
     gen_layers: int = 2
     gen_heads: int = 2
-    shared_vit_pass: bool = False  # one ViT pass, over ELECTRA's replaced pixels, for ITC, captioning and the fused pass
+    shared_vit_pass: bool = False  # one ViT pass, over ELECTRA's replaced pixels, for ITC, captioning and fused pass
+    fused_vit_grad: bool = True  # the fused pass's losses (ITM, RTD, R2D) train the ViT; false: the converter and text only
     # momentum distillation (M7): alpha is the weight of the momentum model's soft targets,
     # ramped up from 0 over the first epoch; 0 switches it off (no EMA copy, no queues)
     momentum_alpha: float = 0.4
@@ -1157,9 +1158,10 @@ class VLM(nn.Module):
                                  "use --converter=mlp or --r2d_weight=0")
             E = self.electra_inputs(pixels, tokens, codes, noise=noise)
         shared = E is not None and cfg.shared_vit_pass  # one ViT pass, over the replaced pixels (as FLIP's masked images)
+        first = shared or E is None  # the fused pass reads the first pass's image tokens
         vit = self.visual(E["pixels"] if shared else pixels)
         caption = on["caption"] and per_sample
-        image_tokens = self.image_tokens(vit) if caption or (fused and (shared or E is None)) else None
+        image_tokens = self.image_tokens(vit) if caption or (fused and first and cfg.fused_vit_grad) else None
         if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the ITC similarity
             rows.update(image_emb=self._image_embedding(self.visual, vit), text_emb=self._text_embedding(self.text, tokens))
         if self.momentum is not None and on["itc"] and momentum:
@@ -1167,7 +1169,12 @@ class VLM(nn.Module):
             with torch.no_grad():  # the momentum model reads the clean pixels
                 rows.update(image_m=self._image_embedding(m.visual, m.visual(pixels)), text_m=self._text_embedding(m.text, tokens))
         if fused:  # the discriminator and ITM read the replaced image and text when ELECTRA is on
-            fused_image = image_tokens if shared or E is None else self.image_tokens(self.visual(E["pixels"]))
+            if first:
+                fused_image = image_tokens if cfg.fused_vit_grad else self.image_tokens(vit.detach())
+            else:
+                with torch.set_grad_enabled(cfg.fused_vit_grad and torch.is_grad_enabled()):
+                    replaced = self.visual(E["pixels"])
+                fused_image = self.image_tokens(replaced)
             rows.update(fused_image=fused_image, fused_tokens=tokens if E is None else E["tokens"])
         if E is not None:
             if per_sample:

@@ -26,8 +26,9 @@ OBJECTIVES = {
     "itc": dict(itm_weight=0.0, mlm_weight=0.0, moc_weight=0.0, rtd_weight=0.0, r2d_weight=0.0, caption_weight=0.0,
                 momentum_alpha=0.0),
     "all": dict(momentum_alpha=0.4),  # every objective, momentum distillation and its queue
-    # the other step layouts: one ViT pass over the replaced pixels, ITM negatives for half the rows
-    "all-variants": dict(momentum_alpha=0.4, shared_vit_pass=True, itm_negatives=0.5),
+    # the other step layouts: one ViT pass over the replaced pixels, ITM negatives for half the
+    # rows, the fused pass not training the ViT
+    "all-variants": dict(momentum_alpha=0.4, shared_vit_pass=True, itm_negatives=0.5, fused_vit_grad=False),
 }
 
 

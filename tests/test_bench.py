@@ -29,6 +29,9 @@ OBJECTIVES = {
     "caption": dict(OBJECTIVES_OFF, caption_weight=1.0),
     "all, one ViT pass, two negatives": dict(shared_vit_pass=True, itm_negatives=2),
     "all, half the negatives": dict(itm_negatives=0.5),
+    "all, the fused pass not training the ViT": dict(fused_vit_grad=False),
+    "all, one ViT pass, not trained by the fused pass": dict(shared_vit_pass=True, fused_vit_grad=False),
+    "itm, not training the ViT": dict(OBJECTIVES_OFF, itc_weight=1.0, itm_weight=1.0, fused_vit_grad=False),
     "resampler": dict(OBJECTIVES_OFF, itc_weight=1.0, itm_weight=1.0, caption_weight=1.0, converter="resampler",
                       n_queries=4),
 }

@@ -93,6 +93,22 @@ def test_pretraining_draws_itm_negatives_at_the_itc_temperature(monkeypatch, neg
     assert torch.equal(fused[0][B:], torch.cat(expected) if negatives == 2 else torch.stack(expected))
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_fused_vit_grad_false_keeps_the_fused_losses_out_of_the_vit(shared):
+    """With fused_vit_grad off, ITM, RTD and R2D train the converter and the text transformer
+    but not the ViT; on, they reach it (through ELECTRA's second ViT pass, or the shared one)."""
+    B = 4
+    tokens = captions(B, [2, 3, 4, 5])
+    pixels, codes = images_and_codes(B)
+    for on in (True, False):
+        model = make_model(itc_weight=0, mlm_weight=0, moc_weight=0, caption_weight=0, momentum_alpha=0,
+                           shared_vit_pass=shared, fused_vit_grad=on).train()
+        model(pixels, tokens, codes)["loss"].backward()
+        vit = [p.grad for p in model.visual.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        assert bool(vit) == on
+        assert model.converter.c_fc.weight.grad.abs().sum() > 0 and model.text.blocks[0].attn.c_attn.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("B", [1, 5])
 def test_a_row_without_candidates_is_flagged_not_nan(B):
     tokens = captions(1, [3]).repeat(B, 1)  # a batch of one, or of identical captions
