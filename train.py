@@ -211,10 +211,13 @@ def parse_args(argv):
         if not arg.startswith("--"):
             raise SystemExit(f"unexpected argument {arg!r}: flags look like --key=value")
         key, eq, raw = arg[2:].partition("=")
+        typ = None
+        if key in known:
+            owner, name = known[key]
+            typ = typing.get_type_hints({None: TrainConfig, "model": VLMConfig, "world": WorldConfig}[owner])[name]
         if not eq:  # --key value, or a bare boolean --flag
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if key in known and known[key][0] is None and typing.get_type_hints(TrainConfig)[key] is bool \
-                    and (nxt is None or nxt.startswith("--")):
+            if typ is bool and (nxt is None or nxt.startswith("--")):
                 raw = "true"
             elif nxt is None:
                 raise SystemExit(f"--{key} needs a value")
@@ -228,10 +231,8 @@ def parse_args(argv):
             continue
         if key not in known:
             raise SystemExit(f"unknown config key --{key}. Valid keys:\n  config, " + ", ".join(sorted(known)))
-        owner, name = known[key]
-        cls = {None: TrainConfig, "model": VLMConfig, "world": WorldConfig}[owner]
         try:
-            overrides[key] = parse_value(key, raw, typing.get_type_hints(cls)[name])
+            overrides[key] = parse_value(key, raw, typ)
         except ValueError as e:
             raise SystemExit(str(e)) from None
     if overrides.get("stage", "pretrain") not in STAGES:

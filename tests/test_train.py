@@ -50,6 +50,9 @@ def test_overrides_reach_every_config_and_keep_types():
     assert (cfg.lr, cfg.model.vit_layers, cfg.world.n_val, cfg.resume) == (3e-4, 3, 7, True)
     assert cfg.model.image_mean == (0.5, 0.5, 0.5)
     assert train.PRESETS["tiny"].lr != 3e-4  # presets are not modified
+    # a bare boolean flag means true for the model's and the world's fields too, last or not
+    for argv in (["--image_positions"], ["--image_positions", "--lr=1e-3"], ["--image_positions", "true"]):
+        assert train.parse_args(argv)[1]["image_positions"] is True
 
 
 def test_tiny_run_lowers_its_loss_and_writes_its_files(tiny_run):
