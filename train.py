@@ -117,7 +117,7 @@ PRESETS = {
                           n_multi_train=40, n_multi_val=10, grid=3)),
     # the embedded default: a 2-core CPU in under 10 minutes, world generation included
     "small": TrainConfig(
-        out_dir="out", batch_size=64, max_iters=640, warmup_iters=60, eval_interval=10 ** 9, lr=1e-3, min_lr=1e-4,
+        out_dir="out", batch_size=64, max_iters=750, warmup_iters=60, eval_interval=10 ** 9, lr=1e-3, min_lr=1e-4,
         model=VLMConfig(image_size=64, patch_size=16, vit_width=128, vit_layers=4, vit_heads=4,
                         text_width=128, text_layers=4, text_heads=4, embed_dim=128)),
     # GPU: ViT-B/16 at 224 px, a CLIP-B text transformer
