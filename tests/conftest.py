@@ -28,5 +28,7 @@ def tiny_world(world_root):
 def tiny_run(tmp_path_factory, world_root, tiny_world):
     """A finished tiny training run: its out_dir holds ckpt.pt, log.jsonl and eval.json."""
     out = str(tmp_path_factory.mktemp("tiny_run"))
-    train.main(["--config", "tiny", f"--out_dir={out}", f"--data_dir={world_root}", "--max_iters=60"])
+    # the discriminator at weight 10 (the default is 1): 60 tiny steps then show RTD learn
+    train.main(["--config", "tiny", f"--out_dir={out}", f"--data_dir={world_root}", "--max_iters=60", "--rtd_weight=10",
+                "--r2d_weight=10"])
     return out
