@@ -60,7 +60,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 import train
-from eval import OBJECTIVES_OFF, write_json
+from eval import ABLATION_ROWS, OBJECTIVES_OFF, write_json
 from model import VLM, VLMConfig, hf_clip_config, loss_weights, transformer_flops, uses_electra
 
 
@@ -324,16 +324,22 @@ def runtime(cfg):
 # the benchmarks
 
 
-def bench_train(cfg, bench):
-    """Samples/s, FLOPs and MFU of the pretraining step with the preset's objectives."""
-    device, device_type, dtype, ctx, compiled = runtime(cfg)
-    mcfg = bench_model_config(cfg.model)
+def pretrain_step(cfg, mcfg, device, device_type, ctx, compiled):
+    """(model, a function that takes one pretraining step of it on a fixed random batch)."""
     raw = VLM(mcfg).to(device)
     raw.codebook.uniform_()  # random centroids: the cost is the same
     model = torch.compile(raw) if compiled else raw
     batch = random_batch(raw, cfg.batch_size, device, cfg.seed)
     step = optimizer_step(raw, lambda: model(**batch, groups=None, alpha=mcfg.momentum_alpha)["loss"], cfg, device_type,
                           ctx, after=raw.momentum_update)
+    return raw, step
+
+
+def bench_train(cfg, bench):
+    """Samples/s, FLOPs and MFU of the pretraining step with the preset's objectives."""
+    device, device_type, dtype, ctx, compiled = runtime(cfg)
+    mcfg = bench_model_config(cfg.model)
+    raw, step = pretrain_step(cfg, mcfg, device, device_type, ctx, compiled)
     timed(step, bench.warmup, device_type)
     seconds = timed(step, bench.steps, device_type)
     terms = pretrain_terms(mcfg, cfg.batch_size)
@@ -422,17 +428,11 @@ def bench_vs_itc_lm(cfg, bench):
     and captioning step of the same model, timed in alternating blocks: what the other
     objectives cost."""
     device, device_type, dtype, ctx, compiled = runtime(cfg)
-    configs = {"all": bench_model_config(cfg.model),
-               "itc_lm": bench_model_config(cfg.model, **{**OBJECTIVES_OFF, "itc_weight": 1.0, "caption_weight": 1.0})}
+    configs = {"all": bench_model_config(cfg.model), "itc_lm": bench_model_config(cfg.model, **ABLATION_ROWS["ITC+LM"])}
     steps, flops = {}, {}
     for name, mcfg in configs.items():
         torch.manual_seed(cfg.seed)
-        raw = VLM(mcfg).to(device)
-        raw.codebook.uniform_()  # random centroids: the cost is the same
-        model = torch.compile(raw) if compiled else raw
-        batch = random_batch(raw, cfg.batch_size, device, cfg.seed)
-        loss = lambda m=model, b=batch, a=mcfg.momentum_alpha: m(**b, groups=None, alpha=a)["loss"]  # noqa: E731
-        steps[name] = optimizer_step(raw, loss, cfg, device_type, ctx, after=raw.momentum_update)
+        steps[name] = pretrain_step(cfg, mcfg, device, device_type, ctx, compiled)[1]
         flops[name] = pretrain_flops(mcfg, cfg.batch_size)
     seconds, rates, n, blocks = alternate(steps, bench, device_type, cfg.batch_size)
     peak, why = resolve_peak(bench, device_type)

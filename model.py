@@ -1235,7 +1235,8 @@ class VLM(nn.Module):
             else:  # global rows g: a negative text where g % period == 0, a negative image half a period on
                 period = round(2 / cfg.itm_negatives)  # 2 (every row) or 4 (every other row)
                 g = torch.arange(B, device=tokens.device) + offset
-                text_neg, pick = g % period == 0, g % (period // 2) == 0
+                text_neg = g % period == 0
+                pick = slice(offset % 2, None, 2) if period == 4 else slice(None)  # the even g: a slice, no sync
                 images.append(torch.where(text_neg[:, None, None], rows["fused_image"], neg_image)[pick])
                 texts.append(torch.where(text_neg[:, None], neg_text, rows["fused_tokens"])[pick])
                 valid = [torch.where(text_neg, valid_t, valid_i)[pick]]
