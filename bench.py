@@ -27,16 +27,18 @@ X(L, d, n) = model.transformer_flops = L (2 n d^2 (4 + 2 mlp_ratio) + 4 n^2 d) p
 
     vit       = B (6 P p^2 v + X(vit_layers, v, 1 + P))    (a second one on ELECTRA's replaced pixels,
                 unless shared_vit_pass: then the one pass reads them)
-    converter = B C, C = 2 P (v w + w^2) ('mlp') or 2 P v w + L_r (4 M w^2 (1 + r) + 4 P w^2 + 4 M P w),
+    converter = B C, C = 2 P (v w + w^2 + 4 v w [image_axes]) ('mlp') or 2 P v w + L_r (4 M w^2 (1 + r) + 4 P w^2 + 4 M P w),
                 on the first ViT pass, for captioning and the fused pass (a second one on the second pass)
     itc       = 2 B v D + B X(text_layers, w, T) + 2 B w D + 4 B (N + Q) D
     momentum  = vit + B X(text_layers, w, T) + 2 B (v + w) D + 4 B (N + Q) D          (no backward)
     generator = B (6 P p^2 g + 2 T w g + X(gen_layers, g, P + T) + 2 T g w + 2 T w V + 2 P g K)
                 (once more, no backward, as the momentum generator with MLM and momentum)
-    fused     = R X(text_layers, w, M + T) + 4 R w (ITM head) + 2 B T w (RTD head) + 2 B M w (R2D head),
-                R = (1 + itm_negatives) B rows with ITM (matched pairs, then negative pairs), else B
+    fused     = R X(text_layers, w, M + T) + 4 R w (ITM head) + 2 B' T w (RTD head) + 2 B' M w (R2D head),
+                R = (1 + itm_negatives) B' rows with ITM (matched pairs, then negative pairs), else B';
+                B' = B, or B / 2 with fused_rows 0.5 (then the generator, the second ViT pass and
+                ITM's draws, over N / 2 columns, take B / 2 rows too)
     caption   = B X(text_layers, w, M + T - 1) + 2 B (T - 1) w V
-    itm draws = 4 B N D                                                  (no backward)
+    itm draws = 4 B' N' D                                                (no backward)
 
     training FLOPs = sum over terms of F (1 + b): b = 2 where the backward computes the input
     and the weight gradients (each as many FLOPs as the forward), b = 1 where only the weight
@@ -117,7 +119,7 @@ def converter_flops(c):
     patches' keys and values, and the attention of M queries over P keys."""
     P, w, vw = (c.image_size // c.patch_size) ** 2, c.text_width, c.vit_width
     if c.converter == "mlp":
-        return 2 * P * (vw * w + w * w)
+        return 2 * P * (vw * w + w * w + 4 * vw * w * c.image_axes)
     M = c.n_queries
     return 2 * P * vw * w + c.resampler_layers * (2 * M * w * w * (2 + 2 * c.mlp_ratio) + 4 * P * w * w + 4 * M * P * w)
 
@@ -148,18 +150,20 @@ def pretrain_terms(c, batch_size):
     one_pass = shared or not electra  # the fused pass reads the first pass's image tokens
     # what reaches a loss with a gradient: ITC's embeddings; the first pass's image tokens for
     # captioning, and for the fused pass when they are its input
-    tokens_grad = on["caption"] or (fused and one_pass and c.fused_vit_grad)
+    clean = c.itm_clean and on["itm"] and not one_pass  # ITM's clean pairs: the first pass's image tokens
+    replaced = fused and not (clean and not (on["rtd"] or on["r2d"]))  # the discriminator's (and ITM's) pairs
+    tokens_grad = on["caption"] or ((one_pass or clean) and fused and c.fused_vit_grad)
     vit_grad = on["itc"] or tokens_grad
     terms = [("vit.conv", B * conv, vit_grad), ("vit.blocks", B * vit, 2 * vit_grad)]
     if tokens_grad:
         terms.append(("converter", B * converter_flops(c), 2))
     # a converter whose input has no gradient: its input map computes the weight gradient only
-    conv_in = 2 * P * vw * w  # c_fc of the mlp, c_in of the resampler
+    conv_in = 2 * P * vw * w * (1 + 4 * c.image_axes)  # c_fc (and c_axes) of the mlp, c_in of the resampler
 
-    def detached_converter(name):
-        return [(name + ".in", B * conv_in, 1), (name, B * (converter_flops(c) - conv_in), 2)]
-    if fused and one_pass and not c.fused_vit_grad:
-        terms += detached_converter("fused.converter")
+    def detached_converter(name, rows):
+        return [(name + ".in", rows * conv_in, 1), (name, rows * (converter_flops(c) - conv_in), 2)]
+    if (one_pass or clean) and fused and not c.fused_vit_grad:
+        terms += detached_converter("fused.converter", B if c.fused_rows == 1 else B // 2)
     if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the embeddings
         terms += [("itc.image_proj", 2 * B * vw * D, 2 * on["itc"]), ("itc.text", B * text(T), 2 * on["itc"]),
                   ("itc.text_proj", 2 * B * w * D, 2 * on["itc"])]
@@ -169,31 +173,33 @@ def pretrain_terms(c, batch_size):
         terms += [("momentum.vit", B * (conv + vit) + 2 * B * vw * D, 0),
                   ("momentum.text", B * text(T) + 2 * B * w * D, 0),
                   ("momentum.soft_targets", 2 * 2 * B * (N + Q) * D, 0)]
+    Bf, Nf = (B, N) if c.fused_rows == 1 else (B // 2, N // 2)  # the rows ELECTRA and the fused pass take
     if electra:
         g, p2 = c.gen_width or w // 4, 3 * c.patch_size ** 2
-        gen = [("generator.patch_embed", B * 2 * P * p2 * g, on["mlm"] or on["moc"]),
-               ("generator.blocks", B * (2 * T * w * g + transformer_flops(c.gen_layers, g, P + T, r)),
+        gen = [("generator.patch_embed", Bf * 2 * P * p2 * g, on["mlm"] or on["moc"]),
+               ("generator.blocks", Bf * (2 * T * w * g + transformer_flops(c.gen_layers, g, P + T, r)),
                 2 * (on["mlm"] or on["moc"])),
-               ("generator.mlm_logits", B * (2 * T * g * w + 2 * T * w * V), 2 * on["mlm"]),
-               ("generator.moc_logits", B * 2 * P * g * c.n_codes, 2 * on["moc"])]
+               ("generator.mlm_logits", Bf * (2 * T * g * w + 2 * T * w * V), 2 * on["mlm"]),
+               ("generator.moc_logits", Bf * 2 * P * g * c.n_codes, 2 * on["moc"])]
         terms += gen
         if c.momentum_alpha > 0 and on["mlm"]:  # soft MLM targets from the momentum generator
             terms.append(("momentum.generator", sum(f for _, f, _ in gen), 0))
-        if fused and not shared:  # the discriminator reads the replaced pixels through the ViT again
+        if replaced and not shared:  # the discriminator reads the replaced pixels through the ViT again
             if c.fused_vit_grad:
-                terms += [("electra.vit.conv", B * conv, 1), ("electra.vit.blocks", B * vit, 2),
-                          ("electra.converter", B * converter_flops(c), 2)]
+                terms += [("electra.vit.conv", Bf * conv, 1), ("electra.vit.blocks", Bf * vit, 2),
+                          ("electra.converter", Bf * converter_flops(c), 2)]
             else:
-                terms += [("electra.vit.conv", B * conv, 0), ("electra.vit.blocks", B * vit, 0)]
-                terms += detached_converter("electra.converter")
+                terms += [("electra.vit.conv", Bf * conv, 0), ("electra.vit.blocks", Bf * vit, 0)]
+                terms += detached_converter("electra.converter", Bf)
     if fused:
         # matched pairs, then pairs with a negative text or image (0.5: the even rows of the batch)
-        R = B + {0.5: (B + 1) // 2, 1: B, 2: 2 * B}[c.itm_negatives] if on["itm"] else B
+        neg = {0.5: (Bf + 1) // 2, 1: Bf, 2: 2 * Bf}[c.itm_negatives] if on["itm"] else 0
+        R = Bf * (replaced + clean) + neg  # matched pairs (replaced, clean or both), then negative pairs
         terms.append(("fused.blocks", R * text(M + T), 2))
         if on["itm"]:
-            terms += [("itm.head", 2 * R * w * 2, 2), ("itm.hard_negatives", 2 * 2 * B * N * D, 0)]
-        terms += [("rtd.head", 2 * B * T * w, 2)] if on["rtd"] else []
-        terms += [("r2d.head", 2 * B * M * w, 2)] if on["r2d"] else []
+            terms += [("itm.head", 2 * (Bf + neg) * w * 2, 2), ("itm.hard_negatives", 2 * 2 * Bf * Nf * D, 0)]
+        terms += [("rtd.head", 2 * Bf * T * w, 2)] if on["rtd"] else []
+        terms += [("r2d.head", 2 * Bf * M * w, 2)] if on["r2d"] else []
     if on["caption"]:
         terms += [("caption.blocks", B * text(M + T - 1), 2), ("caption.lm_head", 2 * B * (T - 1) * w * V, 2)]
     return [(name, flops, int(b)) for name, flops, b in terms]

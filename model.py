@@ -50,6 +50,7 @@ class VLMConfig:
     embed_dim: int = 128  # the joint image-text space of ITC
     converter: str = "mlp"  # image tokens -> text width: 'mlp' (one token per patch) or 'resampler'
     image_positions: bool = False  # mlp: each image token also gets a learned position in the text width
+    image_axes: bool = False  # mlp: each image token also reads its row and column (means, and what lies before it)
     n_queries: int = 8  # the resampler's learned queries: image tokens per image
     resampler_layers: int = 2
     # loss weights: 0 switches an objective off and it costs nothing
@@ -61,6 +62,8 @@ class VLMConfig:
     r2d_weight: float = 1.0  # M6 discriminator: replaced image patches
     caption_weight: float = 1.0  # M8 captioning
     itm_negatives: float = 1.0  # negative pairs per matched pair: 2 (an image's and a text's, as ALBEF), 1 or 0.5
+    fused_rows: float = 1.0  # of a batch, the rows ELECTRA replaces and the fused pass reads: 1, or 0.5 (every other)
+    itm_clean: bool = False  # ITM's matched pairs are the clean image and text, not ELECTRA's replaced ones
     # ELECTRA (M6)
     text_mask_rate: float = 0.15  # of the non-special text tokens
     patch_mask_rate: float = 0.15  # of the image patches
@@ -367,6 +370,10 @@ class MLPConverter(nn.Module):
         self.c_fc = nn.Linear(cfg.vit_width, cfg.text_width)
         self.act = nn.GELU()
         self.c_proj = nn.Linear(cfg.text_width, cfg.text_width)
+        self.grid = cfg.image_size // cfg.patch_size
+        # a patch's row and column, linearly: "another object in my row" or "one left of me" is then a
+        # feature of each object's token, where from positions alone it is a pairwise (XOR-like) function
+        self.c_axes = nn.Linear(4 * cfg.vit_width, cfg.text_width, bias=False) if cfg.image_axes else None
         self.positional_embedding = None
         if cfg.image_positions:  # learned, from a 2-D sin-cos map at about the scale of the outputs at initialisation
             grid = cfg.image_size // cfg.patch_size
@@ -374,7 +381,13 @@ class MLPConverter(nn.Module):
 
     def forward(self, patches, context=None, context_valid=None):
         """patches (B, P, vit_width) -> (B, P, text_width); the context is the resampler's."""
-        x = self.c_proj(self.act(self.c_fc(patches)))
+        h = self.c_fc(patches)
+        if self.c_axes is not None:
+            g, n = patches.unflatten(1, (self.grid, self.grid)), self.grid  # (B, rows, columns, w)
+            axes = (g.mean(2, keepdim=True).expand_as(g), g.mean(1, keepdim=True).expand_as(g),
+                    (g.cumsum(2) - g) / n, (g.cumsum(1) - g) / n)  # row, column, left of it, above it
+            h = h + self.c_axes(torch.cat(axes, -1).flatten(1, 2))
+        x = self.c_proj(self.act(h))
         return x if self.positional_embedding is None else x + self.positional_embedding.to(x.dtype)
 
 
@@ -635,6 +648,13 @@ def uses_electra(cfg):
     return any(w > 0 for w in (cfg.mlm_weight, cfg.moc_weight, cfg.rtd_weight, cfg.r2d_weight))
 
 
+def fused_part(cfg, x):
+    """The rows of a batch that ELECTRA replaces and the fused pass reads (fused_rows): all, or
+    rows 0, 2, 4... As every batch of a step starts at an even global row (an even batch size),
+    these are the step's even rows in any split of it."""
+    return x if cfg.fused_rows == 1 else x[::2]
+
+
 def dist_info():
     """(rank, world size); (0, 1) when not distributed."""
     if dist.is_available() and dist.is_initialized():
@@ -789,9 +809,10 @@ def pretrain_counts(cfg, tokens, noise):
     They depend on the tokens and the noise only, so the training loop counts them for the
     whole step before any forward pass; each loss divides its sum by the step's count (per
     rank and micro-batch), which makes a step's gradient independent of how its batch is split."""
-    text_mask, patch_mask = electra_masks(cfg, tokens, noise)
+    fused = fused_part(cfg, tokens)
+    text_mask, patch_mask = electra_masks(cfg, fused, {k: fused_part(cfg, noise[k]) for k in ("text_mask", "patch_mask")})
     return {"mlm": text_mask.sum().float(), "moc": patch_mask.sum().float(),
-            "rtd": (tokens != cfg.pad_id).sum().float(), "caption": (tokens[:, 1:] != cfg.pad_id).sum().float()}
+            "rtd": (fused != cfg.pad_id).sum().float(), "caption": (tokens[:, 1:] != cfg.pad_id).sum().float()}
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -823,10 +844,17 @@ class VLM(nn.Module):
         super().__init__()
         if cfg.converter not in ("mlp", "resampler"):
             raise ValueError(f"converter must be 'mlp' or 'resampler', got {cfg.converter!r}")
-        if cfg.image_positions and cfg.converter != "mlp":
-            raise ValueError("image_positions go with --converter=mlp (the resampler's tokens are its queries)")
+        for flag in ("image_positions", "image_axes"):
+            if getattr(cfg, flag) and cfg.converter != "mlp":
+                raise ValueError(f"{flag} go with --converter=mlp (the resampler's tokens are its queries)")
         if cfg.itm_negatives not in (0.5, 1, 2):
             raise ValueError(f"itm_negatives must be 0.5, 1 or 2, got {cfg.itm_negatives}")
+        if cfg.fused_rows not in (0.5, 1):
+            raise ValueError(f"fused_rows must be 0.5 or 1, got {cfg.fused_rows}")
+        if cfg.itm_clean and cfg.shared_vit_pass:
+            raise ValueError("itm_clean and shared_vit_pass: the one ViT pass reads the replaced pixels, no clean ones")
+        if cfg.fused_rows != 1 and cfg.shared_vit_pass:
+            raise ValueError("fused_rows=0.5 and shared_vit_pass: the one ViT pass would read replaced and clean rows")
         self.cfg = cfg
         w = cfg.text_width
         self.visual = VisionTransformer(cfg)
@@ -850,6 +878,8 @@ class VLM(nn.Module):
             self.scorer = Scorer(w) if cfg.two_pass else None
         self.prompt = PromptLearner(cfg) if cfg.prompt else None  # M12
         self.apply(self._init_weights)
+        if cfg.image_axes:  # starts as the plain converter: the row and column context is learned in
+            nn.init.zeros_(self.converter.c_axes.weight)
         for tower, width, layers in ((self.visual, cfg.vit_width, cfg.vit_layers), (self.text, cfg.text_width, cfg.text_layers)):
             self._init_tower(tower, width, layers)
         self.momentum = None
@@ -1128,13 +1158,20 @@ class VLM(nn.Module):
         return sum(weights[k] * v for k, v in losses.items() if weights[k] > 0)
 
     # the rows of pretrain_encode that carry a gradient back to the encoders
-    GRADIENT_KEYS = ("image_emb", "text_emb", "fused_image")
+    GRADIENT_KEYS = ("image_emb", "text_emb", "fused_image", "itm_image")
+    # the rows of pretrain_encode that are the fused rows alone (fused_part)
+    FUSED_KEYS = ("fused_image", "fused_tokens", "itm_image", "itm_tokens", "rtd_label", "r2d_label")
 
     def column_keys(self, rows):
         """What pretrain_head reads from every row of the step, of what rows holds (the fused
         pass's inputs only for ITM's negatives), in one fixed order."""
         keys = ("image_emb", "text_emb", "image_m", "text_m", "tokens", "groups")
-        return [k for k in keys + (("fused_image", "fused_tokens") if self.cfg.itm_weight > 0 else ()) if k in rows]
+        return [k for k in keys + (self.itm_pair(rows) if self.cfg.itm_weight > 0 else ()) if k in rows]
+
+    @staticmethod
+    def itm_pair(rows):
+        """The keys of ITM's matched pairs in rows: the clean ones (itm_clean), else the fused pass's."""
+        return ("itm_image", "itm_tokens") if "itm_image" in rows else ("fused_image", "fused_tokens")
 
     def pretrain_encode(self, pixels, tokens, codes, groups, noise, counts, alpha=0.0, momentum=True, per_sample=True):
         """The per-sample half of pretraining: the encoders' passes over one batch. Returns
@@ -1150,42 +1187,52 @@ class VLM(nn.Module):
         losses = {}
         rows = dict(tokens=tokens, groups=groups if groups is not None else torch.full_like(tokens[:, 0], -1))
         E = None
+        if cfg.fused_rows != 1 and tokens.size(0) % 2:
+            raise ValueError(f"fused_rows=0.5 takes every other row of an even batch, got a batch of {tokens.size(0)}")
+        part = lambda x: fused_part(cfg, x)  # noqa: E731
         if electra:
             if codes is None:
                 raise ValueError("ELECTRA's objectives need the visual codes of the patches (codes=...)")
             if on["r2d"] and cfg.converter != "mlp":
                 raise ValueError("R2D labels each patch, but the resampler's image tokens are its queries: "
                                  "use --converter=mlp or --r2d_weight=0")
-            E = self.electra_inputs(pixels, tokens, codes, noise=noise)
+            E = self.electra_inputs(part(pixels), part(tokens), part(codes), noise={k: part(v) for k, v in noise.items()})
         shared = E is not None and cfg.shared_vit_pass  # one ViT pass, over the replaced pixels (as FLIP's masked images)
         first = shared or E is None  # the fused pass reads the first pass's image tokens
+        clean = cfg.itm_clean and on["itm"] and not first  # ITM's own clean pairs beside the replaced ones
+        replaced = fused and not (clean and not (on["rtd"] or on["r2d"]))  # the discriminator's (and ITM's) pairs
         vit = self.visual(E["pixels"] if shared else pixels)
         caption = on["caption"] and per_sample
-        image_tokens = self.image_tokens(vit) if caption or (fused and first and cfg.fused_vit_grad) else None
+        image_tokens = None
+        if caption or ((first or clean) and fused and cfg.fused_vit_grad):
+            image_tokens = self.image_tokens(vit)
         if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the ITC similarity
             rows.update(image_emb=self._image_embedding(self.visual, vit), text_emb=self._text_embedding(self.text, tokens))
         if self.momentum is not None and on["itc"] and momentum:
             m = self.momentum
             with torch.no_grad():  # the momentum model reads the clean pixels
                 rows.update(image_m=self._image_embedding(m.visual, m.visual(pixels)), text_m=self._text_embedding(m.text, tokens))
-        if fused:  # the discriminator and ITM read the replaced image and text when ELECTRA is on
+        first_tokens = lambda: part(image_tokens) if cfg.fused_vit_grad else self.image_tokens(part(vit).detach())  # noqa: E731
+        if replaced:  # the discriminator and ITM read the replaced image and text when ELECTRA is on
             if first:
-                fused_image = image_tokens if cfg.fused_vit_grad else self.image_tokens(vit.detach())
+                fused_image = first_tokens()
             else:
                 with torch.set_grad_enabled(cfg.fused_vit_grad and torch.is_grad_enabled()):
-                    replaced = self.visual(E["pixels"])
-                fused_image = self.image_tokens(replaced)
-            rows.update(fused_image=fused_image, fused_tokens=tokens if E is None else E["tokens"])
+                    second = self.visual(E["pixels"])
+                fused_image = self.image_tokens(second)
+            rows.update(fused_image=fused_image, fused_tokens=part(tokens) if E is None else E["tokens"])
+        if clean:
+            rows.update(itm_image=first_tokens(), itm_tokens=part(tokens))
         if E is not None:
             if per_sample:
                 logp = fp32(E["mlm_logits"]).log_softmax(-1)
-                mlm = -logp.gather(-1, tokens[..., None]).squeeze(-1)  # the original token's NLL (no one-hot)
+                mlm = -logp.gather(-1, part(tokens)[..., None]).squeeze(-1)  # the original token's NLL (no one-hot)
                 if self.momentum is not None and on["mlm"]:
                     with torch.no_grad():
                         mlm_m, _ = self.momentum.generator(*E["gen_input"])
                     mlm = (1 - alpha) * mlm - alpha * (fp32(mlm_m).softmax(-1) * logp).sum(-1)
                 losses["mlm"] = masked_mean(mlm, E["text_mask"], counts["mlm"])
-                moc = F.cross_entropy(fp32(E["moc_logits"]).transpose(1, 2), codes.long(), reduction="none")
+                moc = F.cross_entropy(fp32(E["moc_logits"]).transpose(1, 2), part(codes).long(), reduction="none")
                 losses["moc"] = masked_mean(moc, E["patch_mask"], counts["moc"])
             rows.update(rtd_label=E["rtd_label"], r2d_label=E["r2d_label"])
         if caption:
@@ -1222,29 +1269,39 @@ class VLM(nn.Module):
                                      all_image=cols["image_emb"], all_text=cols["text_emb"], **extra)
         if not (on["itm"] or on["rtd"] or on["r2d"]):
             return losses
-        images, texts = [rows["fused_image"]], [rows["fused_tokens"]]  # the matched pairs first
+        # the fused rows (fused_part): the batch's, or its even rows against the step's even columns
+        part = lambda x: fused_part(cfg, x)  # noqa: E731
+        pair_image, pair_text = self.itm_pair(rows)
+        B, offset, tokens = rows[pair_image].size(0), offset // round(1 / cfg.fused_rows), part(tokens)
+        # the matched pairs first: the replaced ones (RTD, R2D, and ITM unless itm_clean), then ITM's clean ones
+        images = [rows[k] for k in ("fused_image", "itm_image") if k in rows]
+        texts = [rows[k] for k in ("fused_tokens", "itm_tokens") if k in rows]
+        start = B * (len(images) - 1)  # ITM's first row
         if on["itm"]:  # then pairs with a hard negative text or image, drawn at the ITC temperature (ALBEF)
             scale = self.logit_scale.detach().exp().clamp(max=100)
-            neg_t, valid_t = hard_negatives(scale * rows["image_emb"] @ cols["text_emb"].t(), same, u=noise["neg_text"], offset=offset)
-            neg_i, valid_i = hard_negatives(scale * rows["text_emb"] @ cols["image_emb"].t(), same, u=noise["neg_image"], offset=offset)
-            neg_image, neg_text = cols["fused_image"][neg_i], cols["fused_tokens"][neg_t]
+            same, noise = part(part(same).t()).t(), {k: part(noise[k]) for k in ("neg_text", "neg_image")}
+            neg_t, valid_t = hard_negatives(scale * part(rows["image_emb"]) @ part(cols["text_emb"]).t(), same,
+                                            u=noise["neg_text"], offset=offset)
+            neg_i, valid_i = hard_negatives(scale * part(rows["text_emb"]) @ part(cols["image_emb"]).t(), same,
+                                            u=noise["neg_image"], offset=offset)
+            neg_image, neg_text = cols[pair_image][neg_i], cols[pair_text][neg_t]
             if cfg.itm_negatives == 2:  # each image with a negative text, each text with a negative image
-                images += [rows["fused_image"], neg_image]
-                texts += [neg_text, rows["fused_tokens"]]
+                images += [rows[pair_image], neg_image]
+                texts += [neg_text, rows[pair_text]]
                 valid = [valid_t, valid_i]
             else:  # global rows g: a negative text where g % period == 0, a negative image half a period on
                 period = round(2 / cfg.itm_negatives)  # 2 (every row) or 4 (every other row)
                 g = torch.arange(B, device=tokens.device) + offset
                 text_neg = g % period == 0
                 pick = slice(offset % 2, None, 2) if period == 4 else slice(None)  # the even g: a slice, no sync
-                images.append(torch.where(text_neg[:, None, None], rows["fused_image"], neg_image)[pick])
-                texts.append(torch.where(text_neg[:, None], neg_text, rows["fused_tokens"])[pick])
+                images.append(torch.where(text_neg[:, None, None], rows[pair_image], neg_image)[pick])
+                texts.append(torch.where(text_neg[:, None], neg_text, rows[pair_text])[pick])
                 valid = [torch.where(text_neg, valid_t, valid_i)[pick]]
-        P = rows["fused_image"].size(1)
+        P = images[0].size(1)
         h = self.fuse(torch.cat(images), torch.cat(texts))
         if on["itm"]:  # the mean over (1 + itm_negatives) B pairs (the step's, in any split); one without a negative adds 0
-            labels = (torch.arange(h.size(0), device=tokens.device) < B).long()
-            itm = F.cross_entropy(fp32(self.itm_head(h[:, P])), labels, reduction="none")
+            labels = (torch.arange(h.size(0) - start, device=tokens.device) < B).long()
+            itm = F.cross_entropy(fp32(self.itm_head(h[start:, P])), labels, reduction="none")
             count = torch.tensor((1 + cfg.itm_negatives) * B, dtype=torch.float, device=tokens.device)
             losses["itm"] = masked_mean(itm, torch.cat([valid_t.new_ones(B)] + valid), count=count)
         if on["rtd"]:  # the discriminator: the matched rows, every non-padding position

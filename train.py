@@ -117,9 +117,10 @@ PRESETS = {
                           n_multi_train=40, n_multi_val=10, grid=3)),
     # the embedded default: a 2-core CPU in under 10 minutes, world generation included
     "small": TrainConfig(
-        out_dir="out", batch_size=64, max_iters=750, warmup_iters=60, eval_interval=10 ** 9, lr=1e-3, min_lr=1e-4,
+        out_dir="out", batch_size=64, max_iters=1050, warmup_iters=60, eval_interval=10 ** 9, lr=1e-3, min_lr=1e-4,
         model=VLMConfig(image_size=64, patch_size=16, vit_width=128, vit_layers=4, vit_heads=4,
-                        text_width=128, text_layers=4, text_heads=4, embed_dim=128)),
+                        text_width=128, text_layers=4, text_heads=4, embed_dim=128,
+                        fused_rows=0.5, itm_negatives=0.5, image_axes=True, caption_weight=2.0)),  # results/small-run.md
     # GPU: ViT-B/16 at 224 px, a CLIP-B text transformer
     "base": TrainConfig(
         out_dir="out-base", batch_size=256, num_workers=4, max_iters=20000, warmup_iters=2000, eval_interval=2000, eval_images=1000,
@@ -822,9 +823,12 @@ def cached_pretrain_step(raw_model, batches, noise, counts, offsets, scaler, ctx
     for key in grad_keys:
         cache[key] = fp32(cache[key]).requires_grad_(True)
     cols = {key: cache[key] for key in col_keys}
+    # rows per batch of each key: B, or B / 2 of the fused rows' keys with --fused_rows=0.5 (model.fused_part)
+    n = {key: B // round(1 / m.cfg.fused_rows) if key in m.FUSED_KEYS else B for key in cache}
     total = {}
     for i, o in enumerate(offsets):
-        rows = {key: x[o:o + B] if key in col_keys else x[i * B:(i + 1) * B] for key, x in cache.items()}
+        rows = {key: x[o * n[key] // B:][:n[key]] if key in col_keys else x[i * n[key]:(i + 1) * n[key]]
+                for key, x in cache.items()}
         with ctx:
             losses = m.pretrain_head(rows, cols, noise[i], o, alpha, counts)
         scaler.scale(m.weighted_sum(losses) / k).backward()
@@ -844,7 +848,7 @@ def cached_pretrain_step(raw_model, batches, noise, counts, offsets, scaler, ctx
         surrogate = scaler.scale(m.weighted_sum(losses) / k) if losses else 0.0
         for key in grad_keys:
             if grads[key] is not None:
-                surrogate = surrogate + (rows[key] * grads[key][i * B:(i + 1) * B].to(rows[key].dtype)).sum()
+                surrogate = surrogate + (rows[key] * grads[key][i * n[key]:(i + 1) * n[key]].to(rows[key].dtype)).sum()
         surrogate.backward()
         for name, v in losses.items():
             total[name] = total.get(name, 0) + v.detach() / k
@@ -889,6 +893,9 @@ def train(cfg, ckpt=None, init=None):
             raise SystemExit(f"--stage prompt: {ds.path} names no novel classes; give --classes=a,b,...")
     if cfg.stop_loss > 0 and world_size > 1:
         raise SystemExit("--stop_loss decides on one process's loss: run it as one process")
+    if cfg.stage in PRETRAINING and cfg.model.fused_rows != 1 and cfg.batch_size % 2:
+        raise SystemExit(f"--fused_rows={cfg.model.fused_rows} takes every other row: --batch_size must be even, "
+                         f"got {cfg.batch_size}")
     try:
         model = VLM(cfg.model)
     except ValueError as e:  # a model flag that does not fit (prompt depths, dense layers, ...)

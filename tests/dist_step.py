@@ -29,6 +29,10 @@ OBJECTIVES = {
     # the other step layouts: one ViT pass over the replaced pixels, ITM negatives for half the
     # rows, the fused pass not training the ViT
     "all-variants": dict(momentum_alpha=0.4, shared_vit_pass=True, itm_negatives=0.5, fused_vit_grad=False),
+    # ELECTRA and the fused pass on every other row, ITM on the clean pairs, image tokens with their
+    # rows and columns; ITM on the clean pairs with the fused pass not training the ViT
+    "all-half-rows": dict(momentum_alpha=0.4, fused_rows=0.5, itm_clean=True, image_axes=True),
+    "all-clean-itm": dict(momentum_alpha=0.4, itm_clean=True, fused_vit_grad=False),
 }
 
 

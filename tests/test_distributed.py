@@ -78,7 +78,8 @@ def torchrun_steps(tmp_path, objectives, grad_accum, dtype, wrap, states):
 
 @pytest.mark.parametrize("objectives,grad_accum,dtype", [("itc", 1, torch.float32), ("all", 1, torch.float32),
                                                          ("all", 1, torch.float64), ("itc", 2, torch.float64),
-                                                         ("all", 2, torch.float64), ("all-variants", 2, torch.float64)])
+                                                         ("all", 2, torch.float64), ("all-variants", 2, torch.float64),
+                                                         ("all-half-rows", 2, torch.float64)])
 def test_two_ranks_equal_one_process(tmp_path, objectives, grad_accum, dtype):
     """2 DDP ranks of 8 rows (or of 2 micro-batches of 4) against one process on all 16."""
     want = reference(objectives, dtype)

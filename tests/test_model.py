@@ -283,3 +283,24 @@ def test_image_positions_add_a_learned_position_to_each_image_token():
     assert make_model().converter.positional_embedding is None
     with pytest.raises(ValueError, match="image_positions"):
         make_model(image_positions=True, converter="resampler")
+
+
+def test_image_axes_add_each_tokens_row_and_column():
+    model = make_model(image_axes=True)
+    c, n = model.converter, CFG.image_size // CFG.patch_size
+    assert not c.c_axes.weight.any()  # the plain converter at the start
+    torch.nn.init.normal_(c.c_axes.weight, std=0.1)
+    vit = torch.randn(2, 1 + n * n, CFG.vit_width, dtype=torch.float64)
+    p = vit[:, 1:]
+    expected = torch.empty(2, n * n, CFG.text_width, dtype=torch.float64)
+    for i in range(n * n):  # patch i sits in row i // n, column i % n
+        r, k = divmod(i, n)
+        row = p[:, [j for j in range(n * n) if j // n == r]].mean(1)
+        col = p[:, [j for j in range(n * n) if j % n == k]].mean(1)
+        left = sum((p[:, r * n + j] for j in range(k)), torch.zeros_like(row)) / n
+        above = sum((p[:, j * n + k] for j in range(r)), torch.zeros_like(row)) / n
+        expected[:, i] = c.c_proj(F.gelu(c.c_fc(p[:, i]) + c.c_axes(torch.cat([row, col, left, above], -1))))
+    torch.testing.assert_close(model.image_tokens(vit), expected)
+    assert make_model().converter.c_axes is None
+    with pytest.raises(ValueError, match="image_axes"):
+        make_model(image_axes=True, converter="resampler")

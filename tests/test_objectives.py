@@ -93,6 +93,36 @@ def test_pretraining_draws_itm_negatives_at_the_itc_temperature(monkeypatch, neg
     assert torch.equal(fused[0][B:], torch.cat(expected) if negatives == 2 else torch.stack(expected))
 
 
+@pytest.mark.parametrize("fused_rows", [1, 0.5])
+def test_itm_clean_pairs_the_clean_image_and_text_and_electra_reads_its_rows(monkeypatch, fused_rows):
+    """With itm_clean the fused pass reads the replaced pairs first (RTD, R2D), then ITM's
+    matched pairs: the clean image tokens and clean text; ITM's loss is that of its own rows.
+    With fused_rows 0.5 all of them are the batch's rows 0, 2, 4 (ELECTRA replaces those only)."""
+    import model as model_module
+    model = make_model(itc_weight=0, caption_weight=0, momentum_alpha=0, itm_clean=True, fused_rows=fused_rows)
+    fused = []
+    real_fuse = model.fuse
+    monkeypatch.setattr(model, "fuse", lambda image, text: fused.append((image, text)) or real_fuse(image, text))
+    B = 6
+    tokens = captions(B, [2, 3, 4, 5, 3, 2])
+    pixels, codes = images_and_codes(B)
+    noise = model_module.draw_noise(model.cfg, B, tokens.size(1))
+    noise["text_mask"][:, 1] = noise["patch_mask"][:, 0] = 0.0  # every row has a masked word and patch
+    losses = model(pixels, tokens, codes, noise=noise)
+    rows = slice(None, None, round(1 / fused_rows))
+    n = len(range(B)[rows])
+    sliced = {k: v[rows] for k, v in noise.items()}
+    E = model.electra_inputs(pixels[rows], tokens[rows], codes[rows], noise=sliced)
+    (image, text), = fused
+    torch.testing.assert_close(image[:n], model.image_tokens(model.visual(E["pixels"])))
+    assert torch.equal(text[:n], E["tokens"]) and E["text_mask"][:, 1].all()
+    torch.testing.assert_close(image[n:2 * n], model.image_tokens(model.visual(pixels))[rows])
+    assert torch.equal(text[n:2 * n], tokens[rows]) and image.size(0) == 3 * n
+    h = real_fuse(image, text)
+    labels = torch.tensor([1] * n + [0] * n)
+    torch.testing.assert_close(losses["itm"], F.cross_entropy(model.itm_head(h[n:, image.size(1)]), labels))
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_fused_vit_grad_false_keeps_the_fused_losses_out_of_the_vit(shared):
     """With fused_vit_grad off, ITM, RTD and R2D train the converter and the text transformer

@@ -43,6 +43,12 @@ def test_bad_values_are_clear_errors(args, message):
     assert message in str(e.value)
 
 
+def test_an_odd_batch_with_half_the_rows_fused_is_a_clear_error(tmp_path, world_root, tiny_world):
+    with pytest.raises(SystemExit, match="--fused_rows=0.5 takes every other row: --batch_size must be even, got 7"):
+        train.main(["--config", "tiny", f"--out_dir={tmp_path}", f"--data_dir={world_root}", "--fused_rows=0.5",
+                    "--batch_size=7"])
+
+
 def test_overrides_reach_every_config_and_keep_types():
     preset, overrides = train.parse_args(["--config", "tiny", "--lr=3e-4", "--vit_layers", "3", "--n_val=7",
                                           "--resume", "--image_mean=0.5,0.5,0.5"])
