@@ -376,8 +376,7 @@ class MLPConverter(nn.Module):
         self.c_axes = nn.Linear(4 * cfg.vit_width, cfg.text_width, bias=False) if cfg.image_axes else None
         self.positional_embedding = None
         if cfg.image_positions:  # learned, from a 2-D sin-cos map at about the scale of the outputs at initialisation
-            grid = cfg.image_size // cfg.patch_size
-            self.positional_embedding = nn.Parameter(0.05 * sincos_2d(grid, cfg.text_width))
+            self.positional_embedding = nn.Parameter(0.05 * sincos_2d(self.grid, cfg.text_width))
 
     def forward(self, patches, context=None, context_valid=None):
         """patches (B, P, vit_width) -> (B, P, text_width); the context is the resampler's."""
@@ -1179,7 +1178,8 @@ class VLM(nn.Module):
         unless per_sample), and the batch's rows of what the cross-sample losses read
         (pretrain_head): image_emb, text_emb (ITC and the hard-negative draws), fused_image
         and fused_tokens (the fused pass's image tokens and text: the replaced ones when
-        ELECTRA is on), rtd_label and r2d_label, tokens, groups, and without gradient, unless
+        ELECTRA is on; of the fused rows only, fused_part), itm_image and itm_tokens (ITM's
+        clean pairs with itm_clean), rtd_label and r2d_label, tokens, groups, and without gradient, unless
         momentum is False, the momentum model's image_m and text_m."""
         cfg = self.cfg
         on = {k: w > 0 for k, w in self.loss_weights().items()}
