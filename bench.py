@@ -151,8 +151,9 @@ def pretrain_terms(c, batch_size):
     # what reaches a loss with a gradient: ITC's embeddings; the first pass's image tokens for
     # captioning, and for the fused pass when they are its input
     clean = c.itm_clean and on["itm"] and not one_pass  # ITM's clean pairs: the first pass's image tokens
-    replaced = fused and not (clean and not (on["rtd"] or on["r2d"]))  # the discriminator's (and ITM's) pairs
+    replaced = fused and (not clean or on["rtd"] or on["r2d"])  # the discriminator's (and ITM's) pairs
     tokens_grad = on["caption"] or ((one_pass or clean) and fused and c.fused_vit_grad)
+    Bf, Nf = (B, N) if c.fused_rows == 1 else (B // 2, N // 2)  # the rows ELECTRA and the fused pass take
     vit_grad = on["itc"] or tokens_grad
     terms = [("vit.conv", B * conv, vit_grad), ("vit.blocks", B * vit, 2 * vit_grad)]
     if tokens_grad:
@@ -163,7 +164,7 @@ def pretrain_terms(c, batch_size):
     def detached_converter(name, rows):
         return [(name + ".in", rows * conv_in, 1), (name, rows * (converter_flops(c) - conv_in), 2)]
     if (one_pass or clean) and fused and not c.fused_vit_grad:
-        terms += detached_converter("fused.converter", B if c.fused_rows == 1 else B // 2)
+        terms += detached_converter("fused.converter", Bf)
     if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the embeddings
         terms += [("itc.image_proj", 2 * B * vw * D, 2 * on["itc"]), ("itc.text", B * text(T), 2 * on["itc"]),
                   ("itc.text_proj", 2 * B * w * D, 2 * on["itc"])]
@@ -173,7 +174,6 @@ def pretrain_terms(c, batch_size):
         terms += [("momentum.vit", B * (conv + vit) + 2 * B * vw * D, 0),
                   ("momentum.text", B * text(T) + 2 * B * w * D, 0),
                   ("momentum.soft_targets", 2 * 2 * B * (N + Q) * D, 0)]
-    Bf, Nf = (B, N) if c.fused_rows == 1 else (B // 2, N // 2)  # the rows ELECTRA and the fused pass take
     if electra:
         g, p2 = c.gen_width or w // 4, 3 * c.patch_size ** 2
         gen = [("generator.patch_embed", Bf * 2 * P * p2 * g, on["mlm"] or on["moc"]),

@@ -1158,8 +1158,6 @@ class VLM(nn.Module):
 
     # the rows of pretrain_encode that carry a gradient back to the encoders
     GRADIENT_KEYS = ("image_emb", "text_emb", "fused_image", "itm_image")
-    # the rows of pretrain_encode that are the fused rows alone (fused_part)
-    FUSED_KEYS = ("fused_image", "fused_tokens", "itm_image", "itm_tokens", "rtd_label", "r2d_label")
 
     def column_keys(self, rows):
         """What pretrain_head reads from every row of the step, of what rows holds (the fused
@@ -1200,7 +1198,7 @@ class VLM(nn.Module):
         shared = E is not None and cfg.shared_vit_pass  # one ViT pass, over the replaced pixels (as FLIP's masked images)
         first = shared or E is None  # the fused pass reads the first pass's image tokens
         clean = cfg.itm_clean and on["itm"] and not first  # ITM's own clean pairs beside the replaced ones
-        replaced = fused and not (clean and not (on["rtd"] or on["r2d"]))  # the discriminator's (and ITM's) pairs
+        replaced = fused and (not clean or on["rtd"] or on["r2d"])  # the discriminator's (and ITM's) pairs
         vit = self.visual(E["pixels"] if shared else pixels)
         caption = on["caption"] and per_sample
         image_tokens = None

@@ -823,8 +823,7 @@ def cached_pretrain_step(raw_model, batches, noise, counts, offsets, scaler, ctx
     for key in grad_keys:
         cache[key] = fp32(cache[key]).requires_grad_(True)
     cols = {key: cache[key] for key in col_keys}
-    # rows per batch of each key: B, or B / 2 of the fused rows' keys with --fused_rows=0.5 (model.fused_part)
-    n = {key: B // round(1 / m.cfg.fused_rows) if key in m.FUSED_KEYS else B for key in cache}
+    n = {key: x.size(0) // k for key, x in local.items()}  # rows per batch: B, or fewer (model.fused_part)
     total = {}
     for i, o in enumerate(offsets):
         rows = {key: x[o * n[key] // B:][:n[key]] if key in col_keys else x[i * n[key]:(i + 1) * n[key]]
