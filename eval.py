@@ -701,14 +701,22 @@ def write_json(path, obj):
 
 OBJECTIVES_OFF = dict(itc_weight=0, caption_weight=0, itm_weight=0, mlm_weight=0, moc_weight=0, rtd_weight=0, r2d_weight=0,
             momentum_alpha=0)
-_ELECTRA = dict(mlm_weight=1, moc_weight=1, rtd_weight=1, r2d_weight=1)
+
+
+def objectives_only(*names):
+    """The flags that switch off every pretraining objective but the named ones ('itc', 'itm',
+    'mlm', ..., 'momentum'), which keep the preset's weights."""
+    return {k: v for k, v in OBJECTIVES_OFF.items() if k.removesuffix("_weight").replace("_alpha", "") not in names}
+
+
+_ELECTRA = ("mlm", "moc", "rtd", "r2d")
 ABLATION_ROWS = {
-    "ITC": dict(OBJECTIVES_OFF, itc_weight=1),
-    "ITC+LM": dict(OBJECTIVES_OFF, itc_weight=1, caption_weight=1),
-    "ITC+LM+ITM": dict(OBJECTIVES_OFF, itc_weight=1, caption_weight=1, itm_weight=1),
-    "ITC+LM+ELECTRA": dict(OBJECTIVES_OFF, itc_weight=1, caption_weight=1, **_ELECTRA),
-    "ITC+LM+MoD": dict(OBJECTIVES_OFF, itc_weight=1, caption_weight=1, momentum_alpha=0.4),
-    "all": dict(OBJECTIVES_OFF, itc_weight=1, caption_weight=1, itm_weight=1, momentum_alpha=0.4, **_ELECTRA),
+    "ITC": objectives_only("itc"),
+    "ITC+LM": objectives_only("itc", "caption"),
+    "ITC+LM+ITM": objectives_only("itc", "caption", "itm"),
+    "ITC+LM+ELECTRA": objectives_only("itc", "caption", *_ELECTRA),
+    "ITC+LM+MoD": objectives_only("itc", "caption", "momentum"),
+    "all": {},  # the preset as it is
 }
 
 

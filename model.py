@@ -48,6 +48,7 @@ class VLMConfig:
     text_activation: str = ""  # the text transformer's and the generator's; '' = activation
     layer_norm_eps: float = 1e-5
     embed_dim: int = 128  # the joint image-text space of ITC
+    itc_temperature: float = 0.07  # ITC's initial temperature, learned from there (CLIP's 0.07)
     converter: str = "mlp"  # image tokens -> text width: 'mlp' (one token per patch) or 'resampler'
     image_positions: bool = False  # mlp: each image token also gets a learned position in the text width
     image_axes: bool = False  # mlp: each image token also reads its row and column (means, and what lies before it)
@@ -859,8 +860,8 @@ class VLM(nn.Module):
         self.visual = VisionTransformer(cfg)
         self.text = TextTransformer(cfg)
         self.converter = MLPConverter(cfg) if cfg.converter == "mlp" else Resampler(cfg)
-        # CLIP's initial temperature; one element, not a scalar: FSDP2 shards tensors of at least one dimension
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+        # one element, not a scalar: FSDP2 shards tensors of at least one dimension
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.itc_temperature)))
         self.generator = Generator(cfg, self.text.token_embedding)
         self.itm_head = nn.Linear(w, 2)  # on the fused state of <bos>: (no match, match)
         self.rtd_head = nn.Linear(w, 1)  # on every text position: replaced?
@@ -1077,9 +1078,9 @@ class VLM(nn.Module):
         """Mask, let the generator fill in, replace. Masks (electra_masks): text_mask_rate of
         the non-special tokens and patch_mask_rate of the patches. A masked token becomes a token
         sampled from the generator's MLM distribution; a masked patch becomes the pixels of the
-        centroid of a code sampled from its MOC distribution. Labels: a token is replaced when it
-        differs from the original; a patch when its sampled code differs from its original code
-        (so a sample equal to the original counts as original). The draws come from noise
+        centroid of a code sampled from its MOC distribution, unless that code is its own: as in
+        ELECTRA, a sample equal to the original leaves the input as it was and counts as
+        original, so a label never contradicts what the discriminator sees. The draws come from noise
         (draw_noise), else from rng. Returns a dict: text_mask, patch_mask, mlm_logits,
         moc_logits (with gradient, for the generator's losses), gen_input (what the generator
         read, for the momentum generator), pixels, tokens, rtd_label, r2d_label."""
@@ -1100,10 +1101,11 @@ class VLM(nn.Module):
             mean = self.pixel_mean.view(1, 3).repeat(p * p, 1).view(-1)  # per (row, column, channel)
             std = self.pixel_std.view(1, 3).repeat(p * p, 1).view(-1)
             centroid = (self.codebook[sampled_code] - mean) / std
-            new_pixels = unpatchify(torch.where(patch_mask[..., None], centroid.to(patches.dtype), patches), p)
+            replaced = patch_mask & (sampled_code != codes)
+            new_pixels = unpatchify(torch.where(replaced[..., None], centroid.to(patches.dtype), patches), p)
         return dict(text_mask=text_mask, patch_mask=patch_mask, mlm_logits=mlm_logits, moc_logits=moc_logits,
                     gen_input=gen_input, pixels=new_pixels, tokens=new_tokens,
-                    rtd_label=new_tokens != tokens, r2d_label=patch_mask & (sampled_code != codes))
+                    rtd_label=new_tokens != tokens, r2d_label=replaced)
 
     # -- training --
 

@@ -119,7 +119,7 @@ PRESETS = {
     "small": TrainConfig(
         out_dir="out", batch_size=64, max_iters=1050, warmup_iters=60, eval_interval=10 ** 9, lr=1e-3, min_lr=1e-4,
         model=VLMConfig(image_size=64, patch_size=16, vit_width=128, vit_layers=4, vit_heads=4,
-                        text_width=128, text_layers=4, text_heads=4, embed_dim=128,
+                        text_width=128, text_layers=4, text_heads=4, embed_dim=128, itc_temperature=0.03,
                         fused_rows=0.5, itm_negatives=0.5, image_axes=True, caption_weight=2.0)),  # results/small-run.md
     # GPU: ViT-B/16 at 224 px, a CLIP-B text transformer
     "base": TrainConfig(

@@ -188,9 +188,10 @@ def test_itc_loss_equals_the_formula():
                         rel_tol=1e-12)
 
 
-def test_logit_scale_starts_at_clip_temperature():
+def test_logit_scale_starts_at_the_configured_temperature():
     # the parameter is created in float32 (then the test model is cast to float64)
-    assert math.isclose(make_model().logit_scale.exp().item(), 1 / 0.07, rel_tol=1e-6)
+    assert math.isclose(make_model().logit_scale.exp().item(), 1 / 0.07, rel_tol=1e-6)  # CLIP's, the default
+    assert math.isclose(make_model(itc_temperature=0.03).logit_scale.exp().item(), 1 / 0.03, rel_tol=1e-6)
 
 
 def test_encoders_are_normalised_and_pool_at_eos():

@@ -194,7 +194,7 @@ def test_replacement_and_labels_follow_the_samples():
     """The generator is made to put all its probability on a chosen token (code): the
     original at even positions, another one at odd positions. The replaced inputs and the
     RTD/R2D labels must follow position by position, a sample equal to the original
-    counting as original (while its patch still becomes the centroid's pixels)."""
+    counting as original and leaving its token or patch as it was."""
     model = make_model(text_mask_rate=0.6, patch_mask_rate=0.6)
     model.codebook.copy_(torch.rand(CFG.n_codes, 3 * CFG.patch_size ** 2))
     B = 8
@@ -218,12 +218,12 @@ def test_replacement_and_labels_follow_the_samples():
     assert torch.equal(E["rtd_label"], E["tokens"] != tokens)
     assert torch.equal(E["rtd_label"], tm & odd_t)
     assert torch.equal(E["r2d_label"], pm & odd_p)
-    # masked patches hold their sampled centroid's pixels (normalised), the others are untouched
+    # replaced patches hold their sampled centroid's pixels (normalised), the others are untouched
     p = CFG.patch_size
     mean = torch.tensor(CFG.image_mean, dtype=torch.float64).repeat(p * p)
     std = torch.tensor(CFG.image_std, dtype=torch.float64).repeat(p * p)
     centroid = (model.codebook[want_codes] - mean) / std
-    torch.testing.assert_close(patchify(E["pixels"], p), torch.where(pm[..., None], centroid, patchify(pixels, p)))
+    torch.testing.assert_close(patchify(E["pixels"], p), torch.where((pm & odd_p)[..., None], centroid, patchify(pixels, p)))
 
 
 def test_generator_reads_and_writes_the_main_embedding_table():
