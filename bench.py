@@ -63,7 +63,7 @@ import torch
 
 import train
 from eval import ABLATION_ROWS, OBJECTIVES_OFF, write_json
-from model import VLM, VLMConfig, hf_clip_config, loss_weights, transformer_flops, uses_electra
+from model import VLM, VLMConfig, fused_pairs, hf_clip_config, loss_weights, transformer_flops, uses_electra
 
 
 @dataclass
@@ -147,11 +147,9 @@ def pretrain_terms(c, batch_size):
     # with ELECTRA and shared_vit_pass one ViT pass (over the replaced pixels) serves everything;
     # else the fused pass reads a second one over the replaced pixels
     shared = electra and c.shared_vit_pass
-    one_pass = shared or not electra  # the fused pass reads the first pass's image tokens
+    one_pass, clean, replaced = fused_pairs(c)
     # what reaches a loss with a gradient: ITC's embeddings; the first pass's image tokens for
     # captioning, and for the fused pass when they are its input
-    clean = c.itm_clean and on["itm"] and not one_pass  # ITM's clean pairs: the first pass's image tokens
-    replaced = fused and (not clean or on["rtd"] or on["r2d"])  # the discriminator's (and ITM's) pairs
     tokens_grad = on["caption"] or ((one_pass or clean) and fused and c.fused_vit_grad)
     Bf, Nf = (B, N) if c.fused_rows == 1 else (B // 2, N // 2)  # the rows ELECTRA and the fused pass take
     vit_grad = on["itc"] or tokens_grad

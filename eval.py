@@ -709,12 +709,11 @@ def objectives_only(*names):
     return {k: v for k, v in OBJECTIVES_OFF.items() if k.removesuffix("_weight").replace("_alpha", "") not in names}
 
 
-_ELECTRA = ("mlm", "moc", "rtd", "r2d")
 ABLATION_ROWS = {
     "ITC": objectives_only("itc"),
     "ITC+LM": objectives_only("itc", "caption"),
     "ITC+LM+ITM": objectives_only("itc", "caption", "itm"),
-    "ITC+LM+ELECTRA": objectives_only("itc", "caption", *_ELECTRA),
+    "ITC+LM+ELECTRA": objectives_only("itc", "caption", "mlm", "moc", "rtd", "r2d"),
     "ITC+LM+MoD": objectives_only("itc", "caption", "momentum"),
     "all": {},  # the preset as it is
 }

@@ -655,6 +655,16 @@ def fused_part(cfg, x):
     return x if cfg.fused_rows == 1 else x[::2]
 
 
+def fused_pairs(cfg):
+    """What the fused pass reads, from the objectives: (first, clean, replaced). first: the first
+    ViT pass's image tokens (no ELECTRA, or shared_vit_pass); clean: ITM's own clean pairs beside
+    the replaced ones (itm_clean); replaced: ELECTRA's replaced pairs (RTD, R2D, and ITM unless clean)."""
+    on = {k: w > 0 for k, w in loss_weights(cfg).items()}
+    first = not uses_electra(cfg) or cfg.shared_vit_pass
+    clean = cfg.itm_clean and on["itm"] and not first
+    return first, clean, (on["itm"] or on["rtd"] or on["r2d"]) and (not clean or on["rtd"] or on["r2d"])
+
+
 def dist_info():
     """(rank, world size); (0, 1) when not distributed."""
     if dist.is_available() and dist.is_initialized():
@@ -1198,9 +1208,7 @@ class VLM(nn.Module):
                                  "use --converter=mlp or --r2d_weight=0")
             E = self.electra_inputs(part(pixels), part(tokens), part(codes), noise={k: part(v) for k, v in noise.items()})
         shared = E is not None and cfg.shared_vit_pass  # one ViT pass, over the replaced pixels (as FLIP's masked images)
-        first = shared or E is None  # the fused pass reads the first pass's image tokens
-        clean = cfg.itm_clean and on["itm"] and not first  # ITM's own clean pairs beside the replaced ones
-        replaced = fused and (not clean or on["rtd"] or on["r2d"])  # the discriminator's (and ITM's) pairs
+        first, clean, replaced = fused_pairs(cfg)
         vit = self.visual(E["pixels"] if shared else pixels)
         caption = on["caption"] and per_sample
         image_tokens = None
