@@ -2100,13 +2100,16 @@ class Dataset:
 # the visual codebook (the image vocabulary of ELECTRA's generator)
 
 
+CODEBOOK_VERSION = 2  # in the file names: a dataset prepared before the fit changed gets a new codebook
+
+
 def codebook_name(patch_size, n_codes):
-    """The array name of the per-patch codes: {split}.codes-p{p}-k{K}.npy."""
-    return f"codes-p{patch_size}-k{n_codes}"
+    """The array name of the per-patch codes: {split}.codes-p{p}-k{K}-v{version}.npy."""
+    return f"codes-p{patch_size}-k{n_codes}-v{CODEBOOK_VERSION}"
 
 
 def codebook_file(path, patch_size, n_codes):
-    return os.path.join(path, f"codebook-p{patch_size}-k{n_codes}.npy")
+    return os.path.join(path, f"codebook-p{patch_size}-k{n_codes}-v{CODEBOOK_VERSION}.npy")
 
 
 def patchify(images, p):
@@ -2153,8 +2156,8 @@ def kmeans(x, k, iters, rng):
 
 def prepare_codebook(path, patch_size, n_codes, iters=15, max_fit=65536, seed=0, log=print):
     """The visual codebook of ELECTRA's MOC objective, stored with a prepared dataset: k-means
-    (n_codes centroids) over the patches of up to max_fit patches' worth of train images (drawn
-    at random; of a streamed train split, the first images of its walk), pixels scaled to
+    (n_codes centroids) over the distinct patterns of up to max_fit patches' worth of train images
+    (drawn at random; of a streamed train split, the first images of its walk), pixels scaled to
     [0, 1]; then every patch of every prepared captioned split gets the index of its nearest
     centroid. Writes codebook-p{p}-k{K}.npy (K, p*p*3) float32 and {split}.codes-p{p}-k{K}.npy
     (N, P) int16, each atomically, the codebook last (it marks the work done)."""
@@ -2174,7 +2177,11 @@ def prepare_codebook(path, patch_size, n_codes, iters=15, max_fit=65536, seed=0,
                           ds.image_size, n, log=log).batch(0)[0]
     else:
         fit = ds.array("train", "images")[np.sort(rng.choice(len(ds), n, replace=False))]
-    centroids = kmeans(patchify(fit, patch_size).reshape(-1, 3 * patch_size ** 2), n_codes, iters, rng)
+    patches = patchify(fit, patch_size).reshape(-1, 3 * patch_size ** 2)
+    # one patch per pattern at 8 levels a pixel: else the uniform background (88% of the shapes
+    # world's patches) takes a third of the codes as tints a few levels apart (results/small-run.md)
+    _, first = np.unique(np.round(patches * 7).astype(np.uint8), axis=0, return_index=True)
+    centroids = kmeans(patches[np.sort(first)] if len(first) >= n_codes else patches, n_codes, iters, rng)
     splits = [s for s in ds.meta["splits"] if ds.has(s, "tokens")]
     for split in splits:
         images = ds.array(split, "images")

@@ -145,7 +145,7 @@ def captioned(tmp_path_factory):
         np.save(path / f"{split}.tokens.npy", np.stack(rows))
         np.save(path / f"{split}.n_captions.npy", np.array([len(c) for c in caps], np.int16))
         np.save(path / f"{split}.scene.npy", np.arange(N, dtype=np.int64))
-        np.save(path / f"{split}.codes-p16-k8.npy", rng.integers(0, 8, (N, (S // 16) ** 2), dtype=np.int16))
+        np.save(path / f"{split}.{data.codebook_name(16, 8)}.npy", rng.integers(0, 8, (N, (S // 16) ** 2), dtype=np.int16))
     (path / "tokenizer.tiktoken").write_text(bpe_text)
     special = {t: enc.encode_single_token(t) for t in data.SPECIAL_TOKENS}
     meta = dict(kind="captions", image_size=S, context_length=T, splits={"val": N, "test": N}, source="test",

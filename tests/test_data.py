@@ -294,6 +294,14 @@ def test_visual_codebook_gives_every_patch_its_nearest_centroid(tiny_world):
         patches = data.patchify(images[:20], p)  # brute force: the nearest centroid of each patch
         want = ((patches[:, :, None, :] - book[None, None]) ** 2).sum(-1).argmin(-1)
         assert (codes[:20] == want).mean() > 0.99  # float ties aside
+    # one patch per pattern: the uniform background (each image its own tint) is one code, where
+    # k-means over every patch spends several on its tints
+    patches = data.patchify(tiny_world.array("train", "images"), p)
+    background = patches.reshape(*patches.shape[:2], -1, 3).std(2).max(-1) < 0.01
+    assert np.bincount(tiny_world.codes("train", p, K)[background]).max() >= 0.99 * background.sum()
+    flat = patches.reshape(-1, 3 * p * p)
+    plain = data.nearest_code(flat, data.kmeans(flat, K, 15, np.random.default_rng(0)))
+    assert len(np.unique(plain[background.ravel()])) >= 3
     # prepared once: a second call finds it and changes nothing
     stamp = os.path.getmtime(os.path.join(tiny_world.path, f"train.{data.codebook_name(p, K)}.npy"))
     data.prepare_codebook(tiny_world.path, p, K, log=lambda *a: None)
