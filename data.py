@@ -2159,8 +2159,8 @@ def prepare_codebook(path, patch_size, n_codes, iters=15, max_fit=65536, seed=0,
     (n_codes centroids) over the distinct patterns of up to max_fit patches' worth of train images
     (drawn at random; of a streamed train split, the first images of its walk), pixels scaled to
     [0, 1]; then every patch of every prepared captioned split gets the index of its nearest
-    centroid. Writes codebook-p{p}-k{K}.npy (K, p*p*3) float32 and {split}.codes-p{p}-k{K}.npy
-    (N, P) int16, each atomically, the codebook last (it marks the work done)."""
+    centroid. Writes codebook_file (K, p*p*3) float32 and {split}.{codebook_name}.npy (N, P)
+    int16, each atomically, the codebook last (it marks the work done)."""
     name = codebook_name(patch_size, n_codes)
     book_file = codebook_file(path, patch_size, n_codes)
     if os.path.exists(book_file):
