@@ -63,7 +63,8 @@ import torch
 
 import train
 from eval import ABLATION_ROWS, OBJECTIVES_OFF, write_json
-from model import VLM, VLMConfig, fused_pairs, hf_clip_config, loss_weights, transformer_flops, uses_electra
+from hf import hf_clip_config
+from model import VLM, VLMConfig, fused_pairs, loss_weights, transformer_flops, uses_electra
 
 
 @dataclass

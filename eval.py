@@ -76,7 +76,14 @@ import numpy as np
 import torch
 
 import data
-from model import VLM, VLMConfig, anchor_boxes
+import instruct
+import prompt
+from model import VLM, VLMConfig
+
+
+def build_model(cfg):
+    """The model of a VLMConfig: the instruct or the prompt stage's when the config says so."""
+    return (instruct.InstructVLM if cfg.instruct else prompt.PromptVLM if cfg.prompt else VLM)(cfg)
 
 
 def load_checkpoint(path, device="cpu"):
@@ -84,17 +91,22 @@ def load_checkpoint(path, device="cpu"):
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    model = VLM(VLMConfig(**ckpt["config"]["model"]))
+    cfg = VLMConfig(**ckpt["config"]["model"])
+    model = build_model(cfg)
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     tok = ckpt["tokenizer"]
     return model, data.get_tokenizer(tok["kind"], tok.get("bpe")), ckpt
 
 
-def to_pixels(model, images, device):
-    """uint8 (B, H, W, 3) numpy (or a host tensor) -> normalised float pixels on device."""
-    x = images if torch.is_tensor(images) else torch.from_numpy(np.array(images))  # a copy: memmaps are read-only
-    return model.normalize_pixels(x.to(device, non_blocking=True))
+def check_tokenizer(ckpt, ds):
+    """Stop if a checkpoint's tokenizer is not the dataset's: its token ids would mean other
+    words. The world's BPE and GPT-2's are one kind of encoding (sample.py export writes the
+    world's as GPT-2 files), so between those two only the ranks are compared."""
+    kind = lambda k: "gpt2" if k == "bpe" else k  # noqa: E731
+    if (kind(ckpt["tokenizer"]["kind"]), ckpt["tokenizer"]["bpe"]) != (kind(ds.meta["tokenizer"]["kind"]), ds.bpe_text):
+        raise SystemExit(f"the tokenizer of the starting weights ({ckpt['data_path']}) is not that of {ds.path}: "
+                         f"use the data they were trained on, or data prepared with their tokenizer (prepare.py --tokenizer)")
 
 
 @torch.no_grad()
@@ -102,7 +114,7 @@ def embed_images(model, images, device, batch_size=256, ctx=nullcontext()):
     out = []
     for i in range(0, len(images), batch_size):
         with ctx:
-            out.append(model.encode_image(to_pixels(model, images[i:i + batch_size], device)).float())
+            out.append(model.encode_image(model.normalize_pixels(images[i:i + batch_size])).float())
     return torch.cat(out)
 
 
@@ -159,7 +171,7 @@ def image_tokens_of(model, images, device, batch_size=256, ctx=nullcontext()):
     out = []
     for i in range(0, len(images), batch_size):
         with ctx:
-            out.append(model.image_tokens(model.visual(to_pixels(model, images[i:i + batch_size], device))))
+            out.append(model.image_tokens(model.visual(model.normalize_pixels(images[i:i + batch_size]))))
     return torch.cat(out)
 
 
@@ -208,7 +220,7 @@ def electra_evaluation(model, images, tokens, codes, device, batch_size=256, see
         t = torch.from_numpy(np.ascontiguousarray(tokens[i:i + batch_size])).long().to(device)
         c = torch.from_numpy(np.asarray(codes[i:i + batch_size], np.int64)).to(device)
         with ctx:
-            E = model.electra_inputs(to_pixels(model, images[i:i + batch_size], device), t, c, rng=rng)
+            E = model.electra_inputs(model.normalize_pixels(images[i:i + batch_size]), t, c, rng=rng)
             image_tokens = model.image_tokens(model.visual(E["pixels"]))
             h = model.fuse(image_tokens, E["tokens"])
         P, text = image_tokens.size(1), t != model.cfg.pad_id
@@ -248,7 +260,7 @@ def generate_captions(model, tokenizer, images, device, batch_size=256, ctx=null
     texts = []
     for i in range(0, len(images), batch_size):
         with ctx:
-            out = model.generate(to_pixels(model, images[i:i + batch_size], device), **sampling)
+            out = model.generate(model.normalize_pixels(images[i:i + batch_size]), **sampling)
         texts += [data.decode_tokens(tokenizer, row) for row in out.tolist()]
     return texts
 
@@ -496,197 +508,6 @@ def evaluate(model, ds, device, max_images=None, heldout=True, ctx=nullcontext()
     if heldout and ds.has("test", "heldout"):
         held = np.flatnonzero(ds.array("test", "heldout"))
         out.update({f"heldout_{k}": v for k, v in evaluate_split(model, ds, "test", device, held, ctx, rerank_k).items()})
-    model.train(was_training)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# multi-image instruction following (the instruct stage)
-
-
-def multi_pixels(model, images, device):
-    """uint8 (B, K, H, W, 3) numpy (or a host tensor) -> normalised (B, K, 3, H, W) on device."""
-    B, K = images.shape[:2]
-    x = to_pixels(model, images.reshape(B * K, *images.shape[2:]), device)
-    return x.view(B, K, *x.shape[1:])
-
-
-@torch.no_grad()
-def answer_sets(model, ds, split, idx, device, drop=None, batch_size=256, ctx=nullcontext()):
-    """Greedy answers (texts) to the question sets idx of a split; drop: the modalities
-    ('instruction', 'images', 'relation') hidden from pass 2 for every set."""
-    texts = []
-    for i in range(0, len(idx), batch_size):
-        images, valid, question, _ = ds.multi_batch(split, idx[i:i + batch_size])
-        B = len(valid)
-        hidden = {k: torch.full((B,), k in (drop or ()), device=device) for k in ("instruction", "images", "relation")}
-        with ctx:
-            out = model.answer(multi_pixels(model, images, device), torch.from_numpy(valid).to(device),
-                               torch.from_numpy(np.asarray(question, np.int64)).to(device), drop=hidden)
-        texts += [data.decode_tokens(ds.tokenizer, row) for row in out.tolist()]
-    return texts
-
-
-@torch.no_grad()
-def latency_ms(model, ds, split, idx, device, ctx=nullcontext()):
-    """Median wall time of answering one question set alone (batch 1), in milliseconds."""
-    import time
-    times = []
-    for i in idx:
-        t0 = time.perf_counter()
-        answer_sets(model, ds, split, np.array([i]), device, ctx=ctx)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
-
-
-def evaluate_instruct(model, ds, device, max_sets=None, split="multi_val", latency_sets=32, ctx=nullcontext()):
-    """Exact-match accuracy of greedy answers on the val question sets (the first max_sets),
-    overall and per question type, beside each type's majority-answer baseline (the most
-    common training answer of that type, scored on the same sets); the accuracy with the
-    instruction, the images or the relation tokens hidden from the answering pass (pass 2;
-    pass 1 still reads everything); forward GFLOPs per set by model.instruct_flops, averaged
-    over the sets' image counts (total and pass 2 alone); and latency_ms, the median time to
-    answer one set alone."""
-    was_training = model.training
-    model.eval()
-    n = ds.split_size(split)
-    idx = np.arange(min(n, max_sets or n))
-    qtypes = ds.meta["qtypes"]
-    answers = lambda s, i: [data.decode_tokens(ds.tokenizer, row) for row in ds.array(s, "answer")[i]]  # noqa: E731
-    truth, qtype = np.array(answers(split, idx)), ds.array(split, "qtype")[idx]
-    train_answers, train_qtype = np.array(answers("multi_train", slice(None))), ds.array("multi_train", "qtype")
-    right = np.array(answer_sets(model, ds, split, idx, device, ctx=ctx)) == truth
-    majority = np.zeros(len(idx), bool)
-    out = {"instruct_acc": float(right.mean())}
-    for t, name in enumerate(qtypes):
-        values, counts = np.unique(train_answers[train_qtype == t], return_counts=True)
-        if len(values):  # a type no training set asks has no majority answer: its baseline gets none right
-            majority[qtype == t] = truth[qtype == t] == values[counts.argmax()]
-        if (qtype == t).any():
-            out[f"instruct_acc_{name}"] = float(right[qtype == t].mean())
-            out[f"instruct_majority_{name}"] = float(majority[qtype == t].mean())
-    out["instruct_majority"] = float(majority.mean())
-    for drop in ("instruction", "images", "relation"):
-        if drop != "relation" or model.cfg.relation:
-            out[f"instruct_acc_no_{drop}"] = float(np.mean(np.array(answer_sets(model, ds, split, idx, device, (drop,),
-                                                                                  ctx=ctx)) == truth))
-    n_images = (ds.array(split, "sets")[idx] >= 0).sum(1)
-    flops = [model.instruct_flops(int(k)) for k in n_images]
-    out["instruct_gflops"] = float(np.mean([sum(f.values()) for f in flops])) / 1e9
-    out["instruct_pass2_gflops"] = float(np.mean([f["pass2"] for f in flops])) / 1e9
-    out["instruct_latency_ms"] = latency_ms(model, ds, split, idx[:latency_sets], device, ctx)
-    model.train(was_training)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# few-shot detection (the prompt stage)
-
-
-def class_iou_counts(pred, truth, n_classes):
-    """(intersection, union) per class, (n_classes,) each, over every pixel of the class maps
-    pred and truth (any shape, integer classes)."""
-    pred, truth = np.asarray(pred).ravel(), np.asarray(truth).ravel()
-    inter = np.bincount(truth[pred == truth], minlength=n_classes)
-    union = np.bincount(pred, minlength=n_classes) + np.bincount(truth, minlength=n_classes) - inter
-    return inter, union
-
-
-def box_iou(a, b):
-    """IoU of boxes a (N, 4) and b (M, 4), (x0, y0, x1, y1) with x1, y1 one past the last
-    pixel: (N, M)."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    inter = w * h
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
-
-
-def average_precision(detections, truths, classes, threshold=0.5):
-    """Box AP at one IoU threshold, per class. detections: per image a list of (class, x0, y0,
-    x1, y1, score); truths: per image a list of (class, x0, y0, x1, y1). The detections of a
-    class, over all images in order of falling score: each is a true positive if it overlaps
-    an unmatched true box of its class in its image by IoU >= threshold (the most overlapping
-    one, which is then matched), else a false positive. AP is the area under the
-    precision-recall curve with each precision raised to the best at that recall or beyond
-    (all-point interpolation, PASCAL VOC 2010 on). Returns {class: AP}, NaN for a class with
-    no true box."""
-    out = {}
-    for c in classes:
-        dets = sorted(((d[5], i, d[1:5]) for i, ds in enumerate(detections) for d in ds if d[0] == c),
-                      key=lambda d: -d[0])
-        gts = [np.array([t[1:5] for t in ts if t[0] == c]).reshape(-1, 4) for ts in truths]
-        n_true = sum(len(g) for g in gts)
-        if n_true == 0:
-            out[c] = float("nan")
-            continue
-        matched = [np.zeros(len(g), bool) for g in gts]
-        hit = np.zeros(len(dets), bool)
-        for j, (_, i, box) in enumerate(dets):
-            if len(gts[i]):
-                iou = np.where(matched[i], -1.0, box_iou(box, gts[i])[0])
-                best = int(iou.argmax())
-                if iou[best] >= threshold:
-                    matched[i][best] = hit[j] = True
-        tp = np.cumsum(hit)
-        recall = np.concatenate([[0.0], tp / n_true])
-        precision = np.concatenate([[1.0], tp / np.arange(1, len(dets) + 1)])
-        precision = np.maximum.accumulate(precision[::-1])[::-1]
-        out[c] = float(np.sum((recall[1:] - recall[:-1]) * precision[1:]))
-    return out
-
-
-def true_boxes(ds, split, idx, names):
-    """The true boxes of the named classes in images idx: per image a list of (class, x0, y0,
-    x1, y1), class an index into ['background', *names]. From the world's object records."""
-    lookup = {value - 1: c for c, value in enumerate(ds.class_values(names), 1)}  # objects record the shape index
-    return [[(lookup[o[0]], *map(int, o[3:7])) for o in rows if o[0] >= 0 and o[0] in lookup]
-            for rows in ds.array(split, "objects")[np.asarray(idx)]]
-
-
-@torch.no_grad()
-def evaluate_prompt(model, ds, device, names, class_tokens, prompted=True, max_images=None, split="novel_val",
-                    batch_size=128, ctx=nullcontext()):
-    """Few-shot detection on held-out images of the named classes (the first max_images of
-    split). The class map of each image (model.detect) against the true one, in which a
-    class not named is background: IoU per named class with the pixel counts summed over the
-    split, their mean (miou, background left out) and foreground IoU (fg_iou: any named class
-    against background); box AP at IoU 0.5 of the anchor generator's boxes against the true
-    boxes (ap50, the mean over the named classes). The same for the class map of the
-    upsampled scores without the edge refinement (*_bilinear). prompted False: zero-shot."""
-    was_training = model.training
-    model.eval()
-    n = min(ds.split_size(split), max_images or ds.split_size(split))
-    C = len(names) + 1
-    counts = {key: np.zeros((2, C), np.int64) for key in ("refined", "bilinear")}
-    fg = {key: np.zeros(2, np.int64) for key in counts}
-    dets = {key: [] for key in counts}
-    tokens = torch.as_tensor(np.asarray(class_tokens, np.int64), device=device)
-    for i in range(0, n, batch_size):
-        idx = np.arange(i, min(n, i + batch_size))
-        pixels = to_pixels(model, ds.array(split, "images")[idx], device)
-        truth = ds.class_targets(split, idx, names)
-        with ctx:
-            classmap, scores, boxes = model.detect(pixels, tokens, prompted)
-        for key, pred in (("refined", classmap), ("bilinear", scores.argmax(1))):
-            dets[key] += boxes if key == "refined" else anchor_boxes(pred, scores, model.cfg.min_box_area)
-            pred = pred.cpu().numpy()
-            counts[key] += np.stack(class_iou_counts(pred, truth, C))
-            fg[key] += np.stack(class_iou_counts((pred > 0).astype(np.int64), (truth > 0).astype(np.int64), 2))[:, 1]
-    truths = true_boxes(ds, split, np.arange(n), names)
-    out = {}
-    for key, suffix in (("refined", ""), ("bilinear", "_bilinear")):
-        iou = counts[key][0] / np.maximum(counts[key][1], 1)  # a class in neither map: 0
-        ap = average_precision(dets[key], truths, range(1, C))
-        out[f"miou{suffix}"] = float(iou[1:].mean())
-        out[f"fg_iou{suffix}"] = float(fg[key][0] / max(fg[key][1], 1))
-        out[f"ap50{suffix}"] = float(np.nanmean([ap[c] for c in range(1, C)]))
-        if not suffix:
-            out.update({f"iou_{name}": float(iou[c]) for c, name in enumerate(names, 1)})
-            out.update({f"ap50_{name}": ap[c] for c, name in enumerate(names, 1)})
     model.train(was_training)
     return out
 
@@ -955,10 +776,10 @@ def main():
                          "their own val splits")
     if model.cfg.prompt:
         names = ckpt["config"]["classes"].split(",")
-        metrics = evaluate_prompt(model, ds, args.device, names,
+        metrics = prompt.evaluate(model, ds, names,
                                   data.class_prompt_tokens(ds.tokenizer, names, model.cfg.prompt_init, model.cfg.context_length))
     elif model.cfg.instruct:
-        metrics = evaluate_instruct(model, ds, args.device)
+        metrics = instruct.evaluate(model, ds)
     else:
         try:
             metrics = evaluate(model, ds, args.device, rerank_k=args.rerank_k, split=args.split,

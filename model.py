@@ -14,12 +14,7 @@ References:
 """
 
 import copy
-import dataclasses
-import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -31,67 +26,66 @@ from torch.nn import functional as F
 @dataclass
 class VLMConfig:
     # image side
-    image_size: int = 64
-    patch_size: int = 8
-    vit_width: int = 192
-    vit_layers: int = 4
-    vit_heads: int = 3
+    image_size: int = 64  # pixels per side
+    patch_size: int = 8  # pixels per patch side
+    vit_width: int = 192  # the ViT's width
+    vit_layers: int = 4  # the ViT's blocks
+    vit_heads: int = 3  # the ViT's attention heads
     # text side
     vocab_size: int = 454  # set from the tokenizer
     context_length: int = 24  # text positions, <bos> and <eos> included
-    text_width: int = 192
-    text_layers: int = 4
-    text_heads: int = 3
+    text_width: int = 192  # the text transformer's width
+    text_layers: int = 4  # the text transformer's blocks
+    text_heads: int = 3  # the text transformer's attention heads
     # shared
-    mlp_ratio: int = 4
+    mlp_ratio: int = 4  # MLP width / width, in every block
     activation: str = "gelu"  # 'gelu', 'quick_gelu' (OpenAI CLIP) or 'gelu_tanh' (GPT-2's gelu_new)
     text_activation: str = ""  # the text transformer's and the generator's; '' = activation
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # every LayerNorm's
     embed_dim: int = 128  # the joint image-text space of ITC
     itc_temperature: float = 0.07  # ITC's initial temperature, learned from there (CLIP's 0.07)
     converter: str = "mlp"  # image tokens -> text width: 'mlp' (one token per patch) or 'resampler'
     image_positions: bool = False  # mlp: each image token also gets a learned position in the text width
     image_axes: bool = False  # mlp: each image token also reads its row and column (means, and what lies before it)
-    n_queries: int = 8  # the resampler's learned queries: image tokens per image
-    resampler_layers: int = 2
-    # loss weights: 0 switches an objective off and it costs nothing
-    itc_weight: float = 1.0  # M4 contrastive
-    itm_weight: float = 1.0  # M5 image-text matching with hard negatives
-    mlm_weight: float = 1.0  # M6 generator: masked text tokens
-    moc_weight: float = 1.0  # M6 generator: visual codes of masked patches
-    rtd_weight: float = 1.0  # M6 discriminator: replaced text tokens (lambda; ELECTRA used 50, see README)
-    r2d_weight: float = 1.0  # M6 discriminator: replaced image patches
-    caption_weight: float = 1.0  # M8 captioning
+    n_queries: int = 8  # resampler: its learned queries, the image tokens per image
+    resampler_layers: int = 2  # resampler: its blocks
+    # pretraining losses: a weight of 0 switches an objective off, and it costs nothing
+    itc_weight: float = 1.0  # contrastive (CLIP)
+    itm_weight: float = 1.0  # image-text matching with hard negatives (ALBEF)
+    mlm_weight: float = 1.0  # ELECTRA's generator: masked text tokens
+    moc_weight: float = 1.0  # ELECTRA's generator: the visual codes of masked patches
+    rtd_weight: float = 1.0  # ELECTRA's discriminator: replaced text tokens
+    r2d_weight: float = 1.0  # ELECTRA's discriminator: replaced image patches
+    caption_weight: float = 1.0  # captioning (prefix-LM)
     itm_negatives: float = 1.0  # negative pairs per matched pair: 2 (an image's and a text's, as ALBEF), 1 or 0.5
     fused_rows: float = 1.0  # of a batch, the rows ELECTRA replaces and the fused pass reads: 1, or 0.5 (every other)
     itm_clean: bool = False  # ITM's matched pairs are the clean image and text, not ELECTRA's replaced ones
-    # ELECTRA (M6)
+    # ELECTRA: a small generator fills in masked tokens and patches, the discriminator finds them
     text_mask_rate: float = 0.15  # of the non-special text tokens
     patch_mask_rate: float = 0.15  # of the image patches
     n_codes: int = 256  # visual codebook size (k-means over patches: data.prepare_codebook)
     gen_width: int = 0  # the generator's width; 0: text_width // 4 (at most that)
-    gen_layers: int = 2
-    gen_heads: int = 2
+    gen_layers: int = 2  # the generator's blocks
+    gen_heads: int = 2  # the generator's attention heads
     shared_vit_pass: bool = False  # one ViT pass, over ELECTRA's replaced pixels, for ITC, captioning and fused pass
     fused_vit_grad: bool = True  # the fused pass's losses (ITM, RTD, R2D) train the ViT; false: the converter and text only
-    # momentum distillation (M7): alpha is the weight of the momentum model's soft targets,
-    # ramped up from 0 over the first epoch; 0 switches it off (no EMA copy, no queues)
-    momentum_alpha: float = 0.4
+    # momentum distillation (ALBEF): an EMA copy gives soft ITC targets and queued negatives
+    momentum_alpha: float = 0.4  # the soft targets' weight, ramped up over the first epoch; 0: no EMA copy, no queues
     momentum: float = 0.995  # EMA decay of the momentum encoders
     queue_size: int = 4096  # momentum image and text features of earlier batches: extra ITC negatives
-    # multi-image instruction following (M9-M11): built when instruct is true (--stage instruct sets it)
-    instruct: bool = False
+    # the instruct stage (instruct.py): multi-image questions
+    instruct: bool = False  # the instruct stage's model (--stage instruct sets it)
     image_slots: int = 4  # most images of one sample (the image-index embeddings)
-    relation: bool = True  # M9: the relation encoder, one relation token per image
-    relation_layers: int = 2
-    two_pass: bool = True  # M10: pass 1 gives the global vector g that selects the image tokens of pass 2
+    relation: bool = True  # the relation encoder: one token per image, what sets it apart
+    relation_layers: int = 2  # the relation encoder's blocks
+    two_pass: bool = True  # pass 1's global vector selects the image tokens that pass 2 reads
     keep_ratio: float = 0.5  # of each image's tokens, kept for pass 2
-    drop_instruction: float = 0.1  # M11: per-sample probability of hiding a modality in pass 2 (training only)
-    drop_images: float = 0.1
-    drop_relation: float = 0.1
+    drop_instruction: float = 0.1  # per sample, the chance that pass 2 does not see the instruction (training only)
+    drop_images: float = 0.1  # the same for the image tokens
+    drop_relation: float = 0.1  # the same for the relation tokens
     answer_length: int = 8  # the answer block, <bos> answer <eos> <pad>...; the question gets the rest of the context
-    # few-shot prompting on the frozen model (M12): built when prompt is true (--stage prompt sets it)
-    prompt: bool = False
+    # the prompt stage (prompt.py): few-shot detection with prompt vectors on the frozen model
+    prompt: bool = False  # the prompt stage's model (--stage prompt sets it)
     prompt_init: str = "a photo of a"  # the words the layer-1 text prompts start from (zero-shot's template)
     n_ctx: int = 4  # prompt vectors per prompted layer: set from the tokens of prompt_init
     text_prompt_depth: int = 3  # J: text layers 1..J get prompts (0: none)
@@ -102,15 +96,15 @@ class VLMConfig:
     dice_weight: float = 1.0  # the dice loss beside the per-patch cross-entropy; 0 switches it off
     refine_iters: int = 20  # detection: PAMR steps that align the upsampled class map with the image's edges (0: none)
     min_box_area: int = 4  # detection: regions of fewer pixels give no box
-    # pixels are normalised with these (CLIP's)
-    image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
+    # pixel normalisation (CLIP's)
+    image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)  # per RGB channel
+    image_std: tuple = (0.26862954, 0.26130258, 0.27577711)  # per RGB channel
     # special tokens, set from the tokenizer
-    bos_id: int = 450
-    eos_id: int = 449
-    pad_id: int = 451
-    mask_id: int = 452
-    glob_id: int = 453
+    bos_id: int = 450  # <bos>
+    eos_id: int = 449  # <eos>
+    pad_id: int = 451  # <pad>
+    mask_id: int = 452  # <mask>: ELECTRA's masked tokens
+    glob_id: int = 453  # <glob>: where pass 1 of the instruct stage reads the global vector
 
 
 # -----------------------------------------------------------------------------
@@ -160,7 +154,6 @@ class Attention(nn.Module):
 
     def __init__(self, width, n_head):
         super().__init__()
-        assert width % n_head == 0, f"width {width} is not divisible by {n_head} heads"
         self.n_head = n_head
         self.c_attn = nn.Linear(width, 3 * width)  # q, k, v in one matmul
         self.c_proj = nn.Linear(width, width)
@@ -207,8 +200,6 @@ class MLP(nn.Module):
 
     def __init__(self, width, hidden, activation):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
         self.c_fc = nn.Linear(width, hidden)
         self.act = ACTIVATIONS[activation]()
         self.c_proj = nn.Linear(hidden, width)
@@ -236,17 +227,9 @@ class Block(nn.Module):
 # the towers
 
 
-def splice(x, start, vectors):
-    """x (B, L, w) with positions start..start+n-1 replaced by vectors (n, w), the same for
-    every row; a start of L appends them."""
-    v = vectors.to(x.dtype).expand(x.size(0), -1, -1)
-    return torch.cat([x[:, :start], v, x[:, start + v.size(1):]], dim=1)
-
-
 def sincos_2d(grid, width):
     """(grid*grid, width) 2-D sin-cos position map (MAE): a quarter of the channels each for
     sin and cos of the column and of the row, at geometrically spaced frequencies."""
-    assert width % 4 == 0, f"width {width} is not divisible by 4"
     omega = 1.0 / 10000 ** (torch.arange(width // 4) / (width // 4))
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     x, y = cols.flatten()[:, None] * omega, rows.flatten()[:, None] * omega
@@ -259,8 +242,6 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
         w = cfg.vit_width
         self.n_patches = (cfg.image_size // cfg.patch_size) ** 2
         self.conv1 = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
@@ -271,39 +252,24 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
         self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
 
-    def forward(self, pixels, prompts=()):
-        """pixels (B, 3, H, W) normalised -> tokens (B, 1 + n_patches, w) after ln_post,
-        the class token first. prompts: image prompt vectors (see hidden_states)."""
-        return self.ln_post(self.hidden_states(pixels, prompts, last_only=True)[-1])
-
-    def hidden_states(self, pixels, prompts=(), last_only=False):
-        """The class and patch tokens after each block: a list of (B, 1 + n_patches, w), before
-        ln_post. prompts: a sequence of (n, w) image prompt vectors, one per layer from the
-        first (MaPLe): the first is appended after the patch tokens (before ln_pre), each later
-        one replaces the previous block's outputs at those n positions; the patches attend to
-        them, the outputs leave them out. No prompts: the plain ViT. last_only: the last
-        block's alone (the others are not held on to)."""
+    def embed(self, pixels):
+        """pixels (B, 3, H, W) normalised -> the class and patch tokens with their positions (B, 1 + P, w)."""
         x = self.conv1(pixels).flatten(2).transpose(1, 2)  # (B, P, w)
         cls = self.class_embedding.expand(x.size(0), 1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding
-        L = x.size(1)
-        if len(prompts):
-            x = splice(x, L, prompts[0])
-        x = self.ln_pre(x)
-        states = []
-        for i, block in enumerate(self.blocks):
-            if 0 < i < len(prompts):
-                x = splice(x, L, prompts[i])
+        return torch.cat([cls, x], dim=1) + self.positional_embedding
+
+    def forward(self, pixels):
+        """pixels (B, 3, H, W) normalised -> tokens (B, 1 + P, w) after ln_post, the class token first."""
+        x = self.ln_pre(self.embed(pixels))
+        for block in self.blocks:
             x = block(x)
-            if not last_only or i == len(self.blocks) - 1:
-                states.append(x[:, :L])
-        return states
+        return self.ln_post(x)
 
 
 class TextTransformer(nn.Module):
-    """One set of weights, three masks (DESIGN section 4):
-        causal over text only           -> the CLIP text encoder, pooled at <eos>
-        bidirectional over [prefix|text] -> fusion encoder (ITM, MLM, discriminator)
+    """One set of weights, three masks:
+        causal over text only            -> the CLIP text encoder, pooled at <eos>
+        bidirectional over [prefix|text] -> the fusion encoder (ITM, the ELECTRA discriminator)
         prefix-LM over [prefix|text]     -> captioning and answering
     The prefix (image tokens already in the text width) carries its own positions; text
     tokens get learned positions counted from their first token."""
@@ -319,47 +285,22 @@ class TextTransformer(nn.Module):
         self.lm_head = nn.Linear(w, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # tied, as in GPT-2
 
-    def forward(self, tokens, prefix=None, mask="causal", key_valid=None, caches=None, pos=0, n_prefix=None,
-                key_bias=None, prompts=()):
-        """tokens (B, T) at text positions pos..pos+T-1, after an optional prefix (B, M, w).
-        mask: 'causal', 'prefix' (prefix visible to all, text causal) or 'bidirectional'.
-        n_prefix: with mask 'prefix', the positions that form the prefix (default M; more takes
-        the first text tokens in, as an instruction before its answer).
-        key_bias: optional (B, M+T) float added to every query's attention logit of each key
-        (log gates: a key's softmax weight is multiplied by its gate), with key_valid.
-        caches: one KVCache per layer when generating.
-        prompts: a sequence of (n, w) text prompt vectors, one per layer from the first (CoOp,
-        MaPLe; text only, no prefix): the first replaces the token embeddings after the start
-        token (positions 1..n, before the positions are added), each later one the previous
-        block's outputs there. Returns hidden states (B, M+T, w)."""
-        x = self.token_embedding(tokens)
-        if len(prompts):
-            assert prefix is None and pos == 0, "text prompts go with text alone"
-            x = splice(x, 1, prompts[0])
-        x = x + self.positional_embedding[pos:pos + tokens.size(1)]
+    def forward(self, tokens, prefix=None, mask="causal", caches=None, pos=0):
+        """tokens (B, T) at text positions pos..pos+T-1, after an optional prefix (B, M, w) ->
+        hidden states (B, M+T, w). mask: 'causal', 'prefix' (the prefix seen by all, the text
+        causal), 'bidirectional', or a mask tensor for SDPA (attention_mask: True may attend).
+        caches: one KVCache per layer when generating."""
+        x = self.token_embedding(tokens) + self.positional_embedding[pos:pos + tokens.size(1)]
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
-        L = x.size(1)
-        past = caches[0].len if caches is not None else 0  # positions already in the cache
-        if key_bias is not None and key_valid is None:
-            key_valid = torch.ones(key_bias.shape, dtype=torch.bool, device=x.device)  # the general path below
-        attn_mask, is_causal = None, False
-        if mask == "causal" and key_valid is None and past == 0:
-            is_causal = True  # the fastest kernel path
-        elif mask == "bidirectional" and key_valid is None:
-            pass  # everything sees everything
-        elif not (mask == "causal" and L == 1 and key_valid is None):  # one new token sees all before it
-            if n_prefix is None or mask != "prefix":
-                n_prefix = {"causal": 0, "prefix": prefix.size(1) if prefix is not None else 0,
-                            "bidirectional": past + L}[mask]
-            attn_mask = attention_mask(n_prefix, L, past + L, past, key_valid, x.device)
-            if key_bias is not None:
-                attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill(
-                    ~attn_mask, float("-inf")) + key_bias[:, None, None, :].to(x.dtype)
+        L, past = x.size(1), caches[0].len if caches is not None else 0
+        is_causal = isinstance(mask, str) and mask == "causal" and past == 0  # the fastest kernel path
+        if isinstance(mask, str):  # bidirectional, and one new token after the cache, see every key: no mask
+            n_prefix = {"causal": 0, "prefix": L - tokens.size(1), "bidirectional": None}[mask]
+            mask = None if is_causal or n_prefix is None or L == 1 else attention_mask(n_prefix, L, past + L, past,
+                                                                                        device=x.device)
         for i, block in enumerate(self.blocks):
-            if 0 < i < len(prompts):
-                x = splice(x, 1, prompts[i])
-            x = block(x, attn_mask, is_causal, caches[i] if caches is not None else None)
+            x = block(x, mask, is_causal, caches[i] if caches is not None else None)
         return self.ln_final(x)
 
 
@@ -422,155 +363,6 @@ class Resampler(nn.Module):
         return self.ln_post(x)
 
 
-class RelationEncoder(nn.Module):
-    """M9: one relation token per image of a sample. A small bidirectional transformer over the
-    images' pooled ViT features (the class token) plus learned image-index embeddings, so each
-    output can carry what sets its image apart from the others: comparison, order, change.
-    Padding slots (valid False) are hidden from every image."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        w = cfg.text_width
-        self.c_in = nn.Linear(cfg.vit_width, w)
-        self.index_embedding = nn.Parameter(0.02 * torch.randn(cfg.image_slots, w))
-        self.blocks = nn.ModuleList(Block(w, cfg.text_heads, cfg, cfg.activation) for _ in range(cfg.relation_layers))
-        self.ln_post = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
-
-    def forward(self, pooled, valid):
-        """pooled (B, K, vit_width), valid (B, K) bool -> relation tokens (B, K, text_width)."""
-        K = pooled.size(1)
-        x = self.c_in(pooled) + self.index_embedding[:K]
-        mask = attention_mask(K, K, K, key_valid=valid)
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.ln_post(x)
-
-
-class Scorer(nn.Module):
-    """M10: the relevance of image tokens x to the global vector g, <W_g g, W_x x> / sqrt(w)."""
-
-    def __init__(self, width):
-        super().__init__()
-        self.c_g = nn.Linear(width, width)
-        self.c_x = nn.Linear(width, width)
-
-    def forward(self, g, x):
-        """g (B, w), x (B, N, w) -> scores (B, N)."""
-        return (self.c_x(x) @ self.c_g(g)[:, :, None]).squeeze(-1) / math.sqrt(g.size(-1))
-
-
-class PromptLearner(nn.Module):
-    """M12 (MaPLe): what the prompt stage trains on the frozen model. n_ctx text prompt vectors
-    for each of the first text_prompt_depth layers of the text transformer; image prompt
-    vectors for each of the first image_prompt_depth ViT layers, each layer's a linear map of
-    that layer's text prompts (couple, one map per layer) or free vectors (couple False); and
-    the logits of the softmax weights that fuse the score maps of the dense_layers."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        Jt, Jv, n = cfg.text_prompt_depth, cfg.image_prompt_depth, cfg.n_ctx
-        if not (0 <= Jt <= cfg.text_layers and 0 <= Jv <= cfg.vit_layers):
-            raise ValueError(f"prompt depths {Jt} (text), {Jv} (image) must lie in 0..{cfg.text_layers} and "
-                             f"0..{cfg.vit_layers}, the layers there are")
-        if cfg.couple and Jv > Jt:
-            raise ValueError(f"coupled image prompts are maps of the text prompts of the same layer: image_prompt_depth "
-                             f"{Jv} is more than text_prompt_depth {Jt} (set --couple=false for free image prompts)")
-        self.dense_layers = parse_layers(cfg.dense_layers, cfg.vit_layers)
-        self.text_ctx = nn.Parameter(0.02 * torch.randn(Jt, n, cfg.text_width))  # layer 1: set from prompt_init
-        self.coupling = nn.ModuleList(nn.Linear(cfg.text_width, cfg.vit_width) for _ in range(Jv if cfg.couple else 0))
-        self.image_ctx = nn.Parameter(0.02 * torch.randn(0 if cfg.couple else Jv, n, cfg.vit_width))
-        self.fusion = nn.Parameter(torch.zeros(len(self.dense_layers)))  # equal weights to start
-
-    def text_prompts(self):
-        return list(self.text_ctx)
-
-    def image_prompts(self):
-        return [f(ctx) for f, ctx in zip(self.coupling, self.text_ctx)] if len(self.coupling) else list(self.image_ctx)
-
-
-def parse_layers(spec, n_layers):
-    """'2,3,4' -> (2, 3, 4): 1-based layer numbers, each in 1..n_layers."""
-    try:
-        layers = tuple(int(x) for x in str(spec).split(","))
-    except ValueError:
-        raise ValueError(f"dense_layers takes comma-separated layer numbers, got {spec!r}") from None
-    if not layers or not all(1 <= x <= n_layers for x in layers):
-        raise ValueError(f"dense_layers {spec!r}: each must be a ViT layer in 1..{n_layers}")
-    return layers
-
-
-def patch_targets(target, patch_size, n_classes, min_fraction):
-    """The class of each patch from per-pixel classes (B, H, W): the class, not background,
-    that covers most of the patch if it covers at least min_fraction of it, else background.
-    An object smaller than a patch still names its patch, and the upsampled map is brought
-    back to the object's pixels by refine_masks. Returns (B, H / p, W / p) long."""
-    share = F.avg_pool2d(F.one_hot(target, n_classes).permute(0, 3, 1, 2).float(), patch_size)[:, 1:]
-    top = share.max(1)
-    return torch.where(top.values >= min_fraction, top.indices + 1, 0)
-
-
-def refine_masks(image, probs, iters=10, dilations=(1, 2, 4, 8)):
-    """PAMR (Araslanov and Roth, 2020, https://arxiv.org/abs/2005.08104): class probabilities
-    (B, C, H, W) made to follow the image's edges, with no parameters. Each step replaces a
-    pixel's probabilities by a weighted mean of its 8 neighbours at each dilation, the weights
-    a softmax over neighbours of -|colour difference| / (0.1 * the neighbourhood's spread),
-    averaged over the channels: labels flow within regions of one colour, not across edges.
-    image (B, 3, H, W) float."""
-    H, W = image.shape[-2:]
-
-    def neighbours(x):  # (B, c, H, W) -> (B, c, K, H, W), replicate padding
-        out = []
-        for d in dilations:
-            xp = F.pad(x, (d, d, d, d), mode="replicate")
-            out += [xp[:, :, d + dy:d + dy + H, d + dx:d + dx + W] for dy in (-d, 0, d) for dx in (-d, 0, d) if dy or dx]
-        return torch.stack(out, dim=2)
-
-    nb = neighbours(image)
-    spread = nb.std(dim=2, keepdim=True)
-    affinity = (-(nb - image[:, :, None]).abs() / (1e-8 + 0.1 * spread)).mean(1).softmax(dim=1)  # (B, K, H, W)
-    for _ in range(iters):
-        probs = (neighbours(probs) * affinity[:, None]).sum(2)
-    return probs
-
-
-def connected_regions(masks):
-    """masks (N, H, W) bool -> (N, H, W) long: each 8-connected region of True its own label
-    (the smallest flat index + 1 of its pixels), 0 elsewhere. Labels spread by a 3x3 min-pool
-    until nothing changes."""
-    N, H, W = masks.shape
-    none = float(H * W + 1)
-    labels = torch.arange(1, H * W + 1, dtype=torch.float32, device=masks.device).view(1, H, W).expand(N, H, W)
-    labels = torch.where(masks, labels, none)
-    while True:
-        spread = torch.where(masks, -F.max_pool2d(-labels[:, None], 3, 1, 1)[:, 0], none)
-        if torch.equal(spread, labels):
-            break
-        labels = spread
-    return torch.where(masks, labels, 0.0).long()
-
-
-def anchor_boxes(classmap, scores, min_area=1):
-    """The anchor generator: every connected region of a class (not background, class 0) in a
-    class map becomes a box (x0, y0, x1, y1), x1 and y1 one past the last pixel, scored by the
-    mean of that class's alignment score inside the region. classmap (B, H, W) long, scores
-    (B, C, H, W). Regions under min_area pixels are left out. Returns, per image, a list of
-    (class, x0, y0, x1, y1, score)."""
-    B, C = scores.shape[:2]
-    out = [[] for _ in range(B)]
-    masks = classmap[:, None] == torch.arange(1, C, device=classmap.device)[None, :, None, None]  # (B, C-1, H, W)
-    labels = connected_regions(masks.flatten(0, 1)).view(masks.shape)
-    for b in range(B):
-        for c in range(1, C):
-            for label in labels[b, c - 1].unique().tolist():
-                region = labels[b, c - 1] == label
-                if label == 0 or int(region.sum()) < min_area:
-                    continue
-                ys, xs = region.nonzero(as_tuple=True)
-                out[b].append((c, int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1,
-                               float(scores[b, c][region].mean())))
-    return out
-
-
 def patchify(pixels, p):
     """(B, 3, H, W) -> (B, P, p*p*3): the patches in the ViT's row-major order, the pixels of
     each patch as (row, column, channel), the layout of data.patchify and the codebook."""
@@ -597,8 +389,6 @@ class Generator(nn.Module):
     def __init__(self, cfg, token_embedding):
         super().__init__()
         w = cfg.gen_width or cfg.text_width // 4
-        if w > cfg.text_width // 4:
-            raise ValueError(f"gen_width {w} is more than a quarter of text_width {cfg.text_width}")
         p = cfg.patch_size
         self.n_patches = (cfg.image_size // p) ** 2
         self.token_embedding = token_embedding  # shared with the text transformer, not a copy
@@ -852,19 +642,6 @@ class VLM(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        if cfg.converter not in ("mlp", "resampler"):
-            raise ValueError(f"converter must be 'mlp' or 'resampler', got {cfg.converter!r}")
-        for flag in ("image_positions", "image_axes"):
-            if getattr(cfg, flag) and cfg.converter != "mlp":
-                raise ValueError(f"{flag} go with --converter=mlp (the resampler's tokens are its queries)")
-        if cfg.itm_negatives not in (0.5, 1, 2):
-            raise ValueError(f"itm_negatives must be 0.5, 1 or 2, got {cfg.itm_negatives}")
-        if cfg.fused_rows not in (0.5, 1):
-            raise ValueError(f"fused_rows must be 0.5 or 1, got {cfg.fused_rows}")
-        if cfg.itm_clean and cfg.shared_vit_pass:
-            raise ValueError("itm_clean and shared_vit_pass: the one ViT pass reads the replaced pixels, no clean ones")
-        if cfg.fused_rows != 1 and cfg.shared_vit_pass:
-            raise ValueError("fused_rows=0.5 and shared_vit_pass: the one ViT pass would read replaced and clean rows")
         self.cfg = cfg
         w = cfg.text_width
         self.visual = VisionTransformer(cfg)
@@ -880,13 +657,6 @@ class VLM(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(cfg.image_std).view(1, 3, 1, 1), persistent=False)
         # the visual codebook, (K, p*p*3) pixels in [0, 1]: filled from the data (data.prepare_codebook)
         self.register_buffer("codebook", torch.zeros(cfg.n_codes, 3 * cfg.patch_size ** 2))
-        if cfg.instruct:  # M9-M11
-            if not 0 < cfg.keep_ratio <= 1:
-                raise ValueError(f"keep_ratio must be in (0, 1], got {cfg.keep_ratio}")
-            self.image_index = nn.Parameter(0.02 * torch.randn(cfg.image_slots, w))  # which image a token comes from
-            self.relation = RelationEncoder(cfg) if cfg.relation else None
-            self.scorer = Scorer(w) if cfg.two_pass else None
-        self.prompt = PromptLearner(cfg) if cfg.prompt else None  # M12
         self.apply(self._init_weights)
         if cfg.image_axes:  # starts as the plain converter: the row and column context is learned in
             nn.init.zeros_(self.converter.c_axes.weight)
@@ -939,62 +709,6 @@ class VLM(nn.Module):
             nn.init.normal_(tower.positional_embedding, std=0.01)
             nn.init.normal_(tower.text_projection.weight, std=attn_std)
 
-    @classmethod
-    def from_pretrained(cls, name_or_path, text=None, **overrides):
-        """A model started from Hugging Face weights. name_or_path: a directory written by
-        save_pretrained (or export_hf_clip), or a hub name, which transformers downloads (that
-        needs the network, or the files already in the hub's cache). What it loads:
-            a CLIP (CLIPConfig): both towers, their projections and logit_scale; image_mean
-                and image_std from preprocessor_config.json when there is one
-            a GPT-2 (GPT2Config): the text transformer (its lm_head is tied to the token
-                embedding, as ours); the ViT, text_projection and logit_scale start fresh
-            a CLIP with text= a GPT-2: the ViT, its projection and logit_scale from the CLIP,
-                the text transformer from the GPT-2; text_projection starts fresh
-        The vocabulary is the checkpoint's with our specials appended, as data.py's tokenizers
-        do (CLIP: <pad>, <mask>, <glob>, its own <bos> and <eos>; GPT-2: <bos>, <pad>, <mask>,
-        <glob>, its <|endoftext|> as <eos>); their embedding rows start fresh. A CLIP config
-        with eos_token_id 2 (OpenAI's, written before transformers fixed the id; HF then pools
-        at the highest id) gets the last two ids of its vocabulary, CLIP's <|startoftext|>
-        and <|endoftext|>. Everything else starts fresh as in VLM(cfg): converter, generator,
-        heads, codebook, instruct and prompt parts; the momentum copy starts as the encoders.
-        overrides: other VLMConfig fields (loss weights, converter, ...); context_length may be
-        less than the checkpoint's (its first positions are kept); a field that the checkpoint
-        fixes (a width, a depth, the vocabulary) set to another value, or a name that is no
-        field, is a ValueError.
-        Returns the model in float32."""
-        config = hf_config(name_or_path)
-        name = name_or_path if text is None else f"{name_or_path} with text={text}"
-        stats = {}
-        if config.model_type == "clip":
-            stats = hf_image_stats(name_or_path)
-            if text is None:
-                text_fields = clip_text_fields(config, name_or_path)
-            else:
-                text_config = hf_config(text)
-                if text_config.model_type != "gpt2":
-                    raise ValueError(f"text={text}: a {type(text_config).__name__} (model_type "
-                                     f"{text_config.model_type!r}); text= takes a GPT-2")
-                text_fields = gpt2_fields(text_config, text)
-            fixed = merge_towers(name, clip_vision_fields(config, name_or_path), text_fields)
-        elif config.model_type == "gpt2":
-            if text is not None:
-                raise ValueError(f"text={text} goes with a CLIP, but {name_or_path} is a GPT-2")
-            fixed = gpt2_fields(config, name_or_path)
-        else:
-            raise ValueError(f"{name_or_path}: a {type(config).__name__} (model_type {config.model_type!r}); "
-                             "from_pretrained reads a CLIP (CLIPConfig) or a GPT-2 (GPT2Config)")
-        cfg = checked_config(name, fixed, {**stats, **overrides})
-        model = cls(cfg).float()
-        state = {}
-        if config.model_type == "clip":
-            towers = ("visual", "text") if text is None else ("visual",)
-            state = state_from_hf_clip(hf_weights("clip", name_or_path), cfg, towers)
-        if config.model_type == "gpt2" or text is not None:
-            state.update(state_from_hf_gpt2(hf_weights("gpt2", text or name_or_path), cfg))
-        load_into(model, state)
-        model.reset_momentum()
-        return model
-
     def num_params(self):
         """Trainable parameters (the momentum copy is not counted)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -1045,8 +759,9 @@ class VLM(nn.Module):
     # -- the encoders --
 
     def normalize_pixels(self, images):
-        """uint8 (B, H, W, 3) -> float (B, 3, H, W) normalised with the config's mean and std."""
-        x = images.permute(0, 3, 1, 2).float() / 255.0
+        """uint8 (B, H, W, 3), numpy or a tensor -> float (B, 3, H, W) on the model's device, normalised."""
+        x = images if torch.is_tensor(images) else torch.tensor(images)  # a copy: memmaps are read-only
+        x = x.to(self.pixel_mean.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
         return (x - self.pixel_mean) / self.pixel_std
 
     def image_tokens(self, vit_tokens):
@@ -1057,9 +772,10 @@ class VLM(nn.Module):
     def _image_embedding(visual, vit_tokens):
         return F.normalize(visual.proj(vit_tokens[:, 0]), dim=-1)
 
-    def _text_embedding(self, text, tokens, prompts=()):
-        h = text(tokens, mask="causal", prompts=prompts)
-        eos = (tokens == self.cfg.eos_id).int().argmax(-1)  # pool at the first <eos>
+    def _text_embedding(self, text, tokens, h=None):
+        """The L2-normalised projection of text's causal states h (default: computed) at each row's first <eos>."""
+        h = text(tokens) if h is None else h
+        eos = (tokens == self.cfg.eos_id).int().argmax(-1)
         pooled = h[torch.arange(tokens.size(0), device=tokens.device), eos]
         return F.normalize(text.text_projection(pooled), dim=-1)
 
@@ -1076,7 +792,8 @@ class VLM(nn.Module):
         padding hidden from every query. Returns hidden states (B, P + T, w)."""
         valid = torch.cat([torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=tokens.device),
                            tokens != self.cfg.pad_id], dim=1)
-        return self.text(tokens, prefix=image_tokens, mask="bidirectional", key_valid=valid)
+        L = valid.size(1)
+        return self.text(tokens, prefix=image_tokens, mask=attention_mask(L, L, L, key_valid=valid, device=tokens.device))
 
     def itm_logits(self, image_tokens, tokens):
         """(B, 2) ITM logits (no match, match) of image-text pairs, read at <bos>."""
@@ -1129,14 +846,7 @@ class VLM(nn.Module):
         nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         return masked_mean(nll, targets != self.cfg.pad_id, count)
 
-    def forward(self, *args, stage="pretrain", **kwargs):
-        """The losses of a training stage on a batch: a dict of named losses and 'loss', their
-        weighted sum. stage 'pretrain': pretrain_losses; 'instruct': instruct_losses; 'prompt':
-        prompt_losses."""
-        losses = {"instruct": self.instruct_losses, "prompt": self.prompt_losses}.get(stage, self.pretrain_losses)
-        return losses(*args, **kwargs)
-
-    def pretrain_losses(self, pixels, tokens, codes=None, groups=None, alpha=0.0, noise=None, counts=None, offset=None):
+    def forward(self, pixels, tokens, codes=None, groups=None, alpha=0.0, noise=None, counts=None, offset=None):
         """pixels (B, 3, H, W) normalised, tokens (B, T) -> dict of named losses and 'loss',
         their weighted sum. An objective whose weight is 0 is not computed.
         codes (B, P): the visual code of every patch (needed by ELECTRA's MOC and R2D).
@@ -1203,9 +913,6 @@ class VLM(nn.Module):
         if electra:
             if codes is None:
                 raise ValueError("ELECTRA's objectives need the visual codes of the patches (codes=...)")
-            if on["r2d"] and cfg.converter != "mlp":
-                raise ValueError("R2D labels each patch, but the resampler's image tokens are its queries: "
-                                 "use --converter=mlp or --r2d_weight=0")
             E = self.electra_inputs(part(pixels), part(tokens), part(codes), noise={k: part(v) for k, v in noise.items()})
         shared = E is not None and cfg.shared_vit_pass  # one ViT pass, over the replaced pixels (as FLIP's masked images)
         first, clean, replaced = fused_pairs(cfg)
@@ -1351,516 +1058,3 @@ class VLM(nn.Module):
             if done.all():
                 break
         return tokens[:, 1:]
-
-    # -- multi-image instruction following (M9-M11) --
-
-    def instruct_image_tokens(self, pixels, image_valid):
-        """pixels (B, K, 3, H, W) normalised, image_valid (B, K) bool (False: a padding slot).
-        The ViT and the converter run over the real images only. Returns the relation tokens
-        (B, K, w) (None without the relation encoder) and the image tokens (B, K, T, w), each
-        image's tokens plus the embedding of its index; padding slots are zeros."""
-        B, K = image_valid.shape
-        vit = self.visual(pixels[image_valid])  # (n, 1 + P, vit_width)
-        sample, slot = image_valid.nonzero(as_tuple=True)
-        rel = None
-        if self.relation is not None:
-            pooled = vit.new_zeros(B, K, vit.size(-1))
-            pooled[sample, slot] = vit[:, 0]
-            rel = self.relation(pooled, image_valid)
-        context = (rel[sample], image_valid[sample]) if rel is not None else (None, None)  # the sample's relation tokens
-        tokens = self.converter(vit[:, 1:], *context) + self.image_index[slot][:, None]
-        image = tokens.new_zeros(B, K, *tokens.shape[1:])
-        image[sample, slot] = tokens
-        return rel, image
-
-    def question_block(self, question):
-        """The question's tokens in the first context_length - answer_length text positions (an
-        error if a question does not fit); the answer block always starts after them, so its
-        position says nothing about the question."""
-        cfg = self.cfg
-        n = cfg.context_length - cfg.answer_length
-        if (question[:, n:] != cfg.pad_id).any():
-            raise ValueError(f"a question is longer than context_length - answer_length = {n} tokens")
-        return question[:, :n]
-
-    def instruct_prefix(self, pixels, image_valid, question, gates=True):
-        """What the answer is conditioned on. Two passes (M10): pass 1 runs the text transformer
-        bidirectionally over [relation tokens | image tokens | question | <glob>] and takes its
-        state at <glob> as the global vector g; the scorer rates every image token against g,
-        and each image keeps its top keep_ratio tokens (in their original order), each with
-        the gate sigmoid(score) (gates=False: 1) that scales it in pass 2 (answer_states), so
-        that the scorer gets a gradient. One pass: g is None and every image token is kept.
-        Returns a dict: g (B, w), rel (B, K, w), rel_valid (B, K), image (B, K * n, w),
-        image_valid (B, K * n), image_log_gate (B, K * n) or None, kept (B, K, n) indices."""
-        cfg = self.cfg
-        rel, image = self.instruct_image_tokens(pixels, image_valid)
-        B, K, T, w = image.shape
-        out = dict(g=None, rel=rel, rel_valid=image_valid, image=image.flatten(1, 2),
-                   image_valid=image_valid.repeat_interleave(T, 1), image_log_gate=None, kept=None)
-        if not cfg.two_pass:
-            return out
-        q = self.question_block(question)
-        text = torch.cat([q, torch.full_like(q[:, :1], cfg.glob_id)], dim=1)
-        parts, valid = [out["image"]], [out["image_valid"], text != cfg.pad_id]
-        if rel is not None:
-            parts, valid = [rel] + parts, [image_valid] + valid
-        g = self.text(text, prefix=torch.cat(parts, 1), mask="bidirectional", key_valid=torch.cat(valid, 1))[:, -1]
-        scores = self.scorer(g, out["image"]).view(B, K, T)
-        n = max(1, round(cfg.keep_ratio * T))
-        kept = scores.topk(n, dim=-1).indices.sort(-1).values  # (B, K, n)
-        x = image.gather(2, kept[..., None].expand(-1, -1, -1, w))
-        log_gate = F.logsigmoid(scores.gather(2, kept)).flatten(1) if gates else None
-        out.update(g=g, image=x.flatten(1, 2), image_valid=image_valid.repeat_interleave(n, 1), image_log_gate=log_gate,
-                   kept=kept)
-        return out
-
-    def answer_states(self, pre, question, answer, drop=None):
-        """Pass 2 (or the one pass): the text transformer over [g | relation tokens | image tokens |
-        question | answer], prefix-LM (everything before the answer block sees everything; the
-        answer is causal). A kept image token is scaled by its gate where it is read: its
-        softmax weight in every attention is multiplied by the gate (log gate added to its
-        logit). Scaling its embedding instead would do little, as the pre-LN blocks normalise
-        each token before attention reads it. drop: {'instruction', 'images', 'relation'} ->
-        (B,) bool, the samples whose modality is hidden from every query (M11): it then
-        contributes nothing. g is never dropped. Returns the answer block's states (B, Ta, w)."""
-        cfg = self.cfg
-        B = question.size(0)
-        keep = {k: ~drop[k] if drop is not None else question.new_ones(B, dtype=torch.bool)
-                for k in ("instruction", "images", "relation")}
-        parts, valid = [], []
-        if pre["g"] is not None:
-            parts.append(pre["g"][:, None])
-            valid.append(keep["images"].new_ones(B, 1))
-        if pre["rel"] is not None:
-            parts.append(pre["rel"])
-            valid.append(pre["rel_valid"] & keep["relation"][:, None])
-        parts.append(pre["image"])
-        valid.append(pre["image_valid"] & keep["images"][:, None])
-        q = self.question_block(question)
-        valid += [(q != cfg.pad_id) & keep["instruction"][:, None], answer != cfg.pad_id]
-        prefix = torch.cat(parts, 1)
-        bias = None
-        if pre["image_log_gate"] is not None:
-            n_image = pre["image"].size(1)
-            before, after = prefix.size(1) - n_image, q.size(1) + answer.size(1)
-            bias = F.pad(pre["image_log_gate"], (before, after))
-        h = self.text(torch.cat([q, answer], 1), prefix=prefix, mask="prefix", key_valid=torch.cat(valid, 1),
-                      n_prefix=prefix.size(1) + q.size(1), key_bias=bias)
-        return h[:, -answer.size(1):]
-
-    def sample_drop(self, B, device):
-        """M11: which samples hide which modality in this training step."""
-        cfg = self.cfg
-        p = {"instruction": cfg.drop_instruction, "images": cfg.drop_images, "relation": cfg.drop_relation}
-        return {k: torch.rand(B, device=device) < v for k, v in p.items()}
-
-    def instruct_losses(self, pixels, image_valid, question, answer, drop=None):
-        """pixels (B, K, 3, H, W), image_valid (B, K), question (B, T) and answer (B, Ta) token
-        rows (<bos> ... <eos> <pad>...) -> {'answer', 'loss'}: next-token cross-entropy on the
-        answer's tokens (its <eos> included), nothing else. In training, modalities are
-        dropped at the configured rates unless drop is given."""
-        if drop is None and self.training:
-            drop = self.sample_drop(question.size(0), question.device)
-        pre = self.instruct_prefix(pixels, image_valid, question)
-        h = self.answer_states(pre, question, answer, drop)
-        logits = fp32(self.text.lm_head(h[:, :-1]))
-        targets = answer[:, 1:].masked_fill(answer[:, 1:] == self.cfg.pad_id, -100)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return {"answer": loss, "loss": loss}
-
-    @torch.no_grad()
-    def answer(self, pixels, image_valid, question, drop=None):
-        """Greedy answers (B, n) (<eos> included, then <pad>). The prefix (pass 1) is computed
-        once; answers are a few tokens, so each new token reruns pass 2 without a cache."""
-        cfg = self.cfg
-        pre = self.instruct_prefix(pixels, image_valid, question)
-        B = question.size(0)
-        out = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=question.device)
-        done = torch.zeros(B, dtype=torch.bool, device=question.device)
-        for _ in range(cfg.answer_length - 1):
-            h = self.answer_states(pre, question, out, drop)
-            nxt = self.text.lm_head(h[:, -1]).argmax(-1).masked_fill(done, cfg.pad_id)
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            done |= nxt == cfg.eos_id
-            if done.all():
-                break
-        return out[:, 1:]
-
-    def instruct_flops(self, n_images):
-        """Forward FLOPs of one training sample with n_images images, by part (transformer_flops
-        for every stack; the patch conv, the converter, the scorer and the answer's logits
-        counted as the matmuls they are). The question block and the whole answer block are
-        counted (padding is computed too)."""
-        c = self.cfg
-        w, vw, K = c.text_width, c.vit_width, n_images
-        P = (c.image_size // c.patch_size) ** 2
-        T = P if c.converter == "mlp" else c.n_queries
-        R = K if c.relation else 0  # relation tokens
-        Lq, Ta = c.context_length - c.answer_length, c.answer_length
-        out = {"vit": K * (2 * P * 3 * c.patch_size ** 2 * vw + transformer_flops(c.vit_layers, vw, 1 + P, c.mlp_ratio))}
-        if c.relation:
-            out["relation"] = 2 * K * vw * w + transformer_flops(c.relation_layers, w, K, c.mlp_ratio)
-        if c.converter == "mlp":
-            out["converter"] = K * 2 * P * (vw * w + w * w)
-        else:  # per layer: queries, keys and values, output, MLP, attention over P + R keys
-            S, M = P + R, c.n_queries
-            per_layer = 2 * M * w * w * (2 + 2 * c.mlp_ratio) + 4 * S * w * w + 4 * M * S * w
-            out["converter"] = K * (2 * P * vw * w + c.resampler_layers * per_layer)
-        n = T
-        if c.two_pass:
-            n = max(1, round(c.keep_ratio * T))
-            out["pass1"] = transformer_flops(c.text_layers, w, R + K * T + Lq + 1, c.mlp_ratio)
-            out["scorer"] = 2 * w * w + 2 * K * T * w * w + 2 * K * T * w
-        out["pass2"] = transformer_flops(c.text_layers, w, int(c.two_pass) + R + K * n + Lq + Ta, c.mlp_ratio)
-        out["logits"] = 2 * (Ta - 1) * w * c.vocab_size
-        return out
-
-    # -- few-shot prompting on the frozen model (M12) --
-
-    @torch.no_grad()
-    def init_prompts(self, class_tokens):
-        """Start the layer-1 text prompts from the token embeddings of prompt_init, which every
-        class row holds at positions 1..n_ctx: the first layer then reads the zero-shot prompt."""
-        if len(self.prompt.text_ctx):
-            self.prompt.text_ctx[0].copy_(self.text.token_embedding(class_tokens[0, 1:1 + self.cfg.n_ctx]))
-
-    def class_embeddings(self, class_tokens, prompted=True):
-        """class_tokens (C, T), rows <bos> prompt_init name <eos> <pad>... -> (C, embed_dim)
-        L2-normalised, the text prompts in place of prompt_init (prompted) or not (zero-shot)."""
-        return self._text_embedding(self.text, class_tokens, self.prompt.text_prompts() if prompted else ())
-
-    def score_maps(self, pixels, class_emb, prompted=True):
-        """Dense scores. At each of the dense_layers, the patch tokens (through ln_post and proj
-        into the joint space, normalised) against each class embedding: the cosine times the
-        ITC temperature, a patch-by-class map; the maps fused by the softmax of the learned
-        fusion logits. Zero-shot (prompted False): no prompts, the last layer alone.
-        Returns the fused map (B, C, g, g) and the layers' maps (L, B, C, g, g)."""
-        states = self.visual.hidden_states(pixels, self.prompt.image_prompts() if prompted else ())
-        layers = self.prompt.dense_layers if prompted else (self.cfg.vit_layers,)
-        g = math.isqrt(self.visual.n_patches)
-        maps = []
-        for layer in layers:
-            x = F.normalize(self.visual.proj(self.visual.ln_post(states[layer - 1][:, 1:])), dim=-1)  # (B, P, D)
-            maps.append((x @ class_emb.t().to(x.dtype)).transpose(1, 2).unflatten(2, (g, g)))
-        maps = torch.stack(maps) * self.logit_scale.exp().clamp(max=100)
-        weights = self.prompt.fusion.softmax(0) if prompted else maps.new_ones(1)
-        return (weights.view(-1, 1, 1, 1, 1).to(maps.dtype) * maps).sum(0), maps
-
-    def prompt_losses(self, pixels, target, class_tokens):
-        """pixels (B, 3, H, W) normalised, target (B, H, W) the class of every pixel (0:
-        background), class_tokens (C, T) -> {'ce', 'dice' (with dice_weight), 'loss'}: the
-        cross-entropy at every pixel of the fused map (a patch) against the patch's class
-        (patch_targets), plus dice_weight times the soft dice loss, 1 - mean over classes of
-        (2 |p g| + 1) / (|p| + |g| + 1). Detection refines the upsampled map to the pixels."""
-        fused, _ = self.score_maps(pixels, self.class_embeddings(class_tokens), prompted=True)
-        fused = fp32(fused)
-        truth = patch_targets(target, self.cfg.patch_size, fused.size(1), self.cfg.patch_class_min)
-        out = {"ce": F.cross_entropy(fused, truth)}
-        out["loss"] = out["ce"]
-        if self.cfg.dice_weight > 0:
-            probs, truth = fused.softmax(1), F.one_hot(truth, fused.size(1)).permute(0, 3, 1, 2).to(fused.dtype)
-            overlap, total = (probs * truth).sum((0, 2, 3)), (probs + truth).sum((0, 2, 3))
-            out["dice"] = 1 - ((2 * overlap + 1) / (total + 1)).mean()
-            out["loss"] = out["loss"] + self.cfg.dice_weight * out["dice"]
-        return out
-
-    @torch.no_grad()
-    def detect(self, pixels, class_tokens, prompted=True):
-        """The per-pixel class map (B, H, W): the fused scores upsampled (bilinear) to the
-        image, their softmax refined along the image's edges by refine_iters steps of
-        refine_masks (0: none), the argmax. Also the upsampled scores (B, C, H, W) and the
-        anchor generator's boxes."""
-        fused, _ = self.score_maps(pixels, self.class_embeddings(class_tokens, prompted), prompted)
-        scores = fp32(F.interpolate(fused, size=pixels.shape[-2:], mode="bilinear", align_corners=False))
-        probs = scores.softmax(1)
-        if self.cfg.refine_iters > 0:
-            probs = refine_masks(fp32(pixels), probs, self.cfg.refine_iters)
-        classmap = probs.argmax(1)
-        return classmap, scores, anchor_boxes(classmap, scores, self.cfg.min_box_area)
-
-
-# -----------------------------------------------------------------------------
-# Hugging Face interop: CLIP in and out, GPT-2 in (transformers is imported in here only)
-
-# Hugging Face's hidden_act -> ours (gelu_new, gelu_pytorch_tanh and gelu_fast are one function)
-HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                  "gelu_fast": "gelu_tanh"}
-# ours -> the hidden_act that export_hf_clip writes
-HF_ACTIVATION_NAMES = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-
-# our names -> Hugging Face CLIP's, per tower: its prefix, its tensors (a LayerNorm name maps
-# its weight and bias), its projection into the joint space
-HF_CLIP_TOWERS = {
-    "visual": ("vision_model", {"conv1.weight": "embeddings.patch_embedding.weight",
-                                "class_embedding": "embeddings.class_embedding",
-                                "positional_embedding": "embeddings.position_embedding.weight",
-                                "ln_pre": "pre_layrnorm", "ln_post": "post_layernorm"},
-               ("proj.weight", "visual_projection.weight")),
-    "text": ("text_model", {"token_embedding.weight": "embeddings.token_embedding.weight",
-                            "positional_embedding": "embeddings.position_embedding.weight",
-                            "ln_final": "final_layer_norm"},
-             ("text_projection.weight", "text_projection.weight")),
-}
-HF_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.c_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1",
-                 "mlp.c_proj": "mlp.fc2"}
-GPT2_BLOCK = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")  # our names are GPT-2's
-
-
-def hf_clip_keys(cfg, towers=("visual", "text")):
-    """(our name, Hugging Face CLIP's) for logit_scale and every tensor of the towers named
-    (with their projections); for c_attn, HF's three names, q, k and v, which concatenate
-    into it. Our ViT applies ln_post to every token, HF's post_layernorm to the class token
-    alone: the same weights, the same embedding."""
-    pairs = [("logit_scale", "logit_scale")]
-    for tower in towers:
-        prefix, keys, (proj, their_proj) = HF_CLIP_TOWERS[tower]
-        pairs.append((f"{tower}.{proj}", their_proj))
-        for k, v in keys.items():
-            suffixes = (".weight", ".bias") if k.startswith("ln") else ("",)
-            pairs += [(f"{tower}.{k}{s}", f"{prefix}.{v}{s}") for s in suffixes]
-        for i in range(cfg.vit_layers if tower == "visual" else cfg.text_layers):
-            o, h = f"{tower}.blocks.{i}.", f"{prefix}.encoder.layers.{i}."
-            for p in ("weight", "bias"):
-                pairs += [(f"{o}{k}.{p}", f"{h}{v}.{p}") for k, v in HF_CLIP_BLOCK.items()]
-                pairs.append((f"{o}attn.c_attn.{p}", tuple(f"{h}self_attn.{x}_proj.{p}" for x in "qkv")))
-    return pairs
-
-
-def state_from_hf_clip(sd, cfg, towers=("visual", "text")):
-    """A transformers CLIPModel's state dict -> ours: logit_scale (as (1,)) and the towers
-    named, with their projections."""
-    out = {mine: torch.cat([sd[t] for t in theirs]) if isinstance(theirs, tuple) else sd[theirs]
-           for mine, theirs in hf_clip_keys(cfg, towers)}
-    out["logit_scale"] = out["logit_scale"].reshape(1)
-    return out
-
-
-def state_to_hf_clip(sd, cfg):
-    """The inverse of state_from_hf_clip: our state dict -> a CLIPModel's (logit_scale a scalar)."""
-    out = {}
-    for mine, theirs in hf_clip_keys(cfg):
-        out.update(zip(theirs, sd[mine].chunk(3)) if isinstance(theirs, tuple) else [(theirs, sd[mine])])
-    out["logit_scale"] = out["logit_scale"].reshape(())
-    return out
-
-
-def state_from_hf_gpt2(sd, cfg):
-    """A transformers GPT2Model's state dict -> our text transformer. The block names are
-    GPT-2's (h.i -> text.blocks.i); its Conv1D weights are stored (in, out): transposed."""
-    out = {"text.token_embedding.weight": sd["wte.weight"], "text.positional_embedding": sd["wpe.weight"],
-           "text.ln_final.weight": sd["ln_f.weight"], "text.ln_final.bias": sd["ln_f.bias"]}
-    for i in range(cfg.text_layers):
-        for k in GPT2_BLOCK:
-            for p in ("weight", "bias"):
-                v = sd[f"h.{i}.{k}.{p}"]
-                out[f"text.blocks.{i}.{k}.{p}"] = v.t() if p == "weight" and not k.startswith("ln") else v
-    return out
-
-
-@torch.no_grad()
-def load_into(model, state):
-    """Copy state (our names) into model's tensors, in their dtype. The token embedding takes
-    a smaller table into its first rows (the specials appended after a HF vocabulary keep
-    theirs), the positional embedding the first context_length rows of a longer one; every
-    other shape must match."""
-    own = model.state_dict()
-    for k, v in state.items():
-        dst = own[k]
-        if k == "text.token_embedding.weight":
-            dst = dst[:v.size(0)]
-        elif k == "text.positional_embedding":
-            v = v[:dst.size(0)]
-        if dst.shape != v.shape:
-            raise ValueError(f"{k}: the checkpoint's shape {tuple(v.shape)} does not fit the model's "
-                             f"{tuple(dst.shape)}")
-        dst.copy_(v)
-
-
-def hf_config(name):
-    """The transformers config of a local directory or a hub name."""
-    from transformers import AutoConfig
-    try:
-        return AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        if os.path.isdir(name):
-            raise OSError(f"{name}: no Hugging Face model config could be read from this directory: {e}") from e
-        raise OSError(f"{name!r} is not a local directory, and loading it as a Hugging Face hub name failed (that "
-                      f"needs the network, or the files in the hub's cache): {e}. Give a directory written by "
-                      "save_pretrained, or a hub name with the network reachable") from e
-
-
-def hf_weights(kind, name):
-    """The state dict of a transformers CLIPModel ('clip') or GPT2Model ('gpt2') from name."""
-    import transformers
-    return (transformers.CLIPModel if kind == "clip" else transformers.GPT2Model).from_pretrained(name).state_dict()
-
-
-def hf_image_stats(name):
-    """{'image_mean', 'image_std'} from the preprocessor_config.json of a directory or hub
-    name; {} without one."""
-    from transformers.utils import cached_file
-    path = cached_file(name, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
-                       _raise_exceptions_for_connection_errors=False)
-    if path is None:
-        return {}
-    with open(path) as f:
-        pre = json.load(f)
-    out = {k: tuple(float(x) for x in pre[k]) for k in ("image_mean", "image_std") if k in pre}
-    if any(len(v) != 3 for v in out.values()):
-        raise ValueError(f"{path}: image_mean and image_std must have 3 values (RGB), got {out}")
-    return out
-
-
-def hf_activation(name, tower, act):
-    """Our name of a Hugging Face activation (HF_ACTIVATIONS); an error naming one we lack."""
-    if act not in HF_ACTIVATIONS:
-        raise ValueError(f"{name}: the {tower} tower's activation {act!r} is not one we have "
-                         f"(we read {', '.join(HF_ACTIVATIONS)})")
-    return HF_ACTIVATIONS[act]
-
-
-def hf_mlp_ratio(name, tower, hidden, intermediate):
-    """Our mlp_ratio of a HF tower's widths; an error unless its MLP width is a whole multiple."""
-    if intermediate % hidden:
-        raise ValueError(f"{name}: the {tower} tower's MLP width {intermediate} is not a whole multiple of its width "
-                         f"{hidden} (ours is mlp_ratio x width)")
-    return intermediate // hidden
-
-
-def clip_vision_fields(config, name):
-    """VLMConfig fields of a transformers CLIPConfig's vision tower and joint space."""
-    v = config.vision_config
-    if v.num_channels != 3:
-        raise ValueError(f"{name}: the vision tower reads {v.num_channels} channels; ours reads RGB")
-    return dict(image_size=v.image_size, patch_size=v.patch_size, vit_width=v.hidden_size,
-                vit_layers=v.num_hidden_layers, vit_heads=v.num_attention_heads, embed_dim=config.projection_dim,
-                mlp_ratio=hf_mlp_ratio(name, "vision", v.hidden_size, v.intermediate_size),
-                activation=hf_activation(name, "vision", v.hidden_act), layer_norm_eps=v.layer_norm_eps)
-
-
-def clip_text_fields(config, name):
-    """VLMConfig fields of a transformers CLIPConfig's text tower and vocabulary (see
-    VLM.from_pretrained); a config that export_hf_clip wrote keeps its special ids."""
-    t = config.text_config
-    out = dict(text_width=t.hidden_size, text_layers=t.num_hidden_layers, text_heads=t.num_attention_heads,
-               context_length=t.max_position_embeddings,
-               mlp_ratio=hf_mlp_ratio(name, "text", t.hidden_size, t.intermediate_size),
-               text_activation=hf_activation(name, "text", t.hidden_act), layer_norm_eps=t.layer_norm_eps)
-    V = t.vocab_size
-    if getattr(config, "nanovlp_specials", None):
-        return dict(out, vocab_size=V, **config.nanovlp_specials)
-    bos, eos = (V - 2, V - 1) if t.eos_token_id == 2 else (t.bos_token_id, t.eos_token_id)
-    for k, i in (("bos", bos), ("eos", eos)):
-        if not isinstance(i, int) or not 0 <= i < V:
-            raise ValueError(f"{name}: {k}_token_id {i!r} is not an id of its vocabulary of {V}")
-    return dict(out, vocab_size=V + 3, bos_id=bos, eos_id=eos, pad_id=V, mask_id=V + 1, glob_id=V + 2)
-
-
-def gpt2_fields(config, name):
-    """VLMConfig fields of a transformers GPT2Config: the text tower and vocabulary (see
-    VLM.from_pretrained)."""
-    for has, what in ((config.add_cross_attention, "cross-attention layers"),
-                      (not config.scale_attn_weights, "attention without the 1/sqrt(head size) scale"),
-                      (config.scale_attn_by_inverse_layer_idx, "attention scaled by the layer index"),
-                      (not config.tie_word_embeddings, "an lm_head apart from the token embedding")):
-        if has:
-            raise ValueError(f"{name}: this GPT-2 has {what}; ours has not")
-    V, eos = config.vocab_size, config.eos_token_id
-    if not isinstance(eos, int) or not 0 <= eos < V:
-        raise ValueError(f"{name}: eos_token_id {eos!r} is not an id of its vocabulary of {V}")
-    return dict(text_width=config.n_embd, text_layers=config.n_layer, text_heads=config.n_head,
-                context_length=config.n_positions,
-                mlp_ratio=hf_mlp_ratio(name, "text", config.n_embd, config.n_inner or 4 * config.n_embd),
-                text_activation=hf_activation(name, "text", config.activation_function),
-                layer_norm_eps=config.layer_norm_epsilon,
-                vocab_size=V + 4, eos_id=eos, bos_id=V, pad_id=V + 1, mask_id=V + 2, glob_id=V + 3)
-
-
-def merge_towers(name, vision, text):
-    """One set of fields from a vision tower's and a text tower's: ours has one mlp_ratio and
-    one layer_norm_eps, so the towers must agree on them; text_activation is '' when it is
-    the vision tower's."""
-    for k in ("mlp_ratio", "layer_norm_eps"):
-        if vision[k] != text[k]:
-            raise ValueError(f"{name}: {k} is {vision[k]} in the vision tower and {text[k]} in the text tower; "
-                             f"ours has one {k} for both")
-    out = {**vision, **text}
-    if out["text_activation"] == out["activation"]:
-        out["text_activation"] = ""
-    return out
-
-
-def checked_config(name, fixed, overrides):
-    """VLMConfig(fixed fields, then overrides), where an override may not contradict a fixed
-    field (context_length may be less; the text tower's activation is compared as used)."""
-    known = {f.name for f in dataclasses.fields(VLMConfig)}
-    for k in overrides:
-        if k not in known:
-            raise ValueError(f"{k!r} is not a VLMConfig field")
-    cfg = VLMConfig(**{**fixed, **overrides})
-    for k, v in fixed.items():
-        if k == "text_activation":
-            want, got = text_activation(VLMConfig(**fixed)), text_activation(cfg)
-        else:
-            want, got = v, getattr(cfg, k)
-        if got != want and not (k == "context_length" and got <= want):
-            raise ValueError(f"{k}={got!r} contradicts {name}, whose architecture has {k}={want!r}"
-                             + (" (context_length may be less, not more)" if k == "context_length" else ""))
-    return cfg
-
-
-def hf_clip_config(cfg):
-    """A transformers CLIPConfig of cfg's towers: sizes, activations, layer_norm_eps, the
-    vocabulary and its special ids (nanovlp_specials, which VLM.from_pretrained reads back).
-    HF pools the text at the first eos_token_id, as we do, except when that id is 2 (then at
-    the highest id of each row, a legacy rule): an eos_id of 2 is refused."""
-    from transformers import CLIPConfig
-    if cfg.eos_id == 2:
-        raise ValueError("eos_id 2: Hugging Face CLIP reads eos_token_id 2 as its legacy marker and pools the text at "
-                         "the highest token id instead of at <eos>; give <eos> another id")
-    common = dict(layer_norm_eps=cfg.layer_norm_eps, projection_dim=cfg.embed_dim)
-    text = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.text_width, intermediate_size=cfg.mlp_ratio * cfg.text_width,
-                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                max_position_embeddings=cfg.context_length, hidden_act=HF_ACTIVATION_NAMES[text_activation(cfg)],
-                bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id, **common)
-    vision = dict(hidden_size=cfg.vit_width, intermediate_size=cfg.mlp_ratio * cfg.vit_width,
-                  num_hidden_layers=cfg.vit_layers, num_attention_heads=cfg.vit_heads, image_size=cfg.image_size,
-                  patch_size=cfg.patch_size, num_channels=3, hidden_act=HF_ACTIVATION_NAMES[cfg.activation], **common)
-    specials = {k: getattr(cfg, k) for k in ("bos_id", "eos_id", "pad_id", "mask_id", "glob_id")}
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim,
-                      logit_scale_init_value=math.log(1 / 0.07), nanovlp_specials=specials)
-
-
-def export_hf_clip(model, path, write_extra=None):
-    """Write model's ViT, text transformer, their projections and logit_scale as a Hugging
-    Face CLIP directory that transformers.CLIPModel.from_pretrained loads with equal
-    embeddings and logits: config.json (hf_clip_config), model.safetensors (float32), and
-    preprocessor_config.json (CLIPImageProcessor's: bicubic resize of the short side and
-    centre crop to image_size, as data.load_image, then our image_mean and image_std).
-    Nothing else goes out: not the converter, generator, heads, momentum copy or prompts.
-    write_extra(directory), if given, writes more files (the tokenizer's: sample.py export).
-    Written to a temporary directory beside path, then renamed; path must not exist yet."""
-    from transformers import CLIPModel
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} exists: export_hf_clip writes a new directory")
-    cfg = model.cfg
-    hf = CLIPModel(hf_clip_config(cfg))
-    hf.load_state_dict(state_to_hf_clip(model.state_dict(), cfg), strict=True)
-    S = cfg.image_size
-    pre = dict(image_processor_type="CLIPImageProcessor", do_resize=True, size={"shortest_edge": S}, resample=3,
-               do_center_crop=True, crop_size={"height": S, "width": S}, do_rescale=True, rescale_factor=1 / 255,
-               do_normalize=True, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std), do_convert_rgb=True)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".export_hf_clip.")
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would stay with the renamed directory
-        hf.save_pretrained(tmp)
-        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-            json.dump(pre, f, indent=2)
-        if write_extra is not None:
-            write_extra(tmp)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -22,13 +22,15 @@ import numpy as np
 import torch
 
 import data
-from eval import generate_captions, load_checkpoint, multi_pixels, to_pixels
-from model import export_hf_clip
+from eval import generate_captions, load_checkpoint
+from hf import HF_TOKENIZER_CLASSES, export_hf_clip, hf_tokenizer_files
+from prepare import load_image
+from prompt import PromptVLM
 
 
 def load_images(paths, size):
     try:
-        return np.stack([data.load_image(p, size) for p in paths])
+        return np.stack([load_image(p, size) for p in paths])
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -38,7 +40,7 @@ def score(model, tokenizer, images, texts, device):
     """(n_images, n_texts) cosine similarities and the softmax over texts at the model's
     temperature, as CLIP scores an image against candidate texts."""
     tokens = data.encode_texts(tokenizer, texts, model.cfg.context_length)
-    img = model.encode_image(to_pixels(model, images, device))
+    img = model.encode_image(model.normalize_pixels(images))
     txt = model.encode_text(torch.from_numpy(tokens).long().to(device))
     sim = img @ txt.t()
     return sim, probabilities(model, sim)
@@ -58,7 +60,7 @@ def answer(model, tokenizer, images, question, device):
         raise SystemExit(f"error: the question is longer than the model's {cfg.context_length - cfg.answer_length} "
                          f"tokens: {question!r}") from None
     tokens = np.pad(tokens, ((0, 0), (0, cfg.answer_length)), constant_values=cfg.pad_id)
-    out = model.answer(multi_pixels(model, images[None], device), torch.ones(1, len(images), dtype=torch.bool, device=device),
+    out = model.answer(model.multi_pixels(images[None]), torch.ones(1, len(images), dtype=torch.bool, device=device),
                        torch.from_numpy(tokens).long().to(device))
     return data.decode_tokens(tokenizer, out[0].tolist())
 
@@ -73,7 +75,9 @@ def detect(model, tokenizer, image, classes, device):
         tokens = data.class_prompt_tokens(tokenizer, classes, cfg.prompt_init, cfg.context_length)
     except ValueError as e:
         raise SystemExit(f"error: a class name is too long for the model's context: {e}") from None
-    classmap, _, boxes = model.detect(to_pixels(model, image[None], device), torch.from_numpy(tokens).long().to(device),
+    if not cfg.prompt:  # the prompt stage's detection, with no prompts
+        model = PromptVLM.zero_shot(model)
+    classmap, _, boxes = model.detect(model.normalize_pixels(image[None]), torch.from_numpy(tokens).long().to(device),
                                       prompted=cfg.prompt)
     return classmap[0].cpu().numpy(), [(classes[c - 1], *rest) for c, *rest in boxes[0]]
 
@@ -145,11 +149,11 @@ def main(argv=None):
     if args.command == "export":
         tok = ckpt["tokenizer"]
         try:  # with the tokenizer's files: transformers' AutoTokenizer and our --tokenizer and --init_from read them
-            export_hf_clip(model, args.out, lambda folder: data.hf_tokenizer_files(tok["kind"], tok["bpe"], folder))
+            export_hf_clip(model, args.out, lambda folder: hf_tokenizer_files(tok["kind"], tok["bpe"], folder))
         except (ValueError, OSError) as e:
             raise SystemExit(f"error: {e}") from None
         print(f"wrote {args.out}: load it with transformers.CLIPModel.from_pretrained({args.out!r}) and "
-              f"transformers.AutoTokenizer.from_pretrained({args.out!r}) (a {data.HF_TOKENIZER_CLASSES[tok['kind']]})")
+              f"transformers.AutoTokenizer.from_pretrained({args.out!r}) (a {HF_TOKENIZER_CLASSES[tok['kind']]})")
     elif args.command == "caption":
         images = load_images(args.images, size)
         generator = torch.Generator(args.device).manual_seed(args.seed)

@@ -6,7 +6,7 @@ Train a nanoVLP model.
     python train.py --config small --stage prompt --init_from out/ckpt.pt   # a later stage, from a pretrained run
     python train.py --config small --stage capfilt --init_from out-web/ckpt.pt   # bootstrap the web captions
     python train.py --config small --stage finetune --init_from out/ckpt.pt # continue on a small clean set
-    python train.py --config base --data=data/coco --init_from=openai/clip-vit-base-patch32   # real data (data.py), published weights
+    python train.py --config base --data=data/coco --init_from=openai/clip-vit-base-patch32   # real data (prepare.py), published weights
     torchrun --standalone --nproc_per_node=8 train.py --config base   # DDP on 8 GPUs
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 \
         train.py --config base                             # 2 nodes: the same on the other with --node_rank=1
@@ -18,10 +18,12 @@ out_dir/ckpt.pt, out_dir/log.jsonl (one JSON object per logged step) and out_dir
 """
 
 import copy
-import hashlib
+import difflib
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 import typing
@@ -36,9 +38,13 @@ from tqdm import tqdm
 
 import data
 from data import WorldConfig
-from eval import (OBJECTIVES_OFF, binary_metrics, evaluate, evaluate_instruct, evaluate_prompt, generate_captions,
-                  image_tokens_of, itm_margins, load_checkpoint, multi_pixels, write_json)
-from model import (VLM, VLMConfig, all_gather, dist_info, draw_noise, fp32, pretrain_counts, sum_to_owner,
+from hf import hf_init
+import prepare
+import capfilt
+import instruct
+import prompt
+from eval import build_model, check_tokenizer, evaluate, generate_captions, write_json
+from model import (ACTIVATIONS, VLMConfig, all_gather, dist_info, draw_noise, fp32, pretrain_counts, sum_to_owner,
                    uses_electra)
 
 STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
@@ -50,58 +56,56 @@ PRETRAINING = ("pretrain", "finetune")  # the stages whose steps are pretraining
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = "out"
+    out_dir: str = "out"  # ckpt.pt, log.jsonl and eval.json go here
     data: str = "shapes"  # 'shapes': generate (once) and use the shapes world; or a prepared dataset directory
     data_dir: str = "data"  # where generated worlds are cached
     train_split: str = "train"  # the split to train on: 'train' (clean captions) or 'web' (noisy)
-    stage: str = "pretrain"  # one of STAGES
+    stage: str = "pretrain"  # pretrain, finetune, capfilt, instruct or prompt
     init_from: str = ""  # start from these weights: a checkpoint (ckpt.pt), or a Hugging Face CLIP or GPT-2 (hub name or directory)
     init_text: str = ""  # with a Hugging Face CLIP as init_from: a Hugging Face GPT-2 for the text transformer
     resume: bool = False  # continue from out_dir/ckpt.pt
     eval_interval: int = 200  # steps between evaluations on the first eval_images val images
-    eval_images: int = 256
+    eval_images: int = 256  # how many val images (or question sets) the periodic evaluations read
     rerank_k: int = 8  # evaluation: ITM re-ranks the top rerank_k of ITC retrieval
     log_interval: int = 10  # steps between log.jsonl lines
     ckpt_interval: int = 200  # steps between checkpoints (the last step is always saved)
     train_vit: bool = False  # instruct: fine-tune the ViT too (frozen by default; pretrain and finetune train it)
     train_images: int = 0  # train on the first N images of train_split only (0: all of it); finetune: a small clean set
-    # CapFilt (M13): bootstrap the captions of a noisy split with a captioner and an ITM filter
+    # CapFilt: bootstrap the captions of a noisy split with a captioner and an ITM filter
     capfilt_split: str = "web"  # the split whose captions are bootstrapped
-    capfilt_tune: str = "separate"  # 'separate': captioner (LM) and filter (ITC+ITM) fine-tuned apart from
-    # init_from on train_split (BLIP); 'shared': one model fine-tuned with all three; 'none': init_from is both
+    capfilt_tune: str = "separate"  # 'separate': captioner and filter fine-tuned apart (BLIP); 'shared': one; 'none'
     capfilt_synthetic: bool = True  # add the captioner's captions (false: the filter alone, no captioner)
     capfilt_top_p: float = 0.9  # nucleus sampling of the synthetic captions
-    capfilt_temperature: float = 1.0
+    capfilt_temperature: float = 1.0  # the sampling temperature of the synthetic captions
     capfilt_threshold: float = 0.5  # a caption is kept when the filter's p(match) is at least this
     capfilt_data: str = ""  # where the cleaned dataset goes; default beside the source: <source>-capfilt-<hash>
-    # the prompt stage (M12): few-shot detection of named classes on the frozen model
+    # the prompt stage: few-shot detection of named classes on the frozen model
     classes: str = ""  # comma-separated class names; default the dataset's novel classes
     shots: int = 16  # K: training images per class, all of them in every step
     shot_seed: int = 0  # the first K-shot sample the stage trains on
     shot_seeds: int = 3  # the stage runs samples shot_seed.. of them (out_dir/seed<k>); out_dir/eval.json: mean and std
     stop_loss: float = 0.0  # stop as soon as the training loss is under this (0: run max_iters steps)
     augment: bool = True  # shift by whole patches, mirror and permute the colour channels of the shots
-    flip: bool = False  # pretraining: mirror half the images left to right, 'left' and 'right' swapped in their captions
     # data
+    flip: bool = False  # pretraining: mirror half the images left to right, 'left' and 'right' swapped in their captions
     batch_size: int = 128  # per rank and micro-step
     num_workers: int = 0  # loader processes per rank that read batches ahead (0: read in the training process)
     grad_accum: int = 1  # micro-steps per optimizer step
     fsdp: bool = False  # with several ranks: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     # optimizer: AdamW, linear warmup, then cosine decay to min_lr at max_iters
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.98
+    lr: float = 1e-3  # the peak learning rate
+    min_lr: float = 1e-4  # the learning rate at max_iters
+    weight_decay: float = 0.1  # AdamW's, on matrices only
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.98  # AdamW's second-moment decay
     grad_clip: float = 1.0  # 0 disables clipping
-    warmup_iters: int = 100
-    max_iters: int = 2000
+    warmup_iters: int = 100  # steps of linear warmup
+    max_iters: int = 2000  # optimizer steps in all
     # system
     device: str = "auto"  # 'auto' picks cuda, then mps, then cpu
     dtype: str = "auto"  # 'auto': bfloat16 on CUDA where supported, else float16 with a grad scaler; float32 off CUDA
     compile: str = "auto"  # 'auto' (on for CUDA, off elsewhere), 'true' or 'false'
-    seed: int = 1337
-    # the model and the shapes world
+    seed: int = 1337  # initial weights, batches and every random draw
     model: VLMConfig = field(default_factory=VLMConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
 
@@ -138,84 +142,67 @@ _FINETUNE = {
     "base": dict(max_iters=2000, warmup_iters=200, lr=1e-5, min_lr=1e-6, weight_decay=0.05),
 }
 
-# what a stage changes in a preset (before the command line's flags); a stage other than
-# pretrain writes to <preset's out_dir>-<stage> unless --out_dir is given
-STAGE_PRESETS = {
-    # M3, M9-M11 and the text transformer on the multi-image question sets; the ViT is frozen
-    "instruct": {
-        "tiny": dict(max_iters=30, warmup_iters=5, eval_interval=15, eval_images=10, instruct=True, momentum_alpha=0.0),
-        "small": dict(batch_size=64, max_iters=1000, warmup_iters=30, lr=5e-4, min_lr=5e-5, eval_interval=10 ** 9,
-                      eval_images=500, instruct=True, momentum_alpha=0.0),
-        "base": dict(max_iters=5000, warmup_iters=200, lr=1e-4, min_lr=1e-5, instruct=True, momentum_alpha=0.0),
-    },
-    "finetune": _FINETUNE,
-    "capfilt": _FINETUNE,  # its captioner's and filter's fine-tuning runs
-    # M12 on the frozen model: prompts, couplings and fusion weights on K shots of each novel class
-    "prompt": {
-        "tiny": dict(max_iters=20, warmup_iters=2, eval_interval=10 ** 9, shots=2, shot_seeds=2, lr=1e-2,
-                     weight_decay=0.0, prompt=True, momentum_alpha=0.0, text_prompt_depth=2, image_prompt_depth=2,
-                     dense_layers="1,2"),
-        "small": dict(max_iters=300, warmup_iters=10, lr=5e-3, min_lr=5e-4, weight_decay=0.0, eval_interval=10 ** 9,
-                      stop_loss=0.1, prompt=True, momentum_alpha=0.0, text_prompt_depth=4, image_prompt_depth=4),
-        "base": dict(max_iters=1000, warmup_iters=50, lr=3.5e-3, min_lr=3.5e-4, weight_decay=0.0, eval_interval=10 ** 9,
-                     stop_loss=0.1, prompt=True, momentum_alpha=0.0, text_prompt_depth=9, image_prompt_depth=9,
-                     dense_layers="8,10,12"),
-    },
-}
-# the parameters each stage trains (name prefixes); the rest are frozen
-STAGE_TRAINS = {"instruct": ("converter.", "relation.", "scorer.", "image_index", "text.blocks.", "text.ln_final.",
-                             "text.token_embedding.", "text.positional_embedding"),
-                "prompt": ("prompt.",)}
+STAGE_FILES = {"instruct": instruct, "prompt": prompt}  # the stages with a model, batches and evaluation of their own
+STAGE_PRESETS = {"instruct": instruct.PRESETS, "prompt": prompt.PRESETS, "finetune": _FINETUNE, "capfilt": _FINETUNE}
+STAGE_TRAINS = {"instruct": instruct.TRAINS, "prompt": prompt.TRAINS}  # the parameters a stage trains; the rest frozen
 
 # -----------------------------------------------------------------------------
 # configuration from the command line
 
 
 def config_fields():
-    """{flag name: (dataclass holding it, attribute path)}; every name is unique."""
+    """{flag: (None, 'model' or 'world': where it lives, its type)}; every name is unique."""
     out = {}
-    for f in fields(TrainConfig):
-        if f.name in ("model", "world"):
-            for g in fields(VLMConfig if f.name == "model" else WorldConfig):
-                assert g.name not in out, f"config name {g.name} is ambiguous"
-                out[g.name] = (f.name, g.name)
-        else:
-            out[f.name] = (None, f.name)
+    for owner, cls in ((None, TrainConfig), ("model", VLMConfig), ("world", WorldConfig)):
+        hints = typing.get_type_hints(cls)
+        out.update({f.name: (owner, hints[f.name]) for f in fields(cls) if f.name not in ("model", "world")})
     return out
 
 
 def parse_value(key, raw, typ):
-    """Convert a command-line string to the field's type, or raise ValueError saying why."""
+    """A command-line string as the field's type, or a ValueError saying why not."""
     if typ is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
+        if raw.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return raw.lower() in ("1", "true", "yes", "on")
         raise ValueError(f"--{key} takes true or false, got {raw!r}")
-    if typ is tuple:
-        try:
-            return tuple(float(x) for x in raw.split(","))
-        except ValueError:
-            raise ValueError(f"--{key} takes comma-separated numbers, got {raw!r}") from None
     try:
-        return typ(raw)
+        return tuple(float(x) for x in raw.split(",")) if typ is tuple else typ(raw)
     except ValueError:
-        raise ValueError(f"--{key} takes a{'n' if typ is int else ''} {typ.__name__}, got {raw!r}") from None
+        kind = "comma-separated numbers" if typ is tuple else f"a{'n' if typ is int else ''} {typ.__name__}"
+        raise ValueError(f"--{key} takes {kind}, got {raw!r}") from None
+
+
+def usage():
+    """Every flag, grouped as the configs are, with its default (the small preset's) and its meaning: the
+    comment beside each field is its documentation."""
+    lines = ["usage: python train.py [--config tiny|small|base] [--key=value ...]", "",
+             f"--config  the preset whose values the flags change: {', '.join(PRESETS)} (default small)"]
+    defaults = PRESETS["small"]
+    for cls, obj in ((TrainConfig, defaults), (VLMConfig, defaults.model), (WorldConfig, defaults.world)):
+        lines += ["", f"{cls.__name__} ({inspect.getsourcefile(cls).rsplit('/', 1)[-1]}):"]
+        for line in inspect.getsource(cls).splitlines()[2:]:
+            field_line = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
+            if line.strip().startswith("#"):
+                lines.append(f"  {line.strip()[1:].strip()}:")
+            elif field_line and field_line.group(1) not in ("model", "world"):
+                name, meaning = field_line.group(1), field_line.group(2) or ""
+                lines.append(f"    --{name}={getattr(obj, name)!r}".ljust(40) + f" {meaning}")
+    return "\n".join(lines)
 
 
 def parse_args(argv):
-    """(preset name, {field: value}) from argv; any mistake is a SystemExit naming it."""
+    """(preset name, {field: value}) from argv; a mistake is a SystemExit naming it, --help prints usage()."""
     known = config_fields()
     preset, overrides, i = "small", {}, 0
     while i < len(argv):
         arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(usage())
+            raise SystemExit(0)
         if not arg.startswith("--"):
             raise SystemExit(f"unexpected argument {arg!r}: flags look like --key=value")
         key, eq, raw = arg[2:].partition("=")
-        typ = None
-        if key in known:
-            owner, name = known[key]
-            typ = typing.get_type_hints({None: TrainConfig, "model": VLMConfig, "world": WorldConfig}[owner])[name]
+        typ = known[key][1] if key in known else None
         if not eq:  # --key value, or a bare boolean --flag
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if typ is bool and (nxt is None or nxt.startswith("--")):
@@ -229,15 +216,15 @@ def parse_args(argv):
             if raw not in PRESETS:
                 raise SystemExit(f"unknown --config {raw!r}; presets: {', '.join(PRESETS)}")
             preset = raw
-            continue
-        if key not in known:
-            raise SystemExit(f"unknown config key --{key}. Valid keys:\n  config, " + ", ".join(sorted(known)))
-        try:
-            overrides[key] = parse_value(key, raw, typ)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-    if overrides.get("stage", "pretrain") not in STAGES:
-        raise SystemExit(f"unknown --stage {overrides['stage']!r}; stages: {', '.join(STAGES)}")
+        elif key not in known:
+            near = difflib.get_close_matches(key, known, n=3)
+            raise SystemExit(f"unknown config key --{key}{'; did you mean --' + ', --'.join(near) + '?' if near else ''} "
+                             f"(python train.py --help lists every flag)")
+        else:
+            try:
+                overrides[key] = parse_value(key, raw, typ)
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
     return preset, overrides
 
 
@@ -245,9 +232,79 @@ def apply_overrides(cfg, overrides):
     cfg = copy.deepcopy(cfg)
     known = config_fields()
     for key, value in overrides.items():
-        owner, name = known[key]
-        setattr(cfg if owner is None else getattr(cfg, owner), name, value)
+        owner = known[key][0]
+        setattr(cfg if owner is None else getattr(cfg, owner), key, value)
     return cfg
+
+
+def validate(cfg, world_size=None):
+    """Stop (SystemExit) on a flag, or a combination of flags, that cannot work, naming the flag, its value and
+    what would work, before any work starts. Checks that need the data come when it is read."""
+    m, world_size = cfg.model, int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    pretraining = cfg.stage in PRETRAINING
+    one_of = lambda key, value, choices: (value in choices, f"--{key} takes {', '.join(map(str, choices[:-1]))} or "  # noqa: E731
+                                                            f"{choices[-1]}, got {value!r}")
+    at_least = lambda key, value, low: (value >= low, f"--{key}={value}: must be at least {low}")  # noqa: E731
+    checks = [
+        (cfg.stage in STAGES, f"unknown --stage {cfg.stage!r}; stages: {', '.join(STAGES)}"), one_of("dtype", cfg.dtype, ("auto", "float32", "bfloat16", "float16")),
+        one_of("compile", cfg.compile, ("auto", "true", "false")), one_of("converter", m.converter, ("mlp", "resampler")),
+        one_of("activation", m.activation, tuple(ACTIVATIONS)),
+        one_of("text_activation", m.text_activation, ("", *ACTIVATIONS)),
+        one_of("itm_negatives", m.itm_negatives, (0.5, 1, 2)), one_of("fused_rows", m.fused_rows, (0.5, 1)),
+        one_of("capfilt_tune", cfg.capfilt_tune, ("separate", "shared", "none")),
+        *[at_least(k, getattr(cfg, k), 1) for k in ("batch_size", "grad_accum", "eval_interval", "eval_images",
+                                                     "log_interval", "ckpt_interval", "shots", "shot_seeds")],
+        *[at_least(k, getattr(cfg, k), 0) for k in ("max_iters", "warmup_iters", "num_workers", "train_images", "lr",
+                                                     "min_lr", "weight_decay", "grad_clip", "stop_loss", "rerank_k")],
+        *[at_least(k, getattr(m, k), 1) for k in ("image_size", "patch_size", "vit_width", "vit_layers", "vit_heads",
+                                                   "text_width", "text_layers", "text_heads", "embed_dim", "mlp_ratio",
+                                                   "context_length", "gen_heads", "n_queries", "n_codes", "queue_size")],
+        (m.image_size % m.patch_size == 0, f"--image_size={m.image_size} is not a multiple of --patch_size={m.patch_size}"),
+        (m.vit_width % m.vit_heads == 0 and m.vit_width % 4 == 0,
+         f"--vit_width={m.vit_width} must be divisible by --vit_heads={m.vit_heads} and by 4 (its 2-D sin-cos positions)"),
+        (m.text_width % m.text_heads == 0, f"--text_width={m.text_width} is not divisible by --text_heads={m.text_heads}"),
+        (0 <= m.gen_width <= m.text_width // 4, f"--gen_width={m.gen_width} is more than a quarter of --text_width="
+                                                f"{m.text_width}"),
+        ((m.gen_width or m.text_width // 4) % m.gen_heads == 0, f"the generator's width {m.gen_width or m.text_width // 4} "
+                                                                f"is not divisible by --gen_heads={m.gen_heads}"),
+        (m.converter == "mlp" or not (m.image_positions or m.image_axes),
+         "--image_positions and --image_axes go with --converter=mlp (the resampler's tokens are its queries)"),
+        (m.converter == "mlp" or m.r2d_weight == 0 or not pretraining, "--r2d_weight labels each patch, but the resampler's image tokens are "
+                                                    "its queries: use --converter=mlp or --r2d_weight=0"),
+        (not (m.itm_clean and m.shared_vit_pass), "--itm_clean with --shared_vit_pass: the one ViT pass reads the "
+                                                  "replaced pixels, no clean ones"),
+        (m.fused_rows == 1 or not m.shared_vit_pass, "--fused_rows=0.5 with --shared_vit_pass: the one ViT pass would "
+                                                     "read replaced and clean rows"),
+        (m.fused_rows == 1 or cfg.batch_size % 2 == 0 or not pretraining, f"--fused_rows=0.5 takes every other row: --batch_size must be "
+                                                       f"even, got {cfg.batch_size}"),
+        (not m.instruct or 0 < m.keep_ratio <= 1, f"--keep_ratio={m.keep_ratio}: must be in (0, 1]"),
+        (not m.prompt or 0 <= m.text_prompt_depth <= m.text_layers and 0 <= m.image_prompt_depth <= m.vit_layers,
+         f"prompt depths {m.text_prompt_depth} (text), {m.image_prompt_depth} (image) must lie in 0..{m.text_layers} "
+         f"and 0..{m.vit_layers}, the layers there are"),
+        (not m.prompt or not m.couple or m.image_prompt_depth <= m.text_prompt_depth,
+         f"coupled image prompts are maps of the text prompts of the same layer: --image_prompt_depth="
+         f"{m.image_prompt_depth} is more than --text_prompt_depth={m.text_prompt_depth} (--couple=false frees them)"),
+        (0 <= cfg.capfilt_threshold <= 1 and 0 < cfg.capfilt_top_p <= 1 and cfg.capfilt_temperature >= 0,
+         "--capfilt_threshold must be in [0, 1], --capfilt_top_p in (0, 1] and --capfilt_temperature >= 0"),
+        (cfg.stage == "pretrain" or cfg.init_from or cfg.resume,
+         f"--stage {cfg.stage} starts from a pretrained checkpoint: give --init_from PATH"),
+        (not cfg.init_text or cfg.init_from, "--init_text goes with --init_from (a Hugging Face CLIP for the ViT)"),
+        (not (cfg.train_vit and cfg.stage == "prompt"), "--train_vit does not apply to --stage prompt: it trains the "
+                                                        "prompts on a frozen model"),
+        (world_size == 1 or cfg.stage not in ("prompt", "capfilt"), f"--stage {cfg.stage} runs as one process"),
+        (world_size == 1 or cfg.stop_loss == 0, "--stop_loss decides on one process's loss: run it as one process"),
+        (not (cfg.fsdp and world_size > 1 and cached_steps(cfg)), "--fsdp runs the model through its forward pass "
+         "only; accumulation with cached features (--grad_accum > 1 with ITC or ITM) calls its parts: use DDP, or "
+         "--grad_accum=1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SystemExit(message)
+    if m.prompt:
+        try:
+            prompt.parse_layers(m.dense_layers, m.vit_layers)
+        except ValueError as e:
+            raise SystemExit(f"--{e}") from None
 
 
 def stage_overrides(preset, overrides):
@@ -318,7 +375,7 @@ def load_data(cfg, rank, world_size):
         if cfg.data == "shapes":
             data.prepare_world(cfg.data_dir, cfg.world, m.image_size, m.context_length)
         if uses_electra(m) and cfg.stage in PRETRAINING:
-            data.prepare_codebook(path, m.patch_size, m.n_codes)
+            prepare.prepare_codebook(path, m.patch_size, m.n_codes)
     if world_size > 1:
         dist.barrier()
     try:
@@ -346,16 +403,6 @@ def fit_model_to_data(mcfg, ds):
     return VLMConfig(**{**asdict(mcfg), "vocab_size": tok.n_vocab, **ids})
 
 
-def check_tokenizer(ckpt, ds):
-    """Stop if a checkpoint's tokenizer is not the dataset's: its token ids would mean other
-    words. The world's BPE and GPT-2's are one kind of encoding (sample.py export writes the
-    world's as GPT-2 files), so between those two only the ranks are compared."""
-    kind = lambda k: "gpt2" if k == "bpe" else k  # noqa: E731
-    if (kind(ckpt["tokenizer"]["kind"]), ckpt["tokenizer"]["bpe"]) != (kind(ds.meta["tokenizer"]["kind"]), ds.bpe_text):
-        raise SystemExit(f"the tokenizer of the starting weights ({ckpt['data_path']}) is not that of {ds.path}: "
-                         f"use the data they were trained on, or data prepared with their tokenizer (data.py --tokenizer)")
-
-
 def load_weights(model, state, strict, log=print):
     """A checkpoint's weights into the model. A new stage (strict False) may add parts (they
     start fresh) and leave parts out (not loaded): both are named, by module."""
@@ -372,8 +419,6 @@ def load_weights(model, state, strict, log=print):
 def freeze_for_stage(model, stage, train_vit=False):
     """Only the parameters the stage trains (STAGE_TRAINS, and the ViT with train_vit) keep
     requires_grad."""
-    if train_vit and stage == "prompt":
-        raise SystemExit("--train_vit does not apply to --stage prompt: it trains the prompts on a frozen model")
     if stage in STAGE_TRAINS:
         trains = STAGE_TRAINS[stage] + (("visual.",) if train_vit else ())
         for name, p in model.named_parameters():
@@ -473,11 +518,9 @@ def prepared_fetch(cfg, ds, split, rank, world_size, electra):
     """(fetch, n) over a prepared split: batches by data.batch_indices, one caption per image."""
     if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
         raise SystemExit(f"--train_split {split!r}: {ds.path} has no captioned split of that name")
-    if cfg.train_images < 0:
-        raise SystemExit(f"--train_images must be at least 0 (0: the whole split), got {cfg.train_images}")
     n_train = min(ds.split_size(split), cfg.train_images or ds.split_size(split))
     n_captions = ds.array(split, "tokens").shape[1]
-    # real data: an image may have fewer valid captions than slots (data.py repeats them to
+    # real data: an image may have fewer valid captions than slots (prepare.py repeats them to
     # fill the slots); a draw from [0, CAPTION_DRAWS) modulo its count picks one of them uniformly
     valid = ds.array(split, "n_captions") if ds.has(split, "n_captions") else None
     if valid is not None:
@@ -505,14 +548,14 @@ def prepared_fetch(cfg, ds, split, rank, world_size, electra):
 
 
 def stream_fetch(cfg, ds, rank, world_size):
-    """(fetch, n) over webdataset shards (data.ShardBatches): micro-step s is read by stream
+    """(fetch, n) over webdataset shards (prepare.ShardBatches): micro-step s is read by stream
     s mod n of this rank, n = max(1, num_workers), so each loader worker serves one stream and
     a run resumed with the same ranks and workers reads the same batches. Every sample is its
     own group (no groups); n is the shards' sample count."""
     if cfg.train_images:
         raise SystemExit(f"--train_images={cfg.train_images} (a flag, or the finetune stage's preset): {ds.path} "
                          f"streams its train split from webdataset shards; give --train_images=0 to stream them all")
-    batches = data.ShardBatches(ds.stream["shards"], ds.stream["counts"], rank, world_size, max(1, cfg.num_workers),
+    batches = prepare.ShardBatches(ds.stream["shards"], ds.stream["counts"], rank, world_size, max(1, cfg.num_workers),
                                 cfg.seed, ds.tokenizer, ds.context_length, ds.image_size, cfg.batch_size)
 
     def fetch(micro_step):
@@ -529,68 +572,6 @@ def flip_draw(cfg, micro_step, rank, world_size):
     u = np.random.default_rng([cfg.seed, FLIP_STREAM, t]).random(cfg.batch_size * cfg.grad_accum * world_size)
     start = (rank * cfg.grad_accum + i) * cfg.batch_size
     return u[start:start + cfg.batch_size] < 0.5
-
-
-def instruct_batches(cfg, ds, raw_model, device, rank, world_size):
-    """(fetch, place, n) for the instruct stage: multi-image question sets of multi_train, the
-    images of a batch padded to its largest set. The questions and answers are checked once
-    against the model's layout of them (question block, answer block)."""
-    split, m = "multi_train", cfg.model
-    if not ds.has(split, "sets"):
-        raise SystemExit(f"--stage instruct: {ds.path} has no multi-image question sets ({split})")
-    if ds.array(split, "sets").shape[1] > m.image_slots:
-        raise SystemExit(f"{ds.path}: {split} has sets of up to {ds.array(split, 'sets').shape[1]} images, more than "
-                         f"the model's --image_slots={m.image_slots}")
-    n_question = m.context_length - m.answer_length
-    for key, n in (("question", n_question), ("answer", m.answer_length)):
-        if (ds.array(split, key)[:, n:] != m.pad_id).any():
-            raise SystemExit(f"{ds.path}: a {key} of {split} is longer than {n} tokens; the model gives questions "
-                             f"context_length - answer_length tokens and answers answer_length (--answer_length)")
-
-    def fetch(micro_step):
-        idx = data.batch_indices(ds.split_size(split), cfg.batch_size, micro_step, cfg.seed, rank, world_size,
-                                 cfg.grad_accum)
-        images, valid, question, answer = ds.multi_batch(split, idx)
-        return dict(images=images, image_valid=valid, question=question.astype(np.int64),
-                    answer=answer[:, :m.answer_length].astype(np.int64))
-
-    def place(parts):
-        x = {k: to_device(v, device) for k, v in parts.items() if k != "images"}
-        return dict(stage="instruct", pixels=multi_pixels(raw_model, torch.as_tensor(parts["images"]), device), **x)
-    return fetch, place, ds.split_size(split)
-
-
-def prompt_batches(cfg, ds, raw_model, device, rank, world_size):
-    """(fetch, place, n) for the prompt stage: every step all the K-shot images of novel_train
-    (sample shot_seed, K per named class) with their class maps (a class not named is
-    background), and the class prompt rows; they stay on the device, so fetch makes the
-    step's augmented batch there and place passes it on. With augment, each step sees each
-    image (and its map) shifted cyclically by a random whole number of patches down and
-    right, mirrored left-right with probability 1/2 and with its colour channels in a random
-    order: the patch grid cuts the shifted images where it cut the originals."""
-    names = cfg.classes.split(",")
-    try:
-        idx = ds.shots("novel_train", names, cfg.shots, cfg.shot_seed)
-        target = to_long(ds.class_targets("novel_train", idx, names), device)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"--stage prompt: {e}") from None
-    images = torch.from_numpy(np.array(ds.array("novel_train", "images")[idx])).to(device)
-    tokens = to_long(class_rows(ds, cfg), device)
-    S, p = cfg.model.image_size, cfg.model.patch_size
-    n, pos = len(idx), np.arange(S)
-
-    def fetch(micro_step):
-        x, t = images, target
-        if cfg.augment:  # one gather: output pixel (i, j) reads ((i - dy) % S, (j' - dx) % S), j' mirrored or not
-            rng = np.random.default_rng([cfg.seed, cfg.shot_seed, micro_step])
-            shifts, flips = rng.integers(S // p, size=(n, 2)) * p, rng.random(n) < 0.5
-            rows = (pos[None] - shifts[:, :1]) % S
-            cols = (np.where(flips[:, None], S - 1 - pos[None], pos[None]) - shifts[:, 1:]) % S
-            b, r, c = (torch.from_numpy(a).to(device) for a in (np.arange(n)[:, None, None], rows[:, :, None], cols[:, None]))
-            x, t = x[b, r, c], t[b, r, c]
-            x = x[..., torch.from_numpy(rng.permutation(3)).to(device)]
-        return dict(stage="prompt", pixels=raw_model.normalize_pixels(x), target=t, class_tokens=tokens)
-    return fetch, lambda parts: parts, len(idx)
 
 
 def to_device(x, device):
@@ -626,10 +607,6 @@ def host_batches(fetch, start, num_workers, pin_memory):
     loader = torch.utils.data.DataLoader(HostBatches(fetch, start), batch_size=None, num_workers=num_workers,
                                          pin_memory=pin_memory, prefetch_factor=2, multiprocessing_context="fork")
     return iter(loader)
-
-
-def class_rows(ds, cfg):
-    return data.class_prompt_tokens(ds.tokenizer, cfg.classes.split(","), cfg.model.prompt_init, cfg.model.context_length)
 
 
 def to_long(a, device):
@@ -879,37 +856,27 @@ def train(cfg, ckpt=None, init=None):
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     os.makedirs(cfg.out_dir, exist_ok=True)
 
+    validate(cfg, world_size)
     ds = load_data(cfg, rank, world_size)
     cfg.model = fit_model_to_data(cfg.model, ds)
     if init is not None:
         check_tokenizer(init, ds)
-    prompt = cfg.stage == "prompt"
-    if prompt:
-        if world_size > 1:
-            raise SystemExit("--stage prompt trains a few thousand parameters on a few dozen images: run it as one process")
-        cfg.classes = cfg.classes or ",".join(ds.meta.get("novel_classes") or ds.meta.get("novel_shapes", []))
-        if not cfg.classes:
-            raise SystemExit(f"--stage prompt: {ds.path} names no novel classes; give --classes=a,b,...")
-    if cfg.stop_loss > 0 and world_size > 1:
-        raise SystemExit("--stop_loss decides on one process's loss: run it as one process")
-    if cfg.stage in PRETRAINING and cfg.model.fused_rows != 1 and cfg.batch_size % 2:
-        raise SystemExit(f"--fused_rows={cfg.model.fused_rows} takes every other row: --batch_size must be even, "
-                         f"got {cfg.batch_size}")
-    try:
-        model = VLM(cfg.model)
-    except ValueError as e:  # a model flag that does not fit (prompt depths, dense layers, ...)
-        raise SystemExit(f"--stage {cfg.stage}: {e}") from None
+    stage = STAGE_FILES.get(cfg.stage)  # None: a pretraining step
+    pretrain, prompted = stage is None, cfg.stage == "prompt"
+    if prompted:
+        prompt.setup(cfg, ds)
+    model = build_model(cfg.model)
     if init is not None:
         load_weights(model, init["model"], strict=cfg.stage == "pretrain", log=print if master else lambda *a: None)
-    if uses_electra(cfg.model) and cfg.stage in PRETRAINING:
+    if uses_electra(cfg.model) and pretrain:
         # the data's own codebook: its codes are the MOC targets (an init's may be another's)
         model.codebook.copy_(torch.from_numpy(ds.codebook(cfg.model.patch_size, cfg.model.n_codes)))
     freeze_for_stage(model, cfg.stage, cfg.train_vit)
     model.to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-    if prompt and ckpt is None:
-        model.init_prompts(to_long(class_rows(ds, cfg), device))
+    elif prompted:
+        model.init_prompts(torch.as_tensor(prompt.class_rows(ds, cfg), dtype=torch.long, device=device))
     if cfg.fsdp and world_size > 1 and dtype == torch.float16:
         raise SystemExit("--fsdp with float16: the grad scaler would check each rank's shards alone; use "
                          "--dtype=bfloat16 (or float32), or DDP")
@@ -925,64 +892,52 @@ def train(cfg, ckpt=None, init=None):
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         step = ckpt["step"]
     start_step = step
-    instruct = cfg.stage == "instruct"
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad} if prompt else {}
     raw_model = model
     if use_compile:
         model = torch.compile(model)
-    pretrain = cfg.stage in PRETRAINING
     model = wrap_ddp(model, raw_model, cfg, device_type, local_rank)
     logger = Logger(os.path.join(cfg.out_dir, "log.jsonl"), master, start_step if ckpt is not None else None)
     if master:
         print(f"{raw_model.num_params() / 1e6:.2f}M trainable parameters | device {device} | {dtype} | compile {use_compile} "
               f"| {world_size} rank(s) | data {ds.path}")
-    make_batches = instruct_batches if instruct else prompt_batches if prompt else pretrain_batches
-    fetch, place, n_train = make_batches(cfg, ds, raw_model, device, rank, world_size)
-    if cfg.num_workers < 0:
-        raise SystemExit(f"--num_workers must be at least 0, got {cfg.num_workers}")
+    fetch, place, n_train = (pretrain_batches if pretrain else stage.batches)(cfg, ds, raw_model, device, rank, world_size)
     # the prompt stage's batches are made on the device: no loader processes
-    stream = host_batches(fetch, start_step * cfg.grad_accum, 0 if prompt else cfg.num_workers, device_type == "cuda")
+    stream = host_batches(fetch, start_step * cfg.grad_accum, 0 if prompted else cfg.num_workers, device_type == "cuda")
 
-    def run_eval(show_captions=False, **kw):
+    def run_eval(show_captions=False, subset=False, **kw):
         """The metrics on rank 0 (None on the others), after printing a few val captions with
-        show_captions. Under FSDP every rank calls it: the weights are gathered into a whole
-        copy of the model on rank 0."""
+        show_captions; subset: on the first eval_images only. Under FSDP every rank calls it:
+        the weights are gathered into a whole copy of the model on rank 0."""
         m = raw_model
         if cfg.fsdp and world_size > 1:
             state = full_state(raw_model, None, cfg)[0]
             if not master:
                 return None
-            m = VLM(cfg.model).to(device)
+            m = build_model(cfg.model).to(device)
             m.load_state_dict(state)
-        if instruct:
-            return evaluate_instruct(m, ds, device, ctx=ctx, **kw)
-        if prompt:
-            return evaluate_prompt(m, ds, device, cfg.classes.split(","), class_rows(ds, cfg), ctx=ctx, **kw)
+        if cfg.stage == "instruct":
+            return instruct.evaluate(m, ds, ctx=ctx, max_sets=cfg.eval_images if subset else None)
+        if prompted:
+            return prompt.evaluate(m, ds, cfg.classes.split(","), prompt.class_rows(ds, cfg), ctx=ctx,
+                                   max_images=cfg.eval_images if subset else None, **kw)
         if show_captions and cfg.model.caption_weight > 0 and ds.has("val", "tokens"):
             print_captions(m, ds, device, ctx)
+        if subset:
+            kw.update(max_images=cfg.eval_images, heldout=False)
         return evaluate(m, ds, device, ctx=ctx, rerank_k=cfg.rerank_k, **kw)
 
-    if prompt:
-        trainable = {n: p.numel() for n, p in raw_model.named_parameters() if p.requires_grad}
-        print(f"trainable parameters: {sum(trainable.values())} ("
-              + ", ".join(f"{n} {k}" for n, k in trainable.items() if k) + f"); {cfg.shots} shots x {cfg.classes}, "
-              f"shot sample {cfg.shot_seed}")
-        zero_shot = run_eval(prompted=False)
-        print(f"zero-shot (no prompts): mIoU {zero_shot['miou']:.3f}, AP50 {zero_shot['ap50']:.3f}")
-
-    samples_per_step = n_train if prompt else cfg.batch_size * cfg.grad_accum * world_size
+    extra = prompt.start(raw_model, cfg, run_eval) if prompted else {}
+    samples_per_step = n_train if prompted else cfg.batch_size * cfg.grad_accum * world_size
     steps_per_epoch = max(1, n_train // samples_per_step)
     pbar = tqdm(total=cfg.max_iters, initial=step, disable=not master, dynamic_ncols=True, desc=cfg.stage)
     t_start = t_log = time.time()
     while True:
         if (master or cfg.fsdp) and step > start_step and step % cfg.eval_interval == 0 and step < cfg.max_iters:
-            subset = dict(max_sets=cfg.eval_images) if instruct else dict(max_images=cfg.eval_images) if prompt \
-                else dict(max_images=cfg.eval_images, heldout=False)
-            metrics = run_eval(**subset)
-        if master and step > start_step and step % cfg.eval_interval == 0 and step < cfg.max_iters:
-            logger.log(step=step, kind="eval", **metrics)
-            pbar.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                                                     if k.endswith(("r1", "acc", "miou", "ap50"))))
+            metrics = run_eval(subset=True)
+            if master:
+                logger.log(step=step, kind="eval", **metrics)
+                pbar.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                                         if k.endswith(("r1", "acc", "miou", "ap50"))))
         done = step >= cfg.max_iters or (cfg.stop_loss > 0 and step > start_step and losses["loss"].item() < cfg.stop_loss)
         if step > start_step and (step % cfg.ckpt_interval == 0 or done) and (master or cfg.fsdp):
             state = full_state(raw_model, optimizer, cfg)
@@ -1012,15 +967,9 @@ def train(cfg, ckpt=None, init=None):
             logger.log(step=step, lr=lr, alpha=alpha, samples_per_s=speed, time_s=time.time() - t_start, **values)
             pbar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.1e}", samples_s=f"{speed:.0f}")
     pbar.close()
-    changed = [n for n, p in raw_model.named_parameters() if n in frozen and not torch.equal(p, frozen[n])]
-    if changed:
-        raise RuntimeError(f"--stage {cfg.stage} changed frozen parameters: {', '.join(changed)}")
     metrics = run_eval(show_captions=pretrain) if master or cfg.fsdp else None
     if master:
-        metrics.update(step=step, train_time_s=time.time() - t_start)
-        if prompt:
-            metrics.update(trainable_params=sum(trainable.values()),
-                           **{f"zeroshot_{k}": zero_shot[k] for k in ("miou", "fg_iou", "ap50")})
+        metrics.update(step=step, train_time_s=time.time() - t_start, **extra)
         write_json(os.path.join(cfg.out_dir, "eval.json"), metrics)
         logger.log(kind="eval", **metrics)
         for k, v in metrics.items():
@@ -1051,8 +1000,6 @@ def start_state(cfg, changes, overrides):
         # the run continues with its own config; flags given now (say a larger max_iters) still apply
         return apply_overrides(config_from_dict(ckpt["config"]), overrides), ckpt, None
     if not cfg.init_from:
-        if cfg.init_text:
-            raise SystemExit("--init_text goes with --init_from (a Hugging Face CLIP for the ViT)")
         return cfg, None, None
     known = config_fields()
     model_changes = {k: v for k, v in changes.items() if known[k][0] == "model"}
@@ -1067,23 +1014,6 @@ def start_state(cfg, changes, overrides):
     # the architecture comes with the weights; what the stage and the flags set on the model still applies
     cfg.model = apply_overrides(config_from_dict({**asdict(cfg), "model": init["config"]["model"]}), model_changes).model
     return cfg, None, init
-
-
-def hf_init(name, text, model_changes, seed):
-    """A Hugging Face CLIP or GPT-2 (a hub name, or a directory written by save_pretrained) as
-    a starting checkpoint: its weights in our layout (VLM.from_pretrained, the model flags
-    given applied), its architecture, and the tokenizer of its text side, which the data
-    must have been prepared with (data.py --tokenizer). The parts that start fresh are drawn
-    from seed, so every rank, and every run of the same seed, starts from the same weights."""
-    try:
-        with torch.random.fork_rng(devices=[]):  # built on the CPU: no GPU's generator is touched
-            torch.manual_seed(seed)
-            model = VLM.from_pretrained(name, text=text or None, **model_changes)
-        kind, bpe = data.hf_tokenizer(text or name)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--init_from {name}{' --init_text ' + text if text else ''}: {e}") from None
-    return {"model": model.state_dict(), "config": {"model": asdict(model.cfg)}, "tokenizer": {"kind": kind, "bpe": bpe},
-            "data_path": text or name}
 
 
 def sub_run(cfg, changes, overrides, run, name):
@@ -1106,256 +1036,15 @@ def sub_run(cfg, changes, overrides, run, name):
     return train(*start_state(apply_overrides(cfg, run), {**changes, **run}, {**overrides, **run}))
 
 
-def prompt_stage(cfg, changes, overrides):
-    """The prompt stage: one run per K-shot sample k = shot_seed .. shot_seed + shot_seeds - 1
-    in out_dir/seed<k>, then out_dir/eval.json with each metric's mean and standard deviation
-    (<key>_std, n - 1 in the denominator) over the samples (the steps taken: their most).
-    --resume keeps finished samples (an eval.json written by their training run) and resumes
-    or starts the others."""
-    if cfg.shot_seeds < 1:
-        raise SystemExit(f"--shot_seeds must be at least 1, got {cfg.shot_seeds}")
-    results = []
-    for k in range(cfg.shot_seed, cfg.shot_seed + cfg.shot_seeds):
-        run = {"out_dir": os.path.join(cfg.out_dir, f"seed{k}"), "shot_seed": k}
-        results.append(sub_run(cfg, changes, overrides, run, f"shot sample {k} ({k - cfg.shot_seed + 1} of {cfg.shot_seeds})"))
-    keys = [k for k, v in results[0].items() if isinstance(v, float)]
-    summary = {"shot_seeds": len(results), "shots": cfg.shots, "step": max(r["step"] for r in results)}
-    for key in keys:
-        values = np.array([r[key] for r in results])
-        summary[key] = float(values.mean())
-        summary[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    summary["trainable_params"] = results[0]["trainable_params"]
-    write_json(os.path.join(cfg.out_dir, "eval.json"), summary)
-    print(f"over {len(results)} shot samples of {cfg.shots} shots per class (mean +- std):")
-    for key in keys:
-        print(f"{key:32s} {summary[key]:.4f} +- {summary[key + '_std']:.4f}")
-    return summary
-
-
-# -----------------------------------------------------------------------------
-# CapFilt (M13): a captioner writes a caption for every image of a noisy split, an ITM filter
-# keeps the captions it judges matched, and the result is a new prepared dataset
-
-# the objectives of the captioner's and the filter's fine-tuning runs (every other weight 0)
-CAPFILT_ROLES = {"captioner": dict(caption_weight=1.0), "filter": dict(itc_weight=1.0, itm_weight=1.0)}
-# the fields that decide a cleaned set (with init_from): they name its default directory and go in its report
-CAPFILT_SETTINGS = ("capfilt_split", "capfilt_tune", "capfilt_synthetic", "capfilt_top_p", "capfilt_temperature",
-                    "capfilt_threshold", "init_from", "seed")
-
-
-def itm_threshold(p):
-    """The ITM margin (logit of match minus logit of no match) at which p(match) = p:
-    log(p / (1 - p)); -inf at 0 and +inf at 1, so that `margin >= itm_threshold(p)` is
-    p(match) >= p with nothing rounded: 0 keeps every caption and 1 none."""
-    return -math.inf if p <= 0 else math.inf if p >= 1 else math.log(p / (1 - p))
-
-
-@torch.no_grad()
-def bootstrap(captioner, filt, ds, cfg, device, ctx=nullcontext(), chunk=512):
-    """CapFilt's model work over the split cfg.capfilt_split, chunk images at a time: the
-    captioner writes one caption per image (nucleus sampling at capfilt_top_p and
-    capfilt_temperature, the draws seeded by cfg.seed), and the filter gives the ITM margin of
-    each image with its own (first) caption and with the synthetic one. Returns (synthetic
-    tokens (N, T) int32, texts, problems: '' or why a synthetic caption is unusable ('empty',
-    'too long': it did not end within the context; 'off': no captioner), margins (N, 2)
-    float32 [own, synthetic], -inf where there is no synthetic caption)."""
-    split, T = cfg.capfilt_split, ds.context_length
-    images, own = ds.array(split, "images"), ds.array(split, "tokens")
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    tokens, texts, problems, margins = [], [], [], []
-    for i in tqdm(range(0, len(images), chunk), desc="capfilt", dynamic_ncols=True):
-        x = images[i:i + chunk]
-        chunk_texts = [""] * len(x) if captioner is None else generate_captions(
-            captioner, ds.tokenizer, x, device, batch_size=chunk, ctx=ctx, generator=generator,
-            temperature=cfg.capfilt_temperature, top_p=cfg.capfilt_top_p)
-        chunk_tokens, chunk_problems = data.encode_checked(ds.tokenizer, chunk_texts, T)
-        image_tokens = image_tokens_of(filt, x, device, ctx=ctx)
-        pairs = torch.arange(len(x))[:, None].expand(-1, 2)
-        margin = lambda t: itm_margins(filt, image_tokens, torch.from_numpy(np.asarray(t, np.int64)), pairs,  # noqa: E731
-                                       device, ctx=ctx).cpu()
-        margins.append(torch.stack([margin(own[i:i + chunk, 0]), torch.full((len(x),), -torch.inf) if captioner is None
-                                    else margin(chunk_tokens)], 1))
-        if captioner is None:
-            chunk_problems = ["off"] * len(x)
-        tokens.append(chunk_tokens)
-        texts += chunk_texts
-        problems += chunk_problems
-    return np.concatenate(tokens), texts, problems, torch.cat(margins).numpy()
-
-
-def capfilt_keep(margins, problems, p):
-    """(N, 2) bool: which captions the filter keeps, [own, synthetic]: those whose margin is at
-    least itm_threshold(p), a synthetic one only if it is usable (no problem)."""
-    threshold = itm_threshold(p)
-    return np.stack([margins[:, 0] >= threshold, (margins[:, 1] >= threshold) & (np.asarray(problems) == "")], 1)
-
-
-def capfilt_report(ds, split, keep, problems, margins, texts):
-    """The counts (each source's kept and dropped add up to the split's images); where the
-    split records which of its captions are corrupted (the shapes world's web split), the
-    filter's precision and recall at finding them (a dropped caption is a prediction of
-    "corrupted") and the ROC-AUC of -margin; where its scenes are known, the same for the
-    synthetic captions that do not parse to their image's scene; and, where both are known,
-    the share of wrong captions among those kept, before (own_wrong_before) and after."""
-    N = len(keep)
-    problems = np.array(problems)
-    usable = problems == ""
-    report = {"images": N, "images_kept": int(keep.any(1).sum()), "images_dropped": int((~keep.any(1)).sum()),
-              "own_kept": int(keep[:, 0].sum()), "own_dropped": int((~keep[:, 0]).sum()),
-              "synthetic_kept": int(keep[:, 1].sum()), "synthetic_dropped": int((~keep[:, 1] & usable).sum()),
-              **{f"synthetic_{p.replace(' ', '_')}": int((problems == p).sum()) for p in ("empty", "too long", "off")}}
-    synthetic_wrong = None
-    if ds.has(split, "scene") and ds.meta.get("kind") == "shapes":
-        scene = ds.array(split, "scene")[:]
-        synthetic_wrong = np.array([data.parse_caption(t) != s for t, s in zip(texts, scene)]) & usable
-        if usable.any():
-            report.update(synthetic_parse_acc=float(1 - synthetic_wrong[usable].mean()), **binary_metrics(
-                "synthetic_wrong", -margins[usable, 1], synthetic_wrong[usable], pred=~keep[usable, 1]))
-    if ds.has(split, "corruption"):
-        corruption = ds.array(split, "corruption")[:]
-        corrupted = corruption > 0
-        report.update(corrupted=int(corrupted.sum()), own_wrong_before=float(corrupted.mean()),
-                      **binary_metrics("corrupted", -margins[:, 0], corrupted, pred=~keep[:, 0]))
-        for k, kind in enumerate(ds.meta.get("corruptions", [])[1:], start=1):
-            report[f"corrupted_recall_{kind}"] = float((~keep[corruption == k, 0]).mean()) if (corruption == k).any() \
-                else float("nan")
-        if synthetic_wrong is not None or not keep[:, 1].any():
-            wrong_kept = (keep[:, 0] & corrupted).sum() + (0 if synthetic_wrong is None else (keep[:, 1] & synthetic_wrong).sum())
-            report["wrong_after"] = float(wrong_kept / max(1, keep.sum()))
-    return report
-
-
-def cleaned_split(ds, split, keep, synthetic):
-    """The arrays of the cleaned train split: every image of split with a kept caption, and two
-    caption slots per image: [own, synthetic] when both are kept, else the kept one twice, so
-    that drawing a slot at random weighs each kept caption of an image equally. Besides:
-    caption_source (0 the image's own caption, 1 synthetic), source_index (the image's index
-    in split) and, where the split has it, the corruption of the own caption, kept or not."""
-    rows = np.flatnonzero(keep.any(1))
-    own, syn, k = ds.array(split, "tokens")[rows, 0], synthetic[rows], keep[rows]
-    arrays = dict(images=ds.array(split, "images")[rows], source_index=rows,
-                  tokens=np.stack([np.where(k[:, :1], own, syn), np.where(k[:, 1:], syn, own)], 1),
-                  caption_source=np.stack([~k[:, 0], k[:, 1]], 1).astype(np.int8))
-    if ds.has(split, "corruption"):
-        arrays["corruption"] = ds.array(split, "corruption")[rows]
-    return arrays
-
-
-def capfilt_source(cfg):
-    """(the source dataset, where the cleaned set goes), every setting
-    checked before any work starts. The source is --data, or else the data init_from was
-    trained on. The cleaned set goes to capfilt_data, or beside the source as
-    <source>-capfilt-<hash of the settings, init_from and out_dir>; never into or around
-    the source or the run's out_dir, nor over a directory CapFilt did not write."""
-    if cfg.capfilt_tune not in ("separate", "shared", "none"):
-        raise SystemExit(f"--capfilt_tune takes separate, shared or none, got {cfg.capfilt_tune!r}")
-    if not 0 <= cfg.capfilt_threshold <= 1 or not 0 < cfg.capfilt_top_p <= 1 or cfg.capfilt_temperature < 0:
-        raise SystemExit("--capfilt_threshold must be in [0, 1], --capfilt_top_p in (0, 1] and --capfilt_temperature >= 0")
-    if not cfg.init_from:
-        raise SystemExit("--stage capfilt: give --init_from PATH (with --resume too: finished fine-tuning runs are kept)")
-    if "RANK" in os.environ:
-        raise SystemExit("--stage capfilt runs as one process")
-    if not os.path.exists(cfg.init_from):
-        raise SystemExit(f"--init_from: no checkpoint at {cfg.init_from}")
-    init = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
-    try:
-        ds = data.Dataset(cfg.data if cfg.data != "shapes" else init["data_path"])
-    except FileNotFoundError as e:
-        raise SystemExit(f"--stage capfilt: {e}") from None
-    check_tokenizer(init, ds)
-    split, m = cfg.capfilt_split, init["config"]["model"]
-    if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
-        raise SystemExit(f"--capfilt_split {split!r}: {ds.path} has no captioned split of that name")
-    if cfg.capfilt_tune == "none" and (m["itm_weight"] == 0 or cfg.capfilt_synthetic and m["caption_weight"] == 0):
-        raise SystemExit(f"--capfilt_tune=none: {cfg.init_from} is used as it is, and it was trained without ITM "
-                         f"(the filter) or without captioning (the captioner)")
-    settings = {k: getattr(cfg, k) for k in CAPFILT_SETTINGS}
-    key = json.dumps({**settings, "init_from": os.path.abspath(cfg.init_from), "out_dir": os.path.abspath(cfg.out_dir)},
-                     sort_keys=True)
-    out = os.path.realpath(cfg.capfilt_data or f"{os.path.normpath(ds.path)}-capfilt-{hashlib.sha256(key.encode()).hexdigest()[:8]}")
-    inside = lambda a, b: os.path.commonpath([a, b]) == b  # noqa: E731  a is b or lies within it
-    source, run_dir = os.path.realpath(ds.path), os.path.realpath(cfg.out_dir)
-    if any(inside(out, other) or inside(other, out) for other in (source, run_dir)):
-        raise SystemExit(f"--capfilt_data {out}: the cleaned set is a new directory, not in or around the source "
-                         f"dataset ({source}) or the run's out_dir ({run_dir})")
-    if os.path.exists(out) and "capfilt" not in (data.Dataset(out).meta if os.path.exists(os.path.join(out, "meta.json")) else {}):
-        raise SystemExit(f"--capfilt_data {out} exists and is not a set CapFilt wrote: give a new path")
-    return ds, out
-
-
-def capfilt_stage(cfg, changes, overrides):
-    """CapFilt: fine-tune the captioner and the filter (capfilt_tune), bootstrap the captions of
-    capfilt_split, and write the cleaned set as a new prepared dataset (capfilt_source says
-    where): its train split from cleaned_split, the source's val and test splits copied, the
-    report in its meta.json. Writes report.json, capfilt.npz (every decision and margin) and
-    eval.json (the report's numbers) to out_dir."""
-    ds, out = capfilt_source(cfg)
-    t0 = time.time()
-    roles = {"separate": dict(CAPFILT_ROLES), "shared": {"shared": {k: v for w in CAPFILT_ROLES.values() for k, v in w.items()}},
-             "none": {}}[cfg.capfilt_tune]
-    if not cfg.capfilt_synthetic:
-        roles.pop("captioner", None)
-    paths = {}
-    for name, weights in roles.items():  # each on the source dataset's train_split, from init_from
-        run = {"out_dir": os.path.join(cfg.out_dir, name), "stage": "finetune", "data": ds.path, **OBJECTIVES_OFF, **weights}
-        sub_run(cfg, changes, overrides, run, f"{name}: fine-tuning on {cfg.train_split}")
-        paths[name] = os.path.join(run["out_dir"], "ckpt.pt")
-    filter_path = paths.get("filter", paths.get("shared", cfg.init_from))
-    captioner_path = paths.get("captioner", paths.get("shared", cfg.init_from)) if cfg.capfilt_synthetic else None
-    device, _, _, ctx = pick_runtime(cfg)
-    filt = load_checkpoint(filter_path, device)[0]
-    captioner = None if captioner_path is None else filt if captioner_path == filter_path else \
-        load_checkpoint(captioner_path, device)[0]
-    split = cfg.capfilt_split
-    print(f"bootstrapping {ds.split_size(split)} images of {split}: nucleus p {cfg.capfilt_top_p}, "
-          f"threshold p(match) >= {cfg.capfilt_threshold}")
-    t_boot = time.time()
-    synthetic, texts, problems, margins = bootstrap(captioner, filt, ds, cfg, device, ctx)
-    t_boot = time.time() - t_boot
-    keep = capfilt_keep(margins, problems, cfg.capfilt_threshold)
-    report = capfilt_report(ds, split, keep, problems, margins, texts)
-    report.update(data_path=out, source=os.path.abspath(ds.path), filter=filter_path, captioner=captioner_path,
-                  **{k: getattr(cfg, k) for k in CAPFILT_SETTINGS},
-                  examples=[{"own": data.decode_tokens(ds.tokenizer, ds.array(split, "tokens")[i, 0]), "synthetic": texts[i],
-                             "kept": keep[i].tolist(), "p_match": (1 / (1 + np.exp(-margins[i].astype(np.float64)))).tolist()}
-                            for i in range(min(8, len(keep)))])
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    for stale in ("eval.json", "report.json"):  # of an earlier run: this one's replace them, or say why not
-        if os.path.exists(os.path.join(cfg.out_dir, stale)):
-            os.remove(os.path.join(cfg.out_dir, stale))
-    npz = os.path.join(cfg.out_dir, "capfilt.npz")
-    np.savez(npz + ".tmp.npz", margins=margins, keep=keep, problems=np.array(problems), synthetic=synthetic)
-    os.replace(npz + ".tmp.npz", npz)
-    write_json(os.path.join(cfg.out_dir, "report.json"), report)
-    for key, value in report.items():
-        if key != "examples":
-            print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
-    if not keep.any():
-        raise SystemExit(f"the filter kept no caption of {split} at --capfilt_threshold={cfg.capfilt_threshold}: "
-                         f"no dataset written (the report is in {cfg.out_dir}/report.json)")
-    arrays = cleaned_split(ds, split, keep, synthetic)
-    meta = {k: v for k, v in ds.meta.items() if k != "splits"}
-    meta["capfilt"] = {k: v for k, v in report.items() if k != "examples"}
-    data.write_dataset(out, {"train": arrays}, meta, ds.bpe_text, copy_from=ds,
-                       copy_splits=[s for s in ("val", "test") if s in ds.meta["splits"]], replace=True)
-    print(f"cleaned dataset: {out} ({len(arrays['images'])} images, {int(keep.sum())} captions); "
-          f"pretrain on it with --data={out}")
-    metrics = {key: v for key, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    metrics.update(bootstrap_time_s=t_boot, capfilt_time_s=time.time() - t0)
-    write_json(os.path.join(cfg.out_dir, "eval.json"), metrics)
-    return metrics
-
-
 def main(argv=None):
     preset, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     changes = stage_overrides(preset, overrides)
     cfg = apply_overrides(PRESETS[preset], changes)
-    if cfg.stage != "pretrain" and not (cfg.init_from or cfg.resume):
-        raise SystemExit(f"--stage {cfg.stage} starts from a pretrained checkpoint: give --init_from PATH")
+    validate(cfg)
     if cfg.stage == "prompt":
-        return prompt_stage(cfg, changes, overrides)
+        return prompt.run(cfg, lambda run, name: sub_run(cfg, changes, overrides, run, name))
     if cfg.stage == "capfilt":
-        return capfilt_stage(cfg, changes, overrides)
+        return capfilt.run(cfg, lambda run, name: sub_run(cfg, changes, overrides, run, name), pick_runtime(cfg))
     return train(*start_state(cfg, changes, overrides))
 
 

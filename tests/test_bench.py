@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 from eval import OBJECTIVES_OFF
-from model import VLM, VLMConfig, load_into, state_from_hf_clip
+from hf import load_into, state_from_hf_clip
+from model import VLM, VLMConfig
 
 CFG = VLMConfig(image_size=32, patch_size=8, vit_width=32, vit_layers=2, vit_heads=2, text_width=32, text_layers=2,
                 text_heads=2, embed_dim=16, vocab_size=60, context_length=12, n_codes=16, queue_size=8)

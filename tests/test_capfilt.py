@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+import capfilt as cf
 import data
 import train
 from conftest import ROOT
 from eval import CAPFILT_STEPS, binary_metrics, generate_captions, load_checkpoint
+from model import VLM
 
 
 def checksums(path):
@@ -106,7 +108,7 @@ def test_cleaned_split_holds_each_kept_caption_in_two_slots(tiny_world):
     synthetic = np.arange(N)[:, None].repeat(tiny_world.context_length, 1).astype(np.int32) + 1000
     split = "web"
     own = tiny_world.array(split, "tokens")[:N, 0]
-    small = train.cleaned_split(tiny_world, split, keep, synthetic)  # the first N images of web
+    small = cf.cleaned_split(tiny_world, split, keep, synthetic)  # the first N images of web
     expected = {(1, 1): lambda i: [own[i], synthetic[i]], (1, 0): lambda i: [own[i], own[i]],
                 (0, 1): lambda i: [synthetic[i], synthetic[i]]}
     rows = [i for i in range(N) if keep[i].any()]
@@ -125,7 +127,7 @@ def report_texts(ds, synthetic):
 def test_nucleus_sampling_with_p_near_zero_is_greedy_decoding(tiny_run, tiny_world):
     model, tok, _ = load_checkpoint(os.path.join(tiny_run, "ckpt.pt"))
     cfg = train.apply_overrides(train.PRESETS["tiny"], {"capfilt_top_p": 1e-9, "capfilt_temperature": 1.0})
-    _, texts, _, _ = train.bootstrap(model, model, tiny_world, cfg, "cpu", chunk=48)
+    _, texts, _, _ = cf.bootstrap(model, model, tiny_world, cfg, "cpu", chunk=48)
     assert texts == generate_captions(model, tok, tiny_world.array("web", "images"), "cpu", batch_size=48)
 
 
@@ -163,7 +165,7 @@ def test_finetune_continues_on_the_first_clean_images_at_its_own_rate(tmp_path, 
     assert metrics["step"] == preset["max_iters"] == ckpt["step"]
     assert (ckpt["config"]["lr"], ckpt["config"]["train_images"]) == (preset["lr"], preset["train_images"])
     cfg = train.config_from_dict(ckpt["config"])
-    model = train.VLM(cfg.model)
+    model = VLM(cfg.model)
     fetch, place, n = train.pretrain_batches(cfg, tiny_world, model, "cpu", 0, 1)
     assert n == preset["train_images"]
     images = tiny_world.array("train", "images")
@@ -193,9 +195,9 @@ def test_the_cleaned_set_never_goes_over_the_source_or_a_foreign_directory(tmp_p
 def test_the_filter_keeps_a_margin_at_the_threshold_and_drops_one_below(tiny_world):
     margins = np.array([[0.0, 0.0], [-1e-6, 1e-6], [-1e30, 1e30], [5.0, 5.0]], np.float32)
     problems = ["", "", "", "too long"]
-    keep = train.capfilt_keep(margins, problems, 0.5)  # p(match) >= 0.5: margin >= 0
+    keep = cf.capfilt_keep(margins, problems, 0.5)  # p(match) >= 0.5: margin >= 0
     assert keep.tolist() == [[True, True], [False, True], [False, True], [True, False]]
-    assert train.capfilt_keep(margins, problems, 0.0)[:, 0].all() and not train.capfilt_keep(margins, problems, 1.0).any()
+    assert cf.capfilt_keep(margins, problems, 0.0)[:, 0].all() and not cf.capfilt_keep(margins, problems, 1.0).any()
 
 
 def test_a_checkpoint_is_refused_on_data_with_another_tokenizer(tmp_path, tiny_run, world_root, tiny_world):

@@ -125,7 +125,7 @@ WORDS = "a an the dog cat man woman red blue small big sits runs on under near g
 
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory):
-    """A 'captions' dataset in the layout data.py writes (val and test, no test.heldout):
+    """A 'captions' dataset in the layout prepare.py writes (val and test, no test.heldout):
     C = 5 slots, image i has n_captions[i] valid captions then repeats of them. Returns the
     Dataset and each val image's valid caption texts."""
     rng = np.random.default_rng(0)
@@ -197,7 +197,7 @@ def test_captioned_retrieval_and_itm_count_each_valid_caption_once(captioned, mo
     N, C, _ = tokens.shape
     assert n[0] == 2 and (tokens[0, 2:] == tokens[0, [0, 1, 0]]).all()  # the fill slots repeat the valid captions
     with torch.no_grad():
-        pixels = evaluation.to_pixels(model, ds.array("val", "images"), "cpu")
+        pixels = model.normalize_pixels(ds.array("val", "images"))
         image_tokens = model.image_tokens(model.visual(pixels))
         image_emb = model.encode_image(pixels).numpy()
 

@@ -13,6 +13,7 @@ from PIL import Image
 from tiktoken.load import load_tiktoken_bpe
 
 import data
+import prepare
 from conftest import TINY
 
 SINGLE_SPLITS = ("train", "val", "test", "web", "novel_train", "novel_val")
@@ -273,14 +274,14 @@ def test_load_image_reads_every_common_mode(tmp_path):
     expect = {"rgb.png": (200, 0, 0), "p.png": (200, 0, 0), "l.png": (100, 100, 100), "i16.png": (255, 255, 255),
               "rgba.png": (200, 0, 0), "cmyk.jpg": (200, 0, 0)}
     for name, colour in expect.items():
-        im = data.load_image(str(tmp_path / name), S)
+        im = prepare.load_image(str(tmp_path / name), S)
         assert im.shape == (S, S, 3) and im.dtype == np.uint8
         assert np.abs(im.astype(int) - colour).max() <= 3, name
     with pytest.raises(ValueError, match="not found"):
-        data.load_image(str(tmp_path / "missing.png"), S)
+        prepare.load_image(str(tmp_path / "missing.png"), S)
     (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(ValueError, match="bad.png"):
-        data.load_image(str(tmp_path / "bad.png"), S)
+        prepare.load_image(str(tmp_path / "bad.png"), S)
 
 
 def test_visual_codebook_gives_every_patch_its_nearest_centroid(tiny_world):

@@ -1,4 +1,4 @@
-"""Hugging Face interop (model.py): a CLIP or a GPT-2 loaded by VLM.from_pretrained gives
+"""Hugging Face interop (hf.py): a CLIP or a GPT-2 loaded by from_pretrained gives
 transformers' outputs on the same inputs; export_hf_clip writes a CLIP that transformers loads
 with our outputs, and that loads back into our exact weights; bad inputs get clear errors.
 Small random models, float32 on the CPU."""
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, BertConfig, CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel
 
 import data
-from model import VLM, VLMConfig, export_hf_clip
+from hf import export_hf_clip, from_pretrained
+from model import VLM, VLMConfig
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 V_CLIP, V_GPT2 = 997, 211  # HF vocabulary sizes, not round numbers
@@ -102,7 +103,7 @@ def gpt2_logits(model, ids):
 @pytest.mark.parametrize("name", ["quick_gelu", "gelu", "legacy_eos"])
 def test_clip_loads_with_equal_features_and_logits(saved, name):
     path, hf = saved[name]
-    model = VLM.from_pretrained(path, itc_weight=0.5)
+    model = from_pretrained(path, itc_weight=0.5)
     c = model.cfg
     assert (c.image_size, c.patch_size, c.vit_width, c.vit_layers, c.vit_heads) == (30, 6, 40, 2, 5)
     assert (c.text_width, c.text_layers, c.text_heads, c.context_length, c.embed_dim) == (48, 3, 4, 13, 24)
@@ -123,7 +124,7 @@ def test_clip_loads_with_equal_features_and_logits(saved, name):
 
 def test_gpt2_loads_as_the_text_tower_with_equal_next_token_logits(saved):
     path, hf = saved["gpt2"]
-    model = VLM.from_pretrained(path).eval()
+    model = from_pretrained(path).eval()
     c = model.cfg
     assert (c.text_width, c.text_layers, c.text_heads, c.context_length, c.mlp_ratio) == (56, 3, 4, 17, 3)
     assert (c.vocab_size, c.eos_id, c.bos_id, c.pad_id, c.mask_id, c.glob_id) == (V_GPT2 + 4, V_GPT2 - 1, V_GPT2,
@@ -136,14 +137,14 @@ def test_gpt2_loads_as_the_text_tower_with_equal_next_token_logits(saved):
         theirs = hf(input_ids=ids).logits
     torch.testing.assert_close(gpt2_logits(model, ids)[..., :V_GPT2], theirs, **TOL)
     # a shorter context keeps the first positions
-    short = VLM.from_pretrained(path, context_length=9).eval()
+    short = from_pretrained(path, context_length=9).eval()
     assert short.text.positional_embedding.shape == (9, 56)
     torch.testing.assert_close(gpt2_logits(short, ids[:, :9])[..., :V_GPT2], theirs[:, :9], **TOL)
 
 
 def test_clip_with_a_gpt2_text_tower(saved):
     (clip_path, clip), (gpt2_path, gpt2) = saved["quick_gelu"], saved["gpt2"]
-    model = VLM.from_pretrained(clip_path, text=gpt2_path).eval()
+    model = from_pretrained(clip_path, text=gpt2_path).eval()
     c = model.cfg
     assert (c.vit_width, c.text_width, c.context_length, c.vocab_size, c.eos_id, c.embed_dim) == (40, 56, 17, V_GPT2 + 4,
                                                                                                   V_GPT2 - 1, 24)
@@ -159,7 +160,7 @@ def test_clip_with_a_gpt2_text_tower(saved):
 
 @pytest.mark.parametrize("activations", [("quick_gelu", ""), ("gelu", "gelu_tanh")])
 def test_export_round_trip(tmp_path, activations):
-    """Ours -> export_hf_clip -> transformers gives our outputs; -> VLM.from_pretrained gives
+    """Ours -> export_hf_clip -> transformers gives our outputs; -> from_pretrained gives
     back our towers exactly, our vocabulary with its special ids, and our pixel statistics."""
     act, text_act = activations
     cfg = VLMConfig(image_size=24, patch_size=4, vit_width=32, vit_layers=2, vit_heads=4, text_width=40, text_layers=2,
@@ -176,7 +177,7 @@ def test_export_round_trip(tmp_path, activations):
     tokens = caption_rows(cfg, cfg.vocab_size)[0]  # HF's vocabulary is ours: our padding as it is
     pixels = torch.randn(4, 3, 24, 24, generator=torch.Generator().manual_seed(6))
     assert_same_clip(model, hf, tokens, tokens, (tokens != cfg.pad_id).long(), pixels)
-    back = VLM.from_pretrained(path)
+    back = from_pretrained(path)
     for k in ("vocab_size", "bos_id", "eos_id", "pad_id", "mask_id", "glob_id", "activation", "text_activation",
               "image_mean", "image_std", "mlp_ratio", "layer_norm_eps", "context_length", "embed_dim"):
         assert getattr(back.cfg, k) == pytest.approx(getattr(cfg, k)), k
@@ -195,22 +196,22 @@ def test_export_round_trip(tmp_path, activations):
 def test_bad_inputs_get_clear_errors(tmp_path, saved):
     missing = str(tmp_path / "no_such_model")
     with pytest.raises(OSError, match="no_such_model.*not a local directory"):
-        VLM.from_pretrained(missing)
+        from_pretrained(missing)
     bert = str(tmp_path / "bert")
     BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
                ).save_pretrained(bert)
     with pytest.raises(ValueError, match="BertConfig"):
-        VLM.from_pretrained(bert)
+        from_pretrained(bert)
     clip_path, gpt2_path = saved["gelu"][0], saved["gpt2"][0]
     for overrides, named in ((dict(vit_width=64), "vit_width"), (dict(vocab_size=10), "vocab_size"),
                              (dict(context_length=14), "context_length"), (dict(activation="quick_gelu"), "activation"),
                              (dict(no_such_field=1), "no_such_field")):
         with pytest.raises(ValueError, match=named):
-            VLM.from_pretrained(clip_path, **overrides)
+            from_pretrained(clip_path, **overrides)
     with pytest.raises(ValueError, match="text_activation"):
-        VLM.from_pretrained(gpt2_path, text_activation="gelu")
+        from_pretrained(gpt2_path, text_activation="gelu")
     with pytest.raises(ValueError, match="text=.*GPT-2"):
-        VLM.from_pretrained(clip_path, text=clip_path)
+        from_pretrained(clip_path, text=clip_path)
     # architectures ours cannot hold, read from the config before any weights
     for name, config, named in (("relu", clip_config("relu"), "'relu'"),
                                 ("ratio", clip_config("gelu", intermediate_size=100), "MLP width 100"),
@@ -219,11 +220,11 @@ def test_bad_inputs_get_clear_errors(tmp_path, saved):
         path = str(tmp_path / name)
         config.save_pretrained(path)
         with pytest.raises(ValueError, match=named):
-            VLM.from_pretrained(path)
+            from_pretrained(path)
     ratio4 = str(tmp_path / "gpt2_ratio4")
     gpt2_config(n_inner=None).save_pretrained(ratio4)
     with pytest.raises(ValueError, match="mlp_ratio"):
-        VLM.from_pretrained(clip_path, text=ratio4)
+        from_pretrained(clip_path, text=ratio4)
     with pytest.raises(ValueError, match="eos_id 2"):
         export_hf_clip(VLM(VLMConfig(eos_id=2, momentum_alpha=0)), str(tmp_path / "eos2"))
     assert not os.path.exists(tmp_path / "eos2")

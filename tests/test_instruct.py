@@ -17,8 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import train
 from conftest import ROOT
-from eval import answer_sets, load_checkpoint
-from model import VLM, Attention, VLMConfig
+from eval import load_checkpoint
+from instruct import InstructVLM, answer_sets
+from model import Attention, VLMConfig
 from test_model import CFG
 from test_sample_eval import run_sample
 
@@ -29,7 +30,7 @@ PAD, BOS, EOS = CFG.pad_id, CFG.bos_id, CFG.eos_id
 
 def make_model(**changes):
     torch.manual_seed(0)
-    return VLM(VLMConfig(**{**ICFG.__dict__, **changes})).double().eval()
+    return InstructVLM(VLMConfig(**{**ICFG.__dict__, **changes})).double().eval()
 
 
 def batch(n_images=(2, 4, 3), seed=0):
@@ -147,7 +148,7 @@ def test_padding_images_do_not_change_other_samples(converter, two_pass):
         garbage = pixels.clone()
         garbage[0, 2:] = torch.randn_like(garbage[0, 2:])  # what lies in a padding slot does not matter either
         other = model.answer_states(model.instruct_prefix(garbage, valid, question), question, answer)
-        loss_alone = model.instruct_losses(pixels[:1, :2], valid[:1, :2], question[:1], answer[:1])["loss"]
+        loss_alone = model(pixels[:1, :2], valid[:1, :2], question[:1], answer[:1])["loss"]
     torch.testing.assert_close(mixed[:1], alone, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(other, mixed, rtol=1e-10, atol=1e-10)
     # the loss of the one-sample batch is that sample's own loss in the mixed batch
@@ -185,7 +186,7 @@ def test_loss_covers_only_answer_tokens():
     model = make_model(two_pass=False, relation=False)
     pixels, valid, question, answer = batch()
     with torch.no_grad():
-        loss = model.instruct_losses(pixels, valid, question, answer)["loss"]
+        loss = model(pixels, valid, question, answer)["loss"]
         pre = model.instruct_prefix(pixels, valid, question)
         h = reference_answer_states(model, [pre["image"]], [pre["image_valid"]], question, answer)
         logp = model.text.lm_head(h).log_softmax(-1)
@@ -207,7 +208,7 @@ def test_flop_count_equals_pytorch_flop_counter(converter, two_pass, relation):
     for n in (2, 4):
         pixels, valid, question, answer = batch((n,))
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model.instruct_losses(pixels.float(), valid, question, answer)
+            model(pixels.float(), valid, question, answer)
         assert counter.get_total_flops() == sum(model.instruct_flops(n).values())
     assert make_model(keep_ratio=0.5).instruct_flops(4)["pass2"] < make_model(keep_ratio=1.0).instruct_flops(4)["pass2"]
 
@@ -236,7 +237,7 @@ def test_question_too_long_for_its_block_is_a_clear_error():
     pixels, valid, question, answer = batch()
     question[0, :] = 5  # fills the answer's positions too
     with pytest.raises(ValueError, match="longer than context_length - answer_length"):
-        model.instruct_losses(pixels, valid, question, answer)
+        model(pixels, valid, question, answer)
 
 
 def test_multi_batch_pads_each_batch_to_its_largest_set(tiny_world):
@@ -304,7 +305,7 @@ def test_sample_answers_a_question_about_image_files(tiny_instruct, tiny_world, 
     result = run_sample("--ckpt", f"{tiny_instruct}/ckpt.pt", "answer", *paths, "--question", question)
     assert result.returncode == 0, result.stderr[-2000:]
     model, _, _ = load_checkpoint(f"{tiny_instruct}/ckpt.pt")
-    assert result.stdout.strip() == answer_sets(model, tiny_world, "multi_val", np.array([i]), "cpu")[0].strip()
+    assert result.stdout.strip() == answer_sets(model, tiny_world, "multi_val", np.array([i]))[0].strip()
     too_many = run_sample("--ckpt", f"{tiny_instruct}/ckpt.pt", "answer", *paths * 2, "--question", question)
     assert too_many.returncode != 0 and "at most 4" in too_many.stderr
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import train
 from model import VLM, VLMConfig, attention_mask, itc_loss, positive_mates, sample_next
 
 CFG = VLMConfig(image_size=32, patch_size=8, vit_width=32, vit_layers=2, vit_heads=2, text_width=32, text_layers=2,
@@ -282,8 +283,8 @@ def test_image_positions_add_a_learned_position_to_each_image_token():
     x, y = cols.flatten()[:, None] * omega, rows.flatten()[:, None] * omega  # MAE's map, written out
     torch.testing.assert_close(c.positional_embedding, 0.05 * torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], 1).double())
     assert make_model().converter.positional_embedding is None
-    with pytest.raises(ValueError, match="image_positions"):
-        make_model(image_positions=True, converter="resampler")
+    with pytest.raises(SystemExit, match="image_positions"):
+        train.validate(train.TrainConfig(model=VLMConfig(**{**CFG.__dict__, "image_positions": True, "converter": "resampler"})))
 
 
 def test_image_axes_add_each_tokens_row_and_column():
@@ -303,5 +304,5 @@ def test_image_axes_add_each_tokens_row_and_column():
         expected[:, i] = c.c_proj(F.gelu(c.c_fc(p[:, i]) + c.c_axes(torch.cat([row, col, left, above], -1))))
     torch.testing.assert_close(model.image_tokens(vit), expected)
     assert make_model().converter.c_axes is None
-    with pytest.raises(ValueError, match="image_axes"):
-        make_model(image_axes=True, converter="resampler")
+    with pytest.raises(SystemExit, match="image_axes"):
+        train.validate(train.TrainConfig(model=VLMConfig(**{**CFG.__dict__, "image_axes": True, "converter": "resampler"})))

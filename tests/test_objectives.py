@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import data
+import train
 from eval import roc_auc
-from model import hard_negatives, itc_loss, patchify, positive_mates, unpatchify
+from model import VLMConfig, hard_negatives, itc_loss, patchify, positive_mates, unpatchify
 from test_model import CFG, captions, make_model
 
 
@@ -233,8 +234,8 @@ def test_generator_reads_and_writes_the_main_embedding_table():
     assert model.generator.token_embedding.weight.data_ptr() == table.data_ptr()
     assert (model.generator.mlm_head.out_features == CFG.text_width
             and CFG.text_width // (model.generator.embed_proj.out_features) >= 4)
-    with pytest.raises(ValueError, match="quarter"):
-        make_model(gen_width=CFG.text_width // 2)
+    with pytest.raises(SystemExit, match="quarter"):
+        train.validate(train.TrainConfig(model=VLMConfig(**{**CFG.__dict__, "gen_width": CFG.text_width // 2})))
     # the MLM loss alone trains the shared table
     model = make_model(dtype=torch.float32, itc_weight=0, itm_weight=0, moc_weight=0, rtd_weight=0, r2d_weight=0,
                        caption_weight=0, momentum_alpha=0, text_mask_rate=0.5)

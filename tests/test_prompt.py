@@ -15,8 +15,9 @@ from PIL import Image
 
 import data
 import train
-from eval import average_precision, box_iou, class_iou_counts
-from model import VLM, VLMConfig, anchor_boxes, patch_targets, refine_masks
+from model import VLM, VLMConfig
+from prompt import (PromptVLM, anchor_boxes, average_precision, box_iou, class_iou_counts, patch_targets,
+                    refine_masks)
 from test_model import CFG, captions
 from conftest import ROOT
 from test_sample_eval import run_sample
@@ -27,7 +28,7 @@ PCFG = VLMConfig(**{**CFG.__dict__, "prompt": True, "n_ctx": 3, "text_prompt_dep
 
 def make_model(**changes):
     torch.manual_seed(0)
-    model = VLM(VLMConfig(**{**PCFG.__dict__, **changes})).double().eval()
+    model = PromptVLM(VLMConfig(**{**PCFG.__dict__, **changes})).double().eval()
     with torch.no_grad():  # prompts away from their start, so that every path is exercised
         for p in model.prompt.parameters():
             p.normal_()
@@ -42,10 +43,10 @@ def pixels(B=3, seed=0):
 def test_no_prompts_leave_the_frozen_model_bit_identical():
     torch.manual_seed(0)
     plain = VLM(VLMConfig(**{**CFG.__dict__, "momentum_alpha": 0.0})).eval()
-    prompted = VLM(VLMConfig(**{**PCFG.__dict__, "text_prompt_depth": 0, "image_prompt_depth": 0})).eval()
+    prompted = PromptVLM(VLMConfig(**{**PCFG.__dict__, "text_prompt_depth": 0, "image_prompt_depth": 0})).eval()
     prompted.load_state_dict(plain.state_dict(), strict=False)
     x, tokens = pixels().float(), captions(4, [3, 5, 1, 8])
-    assert torch.equal(prompted.visual(x, prompted.prompt.image_prompts()), plain.visual(x))
+    assert torch.equal(prompted.visual.ln_post(prompted.vit_states(x, prompted.prompt.image_prompts())[-1]), plain.visual(x))
     assert torch.equal(prompted.class_embeddings(tokens), plain.encode_text(tokens))
     assert torch.equal(prompted.encode_image(x), plain.encode_image(x))
     assert sum(p.numel() for p in prompted.prompt.parameters()) == 2  # the fusion logits alone
@@ -77,7 +78,7 @@ def test_image_prompts_are_the_coupling_of_the_text_prompts_and_enter_the_vit():
     for j, f in enumerate(p.coupling):
         assert torch.allclose(image[j], p.text_ctx[j] @ f.weight.t() + f.bias, atol=1e-12)
     x = pixels()
-    for ours, ref in zip(model.visual.hidden_states(x, image), reference_vit_states(model, x, image)):
+    for ours, ref in zip(model.vit_states(x, image), reference_vit_states(model, x, image)):
         assert torch.allclose(ours, ref, atol=1e-12)
     # uncoupled: free image vectors from the same code
     free = make_model(couple=False)
@@ -106,7 +107,7 @@ def test_score_maps_per_layer_and_fused_with_a_one_hot_weight():
     x, tokens = pixels(), captions(3, [4, 5, 6])
     emb = model.class_embeddings(tokens)
     fused, maps = model.score_maps(x, emb)
-    states = model.visual.hidden_states(x, model.prompt.image_prompts())
+    states = model.vit_states(x, model.prompt.image_prompts())
     g = CFG.image_size // CFG.patch_size
     for k, layer in enumerate((1, 2)):
         patches = F.normalize(model.visual.proj(model.visual.ln_post(states[layer - 1][:, 1:])), dim=-1)
@@ -122,12 +123,14 @@ def test_score_maps_per_layer_and_fused_with_a_one_hot_weight():
 
 
 def test_prompt_config_errors_are_clear():
-    with pytest.raises(ValueError, match="coupled image prompts"):
-        VLM(VLMConfig(**{**PCFG.__dict__, "text_prompt_depth": 1, "image_prompt_depth": 2}))
-    with pytest.raises(ValueError, match="dense_layers"):
-        VLM(VLMConfig(**{**PCFG.__dict__, "dense_layers": "1,5"}))
-    with pytest.raises(ValueError, match="prompt depths"):
-        VLM(VLMConfig(**{**PCFG.__dict__, "text_prompt_depth": 3}))
+    def check(**changes):
+        train.validate(train.TrainConfig(model=VLMConfig(**{**PCFG.__dict__, **changes})))
+    with pytest.raises(SystemExit, match="coupled image prompts"):
+        check(text_prompt_depth=1, image_prompt_depth=2)
+    with pytest.raises(SystemExit, match="dense_layers"):
+        check(dense_layers="1,5")
+    with pytest.raises(SystemExit, match="prompt depths"):
+        check(text_prompt_depth=3)
 
 
 def test_anchor_boxes_are_the_regions_true_bounds():

@@ -21,8 +21,9 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPT
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import data
-import eval as evaluation
-from model import connected_regions
+import hf as hf_io
+import prepare as prep  # prep: this file's prepare() runs its command line
+from prompt import connected_regions, true_boxes
 from test_data import gpt2_cached
 
 S, T = 16, 24  # image size and context length of every prepared set here
@@ -104,7 +105,7 @@ def gpt2_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def enc(clip_dir):
-    return data.get_tokenizer(*data.hf_tokenizer(clip_dir))
+    return data.get_tokenizer(*hf_io.hf_tokenizer(clip_dir))
 
 
 # -----------------------------------------------------------------------------
@@ -112,9 +113,9 @@ def enc(clip_dir):
 
 
 def test_clip_tokenizer_gives_transformers_ids(clip_dir):
-    kind, text = data.hf_tokenizer(clip_dir)
+    kind, text = hf_io.hf_tokenizer(clip_dir)
     enc, hf = data.get_tokenizer(kind, text), CLIPTokenizer.from_pretrained(clip_dir)
-    assert kind == "clip" and data.bytes_to_unicode() == bytes_to_unicode()
+    assert kind == "clip" and hf_io.bytes_to_unicode() == bytes_to_unicode()
     n = len(hf.get_vocab()) - 2
     specials = [enc.encode_single_token(t) for t in (data.BOS, data.EOS, data.PAD, data.MASK, data.GLOB)]
     assert specials == [hf.bos_token_id, hf.eos_token_id, n + 2, n + 3, n + 4] == list(range(n, n + 5))
@@ -134,7 +135,7 @@ def test_clip_tokenizer_gives_transformers_ids(clip_dir):
 
 
 def test_gpt2_tokenizer_gives_transformers_ids(gpt2_dir, monkeypatch):
-    kind, text = data.hf_tokenizer(gpt2_dir)
+    kind, text = hf_io.hf_tokenizer(gpt2_dir)
     enc, hf = data.get_tokenizer(kind, text), GPT2Tokenizer.from_pretrained(gpt2_dir)
     assert kind == "gpt2" and enc.encode_single_token(data.EOS) == hf.eos_token_id == len(hf.get_vocab()) - 1
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken's own reading of the files, not cached
@@ -148,7 +149,7 @@ def test_gpt2_tokenizer_gives_transformers_ids(gpt2_dir, monkeypatch):
 
 @pytest.mark.skipif(not gpt2_cached(), reason="tiktoken's gpt2 files are not cached and the build machines have no network")
 def test_tiktoken_gpt2_file_is_stored_as_ranks_text():
-    kind, text = data.load_tokenizer("gpt2")
+    kind, text = hf_io.load_tokenizer("gpt2")
     ours, theirs = data.get_tokenizer(kind, text), data.get_tokenizer("gpt2")
     assert kind == "gpt2" and ours.n_vocab == theirs.n_vocab == 50261
     for s in STRINGS:
@@ -160,28 +161,28 @@ def test_a_saved_tokenizer_json_gives_the_same_ranks(tmp_path, clip_dir, gpt2_di
         saved = str(tmp_path / os.path.basename(folder))
         cls.from_pretrained(folder).save_pretrained(saved)  # transformers 5 writes tokenizer.json only
         assert not os.path.exists(os.path.join(saved, "vocab.json"))
-        assert data.hf_tokenizer(saved) == data.hf_tokenizer(folder)
+        assert hf_io.hf_tokenizer(saved) == hf_io.hf_tokenizer(folder)
 
 
 def test_hf_tokenizer_errors_name_the_source(tmp_path, gpt2_dir, monkeypatch):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "vocab.json").write_text("{}")
     with pytest.raises(ValueError, match="half has no merges.txt, nor tokenizer.json"):
-        data.hf_tokenizer(str(tmp_path / "half"))
+        hf_io.hf_tokenizer(str(tmp_path / "half"))
     import huggingface_hub
 
     def offline(*args, **kwargs):
         raise OSError("no network")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(ValueError, match="'someone/some-clip' is not a directory.*OSError: no network"):
-        data.hf_tokenizer("someone/some-clip")
+        hf_io.hf_tokenizer("someone/some-clip")
     vocab = json.load(open(os.path.join(gpt2_dir, "vocab.json"), encoding="utf-8"))
     merges = open(os.path.join(gpt2_dir, "merges.txt"), encoding="utf-8").read().split("\n")
     a, b = merges[1].replace(" ", ""), merges[2].replace(" ", "")
     vocab[a], vocab[b] = vocab[b], vocab[a]  # two merged tokens numbered out of merge order
     write_vocab(tmp_path / "swapped", vocab, [tuple(m.split()) for m in merges[1:] if m])
     with pytest.raises(ValueError, match="swapped: not a byte-level BPE tokenizer: .*merge order"):
-        data.hf_tokenizer(str(tmp_path / "swapped"))
+        hf_io.hf_tokenizer(str(tmp_path / "swapped"))
 
 
 def test_tokenizer_files_are_the_hugging_face_ones_and_read_back(tmp_path, clip_dir, gpt2_dir):
@@ -192,11 +193,11 @@ def test_tokenizer_files_are_the_hugging_face_ones_and_read_back(tmp_path, clip_
     world = data.bpe_to_text(data.train_bpe(CORPUS))
     for folder, cls, kind in ((clip_dir, CLIPTokenizer, "clip"), (gpt2_dir, GPT2Tokenizer, "gpt2"),
                               (None, GPT2Tokenizer, "bpe")):
-        text = world if folder is None else data.hf_tokenizer(folder)[1]
+        text = world if folder is None else hf_io.hf_tokenizer(folder)[1]
         out = str(tmp_path / kind)
-        assert data.hf_tokenizer_files(kind, text, out) == \
+        assert hf_io.hf_tokenizer_files(kind, text, out) == \
             [os.path.join(out, n) for n in ("vocab.json", "merges.txt", "tokenizer_config.json")]
-        assert data.hf_tokenizer(out) == ("gpt2" if kind == "bpe" else kind, text)
+        assert hf_io.hf_tokenizer(out) == ("gpt2" if kind == "bpe" else kind, text)
         if folder is not None:
             read = [[open(os.path.join(f, n), encoding="utf-8").read() for n in ("vocab.json", "merges.txt")]
                     for f in (folder, out)]
@@ -208,16 +209,16 @@ def test_tokenizer_files_are_the_hugging_face_ones_and_read_back(tmp_path, clip_
             assert hf(s, add_special_tokens=False)["input_ids"] == enc.encode_ordinary(s), (kind, s)
         CLIPConfig().save_pretrained(out)  # model_type 'clip': the tokenizer's class comes from its own config
         auto = AutoTokenizer.from_pretrained(out)
-        assert type(auto).__name__ == data.HF_TOKENIZER_CLASSES[kind]
+        assert type(auto).__name__ == hf_io.HF_TOKENIZER_CLASSES[kind]
         rows = auto(STRINGS, padding="max_length", max_length=T * 4)["input_ids"]
         assert rows == data.encode_texts(enc, STRINGS, T * 4).tolist(), kind
         assert [auto.convert_ids_to_tokens(enc.encode_single_token(t)) for t in data.SPECIAL_TOKENS] == \
             list(data.SPECIAL_TOKENS)
     with pytest.raises(ValueError, match="unknown tokenizer 'sentencepiece'"):
-        data.hf_tokenizer_files("sentencepiece", world, str(tmp_path / "sp"))
+        hf_io.hf_tokenizer_files("sentencepiece", world, str(tmp_path / "sp"))
     ranks = {bytes([b]): b for b in range(256)}
     with pytest.raises(ValueError, match=r"gpt2 token b'abc' \(rank 256\) is not one join of two lower ranked tokens"):
-        data.hf_tokenizer_files("gpt2", data.bpe_to_text({**ranks, b"abc": 256}), str(tmp_path / "no-join"))
+        hf_io.hf_tokenizer_files("gpt2", data.bpe_to_text({**ranks, b"abc": 256}), str(tmp_path / "no-join"))
 
 
 # -----------------------------------------------------------------------------
@@ -234,7 +235,7 @@ def test_images_are_cropped_as_clip_image_processor_crops_them(tmp_path, height,
     assert processor.resample == Image.BICUBIC and processor.do_resize and processor.do_center_crop
     pixels = processor(Image.open(path), return_tensors="np")["pixel_values"]
     assert pixels.shape == (1, 3, 224, 224) and pixels.dtype == np.uint8
-    assert np.array_equal(data.load_image(path, 224), pixels[0].transpose(1, 2, 0))
+    assert np.array_equal(prep.load_image(path, 224), pixels[0].transpose(1, 2, 0))
 
 
 # -----------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def save(folder, name, array, mode=None, **kwargs):
 
 
 def prepare(clip_dir, *argv, workers=1):
-    data.main([*argv, "--tokenizer", clip_dir, "--image_size", str(S), "--context_length", str(T),
+    prep.main([*argv, "--tokenizer", clip_dir, "--image_size", str(S), "--context_length", str(T),
                "--workers", str(workers)])
 
 
@@ -275,7 +276,7 @@ def check_captions(ds, split, files, captions, enc, C=5):
     assert ds.captions(split) == [list(caps[:C]) for caps in captions]
     for i, (file, caps) in enumerate(zip(files, captions)):
         n = min(len(caps), C)
-        assert np.array_equal(ds.array(split, "images")[i], data.load_image(file, S))
+        assert np.array_equal(ds.array(split, "images")[i], prep.load_image(file, S))
         assert np.array_equal(ds.array(split, "tokens")[i], data.encode_texts(enc, [caps[j % n] for j in range(C)], T))
         assert [data.decode_tokens(enc, r) for r in ds.array(split, "tokens")[i]] == [caps[j % n] for j in range(C)]
         assert ds.array(split, "n_captions")[i] == n
@@ -406,14 +407,14 @@ def test_tables_group_rows_and_hold_out_val_by_path(tmp_path, clip_dir, enc):
     bad = [b'{"image": "img/i0.png", "caption": "caf\xe9"}\n', b"not json at all\n", b"[1, 2]\n",
            {"image": "img/i1.png"}, {"caption": "a caption without its image"}, b"\n"]
     jsonl = write_table(tmp_path / "captions.jsonl", rows + bad)
-    items = data.table_items(jsonl, data.Report(), val_fraction=0.5)
+    items = prep.table_items(jsonl, prep.Report(), val_fraction=0.5)
     groups = {path: [r["caption"] for r in rows if os.path.join(str(tmp_path), os.path.normpath(r["image"])) == path]
               for path in files}
     assert table_of(items) == {s: {p: groups[p] for p in ps} for s, ps in table_of(items).items()}
     assert sorted(p for ps in table_of(items).values() for p in ps) == sorted(files)
     assert min(len(items["train"]), len(items["val"])) >= 3  # a hash split, not all on one side
     shuffled = write_table(tmp_path / "shuffled.jsonl", random.Random(1).sample(rows + bad, len(rows + bad)))
-    again = data.table_items(shuffled, data.Report(), val_fraction=0.5)
+    again = prep.table_items(shuffled, prep.Report(), val_fraction=0.5)
     assert {s: set(v) for s, v in table_of(again).items()} == {s: set(v) for s, v in table_of(items).items()}
     assert all(sorted(table_of(again)[s][p]) == sorted(v) for s, ps in table_of(items).items() for p, v in ps.items())
 
@@ -450,8 +451,8 @@ def test_a_byte_order_mark_is_not_read_as_text(tmp_path):
         plain = write_table(tmp_path / f"plain{ext}", rows + [broken])
         marked = tmp_path / f"marked{ext}"
         marked.write_bytes(codecs.BOM_UTF8 + open(plain, "rb").read())
-        report = data.Report()
-        assert data.table_items(str(marked), report) == data.table_items(plain, data.Report()) == \
+        report = prep.Report()
+        assert prep.table_items(str(marked), report) == prep.table_items(plain, prep.Report()) == \
             {"train": [(f, [f"caption {k}"]) for k, f in enumerate(files)]}
         assert report.to_dict()["skipped"] == {"not valid UTF-8": 1}
 
@@ -567,7 +568,7 @@ def test_clear_errors_for_unreadable_sources(tmp_path, clip_dir):
 
 def regions_by_reference(classmap, n_classes):
     """Boxes (value, x0, y0, x1, y1) of the 8-connected regions of each class, found by the
-    model's own labelling (model.connected_regions)."""
+    model's own labelling (prompt.connected_regions)."""
     boxes = []
     for v in range(1, n_classes):
         labels = connected_regions(torch.from_numpy(classmap == v)[None])[0].numpy()
@@ -581,7 +582,7 @@ def test_class_regions_are_the_8_connected_components():
     rng = np.random.default_rng(0)
     for k in range(20):
         classmap = rng.integers(0, 3, (12, 15)) * (rng.random((12, 15)) < 0.2 + 0.04 * k)
-        assert data.class_regions(classmap) == regions_by_reference(classmap, 3)
+        assert prep.class_regions(classmap) == regions_by_reference(classmap, 3)
 
 
 def save_mask(folder, name, values, mode="P"):
@@ -629,12 +630,12 @@ def test_masks_are_prepared_as_the_prompt_stage_reads_them(tmp_path, clip_dir):
     expected = {"a": square, "b": tall_small[4:20], "c": dogs}  # b: resized by 1/2, the middle 16 rows kept
     for i, (name, truth) in enumerate(expected.items()):
         file = os.path.join(tmp_path, "img", f"{name}.jpg" if name == "b" else f"{name}.png")
-        assert np.array_equal(ds.array("novel_train", "images")[i], data.load_image(file, S))
+        assert np.array_equal(ds.array("novel_train", "images")[i], prep.load_image(file, S))
         assert np.array_equal(ds.array("novel_train", "classmap")[i], truth)
         rows = ds.array("novel_train", "objects")[i]
         assert sorted((int(o[0]) + 1, *map(int, o[3:])) for o in rows if o[0] >= 0) == regions_by_reference(truth, 3)
         assert (rows[rows[:, 0] >= 0][:, 1:3] == -1).all()
-        truths = evaluation.true_boxes(ds, "novel_train", [i], ["dog", "cat"])[0]  # what eval scores AP against
+        truths = true_boxes(ds, "novel_train", [i], ["dog", "cat"])[0]  # what eval scores AP against
         named = {1: 2, 2: 1}  # class value -> index into ['background', 'dog', 'cat']
         assert sorted(truths) == sorted((named[v], *box) for v, *box in regions_by_reference(truth, 3))
     assert np.array_equal(ds.array("novel_val", "classmap")[0], square[::-1])
@@ -678,7 +679,7 @@ def test_question_sets_are_prepared_as_the_instruct_stage_reads_them(tmp_path, c
             n = len(s["images"])
             files = [p if os.path.isabs(p) else os.path.join(tmp_path, p) for p in s["images"]]
             assert valid[i].tolist() == [True] * n + [False] * (images.shape[1] - n)
-            assert all(np.array_equal(images[i, j], data.load_image(f, S)) for j, f in enumerate(files))
+            assert all(np.array_equal(images[i, j], prep.load_image(f, S)) for j, f in enumerate(files))
             assert not images[i, n:].any()
             assert data.decode_tokens(enc, question[i]) == s["question"]
             assert data.decode_tokens(enc, answer[i]) == s["answer"]

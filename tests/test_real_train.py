@@ -13,6 +13,8 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPModel
 
 import data
+import hf
+import prepare
 import sample
 import train
 from model import VLM
@@ -63,9 +65,9 @@ def coco(tmp_path_factory, clip_dir):
     out = str(root / "prepared")
     for split, n in (("train", 24), ("val", 8)):
         write_coco(root, split, n, seed=n)
-        data.main(["coco", "--captions", str(root / "annotations" / f"captions_{split}2017.json"), "--images",
-                   str(root / f"{split}2017"), "--split", split, "--out", out, "--tokenizer", clip_dir,
-                   "--image_size", str(S), "--context_length", str(T)])
+        prepare.main(["coco", "--captions", str(root / "annotations" / f"captions_{split}2017.json"), "--images",
+                      str(root / f"{split}2017"), "--split", split, "--out", out, "--tokenizer", clip_dir,
+                      "--image_size", str(S), "--context_length", str(T)])
     return out
 
 
@@ -81,7 +83,7 @@ def test_a_coco_folder_trains_from_a_hugging_face_clip(tmp_path, clip_dir, coco)
     frozen = str(tmp_path / "frozen")
     run(frozen, f"--data={coco}", f"--init_from={clip_dir}", "--max_iters=2", "--lr=0", "--min_lr=0")
     state = torch.load(os.path.join(frozen, "ckpt.pt"), weights_only=True)["model"]
-    reference = VLM.from_pretrained(clip_dir).state_dict()
+    reference = hf.from_pretrained(clip_dir).state_dict()
     towers = [k for k in reference if k.startswith(("visual.", "text.")) or k == "logit_scale"]
     V = CLIPConfig.from_pretrained(clip_dir).text_config.vocab_size  # the specials' rows after it start fresh
     for k in towers:
@@ -112,7 +114,7 @@ def test_a_coco_folder_trains_from_a_hugging_face_clip(tmp_path, clip_dir, coco)
 def test_a_hugging_face_start_is_drawn_from_the_seed(clip_dir):
     """The parts a CLIP does not have start from the run's seed: the same seed, the same
     weights (every rank, every rerun); another seed, other fresh parts and the same towers."""
-    a, b, c = (train.hf_init(clip_dir, "", {}, seed)["model"] for seed in (1, 1, 2))
+    a, b, c = (hf.hf_init(clip_dir, "", {}, seed)["model"] for seed in (1, 1, 2))
     assert all(torch.equal(a[k], b[k]) for k in a)
     fresh = [k for k in a if not torch.equal(a[k], c[k])]
     assert fresh and all(k.startswith(("converter.", "generator.", "itm_head.", "rtd_head.", "r2d_head.", "momentum.",
@@ -125,9 +127,9 @@ def test_a_clip_start_on_data_of_another_tokenizer_stops_with_a_message(tmp_path
     other = write_vocab(tmp_path / "gpt2", *train_vocab(CORPUS * 3, 200, clip=False))
     write_coco(tmp_path, "train", 16, seed=0)
     prepared = str(tmp_path / "prepared")
-    data.main(["coco", "--captions", str(tmp_path / "annotations" / "captions_train2017.json"), "--images",
-               str(tmp_path / "train2017"), "--out", prepared, "--tokenizer", other, "--image_size", str(S),
-               "--context_length", str(T)])
+    prepare.main(["coco", "--captions", str(tmp_path / "annotations" / "captions_train2017.json"), "--images",
+                  str(tmp_path / "train2017"), "--out", prepared, "--tokenizer", other, "--image_size", str(S),
+                  "--context_length", str(T)])
     with pytest.raises(SystemExit, match="tokenizer of the starting weights"):
         run(str(tmp_path / "run"), f"--data={prepared}", f"--init_from={clip_dir}", "--max_iters=1")
     with pytest.raises(SystemExit, match="--init_text goes with"):
@@ -157,8 +159,8 @@ def test_the_prompt_and_instruct_stages_run_on_prepared_folders(tmp_path, tiny_r
     common = ["--tokenizer", tiny_world.path, "--image_size", str(size), "--context_length", str(tiny_world.context_length)]
     write_mask_folder(tmp_path, 12, size)
     masks = str(tmp_path / "masks-prepared")
-    data.main(["masks", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"), "--classes",
-               str(tmp_path / "classes.txt"), "--val_fraction", "0.3", "--out", masks, *common])
+    prepare.main(["masks", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"), "--classes",
+                  str(tmp_path / "classes.txt"), "--val_fraction", "0.3", "--out", masks, *common])
     out = str(tmp_path / "prompt")
     metrics = train.main(["--config", "tiny", "--stage", "prompt", f"--init_from={ckpt}", f"--data={masks}",
                           f"--out_dir={out}", "--shots=2", "--shot_seeds=1", "--max_iters=3"])
@@ -167,7 +169,7 @@ def test_the_prompt_and_instruct_stages_run_on_prepared_folders(tmp_path, tiny_r
              "question": "how many images?", "answer": ["one", "two"][i % 2], "type": "count"} for i in range(12)]
     (tmp_path / "sets.json").write_text(json.dumps(sets))
     multi = str(tmp_path / "multi-prepared")
-    data.main(["multi", "--file", str(tmp_path / "sets.json"), "--val_fraction", "0.3", "--out", multi, *common])
+    prepare.main(["multi", "--file", str(tmp_path / "sets.json"), "--val_fraction", "0.3", "--out", multi, *common])
     metrics = train.main(["--config", "tiny", "--stage", "instruct", f"--init_from={ckpt}", f"--data={multi}",
                           f"--out_dir={tmp_path / 'instruct'}", "--max_iters=3", "--batch_size=4"])
     assert 0 <= metrics["instruct_acc"] <= 1 and "instruct_acc_count" in metrics
@@ -311,9 +313,9 @@ def test_webdataset_shards_train_with_flip(tmp_path, tiny_world):
         write_tar(tmp_path / f"{i:03d}.tar", range(i * 20, i * 20 + 20))
     val = write_tar(tmp_path / "val.tar", range(100, 112))
     prepared = str(tmp_path / "wds")
-    data.main(["webdataset", "--train", f"{tmp_path}/{{000..001}}.tar", "--val", val, "--out", prepared,
-               "--tokenizer", tiny_world.path, "--image_size", str(size), "--context_length",
-               str(tiny_world.context_length), "--workers", "1"])
+    prepare.main(["webdataset", "--train", f"{tmp_path}/{{000..001}}.tar", "--val", val, "--out", prepared,
+                  "--tokenizer", tiny_world.path, "--image_size", str(size), "--context_length",
+                  str(tiny_world.context_length), "--workers", "1"])
     out = str(tmp_path / "run")
     metrics = run(out, f"--data={prepared}", "--max_iters=3", "--flip", "--n_codes=16")
     with open(os.path.join(out, "log.jsonl")) as f:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train
+from model import VLM
 from conftest import ROOT
 
 
@@ -125,7 +126,7 @@ def test_loader_workers_read_the_same_batches_and_ranks_read_disjoint_samples(ti
     two ranks' four workers read every training image once."""
     cfg = train.apply_overrides(train.PRESETS["tiny"], {"mlm_weight": 0.0, "moc_weight": 0.0, "rtd_weight": 0.0,
                                                         "r2d_weight": 0.0})
-    model = train.VLM(cfg.model)
+    model = VLM(cfg.model)
     W, n_images = 2, tiny_world.split_size("train")
     steps = n_images // (cfg.batch_size * W)
     seen = []
@@ -159,7 +160,7 @@ def test_fsdp_run_saves_whole_weights_and_resumes(tmp_path, world_root, tiny_wor
         assert result.returncode == 0, result.stderr[-3000:]
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 6 and os.path.exists(os.path.join(out, "eval.json"))
-    model = train.VLM(train.config_from_dict(ckpt["config"]).model)
+    model = VLM(train.config_from_dict(ckpt["config"]).model)
     model.load_state_dict(ckpt["model"])  # whole tensors, the names of the plain module
     assert ckpt["config"]["fsdp"] and torch.isfinite(model.logit_scale).all()
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl")) if "loss" in line]

@@ -20,6 +20,8 @@ import pytest
 from PIL import Image
 
 import data
+import hf
+import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S, T, N = 8, 24, 40  # image size, context length, samples written
@@ -73,7 +75,7 @@ def read_json(path):
 def tokenizer_dir(tmp_path_factory):
     """A Hugging Face GPT-2 tokenizer without merges: every byte a token."""
     folder = tmp_path_factory.mktemp("bytes-bpe")
-    vocab = {c: b for b, c in data.bytes_to_unicode().items()}
+    vocab = {c: b for b, c in hf.bytes_to_unicode().items()}
     (folder / "vocab.json").write_text(json.dumps({**vocab, "<|endoftext|>": 256}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     return str(folder)
@@ -81,7 +83,7 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def enc(tokenizer_dir):
-    return data.get_tokenizer(*data.hf_tokenizer(tokenizer_dir))
+    return data.get_tokenizer(*hf.hf_tokenizer(tokenizer_dir))
 
 
 @pytest.fixture(scope="module")
@@ -107,17 +109,17 @@ def reference(tmp_path_factory, enc):
             ext = "png" if "png" in members else "jpg"
             path = folder / f"{k}.{ext}"
             path.write_bytes(members[ext])
-            out[key(k)] = data.load_image(str(path), S), data.encode_texts(enc, [members["txt"].decode()], T)[0]
+            out[key(k)] = prepare.load_image(str(path), S), data.encode_texts(enc, [members["txt"].decode()], T)[0]
     return out
 
 
 def sample_counts(shards):
     """The samples of each shard, as preparation counts them (meta stream 'counts')."""
-    return [len(data.tar_samples(shard)[0]) for shard in shards]
+    return [len(prepare.tar_samples(shard)[0]) for shard in shards]
 
 
 def stream(shards, c, n, enc, batch_size=4, seed=3, log=lambda line: None):
-    return data.ShardStream(shards, sample_counts(shards), c, n, seed, enc, T, S, batch_size, log=log)
+    return prepare.ShardStream(shards, sample_counts(shards), c, n, seed, enc, T, S, batch_size, log=log)
 
 
 def by_epoch(s, n):
@@ -155,7 +157,7 @@ def test_every_valid_sample_is_read_once_an_epoch(layouts, enc, n_shards, world_
     for c in range(C):
         for epoch, (read, keys, skips) in enumerate(by_epoch(stream(shards, c, C, enc), 3)):
             if n_shards >= C:  # the consumer reads all of each shard dealt to it
-                valid = [{x.key for x in data.tar_samples(shard)[0]} & set(VALID) for shard in read]
+                valid = [{x.key for x in prepare.tar_samples(shard)[0]} & set(VALID) for shard in read]
                 assert sorted(keys) == sorted(set().union(*valid))
             else:
                 assert sorted(read) == sorted(shards)
@@ -193,14 +195,15 @@ def test_shards_are_dealt_whole_and_consumers_stay_within_a_shard(tmp_path, enc,
         for s in order:
             brute.append(int(np.argmin(totals)))  # the first of the fewest
             totals[brute[-1]] += sizes[s]
-        assert data.deal_shards(order, sizes, dealt) == brute
+        assert prepare.deal_shards(order, sizes, dealt) == brute
 
 
 def test_micro_steps_go_to_one_stream_per_worker(layouts, enc):
     """ShardBatches: micro-step s of rank r is batch s // n of consumer r * n + s % n."""
     shards = layouts[3]
     for rank in (0, 1):
-        batches = data.ShardBatches(shards, sample_counts(shards), rank, 2, 2, 3, enc, T, S, 4, log=lambda line: None)
+        batches = prepare.ShardBatches(shards, sample_counts(shards), rank, 2, 2, 3, enc, T, S, 4,
+                                       log=lambda line: None)
         for s in range(8):
             want = stream(shards, rank * 2 + s % 2, 4, enc).samples(s // 2)
             assert [x.key for x in batches.samples(s)] == [x.key for x in want]
@@ -228,7 +231,8 @@ def test_batches_are_the_tar_read_independently_and_resume_where_they_were(layou
     assert keys == three_epochs[:len(keys)]  # the batches cut the walk with no gap or overlap
 
     decoded = []
-    monkeypatch.setattr(data, "load_image", lambda path, size: decoded.append(path) or data.read_image(path, size)[0])
+    monkeypatch.setattr(prepare, "load_image",
+                        lambda path, size: decoded.append(path) or prepare.read_image(path, size)[0])
     last = len(batches) - 1
     resumed = stream(shards, 1, 2, enc, B).batch(last)  # a run resumed there
     assert all(np.array_equal(a, b) for a, b in zip(resumed, batches[last]))
@@ -240,7 +244,7 @@ def test_batches_are_the_tar_read_independently_and_resume_where_they_were(layou
 def test_a_corrupt_image_takes_the_nearest_good_sample_of_its_batch(layouts, enc, reference):
     for good in ([False, True, False, False, True, False], [True, False, True], [False, False, True]):
         brute = [min(np.flatnonzero(good), key=lambda p: (abs(p - i), p)) for i in range(len(good))]
-        assert data.nearest_good(np.array(good)).tolist() == brute
+        assert prepare.nearest_good(np.array(good)).tolist() == brute
     lines = []
     s = stream(layouts[1], 0, 1, enc, batch_size=4, log=lines.append)
     k = next(k for k in range(N) if key(CORRUPT) in [x.key for x in s.samples(k)])
@@ -277,7 +281,7 @@ def test_skips_are_logged_ten_then_at_powers_of_two_with_the_counts(layouts, enc
         assert [e for e, _, _ in itertools.islice(s.walk(), 30)] == list(range(30))
         return s, lines
     s, logged = thirty_epochs()
-    monkeypatch.setattr(data, "LOGGED_SKIPS", 10 ** 9)
+    monkeypatch.setattr(prepare, "LOGGED_SKIPS", 10 ** 9)
     _, every = thirty_epochs()
     assert s.skipped == {reason: 30 * n for reason, n in EPOCH_SKIPS.items()} and len(every) == 150
     for i, line in enumerate(every):
@@ -296,7 +300,7 @@ def test_skips_are_logged_ten_then_at_powers_of_two_with_the_counts(layouts, enc
 
 def test_tar_samples_group_members_by_key_and_stop_at_damage(layouts, tmp_path, enc):
     tar = layouts[1][0]
-    samples, problem = data.tar_samples(tar)
+    samples, problem = prepare.tar_samples(tar)
     assert problem == "" and [x.key for x in samples] == [key(k) for k in range(N)]
     for k, x in enumerate(samples):
         members = sample_members(k)
@@ -313,7 +317,7 @@ def test_tar_samples_group_members_by_key_and_stop_at_damage(layouts, tmp_path, 
     (tmp_path / "broken.tar").write_bytes(bytes(broken))
     (tmp_path / "junk.tar").write_bytes(b"not a tar file" * 100)
     for name, before in (("cut.tar", None), ("broken.tar", 30), ("junk.tar", 0)):
-        got, problem = data.tar_samples(str(tmp_path / name))
+        got, problem = prepare.tar_samples(str(tmp_path / name))
         assert problem and f"(after {len(got)} samples)" in problem, (name, problem)
         if before is not None:
             assert [x.key for x in got] == [key(k) for k in range(before)]
@@ -330,18 +334,18 @@ def test_shard_specs_expand_ranges_globs_and_lists(tmp_path):
     for name in ("a-000.tar", "a-001.tar", "a-002.tar", "b-09.tar", "b-10.tar", "c-1-2.tar"):
         (tmp_path / name).write_bytes(b"")
     p = str(tmp_path)
-    assert data.expand_shards(f"{p}/a-{{000..002}}.tar") == [f"{p}/a-{i:03d}.tar" for i in range(3)]
-    assert data.expand_shards(f"{p}/b-{{09..10}}.tar,{p}/a-*.tar") == \
+    assert prepare.expand_shards(f"{p}/a-{{000..002}}.tar") == [f"{p}/a-{i:03d}.tar" for i in range(3)]
+    assert prepare.expand_shards(f"{p}/b-{{09..10}}.tar,{p}/a-*.tar") == \
         [f"{p}/b-09.tar", f"{p}/b-10.tar"] + [f"{p}/a-{i:03d}.tar" for i in range(3)]
-    assert data.expand_shards(f"{p}/c-{{1..1}}-{{2..2}}.tar") == [f"{p}/c-1-2.tar"]
+    assert prepare.expand_shards(f"{p}/c-{{1..1}}-{{2..2}}.tar") == [f"{p}/c-1-2.tar"]
     rel = os.path.relpath(f"{p}/b-09.tar")
-    assert data.expand_shards(rel) == [f"{p}/b-09.tar"]  # absolute
+    assert prepare.expand_shards(rel) == [f"{p}/b-09.tar"]  # absolute
     for spec, message in ((f"{p}/a-{{000..003}}.tar", f"webdataset shard not found: {p}/a-003.tar"),
                           (f"{p}/z-*.tar", f"webdataset shards {p}/z-*.tar: no file matches"),
                           (f"{p}/a-*.tar,{p}/a-001.tar", f"webdataset shard {p}/a-001.tar is named twice"),
                           (f"{p}/a-{{002..000}}.tar", "runs backwards"), (",", "no webdataset shard in ','")):
         with pytest.raises(ValueError, match=re.escape(message)):
-            data.expand_shards(spec)
+            prepare.expand_shards(spec)
 
 
 # -----------------------------------------------------------------------------
@@ -355,7 +359,7 @@ def test_preparation_prepares_val_and_points_at_the_train_shards(layouts, tmp_pa
     out = str(tmp_path / "wds")
     argv = ["--out", out, "--tokenizer", tokenizer_dir, "--image_size", str(S), "--context_length", str(T),
             "--workers", "1"]
-    data.main(["webdataset", "--train", spec, "--val", val, *argv])
+    prepare.main(["webdataset", "--train", spec, "--val", val, *argv])
     ds = data.Dataset(out)
     kept = [key(k) for k in (3, 4, 26)]
     assert ds.meta["kind"] == "captions" and ds.meta["splits"] == {"val": 3} and ds.meta["captions_per_image"] == 1
@@ -375,10 +379,10 @@ def test_preparation_prepares_val_and_points_at_the_train_shards(layouts, tmp_pa
                             f"error: webdataset shard not found: {folder}/003.tar"),
                            (["--train", spec, "--val", train[1]], f"error: webdataset shard {train[1]} is in both")):
         with pytest.raises(SystemExit, match=re.escape(message)):
-            data.main(["webdataset", *extra, "--out", str(tmp_path / "other"), *argv[2:]])
+            prepare.main(["webdataset", *extra, "--out", str(tmp_path / "other"), *argv[2:]])
     assert not os.path.exists(tmp_path / "other")
 
-    data.prepare_codebook(out, 4, 4, log=lambda *a: None)  # fitted on the stream's first images
+    prepare.prepare_codebook(out, 4, 4, log=lambda *a: None)  # fitted on the stream's first images
     centroids = data.Dataset(out).codebook(4, 4)
     images, _ = stream(train, 0, 1, enc, batch_size=6).batch(0)
     for batch, codes in ((images, data.visual_codes(images, centroids, 4)),
@@ -393,8 +397,8 @@ def test_a_split_added_to_a_streamed_dataset_keeps_the_stream(layouts, tmp_path,
     dataset of other sizes or another tokenizer is refused, naming each field that differs."""
     out, argv = str(tmp_path / "wds"), ["--tokenizer", tokenizer_dir, "--image_size", str(S), "--context_length",
                                          str(T), "--workers", "1"]
-    data.main(["webdataset", "--train", ",".join(layouts[3]), "--val", write_tar(tmp_path / "val.tar", [3, 4]),
-               "--out", out, *argv])
+    prepare.main(["webdataset", "--train", ",".join(layouts[3]), "--val", write_tar(tmp_path / "val.tar", [3, 4]),
+                  "--out", out, *argv])
     before, train_report = data.Dataset(out).meta, read_json(os.path.join(out, "report.json"))["splits"]["train"]
     os.makedirs(tmp_path / "images")
     for k in (0, 2):
@@ -415,17 +419,12 @@ def test_a_split_added_to_a_streamed_dataset_keeps_the_stream(layouts, tmp_path,
                             "tokenizer gpt2 of 256 ranks there, other gpt2 of 257 ranks asked")):
         with pytest.raises(SystemExit, match=re.escape(f"error: {out} holds a dataset of other sizes or another "
                                                        f"tokenizer than asked: {message}: prepare into a new --out")):
-            data.main([*coco, *argv, *extra])
-    data.main([*coco, *argv, "--captions_per_image", "1"])
+            prepare.main([*coco, *argv, *extra])
+    prepare.main([*coco, *argv, "--captions_per_image", "1"])
     ds = data.Dataset(out)
     assert ds.stream == before["stream"] and ds.meta["splits"] == {"test": 2, "val": 2}
     assert ds.meta["source"] == {"val": before["source"]["val"], "test": captions}
     assert read_json(os.path.join(out, "report.json"))["splits"]["train"] == train_report
-    meta = dict(ds.meta, stream={k: v for k, v in ds.stream.items() if k != "counts"})  # as prepared before counts
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    with pytest.raises(ValueError, match="prepared before their sample counts were kept .*: prepare it again"):
-        data.Dataset(out)
 
 
 def test_empty_shards_are_walked_past_and_left_out_of_a_prepared_stream(layouts, tmp_path, tokenizer_dir, enc):
@@ -461,7 +460,7 @@ def test_empty_shards_are_walked_past_and_left_out_of_a_prepared_stream(layouts,
     argv = ["--val", write_tar(tmp_path / "val.tar", [3, 4]), "--tokenizer", tokenizer_dir, "--image_size", str(S),
             "--context_length", str(T), "--workers", "1"]
     out = str(tmp_path / "wds")
-    data.main(["webdataset", "--train", ",".join([empty[0], full, empty[1], useless]), "--out", out, *argv])
+    prepare.main(["webdataset", "--train", ",".join([empty[0], full, empty[1], useless]), "--out", out, *argv])
     n_full = len(range(0, N, 3))
     assert data.Dataset(out).stream == {"shards": [full], "counts": [n_full], "samples": n_full}
     report = read_json(os.path.join(out, "report.json"))["splits"]["train"]
@@ -472,7 +471,7 @@ def test_empty_shards_are_walked_past_and_left_out_of_a_prepared_stream(layouts,
                                             detail="3 samples, none with an image and a UTF-8 caption")]
     with pytest.raises(SystemExit, match=re.escape("error: webdataset shards " + ",".join(dry) + ": no sample with an "
                                                    "image and a UTF-8 caption in them (skipped: empty shard: 4)")):
-        data.main(["webdataset", "--train", ",".join(dry), "--out", str(tmp_path / "none"), *argv])
+        prepare.main(["webdataset", "--train", ",".join(dry), "--out", str(tmp_path / "none"), *argv])
     assert not os.path.exists(tmp_path / "none")
 
 
@@ -493,8 +492,8 @@ def test_two_ranks_stream_a_tar_with_no_sample_read_twice(layouts, tmp_path, tok
     by_epoch = {0: Counter(), 1: Counter()}
     for rank, steps_read in enumerate(reads):
         for s, read in enumerate(steps_read):
-            want = data.ShardBatches(layouts[1], sample_counts(layouts[1]), rank, 2, 2, 0, enc, T, S, 2,
-                                     log=lambda line: None).samples(s)
+            want = prepare.ShardBatches(layouts[1], sample_counts(layouts[1]), rank, 2, 2, 0, enc, T, S, 2,
+                                        log=lambda line: None).samples(s)
             assert read == [[x.epoch, x.key] for x in want]  # in a loader worker of its rank as in this process
             for epoch, k in read:
                 by_epoch[epoch][k] += 1

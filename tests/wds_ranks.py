@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/wds_ranks.py SHARDS TOKENIZER S T STEPS OUT
 
 each rank reads its micro-steps 0..STEPS-1 (batches of 2) with 2 loader workers as training
-does (train.host_batches over data.ShardBatches), and rank 0 writes what every rank read,
+does (train.host_batches over prepare.ShardBatches), and rank 0 writes what every rank read,
 [rank][step] -> [[epoch, key]], as JSON to OUT."""
 
 import json
@@ -15,16 +15,18 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+import hf  # noqa: E402
+import prepare  # noqa: E402
 import train  # noqa: E402
 
 
 def main(shards, tokenizer, S, T, steps, out):
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    enc = data.get_tokenizer(*data.hf_tokenizer(tokenizer))
-    shards = data.expand_shards(shards)
-    counts = [len(data.tar_samples(shard)[0]) for shard in shards]  # as preparation counts them
-    batches = data.ShardBatches(shards, counts, rank, world_size, 2, 0, enc, T, S, 2, log=lambda line: None)
+    enc = data.get_tokenizer(*hf.hf_tokenizer(tokenizer))
+    shards = prepare.expand_shards(shards)
+    counts = [len(prepare.tar_samples(shard)[0]) for shard in shards]  # as preparation counts them
+    batches = prepare.ShardBatches(shards, counts, rank, world_size, 2, 0, enc, T, S, 2, log=lambda line: None)
 
     def fetch(s):
         images, tokens = batches.fetch(s)  # decoded in the worker, as in training

@@ -1,0 +1,562 @@
+"""
+Hugging Face interop: CLIP and GPT-2 weights in (from_pretrained, hf_init), CLIP out
+(export_hf_clip), and their byte-level BPE tokenizers read as tiktoken ranks and written back
+as Hugging Face files. transformers is imported in here only.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+
+import tiktoken
+import torch
+
+from data import (BOS, EOS, PAD, SPECIAL_TOKENS, Dataset, bpe_from_text, bpe_to_text, get_tokenizer, tokenizer_meta,
+                  write_file)
+from model import VLM, VLMConfig, text_activation
+
+# -----------------------------------------------------------------------------
+# tokenizers: GPT-2's and OpenAI CLIP's byte-level BPE, from vocab.json and merges.txt to
+# tiktoken ranks. tiktoken merges the adjacent pair whose join ranks lowest, Hugging Face the
+# pair that comes first in merges.txt: the same when each merge makes a new token numbered in
+# merge order (hf_bpe_ranks checks it). CLIP's word end '</w>' is a trailing space byte here.
+
+END_OF_WORD = "</w>"
+
+
+def bytes_to_unicode():
+    """GPT-2's table {byte: printable character} that Hugging Face byte-level vocabularies
+    are written in: printable Latin-1 bytes stand for themselves, the rest for chr(256 + n)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
+
+
+def hf_bpe_ranks(vocab, merges, end_of_word=""):
+    """tiktoken ranks {token bytes: id} from a Hugging Face byte-level BPE: vocab {token: id},
+    merges [(a, b)] in order. The tokens are the 256 bytes (with end_of_word, also each byte
+    ending a word) and the merged ones. Raises ValueError if the ids are not 0..n-1 or a
+    merged token's id is not in merge order (tiktoken's merge rule would then differ)."""
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+
+    def to_bytes(token):
+        word_end = bool(end_of_word) and token.endswith(end_of_word)
+        chars = token[:len(token) - len(end_of_word) * word_end]
+        if not chars or any(c not in byte_of for c in chars):
+            raise ValueError(f"token {token!r} is not written in byte characters")
+        return bytes(byte_of[c] for c in chars) + b" " * word_end
+
+    base = list(byte_of) + [c + end_of_word for c in byte_of] * bool(end_of_word)
+    merged = [a + b for a, b in merges]
+    missing = [t for t in base + merged if t not in vocab]
+    if missing:
+        raise ValueError(f"the vocabulary lacks {len(missing)} of its byte and merged tokens, e.g. {missing[:3]}")
+    ranks = {to_bytes(t): vocab[t] for t in base + merged}
+    ids = [vocab[t] for t in merged]
+    if len(ranks) != len(base) + len(merged) or sorted(ranks.values()) != list(range(len(ranks))) \
+            or any(a >= b for a, b in zip(ids, ids[1:])) or (ids and ids[0] < len(base)):
+        raise ValueError("the vocabulary does not number its byte tokens 0..n-1 and its merged tokens after them "
+                         "in merge order: tiktoken cannot reproduce its merges")
+    return ranks
+
+
+def hf_files(name_or_path, names):
+    """Local paths of files of a Hugging Face model: in a directory, or downloaded from the hub
+    (huggingface_hub's cache)."""
+    if os.path.isdir(name_or_path):
+        paths = [os.path.join(name_or_path, n) for n in names]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"{name_or_path} has no {', '.join(map(os.path.basename, missing))}")
+        return paths
+    try:
+        from huggingface_hub import hf_hub_download
+        return [hf_hub_download(name_or_path, n) for n in names]
+    except Exception as e:  # offline, unknown repository, no such file: all say the same to the user
+        raise ValueError(f"{name_or_path!r} is not a directory, and its {', '.join(names)} could not be had from "
+                         f"the Hugging Face hub ({type(e).__name__}: {e})") from None
+
+
+def hf_bpe(name_or_path):
+    """(vocab, merges) as read from a Hugging Face tokenizer, a directory or a hub name: its
+    vocab.json and merges.txt, or else its tokenizer.json (all that transformers 5 saves)."""
+    try:
+        files = hf_files(name_or_path, ("vocab.json", "merges.txt"))
+    except ValueError as first:
+        try:
+            files = hf_files(name_or_path, ("tokenizer.json",))
+        except ValueError:
+            raise ValueError(f"{first}, nor tokenizer.json") from None
+    try:
+        with open(files[0], encoding="utf-8") as f:
+            content = json.load(f)
+        if len(files) == 1:  # tokenizer.json
+            model = content["model"]
+            return model["vocab"], [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+        with open(files[1], encoding="utf-8") as f:
+            return content, [line.split() for line in f if line.strip() and not line.startswith("#version")]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{name_or_path}: its tokenizer files cannot be read as a BPE ({type(e).__name__}: {e})") from None
+
+
+def hf_tokenizer(name_or_path):
+    """(kind, bpe_text) of a Hugging Face GPT-2 or CLIP tokenizer (hf_bpe): kind 'clip' when the
+    vocabulary has '</w>' word ends, else 'gpt2'; bpe_text the ranks in tiktoken's file format
+    (get_tokenizer reads it back). The vocabulary's other tokens must be the kind's own
+    specials right after the ranks: CLIP's <|startoftext|> and <|endoftext|>, GPT-2's
+    <|endoftext|>."""
+    vocab, merges = hf_bpe(name_or_path)
+    try:
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()) \
+                or not all(isinstance(m, list) and len(m) == 2 for m in merges):
+            raise ValueError("the vocabulary is not {token: id} or a merge is not two tokens")
+        kind = "clip" if any(t.endswith(END_OF_WORD) for t in vocab) else "gpt2"
+        ranks = hf_bpe_ranks(vocab, [tuple(m) for m in merges], END_OF_WORD if kind == "clip" else "")
+    except ValueError as e:
+        raise ValueError(f"{name_or_path}: not a byte-level BPE tokenizer: {e}") from None
+    n, specials = len(ranks), (BOS, EOS) if kind == "clip" else (EOS,)
+    extra = {t: i for t, i in vocab.items() if i >= n}
+    if extra != {t: n + k for k, t in enumerate(specials)}:
+        raise ValueError(f"{name_or_path}: a {kind} vocabulary should end with {', '.join(specials)} at {n}.., "
+                         f"not {extra}")
+    return kind, bpe_to_text(ranks)
+
+
+def load_tokenizer(spec):
+    """(kind, bpe_text) named on a command line: 'gpt2' (tiktoken's GPT-2 file), a prepared
+    dataset (its tokenizer), or a Hugging Face tokenizer directory or hub name (hf_tokenizer)."""
+    if spec == "gpt2":
+        try:
+            return "gpt2", bpe_to_text(tiktoken.get_encoding("gpt2")._mergeable_ranks)
+        except Exception as e:  # not cached and no network
+            raise ValueError(f"tiktoken's gpt2 file is not cached and could not be downloaded ({type(e).__name__}); "
+                             f"give a Hugging Face GPT-2 directory instead") from None
+    if os.path.exists(os.path.join(spec, "meta.json")):
+        ds = Dataset(spec)
+        return ds.meta["tokenizer"]["kind"], ds.bpe_text
+    return hf_tokenizer(spec)
+
+
+def bpe_parts(token, ranks, below):
+    """The parts byte-level BPE leaves of token's bytes with only the ranks below `below`
+    (tiktoken's rule: the adjacent pair whose join ranks lowest is joined first)."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 1:
+        joins = [ranks.get(a + b, below) for a, b in zip(parts, parts[1:])]
+        best = min(range(len(joins)), key=joins.__getitem__)
+        if joins[best] >= below:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+HF_TOKENIZER_CLASSES = {"clip": "CLIPTokenizer", "gpt2": "GPT2Tokenizer", "bpe": "GPT2Tokenizer"}  # by our kind
+
+
+def hf_tokenizer_files(kind, bpe_text, folder):
+    """Write a tokenizer, (kind, bpe_text) as get_tokenizer takes them, into folder as Hugging
+    Face's vocab.json, merges.txt and tokenizer_config.json: transformers.AutoTokenizer loads
+    them as the kind's class (HF_TOKENIZER_CLASSES) giving our token rows, <bos> text <eos>
+    <pad>... with padding="max_length" (encode_texts), and hf_tokenizer reads them back as
+    (kind, bpe_text). The world's 'bpe' is a GPT-2 kind of BPE (GPT-2's pattern,
+    <|endoftext|> right after the ranks): it is written as one, and read back as 'gpt2' (the
+    same encoding). vocab.json holds the ranks and the kind's own specials (CLIP's
+    <|startoftext|> and <|endoftext|>, GPT-2's <|endoftext|>); tokenizer_config.json names
+    bos, eos and pad, has a GPT2Tokenizer add bos and eos as CLIPTokenizer does, and lists
+    every special of ours at its id. The merges, in rank order: for each token not of the
+    base (a byte; for CLIP also a byte with '</w>', the trailing space byte here), the two
+    parts BPE joins into it (bpe_parts with the ranks below its own); raises ValueError for
+    a token that is not one join of lower ranked tokens. Each file written atomically.
+    Returns the three paths."""
+    if kind not in HF_TOKENIZER_CLASSES:
+        raise ValueError(f"unknown tokenizer {kind!r}: expected 'clip', 'gpt2' or 'bpe'")
+    clip, char = kind == "clip", bytes_to_unicode()
+    ranks = bpe_from_text(bpe_text)
+
+    def name(token):  # as Hugging Face writes a token: byte characters, CLIP's word end as '</w>'
+        word_end = clip and len(token) > 1 and token.endswith(b" ")
+        return "".join(char[b] for b in token[:len(token) - word_end]) + END_OF_WORD * word_end
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda x: x[1]):
+        if not (len(token) == 1 or clip and len(token) == 2 and token.endswith(b" ")):  # not a base token
+            parts = bpe_parts(token, ranks, rank)
+            if len(parts) != 2:
+                raise ValueError(f"{kind} token {token!r} (rank {rank}) is not one join of two lower ranked tokens "
+                                 f"(BPE leaves {len(parts)} parts): it has no Hugging Face merge")
+            merges.append(f"{name(parts[0])} {name(parts[1])}\n")
+    ids = tokenizer_meta(kind, get_tokenizer(kind, bpe_text))["special_tokens"]
+    vocab = {**{name(t): r for t, r in ranks.items()}, **{t: ids[t] for t in ((BOS, EOS) if clip else (EOS,))}}
+    config = dict(tokenizer_class=HF_TOKENIZER_CLASSES[kind], bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                  **({} if clip else dict(add_bos_token=True, add_eos_token=True)),
+                  added_tokens_decoder={str(ids[t]): dict(content=t, special=True) for t in SPECIAL_TOKENS})
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, n) for n in ("vocab.json", "merges.txt", "tokenizer_config.json")]
+    write_file(paths[0], json.dumps(vocab, ensure_ascii=False))
+    write_file(paths[1], "#version: 0.2\n" + "".join(merges))
+    write_file(paths[2], json.dumps(config, indent=1))
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# weights: CLIP in and out, GPT-2 in
+
+# Hugging Face's hidden_act -> ours (gelu_new, gelu_pytorch_tanh and gelu_fast are one function)
+HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                  "gelu_fast": "gelu_tanh"}
+# ours -> the hidden_act that export_hf_clip writes
+HF_ACTIVATION_NAMES = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+# our names -> Hugging Face CLIP's, per tower: its prefix, its tensors (a LayerNorm name maps
+# its weight and bias), its projection into the joint space
+HF_CLIP_TOWERS = {
+    "visual": ("vision_model", {"conv1.weight": "embeddings.patch_embedding.weight",
+                                "class_embedding": "embeddings.class_embedding",
+                                "positional_embedding": "embeddings.position_embedding.weight",
+                                "ln_pre": "pre_layrnorm", "ln_post": "post_layernorm"},
+               ("proj.weight", "visual_projection.weight")),
+    "text": ("text_model", {"token_embedding.weight": "embeddings.token_embedding.weight",
+                            "positional_embedding": "embeddings.position_embedding.weight",
+                            "ln_final": "final_layer_norm"},
+             ("text_projection.weight", "text_projection.weight")),
+}
+HF_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.c_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1",
+                 "mlp.c_proj": "mlp.fc2"}
+GPT2_BLOCK = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")  # our names are GPT-2's
+
+
+def hf_clip_keys(cfg, towers=("visual", "text")):
+    """(our name, Hugging Face CLIP's) for logit_scale and every tensor of the towers named
+    (with their projections); for c_attn, HF's three names, q, k and v, which concatenate
+    into it. Our ViT applies ln_post to every token, HF's post_layernorm to the class token
+    alone: the same weights, the same embedding."""
+    pairs = [("logit_scale", "logit_scale")]
+    for tower in towers:
+        prefix, keys, (proj, their_proj) = HF_CLIP_TOWERS[tower]
+        pairs.append((f"{tower}.{proj}", their_proj))
+        for k, v in keys.items():
+            suffixes = (".weight", ".bias") if k.startswith("ln") else ("",)
+            pairs += [(f"{tower}.{k}{s}", f"{prefix}.{v}{s}") for s in suffixes]
+        for i in range(cfg.vit_layers if tower == "visual" else cfg.text_layers):
+            o, h = f"{tower}.blocks.{i}.", f"{prefix}.encoder.layers.{i}."
+            for p in ("weight", "bias"):
+                pairs += [(f"{o}{k}.{p}", f"{h}{v}.{p}") for k, v in HF_CLIP_BLOCK.items()]
+                pairs.append((f"{o}attn.c_attn.{p}", tuple(f"{h}self_attn.{x}_proj.{p}" for x in "qkv")))
+    return pairs
+
+
+def state_from_hf_clip(sd, cfg, towers=("visual", "text")):
+    """A transformers CLIPModel's state dict -> ours: logit_scale (as (1,)) and the towers
+    named, with their projections."""
+    out = {mine: torch.cat([sd[t] for t in theirs]) if isinstance(theirs, tuple) else sd[theirs]
+           for mine, theirs in hf_clip_keys(cfg, towers)}
+    out["logit_scale"] = out["logit_scale"].reshape(1)
+    return out
+
+
+def state_to_hf_clip(sd, cfg):
+    """The inverse of state_from_hf_clip: our state dict -> a CLIPModel's (logit_scale a scalar)."""
+    out = {}
+    for mine, theirs in hf_clip_keys(cfg):
+        out.update(zip(theirs, sd[mine].chunk(3)) if isinstance(theirs, tuple) else [(theirs, sd[mine])])
+    out["logit_scale"] = out["logit_scale"].reshape(())
+    return out
+
+
+def state_from_hf_gpt2(sd, cfg):
+    """A transformers GPT2Model's state dict -> our text transformer. The block names are
+    GPT-2's (h.i -> text.blocks.i); its Conv1D weights are stored (in, out): transposed."""
+    out = {"text.token_embedding.weight": sd["wte.weight"], "text.positional_embedding": sd["wpe.weight"],
+           "text.ln_final.weight": sd["ln_f.weight"], "text.ln_final.bias": sd["ln_f.bias"]}
+    for i in range(cfg.text_layers):
+        for k in GPT2_BLOCK:
+            for p in ("weight", "bias"):
+                v = sd[f"h.{i}.{k}.{p}"]
+                out[f"text.blocks.{i}.{k}.{p}"] = v.t() if p == "weight" and not k.startswith("ln") else v
+    return out
+
+
+@torch.no_grad()
+def load_into(model, state):
+    """Copy state (our names) into model's tensors, in their dtype. The token embedding takes
+    a smaller table into its first rows (the specials appended after a HF vocabulary keep
+    theirs), the positional embedding the first context_length rows of a longer one; every
+    other shape must match."""
+    own = model.state_dict()
+    for k, v in state.items():
+        dst = own[k]
+        if k == "text.token_embedding.weight":
+            dst = dst[:v.size(0)]
+        elif k == "text.positional_embedding":
+            v = v[:dst.size(0)]
+        if dst.shape != v.shape:
+            raise ValueError(f"{k}: the checkpoint's shape {tuple(v.shape)} does not fit the model's "
+                             f"{tuple(dst.shape)}")
+        dst.copy_(v)
+
+
+def hf_config(name):
+    """The transformers config of a local directory or a hub name."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        if os.path.isdir(name):
+            raise OSError(f"{name}: no Hugging Face model config could be read from this directory: {e}") from e
+        raise OSError(f"{name!r} is not a local directory, and loading it as a Hugging Face hub name failed (that "
+                      f"needs the network, or the files in the hub's cache): {e}. Give a directory written by "
+                      "save_pretrained, or a hub name with the network reachable") from e
+
+
+def hf_weights(kind, name):
+    """The state dict of a transformers CLIPModel ('clip') or GPT2Model ('gpt2') from name."""
+    import transformers
+    return (transformers.CLIPModel if kind == "clip" else transformers.GPT2Model).from_pretrained(name).state_dict()
+
+
+def hf_image_stats(name):
+    """{'image_mean', 'image_std'} from the preprocessor_config.json of a directory or hub
+    name; {} without one."""
+    from transformers.utils import cached_file
+    path = cached_file(name, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    if path is None:
+        return {}
+    with open(path) as f:
+        pre = json.load(f)
+    out = {k: tuple(float(x) for x in pre[k]) for k in ("image_mean", "image_std") if k in pre}
+    if any(len(v) != 3 for v in out.values()):
+        raise ValueError(f"{path}: image_mean and image_std must have 3 values (RGB), got {out}")
+    return out
+
+
+def hf_activation(name, tower, act):
+    """Our name of a Hugging Face activation (HF_ACTIVATIONS); an error naming one we lack."""
+    if act not in HF_ACTIVATIONS:
+        raise ValueError(f"{name}: the {tower} tower's activation {act!r} is not one we have "
+                         f"(we read {', '.join(HF_ACTIVATIONS)})")
+    return HF_ACTIVATIONS[act]
+
+
+def hf_mlp_ratio(name, tower, hidden, intermediate):
+    """Our mlp_ratio of a HF tower's widths; an error unless its MLP width is a whole multiple."""
+    if intermediate % hidden:
+        raise ValueError(f"{name}: the {tower} tower's MLP width {intermediate} is not a whole multiple of its width "
+                         f"{hidden} (ours is mlp_ratio x width)")
+    return intermediate // hidden
+
+
+def clip_vision_fields(config, name):
+    """VLMConfig fields of a transformers CLIPConfig's vision tower and joint space."""
+    v = config.vision_config
+    if v.num_channels != 3:
+        raise ValueError(f"{name}: the vision tower reads {v.num_channels} channels; ours reads RGB")
+    return dict(image_size=v.image_size, patch_size=v.patch_size, vit_width=v.hidden_size,
+                vit_layers=v.num_hidden_layers, vit_heads=v.num_attention_heads, embed_dim=config.projection_dim,
+                mlp_ratio=hf_mlp_ratio(name, "vision", v.hidden_size, v.intermediate_size),
+                activation=hf_activation(name, "vision", v.hidden_act), layer_norm_eps=v.layer_norm_eps)
+
+
+def clip_text_fields(config, name):
+    """VLMConfig fields of a transformers CLIPConfig's text tower and vocabulary (see
+    VLM.from_pretrained); a config that export_hf_clip wrote keeps its special ids."""
+    t = config.text_config
+    out = dict(text_width=t.hidden_size, text_layers=t.num_hidden_layers, text_heads=t.num_attention_heads,
+               context_length=t.max_position_embeddings,
+               mlp_ratio=hf_mlp_ratio(name, "text", t.hidden_size, t.intermediate_size),
+               text_activation=hf_activation(name, "text", t.hidden_act), layer_norm_eps=t.layer_norm_eps)
+    V = t.vocab_size
+    if getattr(config, "nanovlp_specials", None):
+        return dict(out, vocab_size=V, **config.nanovlp_specials)
+    bos, eos = (V - 2, V - 1) if t.eos_token_id == 2 else (t.bos_token_id, t.eos_token_id)
+    for k, i in (("bos", bos), ("eos", eos)):
+        if not isinstance(i, int) or not 0 <= i < V:
+            raise ValueError(f"{name}: {k}_token_id {i!r} is not an id of its vocabulary of {V}")
+    return dict(out, vocab_size=V + 3, bos_id=bos, eos_id=eos, pad_id=V, mask_id=V + 1, glob_id=V + 2)
+
+
+def gpt2_fields(config, name):
+    """VLMConfig fields of a transformers GPT2Config: the text tower and vocabulary (see
+    VLM.from_pretrained)."""
+    for has, what in ((config.add_cross_attention, "cross-attention layers"),
+                      (not config.scale_attn_weights, "attention without the 1/sqrt(head size) scale"),
+                      (config.scale_attn_by_inverse_layer_idx, "attention scaled by the layer index"),
+                      (not config.tie_word_embeddings, "an lm_head apart from the token embedding")):
+        if has:
+            raise ValueError(f"{name}: this GPT-2 has {what}; ours has not")
+    V, eos = config.vocab_size, config.eos_token_id
+    if not isinstance(eos, int) or not 0 <= eos < V:
+        raise ValueError(f"{name}: eos_token_id {eos!r} is not an id of its vocabulary of {V}")
+    return dict(text_width=config.n_embd, text_layers=config.n_layer, text_heads=config.n_head,
+                context_length=config.n_positions,
+                mlp_ratio=hf_mlp_ratio(name, "text", config.n_embd, config.n_inner or 4 * config.n_embd),
+                text_activation=hf_activation(name, "text", config.activation_function),
+                layer_norm_eps=config.layer_norm_epsilon,
+                vocab_size=V + 4, eos_id=eos, bos_id=V, pad_id=V + 1, mask_id=V + 2, glob_id=V + 3)
+
+
+def merge_towers(name, vision, text):
+    """One set of fields from a vision tower's and a text tower's: ours has one mlp_ratio and
+    one layer_norm_eps, so the towers must agree on them; text_activation is '' when it is
+    the vision tower's."""
+    for k in ("mlp_ratio", "layer_norm_eps"):
+        if vision[k] != text[k]:
+            raise ValueError(f"{name}: {k} is {vision[k]} in the vision tower and {text[k]} in the text tower; "
+                             f"ours has one {k} for both")
+    out = {**vision, **text}
+    if out["text_activation"] == out["activation"]:
+        out["text_activation"] = ""
+    return out
+
+
+def checked_config(name, fixed, overrides):
+    """VLMConfig(fixed fields, then overrides), where an override may not contradict a fixed
+    field (context_length may be less; the text tower's activation is compared as used)."""
+    known = {f.name for f in dataclasses.fields(VLMConfig)}
+    for k in overrides:
+        if k not in known:
+            raise ValueError(f"{k!r} is not a VLMConfig field")
+    cfg = VLMConfig(**{**fixed, **overrides})
+    for k, v in fixed.items():
+        if k == "text_activation":
+            want, got = text_activation(VLMConfig(**fixed)), text_activation(cfg)
+        else:
+            want, got = v, getattr(cfg, k)
+        if got != want and not (k == "context_length" and got <= want):
+            raise ValueError(f"{k}={got!r} contradicts {name}, whose architecture has {k}={want!r}"
+                             + (" (context_length may be less, not more)" if k == "context_length" else ""))
+    return cfg
+
+
+def hf_clip_config(cfg):
+    """A transformers CLIPConfig of cfg's towers: sizes, activations, layer_norm_eps, the
+    vocabulary and its special ids (nanovlp_specials, which VLM.from_pretrained reads back).
+    HF pools the text at the first eos_token_id, as we do, except when that id is 2 (then at
+    the highest id of each row, a legacy rule): an eos_id of 2 is refused."""
+    from transformers import CLIPConfig
+    if cfg.eos_id == 2:
+        raise ValueError("eos_id 2: Hugging Face CLIP reads eos_token_id 2 as its legacy marker and pools the text at "
+                         "the highest token id instead of at <eos>; give <eos> another id")
+    common = dict(layer_norm_eps=cfg.layer_norm_eps, projection_dim=cfg.embed_dim)
+    text = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.text_width, intermediate_size=cfg.mlp_ratio * cfg.text_width,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                max_position_embeddings=cfg.context_length, hidden_act=HF_ACTIVATION_NAMES[text_activation(cfg)],
+                bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id, **common)
+    vision = dict(hidden_size=cfg.vit_width, intermediate_size=cfg.mlp_ratio * cfg.vit_width,
+                  num_hidden_layers=cfg.vit_layers, num_attention_heads=cfg.vit_heads, image_size=cfg.image_size,
+                  patch_size=cfg.patch_size, num_channels=3, hidden_act=HF_ACTIVATION_NAMES[cfg.activation], **common)
+    specials = {k: getattr(cfg, k) for k in ("bos_id", "eos_id", "pad_id", "mask_id", "glob_id")}
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim,
+                      logit_scale_init_value=math.log(1 / 0.07), nanovlp_specials=specials)
+
+
+def export_hf_clip(model, path, write_extra=None):
+    """Write model's ViT, text transformer, their projections and logit_scale as a Hugging
+    Face CLIP directory that transformers.CLIPModel.from_pretrained loads with equal
+    embeddings and logits: config.json (hf_clip_config), model.safetensors (float32), and
+    preprocessor_config.json (CLIPImageProcessor's: bicubic resize of the short side and
+    centre crop to image_size, as prepare.load_image, then our image_mean and image_std).
+    Nothing else goes out: not the converter, generator, heads, momentum copy or prompts.
+    write_extra(directory), if given, writes more files (the tokenizer's: sample.py export).
+    Written to a temporary directory beside path, then renamed; path must not exist yet."""
+    from transformers import CLIPModel
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists: export_hf_clip writes a new directory")
+    cfg = model.cfg
+    hf = CLIPModel(hf_clip_config(cfg))
+    hf.load_state_dict(state_to_hf_clip(model.state_dict(), cfg), strict=True)
+    S = cfg.image_size
+    pre = dict(image_processor_type="CLIPImageProcessor", do_resize=True, size={"shortest_edge": S}, resample=3,
+               do_center_crop=True, crop_size={"height": S, "width": S}, do_rescale=True, rescale_factor=1 / 255,
+               do_normalize=True, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std), do_convert_rgb=True)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".export_hf_clip.")
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would stay with the renamed directory
+        hf.save_pretrained(tmp)
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+            json.dump(pre, f, indent=2)
+        if write_extra is not None:
+            write_extra(tmp)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def from_pretrained(name_or_path, text=None, **overrides):
+    """A model started from Hugging Face weights. name_or_path: a directory written by
+    save_pretrained (or export_hf_clip), or a hub name, which transformers downloads (that
+    needs the network, or the files already in the hub's cache). What it loads:
+        a CLIP (CLIPConfig): both towers, their projections and logit_scale; image_mean
+            and image_std from preprocessor_config.json when there is one
+        a GPT-2 (GPT2Config): the text transformer (its lm_head is tied to the token
+            embedding, as ours); the ViT, text_projection and logit_scale start fresh
+        a CLIP with text= a GPT-2: the ViT, its projection and logit_scale from the CLIP,
+            the text transformer from the GPT-2; text_projection starts fresh
+    The vocabulary is the checkpoint's with our specials appended, as data.py's tokenizers
+    do (CLIP: <pad>, <mask>, <glob>, its own <bos> and <eos>; GPT-2: <bos>, <pad>, <mask>,
+    <glob>, its <|endoftext|> as <eos>); their embedding rows start fresh. A CLIP config
+    with eos_token_id 2 (OpenAI's, written before transformers fixed the id; HF then pools
+    at the highest id) gets the last two ids of its vocabulary, CLIP's <|startoftext|>
+    and <|endoftext|>. Everything else starts fresh as in VLM(cfg): converter, generator,
+    heads, codebook, instruct and prompt parts; the momentum copy starts as the encoders.
+    overrides: other VLMConfig fields (loss weights, converter, ...); context_length may be
+    less than the checkpoint's (its first positions are kept); a field that the checkpoint
+    fixes (a width, a depth, the vocabulary) set to another value, or a name that is no
+    field, is a ValueError.
+    Returns the model in float32."""
+    config = hf_config(name_or_path)
+    name = name_or_path if text is None else f"{name_or_path} with text={text}"
+    stats = {}
+    if config.model_type == "clip":
+        stats = hf_image_stats(name_or_path)
+        if text is None:
+            text_fields = clip_text_fields(config, name_or_path)
+        else:
+            text_config = hf_config(text)
+            if text_config.model_type != "gpt2":
+                raise ValueError(f"text={text}: a {type(text_config).__name__} (model_type "
+                                 f"{text_config.model_type!r}); text= takes a GPT-2")
+            text_fields = gpt2_fields(text_config, text)
+        fixed = merge_towers(name, clip_vision_fields(config, name_or_path), text_fields)
+    elif config.model_type == "gpt2":
+        if text is not None:
+            raise ValueError(f"text={text} goes with a CLIP, but {name_or_path} is a GPT-2")
+        fixed = gpt2_fields(config, name_or_path)
+    else:
+        raise ValueError(f"{name_or_path}: a {type(config).__name__} (model_type {config.model_type!r}); "
+                         "from_pretrained reads a CLIP (CLIPConfig) or a GPT-2 (GPT2Config)")
+    cfg = checked_config(name, fixed, {**stats, **overrides})
+    model = VLM(cfg).float()
+    state = {}
+    if config.model_type == "clip":
+        towers = ("visual", "text") if text is None else ("visual",)
+        state = state_from_hf_clip(hf_weights("clip", name_or_path), cfg, towers)
+    if config.model_type == "gpt2" or text is not None:
+        state.update(state_from_hf_gpt2(hf_weights("gpt2", text or name_or_path), cfg))
+    load_into(model, state)
+    model.reset_momentum()
+    return model
+
+
+def hf_init(name, text, model_changes, seed):
+    """A Hugging Face CLIP or GPT-2 (a hub name, or a directory written by save_pretrained) as
+    a starting checkpoint: its weights in our layout (VLM.from_pretrained, the model flags
+    given applied), its architecture, and the tokenizer of its text side, which the data
+    must have been prepared with (prepare.py --tokenizer). The parts that start fresh are drawn
+    from seed, so every rank, and every run of the same seed, starts from the same weights."""
+    try:
+        with torch.random.fork_rng(devices=[]):  # built on the CPU: no GPU's generator is touched
+            torch.manual_seed(seed)
+            model = from_pretrained(name, text=text or None, **model_changes)
+        kind, bpe = hf_tokenizer(text or name)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--init_from {name}{' --init_text ' + text if text else ''}: {e}") from None
+    return {"model": model.state_dict(), "config": {"model": asdict(model.cfg)}, "tokenizer": {"kind": kind, "bpe": bpe},
+            "data_path": text or name}

@@ -1,0 +1,433 @@
+"""
+The prompt stage: few-shot detection of new classes on the frozen model, with coupled prompt
+vectors (MaPLe). Learned text prompts enter the first text layers, image prompts (maps of
+the text prompts) the first ViT layers; patch tokens of a few ViT layers are scored against
+each class's prompted text embedding, the maps fused, upsampled, refined along the image's
+edges (PAMR), and each connected region of a class becomes a box.
+
+    python train.py --config small --stage prompt --init_from out/ckpt.pt
+"""
+
+import dataclasses
+import json
+import math
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+import data
+from model import VLM, fp32
+
+PRESETS = {
+    "tiny": dict(max_iters=20, warmup_iters=2, eval_interval=10 ** 9, shots=2, shot_seeds=2, lr=1e-2, weight_decay=0.0,
+                 prompt=True, momentum_alpha=0.0, text_prompt_depth=2, image_prompt_depth=2, dense_layers="1,2"),
+    "small": dict(max_iters=300, warmup_iters=10, lr=5e-3, min_lr=5e-4, weight_decay=0.0, eval_interval=10 ** 9,
+                  stop_loss=0.1, prompt=True, momentum_alpha=0.0, text_prompt_depth=4, image_prompt_depth=4),
+    "base": dict(max_iters=1000, warmup_iters=50, lr=3.5e-3, min_lr=3.5e-4, weight_decay=0.0, eval_interval=10 ** 9,
+                 stop_loss=0.1, prompt=True, momentum_alpha=0.0, text_prompt_depth=9, image_prompt_depth=9,
+                 dense_layers="8,10,12"),
+}
+TRAINS = ("prompt.",)  # the prompt learner alone; the model is frozen
+
+
+def splice(x, start, vectors):
+    """x (B, L, w) with positions start..start+n-1 replaced by vectors (n, w); a start of L appends them."""
+    v = vectors.to(x.dtype).expand(x.size(0), -1, -1)
+    return torch.cat([x[:, :start], v, x[:, start + v.size(1):]], dim=1)
+
+
+class PromptLearner(nn.Module):
+    """What the stage trains (MaPLe): n_ctx text prompt vectors for each of the first
+    text_prompt_depth text layers; image prompts for the first image_prompt_depth ViT layers,
+    each a linear map of its layer's text prompts (couple) or free; the score maps' fusion logits."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        Jt, Jv, n = cfg.text_prompt_depth, cfg.image_prompt_depth, cfg.n_ctx
+        self.dense_layers = parse_layers(cfg.dense_layers, cfg.vit_layers)
+        self.text_ctx = nn.Parameter(0.02 * torch.randn(Jt, n, cfg.text_width))  # layer 1: set from prompt_init
+        self.coupling = nn.ModuleList(nn.Linear(cfg.text_width, cfg.vit_width) for _ in range(Jv if cfg.couple else 0))
+        self.image_ctx = nn.Parameter(0.02 * torch.randn(0 if cfg.couple else Jv, n, cfg.vit_width))
+        self.fusion = nn.Parameter(torch.zeros(len(self.dense_layers)))  # equal weights to start
+
+    def text_prompts(self):
+        return list(self.text_ctx)
+
+    def image_prompts(self):
+        return [f(ctx) for f, ctx in zip(self.coupling, self.text_ctx)] if len(self.coupling) else list(self.image_ctx)
+
+
+def parse_layers(spec, n_layers):
+    """'2,3,4' -> (2, 3, 4): 1-based layer numbers, each in 1..n_layers."""
+    try:
+        layers = tuple(int(x) for x in str(spec).split(","))
+    except ValueError:
+        raise ValueError(f"dense_layers takes comma-separated layer numbers, got {spec!r}") from None
+    if not layers or not all(1 <= x <= n_layers for x in layers):
+        raise ValueError(f"dense_layers {spec!r}: each must be a ViT layer in 1..{n_layers}")
+    return layers
+
+
+def patch_targets(target, patch_size, n_classes, min_fraction):
+    """The class of each patch from per-pixel classes (B, H, W): the class, not background,
+    that covers most of the patch if it covers at least min_fraction of it, else background.
+    An object smaller than a patch still names its patch, and the upsampled map is brought
+    back to the object's pixels by refine_masks. Returns (B, H / p, W / p) long."""
+    share = F.avg_pool2d(F.one_hot(target, n_classes).permute(0, 3, 1, 2).float(), patch_size)[:, 1:]
+    top = share.max(1)
+    return torch.where(top.values >= min_fraction, top.indices + 1, 0)
+
+
+def refine_masks(image, probs, iters=10, dilations=(1, 2, 4, 8)):
+    """PAMR (Araslanov and Roth, 2020, https://arxiv.org/abs/2005.08104): class probabilities
+    (B, C, H, W) made to follow the image's edges, with no parameters. Each step replaces a
+    pixel's probabilities by a weighted mean of its 8 neighbours at each dilation, the weights
+    a softmax over neighbours of -|colour difference| / (0.1 * the neighbourhood's spread),
+    averaged over the channels: labels flow within regions of one colour, not across edges.
+    image (B, 3, H, W) float."""
+    H, W = image.shape[-2:]
+
+    def neighbours(x):  # (B, c, H, W) -> (B, c, K, H, W), replicate padding
+        out = []
+        for d in dilations:
+            xp = F.pad(x, (d, d, d, d), mode="replicate")
+            out += [xp[:, :, d + dy:d + dy + H, d + dx:d + dx + W] for dy in (-d, 0, d) for dx in (-d, 0, d) if dy or dx]
+        return torch.stack(out, dim=2)
+
+    nb = neighbours(image)
+    spread = nb.std(dim=2, keepdim=True)
+    affinity = (-(nb - image[:, :, None]).abs() / (1e-8 + 0.1 * spread)).mean(1).softmax(dim=1)  # (B, K, H, W)
+    for _ in range(iters):
+        probs = (neighbours(probs) * affinity[:, None]).sum(2)
+    return probs
+
+
+def connected_regions(masks):
+    """masks (N, H, W) bool -> (N, H, W) long: each 8-connected region of True its own label
+    (the smallest flat index + 1 of its pixels), 0 elsewhere. Labels spread by a 3x3 min-pool
+    until nothing changes."""
+    N, H, W = masks.shape
+    none = float(H * W + 1)
+    labels = torch.arange(1, H * W + 1, dtype=torch.float32, device=masks.device).view(1, H, W).expand(N, H, W)
+    labels = torch.where(masks, labels, none)
+    while True:
+        spread = torch.where(masks, -F.max_pool2d(-labels[:, None], 3, 1, 1)[:, 0], none)
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    return torch.where(masks, labels, 0.0).long()
+
+
+def anchor_boxes(classmap, scores, min_area=1):
+    """The anchor generator: every connected region of a class (not background, class 0) in a
+    class map becomes a box (x0, y0, x1, y1), x1 and y1 one past the last pixel, scored by the
+    mean of that class's alignment score inside the region. classmap (B, H, W) long, scores
+    (B, C, H, W). Regions under min_area pixels are left out. Returns, per image, a list of
+    (class, x0, y0, x1, y1, score)."""
+    B, C = scores.shape[:2]
+    out = [[] for _ in range(B)]
+    masks = classmap[:, None] == torch.arange(1, C, device=classmap.device)[None, :, None, None]  # (B, C-1, H, W)
+    labels = connected_regions(masks.flatten(0, 1)).view(masks.shape)
+    for b in range(B):
+        for c in range(1, C):
+            for label in labels[b, c - 1].unique().tolist():
+                region = labels[b, c - 1] == label
+                if label == 0 or int(region.sum()) < min_area:
+                    continue
+                ys, xs = region.nonzero(as_tuple=True)
+                out[b].append((c, int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1,
+                               float(scores[b, c][region].mean())))
+    return out
+
+
+class PromptVLM(VLM):
+    """The frozen pretrained model plus the prompt learner."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.prompt = PromptLearner(cfg)
+        self.prompt.apply(self._init_weights)
+
+    @classmethod
+    def zero_shot(cls, model):
+        """A model of this class with no prompts around a plain model's weights: zero-shot detection."""
+        c = model.cfg
+        cfg = dataclasses.replace(c, prompt=True, text_prompt_depth=0, image_prompt_depth=0, dense_layers=str(c.vit_layers))
+        out = cls(cfg).to(model.pixel_mean.device)
+        out.load_state_dict(model.state_dict(), strict=False)
+        return out.eval()
+
+    @torch.no_grad()
+    def init_prompts(self, class_tokens):
+        """Start the layer-1 text prompts from the embeddings of prompt_init (positions 1..n_ctx
+        of every class row): the first layer then reads the zero-shot prompt."""
+        if len(self.prompt.text_ctx):
+            self.prompt.text_ctx[0].copy_(self.text.token_embedding(class_tokens[0, 1:1 + self.cfg.n_ctx]))
+
+    def class_embeddings(self, class_tokens, prompted=True):
+        """class_tokens (C, T), rows <bos> prompt_init name <eos> -> (C, embed_dim) L2-normalised, the
+        text prompts in place of prompt_init's tokens (after <bos>) and of the first layers' outputs there."""
+        prompts = self.prompt.text_prompts() if prompted else []
+        if not prompts:
+            return self.encode_text(class_tokens)
+        t = self.text
+        x = splice(t.token_embedding(class_tokens), 1, prompts[0]) + t.positional_embedding[:class_tokens.size(1)]
+        for i, block in enumerate(t.blocks):
+            if 0 < i < len(prompts):
+                x = splice(x, 1, prompts[i])
+            x = block(x, is_causal=True)
+        return self._text_embedding(t, class_tokens, t.ln_final(x))
+
+    def vit_states(self, pixels, prompts=()):
+        """The class and patch tokens after each ViT block, before ln_post. Image prompts: the
+        first appended after the patches before ln_pre, each later one replacing the previous
+        block's outputs there; the patches attend to them, the states leave them out."""
+        v = self.visual
+        x = v.embed(pixels)
+        L = x.size(1)
+        if len(prompts):
+            x = splice(x, L, prompts[0])
+        x = v.ln_pre(x)
+        states = []
+        for i, block in enumerate(v.blocks):
+            if 0 < i < len(prompts):
+                x = splice(x, L, prompts[i])
+            x = block(x)
+            states.append(x[:, :L])
+        return states
+
+    def score_maps(self, pixels, class_emb, prompted=True):
+        """Dense scores. At each of the dense_layers, the patch tokens (through ln_post and proj
+        into the joint space, normalised) against each class embedding: the cosine times the
+        ITC temperature, a patch-by-class map; the maps fused by the softmax of the learned
+        fusion logits. Zero-shot (prompted False): no prompts, the last layer alone.
+        Returns the fused map (B, C, g, g) and the layers' maps (L, B, C, g, g)."""
+        states = self.vit_states(pixels, self.prompt.image_prompts() if prompted else ())
+        layers = self.prompt.dense_layers if prompted else (self.cfg.vit_layers,)
+        g = math.isqrt(self.visual.n_patches)
+        maps = []
+        for layer in layers:
+            x = F.normalize(self.visual.proj(self.visual.ln_post(states[layer - 1][:, 1:])), dim=-1)  # (B, P, D)
+            maps.append((x @ class_emb.t().to(x.dtype)).transpose(1, 2).unflatten(2, (g, g)))
+        maps = torch.stack(maps) * self.logit_scale.exp().clamp(max=100)
+        weights = self.prompt.fusion.softmax(0) if prompted else maps.new_ones(1)
+        return (weights.view(-1, 1, 1, 1, 1).to(maps.dtype) * maps).sum(0), maps
+
+    def forward(self, pixels, target, class_tokens):
+        """pixels (B, 3, H, W) normalised, target (B, H, W) the class of every pixel (0:
+        background), class_tokens (C, T) -> {'ce', 'dice' (with dice_weight), 'loss'}: the
+        cross-entropy at every pixel of the fused map (a patch) against the patch's class
+        (patch_targets), plus dice_weight times the soft dice loss, 1 - mean over classes of
+        (2 |p g| + 1) / (|p| + |g| + 1). Detection refines the upsampled map to the pixels."""
+        fused, _ = self.score_maps(pixels, self.class_embeddings(class_tokens), prompted=True)
+        fused = fp32(fused)
+        truth = patch_targets(target, self.cfg.patch_size, fused.size(1), self.cfg.patch_class_min)
+        out = {"ce": F.cross_entropy(fused, truth)}
+        out["loss"] = out["ce"]
+        if self.cfg.dice_weight > 0:
+            probs, truth = fused.softmax(1), F.one_hot(truth, fused.size(1)).permute(0, 3, 1, 2).to(fused.dtype)
+            overlap, total = (probs * truth).sum((0, 2, 3)), (probs + truth).sum((0, 2, 3))
+            out["dice"] = 1 - ((2 * overlap + 1) / (total + 1)).mean()
+            out["loss"] = out["loss"] + self.cfg.dice_weight * out["dice"]
+        return out
+
+    @torch.no_grad()
+    def detect(self, pixels, class_tokens, prompted=True):
+        """The per-pixel class map (B, H, W): the fused scores upsampled (bilinear) to the
+        image, their softmax refined along the image's edges by refine_iters steps of
+        refine_masks (0: none), the argmax. Also the upsampled scores (B, C, H, W) and the
+        anchor generator's boxes."""
+        fused, _ = self.score_maps(pixels, self.class_embeddings(class_tokens, prompted), prompted)
+        scores = fp32(F.interpolate(fused, size=pixels.shape[-2:], mode="bilinear", align_corners=False))
+        probs = scores.softmax(1)
+        if self.cfg.refine_iters > 0:
+            probs = refine_masks(fp32(pixels), probs, self.cfg.refine_iters)
+        classmap = probs.argmax(1)
+        return classmap, scores, anchor_boxes(classmap, scores, self.cfg.min_box_area)
+
+
+# -----------------------------------------------------------------------------
+# batches, evaluation and the shot runs
+
+
+def setup(cfg, ds):
+    """The stage's classes: --classes, else the dataset's novel ones."""
+    cfg.classes = cfg.classes or ",".join(ds.meta.get("novel_classes") or ds.meta.get("novel_shapes", []))
+    if not cfg.classes:
+        raise SystemExit(f"--stage prompt: {ds.path} names no novel classes; give --classes=a,b,...")
+
+
+def start(model, cfg, run_eval):
+    """Say what is trained and evaluate zero-shot (no prompts); returns what eval.json gets of it."""
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    print(f"trainable parameters: {sum(trainable.values())} ("
+          + ", ".join(f"{n} {k}" for n, k in trainable.items() if k) + f"); {cfg.shots} shots x {cfg.classes}, "
+          f"shot sample {cfg.shot_seed}")
+    zero = run_eval(prompted=False)
+    print(f"zero-shot (no prompts): mIoU {zero['miou']:.3f}, AP50 {zero['ap50']:.3f}")
+    return dict(trainable_params=sum(trainable.values()), **{f"zeroshot_{k}": zero[k] for k in ("miou", "fg_iou", "ap50")})
+
+
+def class_rows(ds, cfg):
+    return data.class_prompt_tokens(ds.tokenizer, cfg.classes.split(","), cfg.model.prompt_init, cfg.model.context_length)
+
+
+def batches(cfg, ds, model, device, rank, world_size):
+    """(fetch, place, n): every step, all K shots of each named class in novel_train (sample
+    shot_seed) with their class maps, kept on the device. With augment, each image and its map
+    is shifted cyclically by whole patches (the grid cuts it where it cut the original),
+    mirrored with probability 1/2, and its colour channels permuted."""
+    names = cfg.classes.split(",")
+    try:
+        idx = ds.shots("novel_train", names, cfg.shots, cfg.shot_seed)
+        target = torch.as_tensor(np.asarray(ds.class_targets("novel_train", idx, names), np.int64), device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--stage prompt: {e}") from None
+    images = torch.from_numpy(np.array(ds.array("novel_train", "images")[idx])).to(device)
+    tokens = torch.as_tensor(class_rows(ds, cfg), dtype=torch.long, device=device)
+    S, p = cfg.model.image_size, cfg.model.patch_size
+    n, pos = len(idx), np.arange(S)
+
+    def fetch(micro_step):
+        x, t = images, target
+        if cfg.augment:  # one gather: output pixel (i, j) reads ((i - dy) % S, (j' - dx) % S), j' mirrored or not
+            rng = np.random.default_rng([cfg.seed, cfg.shot_seed, micro_step])
+            shifts, flips = rng.integers(S // p, size=(n, 2)) * p, rng.random(n) < 0.5
+            rows = (pos[None] - shifts[:, :1]) % S
+            cols = (np.where(flips[:, None], S - 1 - pos[None], pos[None]) - shifts[:, 1:]) % S
+            b, r, c = (torch.from_numpy(a).to(device) for a in (np.arange(n)[:, None, None], rows[:, :, None], cols[:, None]))
+            x, t = x[b, r, c], t[b, r, c]
+            x = x[..., torch.from_numpy(rng.permutation(3)).to(device)]
+        return dict(pixels=model.normalize_pixels(x), target=t, class_tokens=tokens)
+    return fetch, lambda parts: parts, len(idx)
+
+
+def class_iou_counts(pred, truth, n_classes):
+    """(intersection, union) per class, (n_classes,) each, over every pixel of the class maps
+    pred and truth (any shape, integer classes)."""
+    pred, truth = np.asarray(pred).ravel(), np.asarray(truth).ravel()
+    inter = np.bincount(truth[pred == truth], minlength=n_classes)
+    union = np.bincount(pred, minlength=n_classes) + np.bincount(truth, minlength=n_classes) - inter
+    return inter, union
+
+
+def box_iou(a, b):
+    """IoU of boxes a (N, 4) and b (M, 4), (x0, y0, x1, y1) with x1, y1 one past the last
+    pixel: (N, M)."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    inter = w * h
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def average_precision(detections, truths, classes, threshold=0.5):
+    """Box AP at one IoU threshold, per class. detections: per image a list of (class, x0, y0,
+    x1, y1, score); truths: per image a list of (class, x0, y0, x1, y1). The detections of a
+    class, over all images in order of falling score: each is a true positive if it overlaps
+    an unmatched true box of its class in its image by IoU >= threshold (the most overlapping
+    one, which is then matched), else a false positive. AP is the area under the
+    precision-recall curve with each precision raised to the best at that recall or beyond
+    (all-point interpolation, PASCAL VOC 2010 on). Returns {class: AP}, NaN for a class with
+    no true box."""
+    out = {}
+    for c in classes:
+        dets = sorted(((d[5], i, d[1:5]) for i, ds in enumerate(detections) for d in ds if d[0] == c),
+                      key=lambda d: -d[0])
+        gts = [np.array([t[1:5] for t in ts if t[0] == c]).reshape(-1, 4) for ts in truths]
+        n_true = sum(len(g) for g in gts)
+        if n_true == 0:
+            out[c] = float("nan")
+            continue
+        matched = [np.zeros(len(g), bool) for g in gts]
+        hit = np.zeros(len(dets), bool)
+        for j, (_, i, box) in enumerate(dets):
+            if len(gts[i]):
+                iou = np.where(matched[i], -1.0, box_iou(box, gts[i])[0])
+                best = int(iou.argmax())
+                if iou[best] >= threshold:
+                    matched[i][best] = hit[j] = True
+        tp = np.cumsum(hit)
+        recall = np.concatenate([[0.0], tp / n_true])
+        precision = np.concatenate([[1.0], tp / np.arange(1, len(dets) + 1)])
+        precision = np.maximum.accumulate(precision[::-1])[::-1]
+        out[c] = float(np.sum((recall[1:] - recall[:-1]) * precision[1:]))
+    return out
+
+
+def true_boxes(ds, split, idx, names):
+    """The true boxes of the named classes in images idx: per image a list of (class, x0, y0,
+    x1, y1), class an index into ['background', *names]. From the world's object records."""
+    lookup = {value - 1: c for c, value in enumerate(ds.class_values(names), 1)}  # objects record the shape index
+    return [[(lookup[o[0]], *map(int, o[3:7])) for o in rows if o[0] >= 0 and o[0] in lookup]
+            for rows in ds.array(split, "objects")[np.asarray(idx)]]
+
+
+@torch.no_grad()
+def evaluate(model, ds, names, class_tokens, prompted=True, max_images=None, split="novel_val",
+                    batch_size=128, ctx=nullcontext()):
+    """Few-shot detection on held-out images of the named classes (the first max_images of
+    split). The class map of each image (model.detect) against the true one, in which a
+    class not named is background: IoU per named class with the pixel counts summed over the
+    split, their mean (miou, background left out) and foreground IoU (fg_iou: any named class
+    against background); box AP at IoU 0.5 of the anchor generator's boxes against the true
+    boxes (ap50, the mean over the named classes). The same for the class map of the
+    upsampled scores without the edge refinement (*_bilinear). prompted False: zero-shot."""
+    was_training = model.training
+    model.eval()
+    n = min(ds.split_size(split), max_images or ds.split_size(split))
+    C = len(names) + 1
+    counts = {key: np.zeros((2, C), np.int64) for key in ("refined", "bilinear")}
+    fg = {key: np.zeros(2, np.int64) for key in counts}
+    dets = {key: [] for key in counts}
+    tokens = torch.as_tensor(np.asarray(class_tokens, np.int64), device=model.pixel_mean.device)
+    for i in range(0, n, batch_size):
+        idx = np.arange(i, min(n, i + batch_size))
+        pixels = model.normalize_pixels(ds.array(split, "images")[idx])
+        truth = ds.class_targets(split, idx, names)
+        with ctx:
+            classmap, scores, boxes = model.detect(pixels, tokens, prompted)
+        for key, pred in (("refined", classmap), ("bilinear", scores.argmax(1))):
+            dets[key] += boxes if key == "refined" else anchor_boxes(pred, scores, model.cfg.min_box_area)
+            pred = pred.cpu().numpy()
+            counts[key] += np.stack(class_iou_counts(pred, truth, C))
+            fg[key] += np.stack(class_iou_counts((pred > 0).astype(np.int64), (truth > 0).astype(np.int64), 2))[:, 1]
+    truths = true_boxes(ds, split, np.arange(n), names)
+    out = {}
+    for key, suffix in (("refined", ""), ("bilinear", "_bilinear")):
+        iou = counts[key][0] / np.maximum(counts[key][1], 1)  # a class in neither map: 0
+        ap = average_precision(dets[key], truths, range(1, C))
+        out[f"miou{suffix}"] = float(iou[1:].mean())
+        out[f"fg_iou{suffix}"] = float(fg[key][0] / max(fg[key][1], 1))
+        out[f"ap50{suffix}"] = float(np.nanmean([ap[c] for c in range(1, C)]))
+        if not suffix:
+            out.update({f"iou_{name}": float(iou[c]) for c, name in enumerate(names, 1)})
+            out.update({f"ap50_{name}": ap[c] for c, name in enumerate(names, 1)})
+    model.train(was_training)
+    return out
+
+
+def run(cfg, sub_run):
+    """One training run per K-shot sample k = shot_seed.. (sub_run(fields, name), in out_dir/seed<k>),
+    then out_dir/eval.json: each metric's mean and standard deviation (<key>_std, n - 1) over the samples."""
+    results = []
+    for k in range(cfg.shot_seed, cfg.shot_seed + cfg.shot_seeds):
+        run = {"out_dir": os.path.join(cfg.out_dir, f"seed{k}"), "shot_seed": k}
+        results.append(sub_run(run, f"shot sample {k} ({k - cfg.shot_seed + 1} of {cfg.shot_seeds})"))
+    keys = [k for k, v in results[0].items() if isinstance(v, float)]
+    summary = {"shot_seeds": len(results), "shots": cfg.shots, "step": max(r["step"] for r in results)}
+    for key in keys:
+        values = np.array([r[key] for r in results])
+        summary[key] = float(values.mean())
+        summary[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    summary["trainable_params"] = results[0]["trainable_params"]
+    data.write_file(os.path.join(cfg.out_dir, "eval.json"), json.dumps(summary, indent=1))
+    print(f"over {len(results)} shot samples of {cfg.shots} shots per class (mean +- std):")
+    for key in keys:
+        print(f"{key:32s} {summary[key]:.4f} +- {summary[key + '_std']:.4f}")
+    return summary
