@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+import data
 import train
 from eval import ABLATION_ROWS, OBJECTIVES_OFF, write_json
 from hf import hf_clip_config
@@ -481,7 +482,7 @@ def bench_loader(cfg, bench):
     cfg.model = train.fit_model_to_data(cfg.model, ds)
     model = VLM(copy.deepcopy(cfg.model)).to(device)  # place() normalises the pixels with it
     fetch, place, n = train.pretrain_batches(cfg, ds, model, device, 0, 1)
-    stream = train.host_batches(fetch, 0, cfg.num_workers, device_type == "cuda")
+    stream = data.host_batches(fetch, 0, cfg.num_workers, device_type == "cuda")
     timed(lambda: place(next(stream)), bench.warmup, device_type)  # with workers: their start-up too
     seconds = timed(lambda: place(next(stream)), bench.steps, device_type)
     out = {"loader_samples_per_s": cfg.batch_size * bench.steps / seconds,

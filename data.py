@@ -21,6 +21,7 @@ from functools import lru_cache
 import numpy as np
 import regex
 import tiktoken
+import torch
 
 WORLD_VERSION = 2  # bump when the generator changes: cached worlds are then regenerated
 
@@ -1022,3 +1023,104 @@ def mirrored_scene(sid):
     """The scene id of a shapes-world scene seen in a mirror: a row (axis 1) read the other way."""
     axis, objects = decode_scene(sid)
     return scene_id(1, objects[::-1]) if axis == 1 else int(sid)
+
+
+# -----------------------------------------------------------------------------
+# pretraining batches on the host, read ahead by loader processes
+
+FLIP_STREAM = 0x666C6970  # 'flip': its random stream's key, apart from the (seed, epoch, ...) streams
+CAPTION_DRAWS = 720720  # the least common multiple of 1..16: divisible by every count of valid captions
+
+
+def pretrain_fetch(cfg, ds, rank, world_size, electra, stream=None):
+    """(fetch, n): fetch(micro_step) is this rank's batch of that micro-step as numpy arrays:
+    images and one caption each, paraphrase groups and visual codes (electra) where known,
+    mirrored with --flip; from stream (the shards' fetch, n) or the prepared train_split."""
+    fetch, n_train = stream or prepared_fetch(cfg, ds, cfg.train_split, rank, world_size, electra)
+    codebook = ds.codebook(cfg.model.patch_size, cfg.model.n_codes) if electra else None
+    shapes = ds.meta["kind"] == "shapes"
+
+    def fetch_batch(micro_step):
+        parts, rows = fetch(micro_step), []
+        if cfg.flip:
+            parts["images"], parts["tokens"], rows = mirror(parts["images"], parts["tokens"], ds.tokenizer,
+                                                            flip_draw(cfg, micro_step, rank, world_size))
+            if len(rows) and "groups" in parts:  # a mirrored row shows another scene (a real image: its own mirror)
+                parts["groups"][rows] = [mirrored_scene(g) for g in parts["groups"][rows]] if shapes \
+                    else parts["groups"][rows] + ds.split_size(cfg.train_split)
+        if electra and "codes" not in parts:  # streamed images: their codes are computed here
+            parts["codes"] = visual_codes(parts["images"], codebook, cfg.model.patch_size)
+        elif electra and len(rows):  # mirrored patches have codes of their own
+            parts["codes"][rows] = visual_codes(parts["images"][rows], codebook, cfg.model.patch_size)
+        return parts
+    return fetch_batch, n_train
+
+
+def prepared_fetch(cfg, ds, split, rank, world_size, electra):
+    """(fetch, n) over a prepared split: batches by batch_indices, one caption per image."""
+    if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
+        raise SystemExit(f"--train_split {split!r}: {ds.path} has no captioned split of that name")
+    n_train = min(ds.split_size(split), cfg.train_images or ds.split_size(split))
+    n_captions = ds.array(split, "tokens").shape[1]
+    # real data: an image may have fewer valid captions than slots (repeated to fill them); a
+    # draw from [0, CAPTION_DRAWS) modulo its count picks one of them uniformly
+    valid = ds.array(split, "n_captions") if ds.has(split, "n_captions") else None
+    if valid is not None:
+        if n_captions > 16:
+            raise SystemExit(f"{ds.path}: {n_captions} caption slots per image; at most 16 are drawn from uniformly")
+        n_captions = CAPTION_DRAWS
+    # captions known to be true of their scene (not the noisy web split): paraphrases of one scene are never negatives
+    clean = ds.has(split, "scene") and not ds.has(split, "corruption")
+    if electra:
+        ds.codes(split, cfg.model.patch_size, cfg.model.n_codes)  # computed once here, not in each loader worker
+
+    def fetch(micro_step):
+        idx, caption = batch_indices(n_train, cfg.batch_size, micro_step, cfg.seed, rank, world_size, cfg.grad_accum,
+                                     n_captions)
+        if valid is not None:
+            caption = caption % valid[idx]
+        images, tokens = ds.image_text_batch(split, idx, caption)
+        parts = dict(images=images, tokens=tokens.astype(np.int64))
+        if clean:
+            parts["groups"] = ds.array(split, "scene")[idx].astype(np.int64)
+        if electra:
+            parts["codes"] = ds.codes(split, cfg.model.patch_size, cfg.model.n_codes)[idx].astype(np.int64)
+        return parts
+    return fetch, n_train
+
+
+def flip_draw(cfg, micro_step, rank, world_size):
+    """(batch_size,) bool: which samples of this rank's micro-batch --flip mirrors, drawn per place
+    in the step's whole batch (as batch_indices orders it): the same however the step is split."""
+    t, i = divmod(micro_step, cfg.grad_accum)
+    u = np.random.default_rng([cfg.seed, FLIP_STREAM, t]).random(cfg.batch_size * cfg.grad_accum * world_size)
+    start = (rank * cfg.grad_accum + i) * cfg.batch_size
+    return u[start:start + cfg.batch_size] < 0.5
+
+
+class HostBatches(torch.utils.data.IterableDataset):
+    """fetch(s) for s = start, start + 1, ... through a DataLoader: worker w of n reads micro-steps
+    start + w, start + w + n, ..., handed out in turn, so the sequence is the same with any number of workers."""
+
+    def __init__(self, fetch, start):
+        self.fetch, self.start = fetch, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        s = self.start + w
+        while True:
+            yield self.fetch(s)
+            s += n
+
+
+def host_batches(fetch, start, num_workers, pin_memory):
+    """An endless iterator over fetch(start), fetch(start + 1), ...: in this process, or in
+    num_workers loader processes that read ahead (two micro-steps each)."""
+    if num_workers == 0:
+        return iter(HostBatches(fetch, start))
+    if "fork" not in torch.multiprocessing.get_all_start_methods():
+        raise SystemExit("--num_workers needs the 'fork' start method (Linux); use --num_workers=0 here")
+    loader = torch.utils.data.DataLoader(HostBatches(fetch, start), batch_size=None, num_workers=num_workers,
+                                         pin_memory=pin_memory, prefetch_factor=2, multiprocessing_context="fork")
+    return iter(loader)

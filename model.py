@@ -675,12 +675,6 @@ class VLM(nn.Module):
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next slot to write
             self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # slots written so far (at most Q)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "logit_scale"
-        if key in state_dict and state_dict[key].dim() == 0:  # a scalar: checkpoints before it had a dimension, HF CLIP
-            state_dict[key] = state_dict[key].reshape(1)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)

@@ -1147,3 +1147,19 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def stream_fetch(cfg, ds, rank, world_size):
+    """(fetch, n) of pretraining batches from a streamed train split: micro-step s is read by
+    stream s mod max(1, num_workers) of this rank (one per loader worker), so a resumed run with
+    the same ranks and workers reads the same batches; every sample is its own group."""
+    if cfg.train_images:
+        raise SystemExit(f"--train_images={cfg.train_images} (a flag, or the finetune stage's preset): {ds.path} "
+                         f"streams its train split from webdataset shards; give --train_images=0 to stream them all")
+    batches = ShardBatches(ds.stream["shards"], ds.stream["counts"], rank, world_size, max(1, cfg.num_workers),
+                           cfg.seed, ds.tokenizer, ds.context_length, ds.image_size, cfg.batch_size)
+
+    def fetch(micro_step):
+        images, tokens = batches.fetch(micro_step)
+        return dict(images=images, tokens=tokens.astype(np.int64))
+    return fetch, ds.stream["samples"]

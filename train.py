@@ -30,7 +30,6 @@ import typing
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -43,13 +42,12 @@ import prepare
 import capfilt
 import instruct
 import prompt
+from parallel import (cached_pretrain_step, full_state, global_losses, load_optimizer, setup_distributed, shard,
+                      uses_feature_cache, wrap_ddp)
 from eval import build_model, check_tokenizer, evaluate, generate_captions, write_json
-from model import (ACTIVATIONS, VLMConfig, all_gather, dist_info, draw_noise, fp32, pretrain_counts, sum_to_owner,
-                   uses_electra)
+from model import ACTIVATIONS, VLMConfig, dist_info, draw_noise, pretrain_counts, uses_electra
 
 STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
-FLIP_STREAM = 0x666C6970  # 'flip': its random stream's key, apart from data.py's (seed, epoch, ...) streams
-CAPTION_DRAWS = 720720  # the least common multiple of 1..16: divisible by every count of valid captions
 PRETRAINING = ("pretrain", "finetune")  # the stages whose steps are pretraining steps (every objective, M1-M8)
 
 
@@ -325,18 +323,6 @@ def config_from_dict(d):
 # pieces of the run
 
 
-def setup_distributed(cfg):
-    """(rank, local_rank, world_size); torchrun sets RANK for DDP. NCCL on CUDA, else gloo."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1
-    use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), local_rank, dist.get_world_size()
-
-
 def pick_device(cfg, local_rank):
     if cfg.device != "auto":
         return cfg.device
@@ -478,139 +464,18 @@ def save_checkpoint(path, state, scaler, step, cfg, ds):
     os.replace(path + ".tmp", path)
 
 
-def pretrain_batches(cfg, ds, raw_model, device, rank, world_size):
-    """(fetch, place, n): fetch(micro_step) reads this rank's batch of that micro-step on the
-    host (numpy: images by index arrays, from the first train_images of the split or all of
-    it, one caption each, and what the objectives need besides: visual codes, paraphrase
-    groups; or, from a dataset that streams its train split, the next samples of the shards);
-    place(parts) makes the pretraining losses' keyword arguments on the device."""
-    split = cfg.train_split
-    electra = uses_electra(cfg.model)
-    if ds.stream is not None and split == "train":
-        fetch, n_train = stream_fetch(cfg, ds, rank, world_size)
-    else:
-        fetch, n_train = prepared_fetch(cfg, ds, split, rank, world_size, electra)
-    codebook = ds.codebook(cfg.model.patch_size, cfg.model.n_codes) if electra else None
-    shapes = ds.meta["kind"] == "shapes"
-
-    def fetch_batch(micro_step):
-        parts, rows = fetch(micro_step), []
-        if cfg.flip:
-            parts["images"], parts["tokens"], rows = data.mirror(parts["images"], parts["tokens"], ds.tokenizer,
-                                                                 flip_draw(cfg, micro_step, rank, world_size))
-            if len(rows) and "groups" in parts:  # a mirrored row shows another scene (a real image: its own mirror)
-                parts["groups"][rows] = [data.mirrored_scene(g) for g in parts["groups"][rows]] if shapes \
-                    else parts["groups"][rows] + ds.split_size(cfg.train_split)
-        if electra and "codes" not in parts:  # streamed images: their codes are computed here
-            parts["codes"] = data.visual_codes(parts["images"], codebook, cfg.model.patch_size)
-        elif electra and len(rows):  # mirrored patches have codes of their own
-            parts["codes"][rows] = data.visual_codes(parts["images"][rows], codebook, cfg.model.patch_size)
-        return parts
+def pretrain_batches(cfg, ds, model, device, rank, world_size):
+    """(fetch, place, n): fetch(micro_step) reads this rank's batch of that micro-step on the host
+    (data.pretrain_fetch; a streamed train split from its shards), place(parts) makes the losses'
+    arguments on the device; n is the samples of an epoch."""
+    stream = prepare.stream_fetch(cfg, ds, rank, world_size) if ds.stream and cfg.train_split == "train" else None
+    fetch, n = data.pretrain_fetch(cfg, ds, rank, world_size, uses_electra(cfg.model), stream)
 
     def place(parts):
-        x = {k: to_device(v, device) for k, v in parts.items()}
-        return dict(pixels=raw_model.normalize_pixels(x["images"]), tokens=x["tokens"], groups=x.get("groups"),
+        x = {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in parts.items()}
+        return dict(pixels=model.normalize_pixels(x["images"]), tokens=x["tokens"], groups=x.get("groups"),
                     codes=x.get("codes"))
-    return fetch_batch, place, n_train
-
-
-def prepared_fetch(cfg, ds, split, rank, world_size, electra):
-    """(fetch, n) over a prepared split: batches by data.batch_indices, one caption per image."""
-    if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
-        raise SystemExit(f"--train_split {split!r}: {ds.path} has no captioned split of that name")
-    n_train = min(ds.split_size(split), cfg.train_images or ds.split_size(split))
-    n_captions = ds.array(split, "tokens").shape[1]
-    # real data: an image may have fewer valid captions than slots (prepare.py repeats them to
-    # fill the slots); a draw from [0, CAPTION_DRAWS) modulo its count picks one of them uniformly
-    valid = ds.array(split, "n_captions") if ds.has(split, "n_captions") else None
-    if valid is not None:
-        if n_captions > 16:
-            raise SystemExit(f"{ds.path}: {n_captions} caption slots per image; at most 16 are drawn from uniformly")
-        n_captions = CAPTION_DRAWS
-    # captions known to be true of their scene (not the noisy web split): paraphrases of one scene are never negatives
-    clean = ds.has(split, "scene") and not ds.has(split, "corruption")
-    if electra:
-        ds.codes(split, cfg.model.patch_size, cfg.model.n_codes)  # computed once here, not in each loader worker
-
-    def fetch(micro_step):
-        idx, caption = data.batch_indices(n_train, cfg.batch_size, micro_step, cfg.seed, rank, world_size,
-                                          cfg.grad_accum, n_captions)
-        if valid is not None:
-            caption = caption % valid[idx]
-        images, tokens = ds.image_text_batch(split, idx, caption)
-        parts = dict(images=images, tokens=tokens.astype(np.int64))
-        if clean:
-            parts["groups"] = ds.array(split, "scene")[idx].astype(np.int64)
-        if electra:
-            parts["codes"] = ds.codes(split, cfg.model.patch_size, cfg.model.n_codes)[idx].astype(np.int64)
-        return parts
-    return fetch, n_train
-
-
-def stream_fetch(cfg, ds, rank, world_size):
-    """(fetch, n) over webdataset shards (prepare.ShardBatches): micro-step s is read by stream
-    s mod n of this rank, n = max(1, num_workers), so each loader worker serves one stream and
-    a run resumed with the same ranks and workers reads the same batches. Every sample is its
-    own group (no groups); n is the shards' sample count."""
-    if cfg.train_images:
-        raise SystemExit(f"--train_images={cfg.train_images} (a flag, or the finetune stage's preset): {ds.path} "
-                         f"streams its train split from webdataset shards; give --train_images=0 to stream them all")
-    batches = prepare.ShardBatches(ds.stream["shards"], ds.stream["counts"], rank, world_size, max(1, cfg.num_workers),
-                                cfg.seed, ds.tokenizer, ds.context_length, ds.image_size, cfg.batch_size)
-
-    def fetch(micro_step):
-        images, tokens = batches.fetch(micro_step)
-        return dict(images=images, tokens=tokens.astype(np.int64))
-    return fetch, ds.stream["samples"]
-
-
-def flip_draw(cfg, micro_step, rank, world_size):
-    """(batch_size,) bool: which samples of this rank's micro-batch --flip mirrors, drawn per
-    place of the optimizer step's whole batch (as data.batch_indices orders it), so the draw
-    does not depend on how the step is split."""
-    t, i = divmod(micro_step, cfg.grad_accum)
-    u = np.random.default_rng([cfg.seed, FLIP_STREAM, t]).random(cfg.batch_size * cfg.grad_accum * world_size)
-    start = (rank * cfg.grad_accum + i) * cfg.batch_size
-    return u[start:start + cfg.batch_size] < 0.5
-
-
-def to_device(x, device):
-    """A host array (numpy, or a tensor from a loader worker, pinned on CUDA) on the device."""
-    return torch.as_tensor(x).to(device, non_blocking=True)
-
-
-class HostBatches(torch.utils.data.IterableDataset):
-    """fetch(s) for s = start, start + 1, ... read by a DataLoader: loader worker w of n reads
-    the micro-steps s = start + w, start + w + n, ..., which the DataLoader hands out in turn,
-    so the sequence is the same with any number of workers. Micro-steps are disjoint parts of
-    the epoch walk (data.batch_indices), so every rank and worker reads its own samples."""
-
-    def __init__(self, fetch, start):
-        self.fetch, self.start = fetch, start
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        s = self.start + w
-        while True:
-            yield self.fetch(s)
-            s += n
-
-
-def host_batches(fetch, start, num_workers, pin_memory):
-    """An endless iterator over fetch(start), fetch(start + 1), ...: in this process, or in
-    num_workers loader processes that read ahead (two micro-steps each)."""
-    if num_workers == 0:
-        return iter(HostBatches(fetch, start))
-    if "fork" not in torch.multiprocessing.get_all_start_methods():
-        raise SystemExit("--num_workers needs the 'fork' start method (Linux); use --num_workers=0 here")
-    loader = torch.utils.data.DataLoader(HostBatches(fetch, start), batch_size=None, num_workers=num_workers,
-                                         pin_memory=pin_memory, prefetch_factor=2, multiprocessing_context="fork")
-    return iter(loader)
-
-
-def to_long(a, device):
-    return torch.from_numpy(np.asarray(a, np.int64)).to(device, non_blocking=True)
+    return fetch, place, n
 
 
 class Logger:
@@ -646,84 +511,9 @@ def step_noise(cfg, step, n_rows, device):
     return draw_noise(cfg.model, n_rows, cfg.model.context_length, gen, device)
 
 
-def sync_gradients(model):
-    """Average the gradients over the ranks in one all-reduce. The parameters that have one are
-    the same on every rank (the objectives decide which); the others keep none, as one
-    process's would (AdamW skips them)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([p.grad.flatten() for p in params])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p).clone()
-
-
-def uses_feature_cache(mcfg, grad_accum):
-    """Accumulated pretraining steps with a cross-sample loss (ITC, ITM) go through
-    cached_pretrain_step."""
-    return grad_accum > 1 and (mcfg.itc_weight > 0 or mcfg.itm_weight > 0)
-
-
 def cached_steps(cfg):
     """Whether the run's steps are cached_pretrain_step's (a pretraining stage, uses_feature_cache)."""
     return cfg.stage in PRETRAINING and uses_feature_cache(cfg.model, cfg.grad_accum)
-
-
-def shard(model, cfg):
-    """FSDP2 (--fsdp with several ranks), in place: each transformer block (every module list
-    named blocks: the towers', the generator's, the resampler's and relation encoder's when
-    built, and the momentum copies') is a unit whose parameters are
-    gathered for its forward and backward passes and sharded again after; the rest of the
-    model is the root unit. Gradients are reduce-scattered and the optimizer keeps its shard
-    of the state only. Call before torch.compile and before making the optimizer."""
-    if not cfg.fsdp or dist_info()[1] == 1:
-        return
-    if cached_steps(cfg):
-        raise SystemExit("--fsdp runs the model through its forward pass only; accumulation with cached features "
-                         "(--grad_accum > 1 with ITC or ITM) calls its parts: use DDP, or --grad_accum=1")
-    from torch.distributed.fsdp import fully_shard
-    for name, module in model.named_modules():
-        if name.endswith(".blocks"):
-            for block in module:
-                fully_shard(block)
-    fully_shard(model)
-
-
-def full_state(raw_model, optimizer, cfg):
-    """(model, optimizer) state dicts with whole tensors: the plain module's (no DDP or
-    torch.compile prefixes), or with --fsdp gathered from every rank's shards to rank 0's CPU
-    (a collective: every rank calls it; the others get empty dicts), the optimizer state then
-    keyed by parameter name, on any number of ranks. optimizer None: the model's alone."""
-    if not cfg.fsdp:
-        return raw_model.state_dict(), optimizer.state_dict() if optimizer is not None else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(raw_model, options=options),
-            get_optimizer_state_dict(raw_model, optimizer, options=options) if optimizer is not None else None)
-
-
-def load_optimizer(raw_model, optimizer, state, cfg):
-    """A checkpoint's optimizer state (full_state's format) into the optimizer. A moment saved
-    for a scalar logit_scale (checkpoints before it had one dimension) takes its new shape."""
-    if cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(raw_model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
-    for p, s in optimizer.state.items():
-        for key, v in s.items():
-            if key != "step" and torch.is_tensor(v) and v.shape != p.shape and v.numel() == p.numel():
-                s[key] = v.reshape(p.shape)
-
-
-def wrap_ddp(model, raw_model, cfg, device_type, local_rank):
-    """DDP around the (compiled) model when there are several ranks, except under FSDP and
-    for the steps that cached_pretrain_step runs: they average the gradients themselves."""
-    if dist_info()[1] == 1 or cfg.fsdp or cached_steps(cfg):
-        return model
-    # pretraining with an objective off leaves some parameters without a gradient
-    unused = cfg.stage != "instruct" and any(w == 0 for w in raw_model.loss_weights().values())
-    return DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, find_unused_parameters=unused)
 
 
 def train_step(model, raw_model, batches, scaler, ctx, noise=None):
@@ -768,79 +558,6 @@ def train_step(model, raw_model, batches, scaler, ctx, noise=None):
         for name, v in losses.items():
             total[name] = total.get(name, 0) + v.detach() / k
     return total
-
-
-def cached_pretrain_step(raw_model, batches, noise, counts, offsets, scaler, ctx):
-    """Gradient accumulation in which ITC and ITM see the whole step's batch (GradCache,
-    open_clip's accum_freq, generalised to the fused passes):
-    1. every micro-batch's encoders run without a graph (model.pretrain_encode) and their
-       representations of every row of the step, gathered over the ranks, are cached;
-    2. the cross-sample losses (model.pretrain_head) run one micro-batch of rows at a time
-       against all the cached columns, their backward passes filling the fused passes'
-       parameter gradients and the cache's gradients (summed back to the rank of each row);
-    3. each micro-batch's encoders run again with a graph, and the backward pass takes its
-       per-sample losses plus the cached gradients of its representations.
-    Same weights and same noise, so pass 3 recomputes pass 1's values, and the gradient is
-    that of one batch of all the rows. The encoders run twice (one of them without a
-    graph); memory is one micro-batch's activations plus the cached representations. The
-    momentum queue is read before and filled after, as one big batch would. The gradients
-    are averaged over the ranks once, at the end."""
-    m, k, world_size = raw_model, len(batches), dist_info()[1]
-    B = batches[0]["tokens"].size(0)
-    alpha = batches[0].get("alpha", 0.0)
-    inputs = [{key: b.get(key) for key in ("pixels", "tokens", "codes", "groups")} for b in batches]
-    with torch.no_grad(), ctx:
-        encoded = [m.pretrain_encode(**x, noise=n, counts=counts, alpha=alpha, per_sample=False)[1]
-                   for x, n in zip(inputs, noise)]
-    local = {key: torch.cat([e[key] for e in encoded]) for key in encoded[0]}
-    col_keys = m.column_keys(local)  # one order on every rank: each gather is a collective
-    grad_keys = [key for key in m.GRADIENT_KEYS if key in local]
-    # every rank's rows for the columns, this rank's for the rest; leaves of at least float32 where gradients collect
-    cache = {key: all_gather(x) if world_size > 1 and key in col_keys else x for key, x in local.items()}
-    for key in grad_keys:
-        cache[key] = fp32(cache[key]).requires_grad_(True)
-    cols = {key: cache[key] for key in col_keys}
-    n = {key: x.size(0) // k for key, x in local.items()}  # rows per batch: B, or fewer (model.fused_part)
-    total = {}
-    for i, o in enumerate(offsets):
-        rows = {key: x[o * n[key] // B:][:n[key]] if key in col_keys else x[i * n[key]:(i + 1) * n[key]]
-                for key, x in cache.items()}
-        with ctx:
-            losses = m.pretrain_head(rows, cols, noise[i], o, alpha, counts)
-        scaler.scale(m.weighted_sum(losses) / k).backward()
-        for name, v in losses.items():
-            total[name] = total.get(name, 0) + v.detach() / k
-    if "image_m" in cols:
-        m.enqueue(cols)
-    grads = {}
-    for key in grad_keys:
-        g = cache[key].grad
-        if g is not None and world_size > 1 and key in col_keys:  # what every rank's losses sent this rank's rows
-            g = sum_to_owner(g)
-        grads[key] = g
-    for i, x in enumerate(inputs):
-        with ctx:
-            losses, rows = m.pretrain_encode(**x, noise=noise[i], counts=counts, alpha=alpha, momentum=False)
-        surrogate = scaler.scale(m.weighted_sum(losses) / k) if losses else 0.0
-        for key in grad_keys:
-            if grads[key] is not None:
-                surrogate = surrogate + (rows[key] * grads[key][i * n[key]:(i + 1) * n[key]].to(rows[key].dtype)).sum()
-        surrogate.backward()
-        for name, v in losses.items():
-            total[name] = total.get(name, 0) + v.detach() / k
-    if world_size > 1:
-        sync_gradients(m)
-    total["loss"] = m.weighted_sum(total)
-    return total
-
-
-def global_losses(losses):
-    """The step's losses averaged over the ranks (a collective: every rank calls it)."""
-    if dist_info()[1] == 1:
-        return {name: v.item() for name, v in losses.items()}
-    stacked = torch.stack([losses[name] for name in losses])
-    dist.all_reduce(stacked)
-    return dict(zip(losses, (stacked / dist_info()[1]).tolist()))
 
 
 # -----------------------------------------------------------------------------
@@ -895,14 +612,14 @@ def train(cfg, ckpt=None, init=None):
     raw_model = model
     if use_compile:
         model = torch.compile(model)
-    model = wrap_ddp(model, raw_model, cfg, device_type, local_rank)
+    model = wrap_ddp(model, raw_model, cfg, device_type, local_rank, cached_steps(cfg))
     logger = Logger(os.path.join(cfg.out_dir, "log.jsonl"), master, start_step if ckpt is not None else None)
     if master:
         print(f"{raw_model.num_params() / 1e6:.2f}M trainable parameters | device {device} | {dtype} | compile {use_compile} "
               f"| {world_size} rank(s) | data {ds.path}")
     fetch, place, n_train = (pretrain_batches if pretrain else stage.batches)(cfg, ds, raw_model, device, rank, world_size)
     # the prompt stage's batches are made on the device: no loader processes
-    stream = host_batches(fetch, start_step * cfg.grad_accum, 0 if prompted else cfg.num_workers, device_type == "cuda")
+    stream = data.host_batches(fetch, start_step * cfg.grad_accum, 0 if prompted else cfg.num_workers, device_type == "cuda")
 
     def run_eval(show_captions=False, subset=False, **kw):
         """The metrics on rank 0 (None on the others), after printing a few val captions with

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import parallel  # noqa: E402
 import train  # noqa: E402
 from model import VLM, VLMConfig, draw_noise  # noqa: E402
 
@@ -86,7 +87,7 @@ def run_steps(model, raw_model, grad_accum, rank=0, world_size=1, states=None):
                  for k, v in batch.items()} for i in range(grad_accum)]
         noise = draw_noise(cfg, N, cfg.context_length, torch.Generator().manual_seed(step))
         losses = train.train_step(model, raw_model, mine, scaler, nullcontext(), noise)
-        out["losses"].append(train.global_losses(losses))
+        out["losses"].append(parallel.global_losses(losses))
         out["grads"].append({n: whole(p.grad) for n, p in raw_model.named_parameters() if p.grad is not None})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -106,8 +107,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     raw = make_model(config(objectives), getattr(torch, dtype))
     cfg = train.TrainConfig(model=raw.cfg, grad_accum=int(grad_accum), fsdp=wrap == "fsdp")
-    train.shard(raw, cfg)
-    model = train.wrap_ddp(raw, raw, cfg, "cpu", 0)
+    parallel.shard(raw, cfg)
+    model = parallel.wrap_ddp(raw, raw, cfg, "cpu", 0, train.cached_steps(cfg))
     result = run_steps(model, raw, cfg.grad_accum, dist.get_rank(), dist.get_world_size(),
                        torch.load(states, weights_only=True) if states != "-" else None)
     if dist.get_rank() == 0:

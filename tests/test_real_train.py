@@ -274,7 +274,7 @@ def test_flip_batches_are_the_plain_ones_mirrored_with_their_codes(tiny_world, w
     model = VLM(cfg.model)
     plain = train.pretrain_batches(cfg, tiny_world, model, "cpu", 0, 1)[0](3)
     flipped = train.pretrain_batches(train.apply_overrides(cfg, {"flip": True}), tiny_world, model, "cpu", 0, 1)[0](3)
-    draw = train.flip_draw(cfg, 3, 0, 1)
+    draw = data.flip_draw(cfg, 3, 0, 1)
     assert 0 < draw.sum() < len(draw)
     images, tokens, rows = data.mirror(plain["images"], plain["tokens"], tiny_world.tokenizer, draw)
     assert rows.tolist() == np.flatnonzero(draw).tolist()  # the world's captions all fit mirrored
@@ -286,8 +286,8 @@ def test_flip_batches_are_the_plain_ones_mirrored_with_their_codes(tiny_world, w
     assert np.array_equal(flipped["codes"], codes) and not np.array_equal(codes, plain["codes"])
     split = train.apply_overrides(cfg, {"batch_size": 2, "grad_accum": 2})
     whole = train.apply_overrides(cfg, {"batch_size": 8})
-    assert np.array_equal(np.concatenate([train.flip_draw(split, 4 + i, r, 2) for r in range(2) for i in range(2)]),
-                          train.flip_draw(whole, 2, 0, 1))
+    assert np.array_equal(np.concatenate([data.flip_draw(split, 4 + i, r, 2) for r in range(2) for i in range(2)]),
+                          data.flip_draw(whole, 2, 0, 1))
 
 
 def test_webdataset_shards_train_with_flip(tmp_path, tiny_world):

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import data
 import train
 from model import VLM
 from conftest import ROOT
@@ -132,15 +133,15 @@ def test_loader_workers_read_the_same_batches_and_ranks_read_disjoint_samples(ti
     seen = []
     for rank in range(W):
         fetch, place, n = train.pretrain_batches(cfg, tiny_world, model, "cpu", rank, W)
-        alone = train.host_batches(fetch, 3, 0, False)
-        workers = train.host_batches(fetch, 3, 2, False)
+        alone = data.host_batches(fetch, 3, 0, False)
+        workers = data.host_batches(fetch, 3, 2, False)
         for s in range(steps):
             a, b = next(alone), next(workers)
             assert a.keys() == b.keys() == {"images", "tokens", "groups"}
             for key in a:
                 assert torch.equal(torch.as_tensor(a[key]), b[key]), (rank, s, key)
             assert torch.equal(place(b)["pixels"], place(fetch(3 + s))["pixels"])
-        epoch = train.host_batches(fetch, 0, 2, False)
+        epoch = data.host_batches(fetch, 0, 2, False)
         seen += [im.tobytes() for _ in range(steps) for im in next(epoch)["images"].numpy()]
     images = tiny_world.array("train", "images")
     assert len({im.tobytes() for im in images}) == n_images  # every image is distinct

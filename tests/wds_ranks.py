@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/wds_ranks.py SHARDS TOKENIZER S T STEPS OUT
 
 each rank reads its micro-steps 0..STEPS-1 (batches of 2) with 2 loader workers as training
-does (train.host_batches over prepare.ShardBatches), and rank 0 writes what every rank read,
+does (data.host_batches over prepare.ShardBatches), and rank 0 writes what every rank read,
 [rank][step] -> [[epoch, key]], as JSON to OUT."""
 
 import json
@@ -17,7 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import hf  # noqa: E402
 import prepare  # noqa: E402
-import train  # noqa: E402
 
 
 def main(shards, tokenizer, S, T, steps, out):
@@ -33,7 +32,7 @@ def main(shards, tokenizer, S, T, steps, out):
         assert images.shape == (2, S, S, 3) and tokens.shape == (2, T)
         return [[x.epoch, x.key] for x in batches.samples(s)]
 
-    loader = train.host_batches(fetch, 0, num_workers=2, pin_memory=False)
+    loader = data.host_batches(fetch, 0, num_workers=2, pin_memory=False)
     reads = [next(loader) for _ in range(steps)]
     everyone = [None] * world_size
     dist.all_gather_object(everyone, reads)
