@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+import configurator
 import data
 import train
 from eval import ABLATION_ROWS, OBJECTIVES_OFF, write_json
@@ -554,7 +555,7 @@ def parse_bench_args(argv):
             raw, i = argv[i + 1], i + 1
         i += 1
         try:
-            values[key] = train.parse_value(key, raw, hints[key])
+            values[key] = configurator.parse_value(key, raw, hints[key])
         except ValueError as e:
             raise SystemExit(str(e)) from None
     bench = BenchConfig(**values)
@@ -570,7 +571,7 @@ def parse_bench_args(argv):
 
 def main(argv=None):
     bench, rest = parse_bench_args(sys.argv[1:] if argv is None else argv)
-    preset, overrides = train.parse_args(rest)
+    preset, overrides = configurator.parse_args(rest, train.PRESETS)
     if overrides.get("stage", "pretrain") != "pretrain":
         raise SystemExit("bench.py measures the pretraining step: --stage does not apply")
     cfg = train.apply_overrides(train.PRESETS[preset], overrides)
@@ -590,7 +591,7 @@ def main(argv=None):
     return out
 
 
-assert not {f.name for f in fields(BenchConfig)} & set(train.config_fields()), "a bench flag shadows a train.py flag"
+assert not {f.name for f in fields(BenchConfig)} & set(configurator.config_fields(train.PRESETS['small'])), "a bench flag shadows a train.py flag"
 
 if __name__ == "__main__":
     main()

@@ -17,38 +17,32 @@ out_dir/ckpt.pt, out_dir/log.jsonl (one JSON object per logged step) and out_dir
 (the final metrics); `--resume` continues from out_dir/ckpt.pt.
 """
 
-import copy
-import difflib
-import inspect
 import json
 import math
 import os
-import re
 import sys
 import time
-import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import data
-from data import WorldConfig
-from hf import hf_init
-import prepare
 import capfilt
+import data
 import instruct
+import prepare
 import prompt
+from configurator import PRETRAINING, apply_overrides, cached_steps, config_fields, parse_args, validate
+from data import WorldConfig
+from eval import build_model, check_tokenizer, evaluate, generate_captions, write_json
+from hf import hf_init
 from parallel import (cached_pretrain_step, full_state, global_losses, load_optimizer, setup_distributed, shard,
                       uses_feature_cache, wrap_ddp)
-from eval import build_model, check_tokenizer, evaluate, generate_captions, write_json
-from model import ACTIVATIONS, VLMConfig, dist_info, draw_noise, pretrain_counts, uses_electra
+from model import VLMConfig, dist_info, draw_noise, pretrain_counts, uses_electra
 
-STAGES = ("pretrain", "capfilt", "finetune", "instruct", "prompt")
-PRETRAINING = ("pretrain", "finetune")  # the stages whose steps are pretraining steps (every objective, M1-M8)
 
 
 @dataclass
@@ -143,167 +137,6 @@ _FINETUNE = {
 STAGE_FILES = {"instruct": instruct, "prompt": prompt}  # the stages with a model, batches and evaluation of their own
 STAGE_PRESETS = {"instruct": instruct.PRESETS, "prompt": prompt.PRESETS, "finetune": _FINETUNE, "capfilt": _FINETUNE}
 STAGE_TRAINS = {"instruct": instruct.TRAINS, "prompt": prompt.TRAINS}  # the parameters a stage trains; the rest frozen
-
-# -----------------------------------------------------------------------------
-# configuration from the command line
-
-
-def config_fields():
-    """{flag: (None, 'model' or 'world': where it lives, its type)}; every name is unique."""
-    out = {}
-    for owner, cls in ((None, TrainConfig), ("model", VLMConfig), ("world", WorldConfig)):
-        hints = typing.get_type_hints(cls)
-        out.update({f.name: (owner, hints[f.name]) for f in fields(cls) if f.name not in ("model", "world")})
-    return out
-
-
-def parse_value(key, raw, typ):
-    """A command-line string as the field's type, or a ValueError saying why not."""
-    if typ is bool:
-        if raw.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return raw.lower() in ("1", "true", "yes", "on")
-        raise ValueError(f"--{key} takes true or false, got {raw!r}")
-    try:
-        return tuple(float(x) for x in raw.split(",")) if typ is tuple else typ(raw)
-    except ValueError:
-        kind = "comma-separated numbers" if typ is tuple else f"a{'n' if typ is int else ''} {typ.__name__}"
-        raise ValueError(f"--{key} takes {kind}, got {raw!r}") from None
-
-
-def usage():
-    """Every flag, grouped as the configs are, with its default (the small preset's) and its meaning: the
-    comment beside each field is its documentation."""
-    lines = ["usage: python train.py [--config tiny|small|base] [--key=value ...]", "",
-             f"--config  the preset whose values the flags change: {', '.join(PRESETS)} (default small)"]
-    defaults = PRESETS["small"]
-    for cls, obj in ((TrainConfig, defaults), (VLMConfig, defaults.model), (WorldConfig, defaults.world)):
-        lines += ["", f"{cls.__name__} ({inspect.getsourcefile(cls).rsplit('/', 1)[-1]}):"]
-        for line in inspect.getsource(cls).splitlines()[2:]:
-            field_line = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
-            if line.strip().startswith("#"):
-                lines.append(f"  {line.strip()[1:].strip()}:")
-            elif field_line and field_line.group(1) not in ("model", "world"):
-                name, meaning = field_line.group(1), field_line.group(2) or ""
-                lines.append(f"    --{name}={getattr(obj, name)!r}".ljust(40) + f" {meaning}")
-    return "\n".join(lines)
-
-
-def parse_args(argv):
-    """(preset name, {field: value}) from argv; a mistake is a SystemExit naming it, --help prints usage()."""
-    known = config_fields()
-    preset, overrides, i = "small", {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(usage())
-            raise SystemExit(0)
-        if not arg.startswith("--"):
-            raise SystemExit(f"unexpected argument {arg!r}: flags look like --key=value")
-        key, eq, raw = arg[2:].partition("=")
-        typ = known[key][1] if key in known else None
-        if not eq:  # --key value, or a bare boolean --flag
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if typ is bool and (nxt is None or nxt.startswith("--")):
-                raw = "true"
-            elif nxt is None:
-                raise SystemExit(f"--{key} needs a value")
-            else:
-                raw, i = nxt, i + 1
-        i += 1
-        if key == "config":
-            if raw not in PRESETS:
-                raise SystemExit(f"unknown --config {raw!r}; presets: {', '.join(PRESETS)}")
-            preset = raw
-        elif key not in known:
-            near = difflib.get_close_matches(key, known, n=3)
-            raise SystemExit(f"unknown config key --{key}{'; did you mean --' + ', --'.join(near) + '?' if near else ''} "
-                             f"(python train.py --help lists every flag)")
-        else:
-            try:
-                overrides[key] = parse_value(key, raw, typ)
-            except ValueError as e:
-                raise SystemExit(str(e)) from None
-    return preset, overrides
-
-
-def apply_overrides(cfg, overrides):
-    cfg = copy.deepcopy(cfg)
-    known = config_fields()
-    for key, value in overrides.items():
-        owner = known[key][0]
-        setattr(cfg if owner is None else getattr(cfg, owner), key, value)
-    return cfg
-
-
-def validate(cfg, world_size=None):
-    """Stop (SystemExit) on a flag, or a combination of flags, that cannot work, naming the flag, its value and
-    what would work, before any work starts. Checks that need the data come when it is read."""
-    m, world_size = cfg.model, int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    pretraining = cfg.stage in PRETRAINING
-    one_of = lambda key, value, choices: (value in choices, f"--{key} takes {', '.join(map(str, choices[:-1]))} or "  # noqa: E731
-                                                            f"{choices[-1]}, got {value!r}")
-    at_least = lambda key, value, low: (value >= low, f"--{key}={value}: must be at least {low}")  # noqa: E731
-    checks = [
-        (cfg.stage in STAGES, f"unknown --stage {cfg.stage!r}; stages: {', '.join(STAGES)}"), one_of("dtype", cfg.dtype, ("auto", "float32", "bfloat16", "float16")),
-        one_of("compile", cfg.compile, ("auto", "true", "false")), one_of("converter", m.converter, ("mlp", "resampler")),
-        one_of("activation", m.activation, tuple(ACTIVATIONS)),
-        one_of("text_activation", m.text_activation, ("", *ACTIVATIONS)),
-        one_of("itm_negatives", m.itm_negatives, (0.5, 1, 2)), one_of("fused_rows", m.fused_rows, (0.5, 1)),
-        one_of("capfilt_tune", cfg.capfilt_tune, ("separate", "shared", "none")),
-        *[at_least(k, getattr(cfg, k), 1) for k in ("batch_size", "grad_accum", "eval_interval", "eval_images",
-                                                     "log_interval", "ckpt_interval", "shots", "shot_seeds")],
-        *[at_least(k, getattr(cfg, k), 0) for k in ("max_iters", "warmup_iters", "num_workers", "train_images", "lr",
-                                                     "min_lr", "weight_decay", "grad_clip", "stop_loss", "rerank_k")],
-        *[at_least(k, getattr(m, k), 1) for k in ("image_size", "patch_size", "vit_width", "vit_layers", "vit_heads",
-                                                   "text_width", "text_layers", "text_heads", "embed_dim", "mlp_ratio",
-                                                   "context_length", "gen_heads", "n_queries", "n_codes", "queue_size")],
-        (m.image_size % m.patch_size == 0, f"--image_size={m.image_size} is not a multiple of --patch_size={m.patch_size}"),
-        (m.vit_width % m.vit_heads == 0 and m.vit_width % 4 == 0,
-         f"--vit_width={m.vit_width} must be divisible by --vit_heads={m.vit_heads} and by 4 (its 2-D sin-cos positions)"),
-        (m.text_width % m.text_heads == 0, f"--text_width={m.text_width} is not divisible by --text_heads={m.text_heads}"),
-        (0 <= m.gen_width <= m.text_width // 4, f"--gen_width={m.gen_width} is more than a quarter of --text_width="
-                                                f"{m.text_width}"),
-        ((m.gen_width or m.text_width // 4) % m.gen_heads == 0, f"the generator's width {m.gen_width or m.text_width // 4} "
-                                                                f"is not divisible by --gen_heads={m.gen_heads}"),
-        (m.converter == "mlp" or not (m.image_positions or m.image_axes),
-         "--image_positions and --image_axes go with --converter=mlp (the resampler's tokens are its queries)"),
-        (m.converter == "mlp" or m.r2d_weight == 0 or not pretraining, "--r2d_weight labels each patch, but the resampler's image tokens are "
-                                                    "its queries: use --converter=mlp or --r2d_weight=0"),
-        (not (m.itm_clean and m.shared_vit_pass), "--itm_clean with --shared_vit_pass: the one ViT pass reads the "
-                                                  "replaced pixels, no clean ones"),
-        (m.fused_rows == 1 or not m.shared_vit_pass, "--fused_rows=0.5 with --shared_vit_pass: the one ViT pass would "
-                                                     "read replaced and clean rows"),
-        (m.fused_rows == 1 or cfg.batch_size % 2 == 0 or not pretraining, f"--fused_rows=0.5 takes every other row: --batch_size must be "
-                                                       f"even, got {cfg.batch_size}"),
-        (not m.instruct or 0 < m.keep_ratio <= 1, f"--keep_ratio={m.keep_ratio}: must be in (0, 1]"),
-        (not m.prompt or 0 <= m.text_prompt_depth <= m.text_layers and 0 <= m.image_prompt_depth <= m.vit_layers,
-         f"prompt depths {m.text_prompt_depth} (text), {m.image_prompt_depth} (image) must lie in 0..{m.text_layers} "
-         f"and 0..{m.vit_layers}, the layers there are"),
-        (not m.prompt or not m.couple or m.image_prompt_depth <= m.text_prompt_depth,
-         f"coupled image prompts are maps of the text prompts of the same layer: --image_prompt_depth="
-         f"{m.image_prompt_depth} is more than --text_prompt_depth={m.text_prompt_depth} (--couple=false frees them)"),
-        (0 <= cfg.capfilt_threshold <= 1 and 0 < cfg.capfilt_top_p <= 1 and cfg.capfilt_temperature >= 0,
-         "--capfilt_threshold must be in [0, 1], --capfilt_top_p in (0, 1] and --capfilt_temperature >= 0"),
-        (cfg.stage == "pretrain" or cfg.init_from or cfg.resume,
-         f"--stage {cfg.stage} starts from a pretrained checkpoint: give --init_from PATH"),
-        (not cfg.init_text or cfg.init_from, "--init_text goes with --init_from (a Hugging Face CLIP for the ViT)"),
-        (not (cfg.train_vit and cfg.stage == "prompt"), "--train_vit does not apply to --stage prompt: it trains the "
-                                                        "prompts on a frozen model"),
-        (world_size == 1 or cfg.stage not in ("prompt", "capfilt"), f"--stage {cfg.stage} runs as one process"),
-        (world_size == 1 or cfg.stop_loss == 0, "--stop_loss decides on one process's loss: run it as one process"),
-        (not (cfg.fsdp and world_size > 1 and cached_steps(cfg)), "--fsdp runs the model through its forward pass "
-         "only; accumulation with cached features (--grad_accum > 1 with ITC or ITM) calls its parts: use DDP, or "
-         "--grad_accum=1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise SystemExit(message)
-    if m.prompt:
-        try:
-            prompt.parse_layers(m.dense_layers, m.vit_layers)
-        except ValueError as e:
-            raise SystemExit(f"--{e}") from None
-
 
 def stage_overrides(preset, overrides):
     """What a run changes in its preset: what its stage changes (and the stage's out_dir),
@@ -511,11 +344,6 @@ def step_noise(cfg, step, n_rows, device):
     return draw_noise(cfg.model, n_rows, cfg.model.context_length, gen, device)
 
 
-def cached_steps(cfg):
-    """Whether the run's steps are cached_pretrain_step's (a pretraining stage, uses_feature_cache)."""
-    return cfg.stage in PRETRAINING and uses_feature_cache(cfg.model, cfg.grad_accum)
-
-
 def train_step(model, raw_model, batches, scaler, ctx, noise=None):
     """The forward and backward passes of one optimizer step over its micro-batches (a list of
     model keyword arguments; the gradients are left in .grad). Returns the losses, averaged
@@ -718,7 +546,7 @@ def start_state(cfg, changes, overrides):
         return apply_overrides(config_from_dict(ckpt["config"]), overrides), ckpt, None
     if not cfg.init_from:
         return cfg, None, None
-    known = config_fields()
+    known = config_fields(cfg)
     model_changes = {k: v for k, v in changes.items() if known[k][0] == "model"}
     if os.path.isfile(cfg.init_from):
         if cfg.init_text:
@@ -754,7 +582,7 @@ def sub_run(cfg, changes, overrides, run, name):
 
 
 def main(argv=None):
-    preset, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    preset, overrides = parse_args(sys.argv[1:] if argv is None else argv, PRESETS)
     changes = stage_overrides(preset, overrides)
     cfg = apply_overrides(PRESETS[preset], changes)
     validate(cfg)

@@ -53,14 +53,14 @@ def test_an_odd_batch_with_half_the_rows_fused_is_a_clear_error(tmp_path, world_
 
 def test_overrides_reach_every_config_and_keep_types():
     preset, overrides = train.parse_args(["--config", "tiny", "--lr=3e-4", "--vit_layers", "3", "--n_val=7",
-                                          "--resume", "--image_mean=0.5,0.5,0.5"])
+                                          "--resume", "--image_mean=0.5,0.5,0.5"], train.PRESETS)
     cfg = train.apply_overrides(train.PRESETS[preset], overrides)
     assert (cfg.lr, cfg.model.vit_layers, cfg.world.n_val, cfg.resume) == (3e-4, 3, 7, True)
     assert cfg.model.image_mean == (0.5, 0.5, 0.5)
     assert train.PRESETS["tiny"].lr != 3e-4  # presets are not modified
     # a bare boolean flag means true for the model's and the world's fields too, last or not
     for argv in (["--image_positions"], ["--image_positions", "--lr=1e-3"], ["--image_positions", "true"]):
-        assert train.parse_args(argv)[1]["image_positions"] is True
+        assert train.parse_args(argv, train.PRESETS)[1]["image_positions"] is True
 
 
 def test_tiny_run_lowers_its_loss_and_writes_its_files(tiny_run):
