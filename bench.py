@@ -10,45 +10,8 @@ loading, and captioning with and without the KV cache.
     python bench.py --config small --mode generate        # caption tokens/s, KV cache on and off
     python bench.py --config small --json out/bench.json  # the numbers also as JSON (written atomically)
 
-Bench flags: --mode (train, loader, generate), --vs hf, --steps, --warmup, --new_tokens,
---peak_tflops, --json (BenchConfig below). Every other flag is train.py's, parsed by its own
-parse_args and apply_overrides, so that it means what it means there. The device, dtype,
-autocast and torch.compile are train.py's choices (pick_runtime, cfg.compile). The model
-runs on random data of the right shapes: random uint8 images, random caption rows
-<bos> words <eos> <pad>..., random visual codes; the special tokens are the top 5 ids.
-
-FLOPs of one pretraining step (pretrain_flops; pretrain_terms has each term): 2 per
-multiply-add of every matmul, convolution and attention product; norms, softmax, activations,
-losses and the optimizer are left out. B samples, P patches of p x p pixels, M image tokens
-per image (P for the 'mlp' converter, n_queries for the 'resampler'), T = context_length text
-positions, N = B contrastive columns (one process), Q = queue_size with momentum (else 0),
-widths v (ViT), w (text), g (generator), D = embed_dim, V = vocab_size, K = n_codes, and
-X(L, d, n) = model.transformer_flops = L (2 n d^2 (4 + 2 mlp_ratio) + 4 n^2 d) per sequence:
-
-    vit       = B (6 P p^2 v + X(vit_layers, v, 1 + P))    (a second one on ELECTRA's replaced pixels,
-                unless shared_vit_pass: then the one pass reads them)
-    converter = B C, C = 2 P (v w + w^2 + 4 v w [image_axes]) ('mlp') or 2 P v w + L_r (4 M w^2 (1 + r) + 4 P w^2 + 4 M P w),
-                on the first ViT pass, for captioning and the fused pass (a second one on the second pass)
-    itc       = 2 B v D + B X(text_layers, w, T) + 2 B w D + 4 B (N + Q) D
-    momentum  = vit + B X(text_layers, w, T) + 2 B (v + w) D + 4 B (N + Q) D          (no backward)
-    generator = B (6 P p^2 g + 2 T w g + X(gen_layers, g, P + T) + 2 T g w + 2 T w V + 2 P g K)
-                (once more, no backward, as the momentum generator with MLM and momentum)
-    fused     = R X(text_layers, w, M + T) + 4 R w (ITM head) + 2 B' T w (RTD head) + 2 B' M w (R2D head),
-                R = (1 + itm_negatives) B' rows with ITM (matched pairs, then negative pairs), else B';
-                B' = B, or B / 2 with fused_rows 0.5 (then the generator, the second ViT pass and
-                ITM's draws, over N / 2 columns, take B / 2 rows too)
-    caption   = B X(text_layers, w, M + T - 1) + 2 B (T - 1) w V
-    itm draws = 4 B' N' D                                                (no backward)
-
-    training FLOPs = sum over terms of F (1 + b): b = 2 where the backward computes the input
-    and the weight gradients (each as many FLOPs as the forward), b = 1 where only the weight
-    gradient (the patch conv and the generator's patch embedding: their input is pixels), b = 0
-    where there is no backward (momentum encoders, the hard-negative similarities, any pass
-    whose output reaches no loss with a weight > 0, and with fused_vit_grad off the ViT pass
-    that only the fused pass reads; the converter's input map then has b = 1). Exact for these
-    ops (tests/test_bench.py checks it against torch.utils.flop_counter). One batch per step:
-    with --grad_accum > 1 and ITC or ITM, train.py's cached step runs the encoders once more,
-    without a graph.
+The bench's own flags are BenchConfig's; every other flag is train.py's and means what it means there.
+The model runs on random data of the right shapes. What is measured, and the FLOP formula: docs/bench.md.
 """
 
 import copy
@@ -82,9 +45,7 @@ class BenchConfig:
 
 DEFAULT_STEPS = {"train": (20, 3), "loader": (200, 10), "generate": (3, 1)}  # (steps, warmup)
 
-# Dense (no sparsity) 16-bit tensor-core peaks in TFLOP/s, bf16 with fp32 accumulation where the
-# chip has bf16, else fp16 (V100, T4). Matched on torch.cuda.get_device_name() in this order,
-# case-insensitively; word boundaries keep A10 from matching A100 and L4 from matching L40S.
+# dense bf16 (V100, T4: fp16) tensor-core peaks, TFLOP/s; the first match wins, \b keeps A10 from matching A100
 PEAK_TFLOPS = [
     (r"\bB200\b", 2250), (r"\bGH200\b", 989), (r"\bH200 NVL\b", 835), (r"\bH200\b", 989),
     (r"\bH100 PCIe\b", 756), (r"\bH100 NVL\b", 835), (r"\bH100\b", 989),  # the SXM part: "NVIDIA H100 80GB HBM3"
@@ -96,8 +57,7 @@ PEAK_TFLOPS = [
 
 
 def peak_tflops(device_name, override=0.0):
-    """The peak TFLOP/s for MFU: override when given (> 0), else the first PEAK_TFLOPS entry
-    whose pattern is in device_name, else None (unknown device)."""
+    """The peak TFLOP/s for MFU: override when > 0, else the first PEAK_TFLOPS match, else None."""
     if override > 0:
         return float(override)
     for pattern, tflops in PEAK_TFLOPS:
@@ -107,7 +67,7 @@ def peak_tflops(device_name, override=0.0):
 
 
 # -----------------------------------------------------------------------------
-# FLOPs of one pretraining step (the formula in the module docstring)
+# FLOPs of one pretraining step (the formula: docs/bench.md)
 
 
 def vit_flops(c):
@@ -117,9 +77,7 @@ def vit_flops(c):
 
 
 def converter_flops(c):
-    """Forward FLOPs of the converter on one image's patches (no relation tokens): the MLP's two
-    matmuls, or the resampler's input map and, per layer, the queries' q, output and MLP, the
-    patches' keys and values, and the attention of M queries over P keys."""
+    """Forward FLOPs of the converter (mlp or resampler) on one image's patches, no relation tokens."""
     P, w, vw = (c.image_size // c.patch_size) ** 2, c.text_width, c.vit_width
     if c.converter == "mlp":
         return 2 * P * (vw * w + w * w + 4 * vw * w * c.image_axes)
@@ -128,12 +86,9 @@ def converter_flops(c):
 
 
 def pretrain_terms(c, batch_size):
-    """The terms of one pretraining step on one process, as model.VLM.pretrain_losses runs it
-    for the loss weights of c: a list of (name, forward FLOPs, b), b the backward's multiple of
-    the forward (2: input and weight gradients, 1: weight gradient only, 0: no backward). An
-    objective of weight 0 runs nothing; ELECTRA's generator runs when any of mlm, moc, rtd, r2d
-    is on, its second ViT pass when rtd, r2d or ITM is; the momentum encoders when
-    momentum_alpha > 0 and ITC is on. Caption rows are context_length tokens, as the data has them."""
+    """The terms of one pretraining step on one process, as VLM.pretrain_losses runs it for the loss
+    weights of c: a list of (name, forward FLOPs, b), b the backward's multiple of the forward (2: input and
+    weight gradients, 1: weight gradient only, 0: no backward). The formula: docs/bench.md."""
     on = {k: w > 0 for k, w in loss_weights(c).items()}
     electra, fused = uses_electra(c), on["itm"] or on["rtd"] or on["r2d"]
     B, N = batch_size, batch_size
@@ -147,12 +102,10 @@ def pretrain_terms(c, batch_size):
     def text(n):
         return transformer_flops(c.text_layers, w, n, r)
 
-    # with ELECTRA and shared_vit_pass one ViT pass (over the replaced pixels) serves everything;
-    # else the fused pass reads a second one over the replaced pixels
+    # shared_vit_pass: one ViT pass over the replaced pixels serves everything, else the fused pass reads a second one
     shared = electra and c.shared_vit_pass
     one_pass, clean, replaced = fused_pairs(c)
-    # what reaches a loss with a gradient: ITC's embeddings; the first pass's image tokens for
-    # captioning, and for the fused pass when they are its input
+    # the first pass's image tokens get a gradient from captioning, and from the fused pass when they are its input
     tokens_grad = on["caption"] or ((one_pass or clean) and fused and c.fused_vit_grad)
     Bf, Nf = (B, N) if c.fused_rows == 1 else (B // 2, N // 2)  # the rows ELECTRA and the fused pass take
     vit_grad = on["itc"] or tokens_grad
@@ -207,8 +160,7 @@ def pretrain_terms(c, batch_size):
 
 
 def pretrain_flops(c, batch_size, backward=True):
-    """FLOPs of one pretraining step of batch_size samples, forward and backward: the sum over
-    pretrain_terms of F (1 + b); backward False: the forward alone, the sum of F."""
+    """FLOPs of one pretraining step: the sum over pretrain_terms of F (1 + b), or of F alone."""
     return sum(f * (1 + b if backward else 1) for _, f, b in pretrain_terms(c, batch_size))
 
 
@@ -217,8 +169,7 @@ def pretrain_flops(c, batch_size, backward=True):
 
 
 def bench_model_config(mcfg, **changes):
-    """The model config with the special tokens at the top 5 ids of its vocabulary (in the
-    shapes tokenizer's order) and any changes."""
+    """The model config with the special tokens at the top 5 ids of its vocabulary, and any changes."""
     V = mcfg.vocab_size
     if V < 6:
         raise SystemExit(f"--vocab_size={V}: the bench needs at least one word besides the 5 special tokens")
@@ -227,8 +178,8 @@ def bench_model_config(mcfg, **changes):
 
 
 def random_batch(model, batch_size, device, seed=0):
-    """Pretraining inputs of the right shapes: pixels (random uint8 images, normalised),
-    tokens (rows <bos> 1..T-2 random words <eos> <pad>...) and codes (random visual codes)."""
+    """Pretraining inputs of the right shapes: random images (normalised), token rows
+    <bos> words <eos> <pad>..., random visual codes."""
     c = model.cfg
     g = torch.Generator().manual_seed(seed)
     B, T, P = batch_size, c.context_length, (c.image_size // c.patch_size) ** 2
@@ -261,10 +212,10 @@ def timed(fn, n, device_type):
 
 
 def optimizer_step(model, loss_fn, cfg, device_type, ctx, after=None):
-    """A function that takes one training step as train.py does: the loss under autocast,
-    backward through the grad scaler, gradient clipping, AdamW, zero_grad, then after()."""
+    """A function that takes one training step as train.py does (autocast, grad scaler, clipping,
+    AdamW, zero_grad), then after()."""
     optimizer = train.configure_optimizer(model, cfg, device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=train.pick_dtype(cfg, device_type) == torch.float16)
+    scaler = torch.amp.GradScaler(device_type, enabled=train.pick_runtime(cfg)[2] == torch.float16)
 
     def step():
         with ctx:
@@ -277,9 +228,8 @@ def optimizer_step(model, loss_fn, cfg, device_type, ctx, after=None):
 
 
 def cpu_peak(info=None):
-    """(float32 peak TFLOP/s of the cores torch uses, how it was found) from /proc/cpuinfo (or
-    its text, info): threads x clock x 32 FLOP per cycle with FMA (two 256-bit FMA pipes, as
-    AMD's Zen 4 runs AVX-512), 16 without; (None, why) where the clock cannot be read."""
+    """(float32 peak TFLOP/s of the cores torch uses, how it was found) from /proc/cpuinfo (or info):
+    threads x clock x 32 FLOP per cycle with FMA, 16 without; (None, why) without a clock."""
     try:
         info = open("/proc/cpuinfo").read() if info is None else info
         mhz = float(re.search(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M).group(1))
@@ -303,7 +253,7 @@ def resolve_peak(bench, device_type):
 
 
 def throughput(name, flops_per_step, batch_size, steps, seconds, peak):
-    """The numbers of one timed run: samples/s, step ms, achieved TFLOP/s, MFU (None without a peak)."""
+    """samples/s, step ms, achieved TFLOP/s and MFU (None without a peak) of one timed run."""
     achieved = flops_per_step * steps / seconds
     return {f"{name}_samples_per_s": batch_size * steps / seconds, f"{name}_step_ms": 1e3 * seconds / steps,
             f"{name}_tflops": achieved / 1e12, f"{name}_mfu": achieved / (peak * 1e12) if peak else None}
@@ -376,8 +326,7 @@ def hf_clip(mcfg):
 
 
 def clip_param_counts(ours, hf):
-    """{part: (ours, Hugging Face's)} for the parts a CLIP has: the image tower with its
-    projection, the text tower with its (our tied LM head adds none), the temperature."""
+    """{part: (ours, Hugging Face's)} parameter counts of the vision tower, text tower and temperature."""
     def count(*modules):
         unique = {id(p): p for m in modules for p in m.parameters()}
         return sum(p.numel() for p in unique.values())
@@ -387,9 +336,8 @@ def clip_param_counts(ours, hf):
 
 
 def bench_vs_hf(cfg, bench):
-    """The contrastive step side by side: ours with ITC alone against transformers.CLIPModel of
-    the same dimensions, on one batch, each a backward and an AdamW step, timed in alternating
-    blocks so that both see the same machine. transformers is imported in this mode only."""
+    """The ITC step side by side: ours with ITC alone against transformers.CLIPModel of the same
+    dimensions, on one batch, timed in alternating blocks."""
     import transformers
     device, device_type, dtype, ctx, compiled = runtime(cfg)
     mcfg = bench_model_config(cfg.model, **{**OBJECTIVES_OFF, "itc_weight": 1.0})
@@ -422,8 +370,8 @@ def bench_vs_hf(cfg, bench):
     rows.append(("ours / HF", f"{out['ratio']:.3f}"))
     for part, (o, h) in counts.items():
         rows.append((f"params {part}", f"ours {o:,}  HF {h:,}" + ("  equal" if o == h else "  DIFFERENT")))
-    rows.append(("params note", f"ours also holds {out['params_ours_total'] - out['params_ours']:,} parameters that ITC "
-                                f"does not use (converter, generator, heads); HF's position_ids are buffers"))
+    rows.append(("params note", f"ours also holds {out['params_ours_total'] - out['params_ours']:,} parameters that "
+                                f"ITC does not use (converter, generator, heads); HF's position_ids are buffers"))
     print_table(f"ITC step, ours vs Hugging Face | {device} {dtype} compile {compiled} | batch {cfg.batch_size}, "
                 f"{n} steps each in {blocks} alternating blocks after {bench.warmup} warm-up | "
                 f"{flops / 1e9:.2f} GFLOP/step", rows)
@@ -431,9 +379,8 @@ def bench_vs_hf(cfg, bench):
 
 
 def bench_vs_itc_lm(cfg, bench):
-    """The preset's pretraining step (every objective by default) side by side with the ITC
-    and captioning step of the same model, timed in alternating blocks: what the other
-    objectives cost."""
+    """The preset's pretraining step against the ITC and captioning step of the same model, timed in
+    alternating blocks: what the other objectives cost."""
     device, device_type, dtype, ctx, compiled = runtime(cfg)
     configs = {"all": bench_model_config(cfg.model), "itc_lm": bench_model_config(cfg.model, **ABLATION_ROWS["ITC+LM"])}
     steps, flops = {}, {}
@@ -459,8 +406,8 @@ def bench_vs_itc_lm(cfg, bench):
 
 
 def alternate(steps, bench, device_type, batch_size):
-    """Time two step functions ({name: fn}) in alternating blocks, so that both see the same
-    machine: (seconds, samples/s per block, steps each, blocks)."""
+    """Time step functions ({name: fn}) in alternating blocks, so that all see the same machine:
+    (seconds, samples/s per block, steps each, blocks)."""
     for step in steps.values():
         timed(step, bench.warmup, device_type)
     per_block = math.ceil(bench.steps / 6)  # about 6 blocks each, at least --steps steps in all
@@ -475,9 +422,8 @@ def alternate(steps, bench, device_type, batch_size):
 
 
 def bench_loader(cfg, bench):
-    """Pretraining batches as the training loop takes them (the shapes world, or --data: a
-    prepared directory, or one that streams webdataset shards): place(next(stream)), read
-    in this process or by --num_workers loader processes."""
+    """Pretraining batches as the training loop takes them, place(next(stream)), read in this process
+    or by --num_workers loader processes."""
     device, device_type, _, _, _ = runtime(cfg)
     ds = train.load_data(cfg, 0, 1)
     cfg.model = train.fit_model_to_data(cfg.model, ds)
@@ -495,10 +441,8 @@ def bench_loader(cfg, bench):
 
 
 def bench_generate(cfg, bench):
-    """Greedy captioning of a batch, new_tokens tokens exactly, with and without the KV cache:
-    tokens/s of each and their ratio, and whether the two give the same tokens. The context is
-    raised to new_tokens + 1 positions where it is shorter (generate caps at context - 1), and
-    eos_id is -1, an id no model emits, so that no row stops early."""
+    """Greedy captioning of a batch, exactly new_tokens tokens, with and without the KV cache: tokens/s
+    of each, and whether they agree. eos_id is -1, which no model emits, so that no row stops early."""
     device, device_type, dtype, ctx, _ = runtime(cfg)
     n = bench.new_tokens
     mcfg = bench_model_config(cfg.model, context_length=max(cfg.model.context_length, n + 1), momentum_alpha=0.0,
@@ -525,8 +469,8 @@ def bench_generate(cfg, bench):
            "identical": torch.equal(outputs[True], outputs[False])}
     out["speedup"] = out["cached_tokens_per_s"] / out["uncached_tokens_per_s"]
     M = (mcfg.image_size // mcfg.patch_size) ** 2 if mcfg.converter == "mlp" else mcfg.n_queries
-    print_table(f"greedy captioning: {n} new tokens after {M} image tokens | {device} {dtype} | batch {cfg.batch_size}, "
-                f"{bench.steps} calls each after {bench.warmup}", [
+    print_table(f"greedy captioning: {n} new tokens after {M} image tokens | {device} {dtype} | "
+                f"batch {cfg.batch_size}, {bench.steps} calls each after {bench.warmup}", [
                     ("KV cache", f"{out['cached_tokens_per_s']:.0f} tokens/s"),
                     ("no cache", f"{out['uncached_tokens_per_s']:.0f} tokens/s"),
                     ("speed-up", f"{out['speedup']:.2f}x"),
@@ -539,8 +483,7 @@ def bench_generate(cfg, bench):
 
 
 def parse_bench_args(argv):
-    """(BenchConfig, the other arguments): the bench's own flags taken out, --key=value or
-    --key value; the rest are train.py's."""
+    """(BenchConfig, the other arguments): the bench's own flags (--key=value or --key value) taken out."""
     hints = typing.get_type_hints(BenchConfig)
     values, rest, i = {}, [], 0
     while i < len(argv):
@@ -591,7 +534,8 @@ def main(argv=None):
     return out
 
 
-assert not {f.name for f in fields(BenchConfig)} & set(configurator.config_fields(train.PRESETS['small'])), "a bench flag shadows a train.py flag"
+assert not {f.name for f in fields(BenchConfig)} & set(configurator.config_fields(train.PRESETS['small'])), \
+    "a bench flag shadows a train.py flag"
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """
-Caption bootstrapping (CapFilt, BLIP): a captioner writes a caption for every image of a noisy
-split, an image-text matching filter keeps the captions it judges matched (the image's own and
-the synthetic one), and the result is a new prepared dataset to pretrain on.
+Caption bootstrapping (CapFilt, BLIP): a captioner writes a caption for every image of a noisy split, an
+image-text matching filter keeps the captions it judges matched (the image's own and the synthetic one), and
+the result is a new prepared dataset to pretrain on. How it works: docs/capfilt.md.
 
     python train.py --config small --stage capfilt --init_from out-web/ckpt.pt
 """
@@ -29,21 +29,16 @@ CAPFILT_SETTINGS = ("capfilt_split", "capfilt_tune", "capfilt_synthetic", "capfi
 
 
 def itm_threshold(p):
-    """The ITM margin (logit of match minus logit of no match) at which p(match) = p:
-    log(p / (1 - p)); -inf at 0 and +inf at 1, so that `margin >= itm_threshold(p)` is
-    p(match) >= p with nothing rounded: 0 keeps every caption and 1 none."""
+    """The ITM margin (logit of match minus no match) at which p(match) = p: log(p / (1 - p)), infinite
+    at 0 and 1, so that 0 keeps every caption and 1 none with nothing rounded."""
     return -math.inf if p <= 0 else math.inf if p >= 1 else math.log(p / (1 - p))
 
 
 @torch.no_grad()
 def bootstrap(captioner, filt, ds, cfg, device, ctx=nullcontext(), chunk=512):
-    """CapFilt's model work over the split cfg.capfilt_split, chunk images at a time: the
-    captioner writes one caption per image (nucleus sampling at capfilt_top_p and
-    capfilt_temperature, the draws seeded by cfg.seed), and the filter gives the ITM margin of
-    each image with its own (first) caption and with the synthetic one. Returns (synthetic
-    tokens (N, T) int32, texts, problems: '' or why a synthetic caption is unusable ('empty',
-    'too long': it did not end within the context; 'off': no captioner), margins (N, 2)
-    float32 [own, synthetic], -inf where there is no synthetic caption)."""
+    """The model work over cfg.capfilt_split, chunk images at a time: a caption per image by nucleus sampling,
+    and the filter's ITM margins of each image with its own and its synthetic caption. Returns (synthetic tokens
+    (N, T) int32, texts, problems ('', 'empty', 'too long' or 'off': no captioner), margins (N, 2) [own, synthetic])."""
     split, T = cfg.capfilt_split, ds.context_length
     images, own = ds.array(split, "images"), ds.array(split, "tokens")
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -51,13 +46,13 @@ def bootstrap(captioner, filt, ds, cfg, device, ctx=nullcontext(), chunk=512):
     for i in tqdm(range(0, len(images), chunk), desc="capfilt", dynamic_ncols=True):
         x = images[i:i + chunk]
         chunk_texts = [""] * len(x) if captioner is None else generate_captions(
-            captioner, ds.tokenizer, x, device, batch_size=chunk, ctx=ctx, generator=generator,
+            captioner, ds.tokenizer, x, batch_size=chunk, ctx=ctx, generator=generator,
             temperature=cfg.capfilt_temperature, top_p=cfg.capfilt_top_p)
         chunk_tokens, chunk_problems = data.encode_checked(ds.tokenizer, chunk_texts, T)
-        image_tokens = image_tokens_of(filt, x, device, ctx=ctx)
+        image_tokens = image_tokens_of(filt, x, ctx=ctx)
         pairs = torch.arange(len(x))[:, None].expand(-1, 2)
-        margin = lambda t: itm_margins(filt, image_tokens, torch.from_numpy(np.asarray(t, np.int64)), pairs,  # noqa: E731
-                                       device, ctx=ctx).cpu()
+        margin = lambda t: itm_margins(  # noqa: E731
+            filt, image_tokens, torch.from_numpy(np.asarray(t, np.int64)), pairs, device, ctx=ctx).cpu()
         margins.append(torch.stack([margin(own[i:i + chunk, 0]), torch.full((len(x),), -torch.inf) if captioner is None
                                     else margin(chunk_tokens)], 1))
         if captioner is None:
@@ -69,19 +64,14 @@ def bootstrap(captioner, filt, ds, cfg, device, ctx=nullcontext(), chunk=512):
 
 
 def capfilt_keep(margins, problems, p):
-    """(N, 2) bool: which captions the filter keeps, [own, synthetic]: those whose margin is at
-    least itm_threshold(p), a synthetic one only if it is usable (no problem)."""
+    """(N, 2) bool [own, synthetic]: the captions with margin >= itm_threshold(p), a synthetic one if usable."""
     threshold = itm_threshold(p)
     return np.stack([margins[:, 0] >= threshold, (margins[:, 1] >= threshold) & (np.asarray(problems) == "")], 1)
 
 
 def capfilt_report(ds, split, keep, problems, margins, texts):
-    """The counts (each source's kept and dropped add up to the split's images); where the
-    split records which of its captions are corrupted (the shapes world's web split), the
-    filter's precision and recall at finding them (a dropped caption is a prediction of
-    "corrupted") and the ROC-AUC of -margin; where its scenes are known, the same for the
-    synthetic captions that do not parse to their image's scene; and, where both are known,
-    the share of wrong captions among those kept, before (own_wrong_before) and after."""
+    """The filter's counts and, where the split records them, its precision, recall and AUC at finding
+    corrupted own captions and wrong synthetic ones, and the share of wrong captions kept (docs/capfilt.md)."""
     N = len(keep)
     problems = np.array(problems)
     usable = problems == ""
@@ -105,17 +95,15 @@ def capfilt_report(ds, split, keep, problems, margins, texts):
             report[f"corrupted_recall_{kind}"] = float((~keep[corruption == k, 0]).mean()) if (corruption == k).any() \
                 else float("nan")
         if synthetic_wrong is not None or not keep[:, 1].any():
-            wrong_kept = (keep[:, 0] & corrupted).sum() + (0 if synthetic_wrong is None else (keep[:, 1] & synthetic_wrong).sum())
+            wrong_kept = (keep[:, 0] & corrupted).sum() + (
+                0 if synthetic_wrong is None else (keep[:, 1] & synthetic_wrong).sum())
             report["wrong_after"] = float(wrong_kept / max(1, keep.sum()))
     return report
 
 
 def cleaned_split(ds, split, keep, synthetic):
-    """The arrays of the cleaned train split: every image of split with a kept caption, and two
-    caption slots per image: [own, synthetic] when both are kept, else the kept one twice, so
-    that drawing a slot at random weighs each kept caption of an image equally. Besides:
-    caption_source (0 the image's own caption, 1 synthetic), source_index (the image's index
-    in split) and, where the split has it, the corruption of the own caption, kept or not."""
+    """The arrays of the cleaned train split: every image with a kept caption, in two caption slots
+    ([own, synthetic], or the kept one twice), with caption_source, source_index and corruption."""
     rows = np.flatnonzero(keep.any(1))
     own, syn, k = ds.array(split, "tokens")[rows, 0], synthetic[rows], keep[rows]
     arrays = dict(images=ds.array(split, "images")[rows], source_index=rows,
@@ -127,13 +115,11 @@ def cleaned_split(ds, split, keep, synthetic):
 
 
 def capfilt_source(cfg):
-    """(the source dataset, where the cleaned set goes), every setting
-    checked before any work starts. The source is --data, or else the data init_from was
-    trained on. The cleaned set goes to capfilt_data, or beside the source as
-    <source>-capfilt-<hash of the settings, init_from and out_dir>; never into or around
-    the source or the run's out_dir, nor over a directory CapFilt did not write."""
+    """(the source dataset, where the cleaned set goes), every setting checked before any work starts:
+    never into or around the source or out_dir, nor over a directory CapFilt did not write."""
     if not cfg.init_from:
-        raise SystemExit("--stage capfilt: give --init_from PATH (with --resume too: finished fine-tuning runs are kept)")
+        raise SystemExit("--stage capfilt: give --init_from PATH "
+                         "(with --resume too: finished fine-tuning runs are kept)")
     if not os.path.exists(cfg.init_from):
         raise SystemExit(f"--init_from: no checkpoint at {cfg.init_from}")
     init = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
@@ -151,32 +137,33 @@ def capfilt_source(cfg):
     settings = {k: getattr(cfg, k) for k in CAPFILT_SETTINGS}
     key = json.dumps({**settings, "init_from": os.path.abspath(cfg.init_from), "out_dir": os.path.abspath(cfg.out_dir)},
                      sort_keys=True)
-    out = os.path.realpath(cfg.capfilt_data or f"{os.path.normpath(ds.path)}-capfilt-{hashlib.sha256(key.encode()).hexdigest()[:8]}")
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    out = os.path.realpath(cfg.capfilt_data or f"{os.path.normpath(ds.path)}-capfilt-{digest}")
     inside = lambda a, b: os.path.commonpath([a, b]) == b  # noqa: E731  a is b or lies within it
     source, run_dir = os.path.realpath(ds.path), os.path.realpath(cfg.out_dir)
     if any(inside(out, other) or inside(other, out) for other in (source, run_dir)):
         raise SystemExit(f"--capfilt_data {out}: the cleaned set is a new directory, not in or around the source "
                          f"dataset ({source}) or the run's out_dir ({run_dir})")
-    if os.path.exists(out) and "capfilt" not in (data.Dataset(out).meta if os.path.exists(os.path.join(out, "meta.json")) else {}):
+    written = data.Dataset(out).meta if os.path.exists(os.path.join(out, "meta.json")) else {}
+    if os.path.exists(out) and "capfilt" not in written:
         raise SystemExit(f"--capfilt_data {out} exists and is not a set CapFilt wrote: give a new path")
     return ds, out
 
 
 def run(cfg, sub_run, runtime):
-    """CapFilt: fine-tune the captioner and the filter (capfilt_tune), bootstrap the captions of
-    capfilt_split, and write the cleaned set as a new prepared dataset (capfilt_source says
-    where): its train split from cleaned_split, the source's val and test splits copied, the
-    report in its meta.json. Writes report.json, capfilt.npz (every decision and margin) and
-    eval.json (the report's numbers) to out_dir."""
+    """CapFilt: fine-tune the captioner and the filter, bootstrap the captions of capfilt_split, and write the
+    cleaned set as a new prepared dataset; report.json, capfilt.npz and eval.json go to out_dir."""
     ds, out = capfilt_source(cfg)
     t0 = time.time()
-    roles = {"separate": dict(CAPFILT_ROLES), "shared": {"shared": {k: v for w in CAPFILT_ROLES.values() for k, v in w.items()}},
+    roles = {"separate": dict(CAPFILT_ROLES),
+             "shared": {"shared": {k: v for w in CAPFILT_ROLES.values() for k, v in w.items()}},
              "none": {}}[cfg.capfilt_tune]
     if not cfg.capfilt_synthetic:
         roles.pop("captioner", None)
     paths = {}
     for name, weights in roles.items():  # each on the source dataset's train_split, from init_from
-        run = {"out_dir": os.path.join(cfg.out_dir, name), "stage": "finetune", "data": ds.path, **OBJECTIVES_OFF, **weights}
+        run = {"out_dir": os.path.join(cfg.out_dir, name), "stage": "finetune", "data": ds.path, **OBJECTIVES_OFF,
+               **weights}
         sub_run(run, f"{name}: fine-tuning on {cfg.train_split}")
         paths[name] = os.path.join(run["out_dir"], "ckpt.pt")
     filter_path = paths.get("filter", paths.get("shared", cfg.init_from))
@@ -195,16 +182,17 @@ def run(cfg, sub_run, runtime):
     report = capfilt_report(ds, split, keep, problems, margins, texts)
     report.update(data_path=out, source=os.path.abspath(ds.path), filter=filter_path, captioner=captioner_path,
                   **{k: getattr(cfg, k) for k in CAPFILT_SETTINGS},
-                  examples=[{"own": data.decode_tokens(ds.tokenizer, ds.array(split, "tokens")[i, 0]), "synthetic": texts[i],
-                             "kept": keep[i].tolist(), "p_match": (1 / (1 + np.exp(-margins[i].astype(np.float64)))).tolist()}
+                  examples=[{"own": data.decode_tokens(ds.tokenizer, ds.array(split, "tokens")[i, 0]),
+                             "synthetic": texts[i], "kept": keep[i].tolist(),
+                             "p_match": (1 / (1 + np.exp(-margins[i].astype(np.float64)))).tolist()}
                             for i in range(min(8, len(keep)))])
     os.makedirs(cfg.out_dir, exist_ok=True)
     for stale in ("eval.json", "report.json"):  # of an earlier run: this one's replace them, or say why not
         if os.path.exists(os.path.join(cfg.out_dir, stale)):
             os.remove(os.path.join(cfg.out_dir, stale))
     npz = os.path.join(cfg.out_dir, "capfilt.npz")
-    np.savez(npz + ".tmp.npz", margins=margins, keep=keep, problems=np.array(problems), synthetic=synthetic)
-    os.replace(npz + ".tmp.npz", npz)
+    data.write_file(npz, lambda f: np.savez(f, margins=margins, keep=keep, problems=np.array(problems),
+                                            synthetic=synthetic))
     write_json(os.path.join(cfg.out_dir, "report.json"), report)
     for key, value in report.items():
         if key != "examples":

@@ -90,8 +90,8 @@ def parse_args(argv, presets):
             preset = raw
         elif key not in known:
             near = difflib.get_close_matches(key, known, n=3)
-            raise SystemExit(f"unknown config key --{key}{'; did you mean --' + ', --'.join(near) + '?' if near else ''} "
-                             f"(python train.py --help lists every flag)")
+            hint = f"; did you mean --{', --'.join(near)}?" if near else ""
+            raise SystemExit(f"unknown config key --{key}{hint} (python train.py --help lists every flag)")
         else:
             try:
                 overrides[key] = parse_value(key, raw, typ)
@@ -110,45 +110,59 @@ def apply_overrides(cfg, overrides):
 
 
 def validate(cfg, world_size=None):
-    """Stop (SystemExit) on a flag, or a combination of flags, that cannot work, naming the flag, its value and
-    what would work, before any work starts. Checks that need the data come when it is read."""
+    """Stop (SystemExit) on a flag, or a combination of flags, that cannot work, naming the flag, its value
+    and what would work, before any work starts. Checks that need the data come when it is read."""
     m, world_size = cfg.model, int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    pretraining = cfg.stage in PRETRAINING
-    one_of = lambda key, value, choices: (value in choices, f"--{key} takes {', '.join(map(str, choices[:-1]))} or "  # noqa: E731
-                                                            f"{choices[-1]}, got {value!r}")
-    at_least = lambda key, value, low: (value >= low, f"--{key}={value}: must be at least {low}")  # noqa: E731
+    pretraining, gen_width = cfg.stage in PRETRAINING, m.gen_width or m.text_width // 4
+
+    def one_of(key, value, choices):
+        return value in choices, f"--{key} takes {', '.join(map(str, choices[:-1]))} or {choices[-1]}, got {value!r}"
+
+    def at_least(low, owner, keys):
+        return [(getattr(owner, k) >= low, f"--{k}={getattr(owner, k)}: must be at least {low}") for k in keys]
+
     checks = [
-        (cfg.stage in STAGES, f"unknown --stage {cfg.stage!r}; stages: {', '.join(STAGES)}"), one_of("dtype", cfg.dtype, ("auto", "float32", "bfloat16", "float16")),
-        one_of("compile", cfg.compile, ("auto", "true", "false")), one_of("converter", m.converter, ("mlp", "resampler")),
+        (cfg.stage in STAGES, f"unknown --stage {cfg.stage!r}; stages: {', '.join(STAGES)}"),
+        one_of("dtype", cfg.dtype, ("auto", "float32", "bfloat16", "float16")),
+        one_of("compile", cfg.compile, ("auto", "true", "false")),
+        one_of("converter", m.converter, ("mlp", "resampler")),
         one_of("activation", m.activation, tuple(ACTIVATIONS)),
         one_of("text_activation", m.text_activation, ("", *ACTIVATIONS)),
-        one_of("itm_negatives", m.itm_negatives, (0.5, 1, 2)), one_of("fused_rows", m.fused_rows, (0.5, 1)),
+        one_of("itm_negatives", m.itm_negatives, (0.5, 1, 2)),
+        one_of("fused_rows", m.fused_rows, (0.5, 1)),
         one_of("capfilt_tune", cfg.capfilt_tune, ("separate", "shared", "none")),
-        *[at_least(k, getattr(cfg, k), 1) for k in ("batch_size", "grad_accum", "eval_interval", "eval_images",
-                                                     "log_interval", "ckpt_interval", "shots", "shot_seeds")],
-        *[at_least(k, getattr(cfg, k), 0) for k in ("max_iters", "warmup_iters", "num_workers", "train_images", "lr",
-                                                     "min_lr", "weight_decay", "grad_clip", "stop_loss", "rerank_k")],
-        *[at_least(k, getattr(m, k), 1) for k in ("image_size", "patch_size", "vit_width", "vit_layers", "vit_heads",
-                                                   "text_width", "text_layers", "text_heads", "embed_dim", "mlp_ratio",
-                                                   "context_length", "gen_heads", "n_queries", "n_codes", "queue_size")],
-        (m.image_size % m.patch_size == 0, f"--image_size={m.image_size} is not a multiple of --patch_size={m.patch_size}"),
+        *at_least(1, cfg, ("batch_size", "grad_accum", "eval_interval", "eval_images", "log_interval",
+                           "ckpt_interval", "shots", "shot_seeds")),
+        *at_least(0, cfg, ("max_iters", "warmup_iters", "num_workers", "train_images", "lr", "min_lr",
+                           "weight_decay", "grad_clip", "stop_loss", "rerank_k")),
+        *at_least(1, m, ("image_size", "patch_size", "vit_width", "vit_layers", "vit_heads", "text_width",
+                         "text_layers", "text_heads", "embed_dim", "mlp_ratio", "context_length", "gen_heads",
+                         "n_queries", "n_codes", "queue_size")),
+    ]
+    checks += [] if not all(ok for ok, _ in checks) else [  # these divide by sizes checked above
+        (m.image_size % m.patch_size == 0,
+         f"--image_size={m.image_size} is not a multiple of --patch_size={m.patch_size}"),
         (m.vit_width % m.vit_heads == 0 and m.vit_width % 4 == 0,
-         f"--vit_width={m.vit_width} must be divisible by --vit_heads={m.vit_heads} and by 4 (its 2-D sin-cos positions)"),
-        (m.text_width % m.text_heads == 0, f"--text_width={m.text_width} is not divisible by --text_heads={m.text_heads}"),
-        (0 <= m.gen_width <= m.text_width // 4, f"--gen_width={m.gen_width} is more than a quarter of --text_width="
-                                                f"{m.text_width}"),
-        ((m.gen_width or m.text_width // 4) % m.gen_heads == 0, f"the generator's width {m.gen_width or m.text_width // 4} "
-                                                                f"is not divisible by --gen_heads={m.gen_heads}"),
+         f"--vit_width={m.vit_width} must be divisible by --vit_heads={m.vit_heads} and by 4 (its sin-cos positions)"),
+        (m.text_width % m.text_heads == 0,
+         f"--text_width={m.text_width} is not divisible by --text_heads={m.text_heads}"),
+        (0 <= m.gen_width <= m.text_width // 4,
+         f"--gen_width={m.gen_width} is more than a quarter of --text_width={m.text_width}"),
+        (gen_width % m.gen_heads == 0,
+         f"the generator's width {gen_width} is not divisible by --gen_heads={m.gen_heads}"),
+    ]
+    checks += [
         (m.converter == "mlp" or not (m.image_positions or m.image_axes),
          "--image_positions and --image_axes go with --converter=mlp (the resampler's tokens are its queries)"),
-        (m.converter == "mlp" or m.r2d_weight == 0 or not pretraining, "--r2d_weight labels each patch, but the resampler's image tokens are "
-                                                    "its queries: use --converter=mlp or --r2d_weight=0"),
-        (not (m.itm_clean and m.shared_vit_pass), "--itm_clean with --shared_vit_pass: the one ViT pass reads the "
-                                                  "replaced pixels, no clean ones"),
-        (m.fused_rows == 1 or not m.shared_vit_pass, "--fused_rows=0.5 with --shared_vit_pass: the one ViT pass would "
-                                                     "read replaced and clean rows"),
-        (m.fused_rows == 1 or cfg.batch_size % 2 == 0 or not pretraining, f"--fused_rows=0.5 takes every other row: --batch_size must be "
-                                                       f"even, got {cfg.batch_size}"),
+        (m.converter == "mlp" or m.r2d_weight == 0 or not pretraining,
+         "--r2d_weight labels each patch, but the resampler's image tokens are its queries: use --converter=mlp "
+         "or --r2d_weight=0"),
+        (not (m.itm_clean and m.shared_vit_pass),
+         "--itm_clean with --shared_vit_pass: the one ViT pass reads the replaced pixels, no clean ones"),
+        (m.fused_rows == 1 or not m.shared_vit_pass,
+         "--fused_rows=0.5 with --shared_vit_pass: the one ViT pass would read replaced and clean rows"),
+        (m.fused_rows == 1 or cfg.batch_size % 2 == 0 or not pretraining,
+         f"--fused_rows=0.5 takes every other row: --batch_size must be even, got {cfg.batch_size}"),
         (not m.instruct or 0 < m.keep_ratio <= 1, f"--keep_ratio={m.keep_ratio}: must be in (0, 1]"),
         (not m.prompt or 0 <= m.text_prompt_depth <= m.text_layers and 0 <= m.image_prompt_depth <= m.vit_layers,
          f"prompt depths {m.text_prompt_depth} (text), {m.image_prompt_depth} (image) must lie in 0..{m.text_layers} "
@@ -161,13 +175,13 @@ def validate(cfg, world_size=None):
         (cfg.stage == "pretrain" or cfg.init_from or cfg.resume,
          f"--stage {cfg.stage} starts from a pretrained checkpoint: give --init_from PATH"),
         (not cfg.init_text or cfg.init_from, "--init_text goes with --init_from (a Hugging Face CLIP for the ViT)"),
-        (not (cfg.train_vit and cfg.stage == "prompt"), "--train_vit does not apply to --stage prompt: it trains the "
-                                                        "prompts on a frozen model"),
+        (not (cfg.train_vit and cfg.stage == "prompt"),
+         "--train_vit does not apply to --stage prompt: it trains the prompts on a frozen model"),
         (world_size == 1 or cfg.stage not in ("prompt", "capfilt"), f"--stage {cfg.stage} runs as one process"),
         (world_size == 1 or cfg.stop_loss == 0, "--stop_loss decides on one process's loss: run it as one process"),
-        (not (cfg.fsdp and world_size > 1 and cached_steps(cfg)), "--fsdp runs the model through its forward pass "
-         "only; accumulation with cached features (--grad_accum > 1 with ITC or ITM) calls its parts: use DDP, or "
-         "--grad_accum=1"),
+        (not (cfg.fsdp and world_size > 1 and cached_steps(cfg)),
+         "--fsdp runs the model through its forward pass only; accumulation with cached features (--grad_accum > 1 "
+         "with ITC or ITM) calls its parts: use DDP, or --grad_accum=1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -426,13 +426,16 @@ def decode_tokens(enc, ids):
 
 
 def write_file(file, content):
-    """Write text or an array (np.save) to a temporary file of this process's, renamed to file."""
-    tmp = f"{file}.tmp-{os.getpid()}{os.path.splitext(file)[1]}"
-    if isinstance(content, str):
-        with open(tmp, "w", encoding="utf-8") as f:
+    """Write text, an array (np.save) or what content(f) writes to a binary file, to a temporary file of
+    this process's renamed to file: a reader sees the old file or the new one, never half of one."""
+    tmp, text = f"{file}.tmp-{os.getpid()}", isinstance(content, str)
+    with open(tmp, "w" if text else "wb", encoding="utf-8" if text else None) as f:
+        if text:
             f.write(content)
-    else:
-        np.save(tmp, content)
+        elif callable(content):
+            content(f)
+        else:
+            np.save(f, content)
     os.replace(tmp, file)
 
 

@@ -1,7 +1,6 @@
 """
-Evaluate a nanoVLP model: retrieval, zero-shot classification and captioning, on the val
-split and on the test images that show held-out colour-shape pairs; on real captioned
-images, retrieval and BLEU and CIDEr-D of its captions on the val split.
+Evaluate a nanoVLP checkpoint (retrieval, ITM, RTD/R2D, zero-shot classification, captioning; on the shapes world
+also on the held-out compositions), and train and tabulate the ablations. The protocols: docs/evaluation.md.
 
     python eval.py --ckpt out/ckpt.pt            # prints the metrics, writes out/eval.json
     python eval.py --ckpt out-coco/ckpt.pt --split test   # another split: keys test_*
@@ -9,59 +8,6 @@ images, retrieval and BLEU and CIDEr-D of its captions on the val split.
     python eval.py --ablation --stage=instruct --init_from=out/ckpt.pt   # the two-pass rows
     python eval.py --ablation --stage=prompt --init_from=out/ckpt.pt     # the prompt rows, 3 shot samples each
     python eval.py --ablation --stage=capfilt    # web pretraining, CapFilt, pretraining again, fine-tuning
-
-Protocols (shapes world):
-- Retrieval. The gallery is every caption of every image of the split (C per image). Many
-  images share a scene, so a hit is judged by meaning, not by index: the true captions of an
-  image are all the captions the world can write for its scene (one per template), and a
-  retrieved caption is a hit if its text is one of them. As every
-  caption is written from one scene, this is "the caption's scene id equals the image's".
-  Image-to-text R@K: an image is a hit if one of its true captions is among its K nearest
-  captions. Text-to-image R@K: a caption is a hit if an image showing its scene is among its
-  K nearest images.
-- Zero-shot. On the images with one object: each shape (colour) is a class whose text
-  embedding is the normalised mean of the embeddings of every single-object caption naming
-  that shape (colour), over all colours (shapes), sizes and templates: CLIP's prompt
-  ensembling, with the world's own templates as the prompts.
-- Caption parse accuracy. Greedy captions are parsed back with the world's templates; a
-  caption is right if it names exactly the image's objects, with their sizes, colours and
-  shapes, in the right order along the right axis.
-- ITM. Each image is paired with its first caption (a match) and with the caption of
-  another scene that ITC finds most similar to it (a hard non-match); itm_acc is the
-  fraction of the 2N pairs on the right side of p(match) = 0.5, itm_auc the ROC-AUC of
-  p(match) over them. Re-ranked retrieval (retrieval_itm_*): the top rerank_k of ITC for each
-  query are put in the order of the ITM match logit, the rest keep their ITC order.
-- RTD / R2D. Val images and their first captions are masked and filled in by the generator
-  as in training (a fixed seed); over every non-padding text position (RTD) and every patch
-  (R2D), "replaced" is the positive class: ROC-AUC of the discriminator's logit, and
-  precision and recall at logit 0 (p = 0.5).
-- Instruction following (a checkpoint of the instruct stage). Greedy answers to the val
-  question sets, exact match of the answer text, overall and per question type, beside each
-  type's majority-answer baseline; the same with the instruction, the images or the relation
-  tokens hidden from the answering pass; forward FLOPs per set (VLM.instruct_flops) and the
-  median latency of answering one set alone.
-- Few-shot detection (a checkpoint of the prompt stage). On every novel_val image, the
-  class map (model.detect) against the true one, in which a shape not named is background:
-  IoU per named class with the pixel counts summed over the split, their mean (miou) and
-  the IoU of any named class against background (fg_iou); box AP at IoU 0.5 of the anchor
-  generator's boxes against the world's true boxes (ap50, all-point interpolation); the
-  same without the edge refinement (*_bilinear).
-
-Protocols (real captioned images, a dataset of kind 'captions'): as above, except
-- Retrieval. The gallery is every valid caption of every image: the first n_captions of its
-  C slots (the slots after them repeat them, and are left out). Relevance is the same
-  image: image-to-text R@K is a hit if one of the image's captions is among its K nearest
-  captions, text-to-image R@K if the caption's image is among its K nearest images. ITM
-  pairs each image with its first caption and with the most similar caption of another
-  image, and re-ranks as above, over the valid captions.
-- Captioning. No zero-shot or caption parse accuracy: greedy captions are scored against
-  the image's valid captions with BLEU-1..4 and CIDEr-D as the COCO caption evaluation
-  (pycocoevalcap) computes them: corpus BLEU with the closest reference length; CIDEr-D
-  (1- to 4-grams, sigma 6, clipped, times 10) with document frequencies from the references
-  of the evaluated images. Both sides are tokenised as its PTBTokenizer does (coco_tokenize,
-  which differs in rare cases). The references are the captions as the source wrote them
-  ({split}.captions.json; in a dataset without it, the decoded token rows).
-- No held-out part, unless the dataset marks test images as held out (test.heldout).
 """
 
 import argparse
@@ -100,17 +46,17 @@ def load_checkpoint(path, device="cpu"):
 
 
 def check_tokenizer(ckpt, ds):
-    """Stop if a checkpoint's tokenizer is not the dataset's: its token ids would mean other
-    words. The world's BPE and GPT-2's are one kind of encoding (sample.py export writes the
-    world's as GPT-2 files), so between those two only the ranks are compared."""
+    """Stop if a checkpoint's tokenizer is not the dataset's. The world's BPE is a GPT-2 kind of
+    encoding (sample.py export writes it as GPT-2 files), so between those two only the ranks are compared."""
     kind = lambda k: "gpt2" if k == "bpe" else k  # noqa: E731
     if (kind(ckpt["tokenizer"]["kind"]), ckpt["tokenizer"]["bpe"]) != (kind(ds.meta["tokenizer"]["kind"]), ds.bpe_text):
         raise SystemExit(f"the tokenizer of the starting weights ({ckpt['data_path']}) is not that of {ds.path}: "
-                         f"use the data they were trained on, or data prepared with their tokenizer (prepare.py --tokenizer)")
+                         f"use the data they were trained on, or data prepared with their tokenizer "
+                         f"(prepare.py --tokenizer)")
 
 
 @torch.no_grad()
-def embed_images(model, images, device, batch_size=256, ctx=nullcontext()):
+def embed_images(model, images, batch_size=256, ctx=nullcontext()):
     out = []
     for i in range(0, len(images), batch_size):
         with ctx:
@@ -129,14 +75,14 @@ def embed_texts(model, tokens, device, batch_size=1024, ctx=nullcontext()):
 
 
 def recall_at_k(sim, relevant, ks=(1, 5, 10)):
-    """Fraction of queries (rows of sim) with a relevant item among their k most similar."""
+    """{k: fraction of queries (rows of sim) with a relevant item among their k most similar}."""
     order = sim.topk(min(max(ks), sim.size(1)), dim=1).indices  # the k nearest, nearest first
     hits = torch.gather(relevant, 1, order)  # (Q, max k): relevance in rank order
     return {k: hits[:, :k].any(1).float().mean().item() for k in ks}
 
 
 def retrieval(image_emb, text_emb, image_scene, text_scene, ks=(1, 5, 10)):
-    """R@K both ways; relevance is scene equality (see the module docstring)."""
+    """R@K both ways; relevance is scene equality (the same image, on real captions)."""
     relevant = torch.as_tensor(image_scene)[:, None] == torch.as_tensor(text_scene)[None, :]
     sim = image_emb @ text_emb.t()
     out = {f"retrieval_i2t_r{k}": v for k, v in recall_at_k(sim, relevant, ks).items()}
@@ -145,8 +91,7 @@ def retrieval(image_emb, text_emb, image_scene, text_scene, ks=(1, 5, 10)):
 
 
 def roc_auc(scores, labels):
-    """Area under the ROC curve: the probability that a random positive scores above a random
-    negative, ties counting half (the Mann-Whitney U statistic). NaN if a class is empty."""
+    """Area under the ROC curve (the Mann-Whitney U statistic, ties counting half); NaN if a class is empty."""
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
     n_pos, n_neg = labels.sum(), (~labels).sum()
     if n_pos == 0 or n_neg == 0:
@@ -157,7 +102,7 @@ def roc_auc(scores, labels):
 
 
 def binary_metrics(prefix, logits, labels, pred=None):
-    """ROC-AUC of the logits, and precision and recall of the predictions pred (default: logit > 0)."""
+    """ROC-AUC of the logits, and precision and recall of pred (default: logit > 0)."""
     logits, labels = np.asarray(logits), np.asarray(labels, bool)
     pred = logits > 0 if pred is None else np.asarray(pred, bool)
     tp = (pred & labels).sum()
@@ -166,7 +111,7 @@ def binary_metrics(prefix, logits, labels, pred=None):
 
 
 @torch.no_grad()
-def image_tokens_of(model, images, device, batch_size=256, ctx=nullcontext()):
+def image_tokens_of(model, images, batch_size=256, ctx=nullcontext()):
     """The image tokens the text transformer reads, (N, P, w), for uint8 images."""
     out = []
     for i in range(0, len(images), batch_size):
@@ -188,10 +133,9 @@ def itm_margins(model, image_tokens, tokens, pairs, device, batch_size=512, ctx=
 
 
 def itm_evaluation(model, image_tokens, tokens, sim, relevant, first, k, device, ctx=nullcontext()):
-    """ITM accuracy and AUC on matched and hard non-matched val pairs, and ITC retrieval
-    re-ranked by ITM over its top k (see the module docstring). sim (N, G) ITC similarity of
-    images and the gallery's captions, relevant (N, G) bool, tokens (G, T), first (N,) the
-    gallery index of each image's first caption."""
+    """ITM accuracy and AUC on matched and hard non-matched pairs, and ITC retrieval re-ranked by ITM
+    over its top k. sim (N, G) ITC similarity of images and gallery captions, relevant (N, G) bool,
+    tokens (G, T), first (N,) the gallery index of each image's first caption."""
     N = sim.size(0)
     hard = sim.masked_fill(relevant, float("-inf")).argmax(1)  # the most similar caption of another scene
     rows = torch.arange(N)
@@ -203,7 +147,7 @@ def itm_evaluation(model, image_tokens, tokens, sim, relevant, first, k, device,
         top = s.topk(min(k, s.size(1)), dim=1).indices  # (Q, k)
         q = torch.arange(s.size(0))[:, None].expand_as(top)
         pairs = torch.stack([q, top] if image_first else [top, q], -1).reshape(-1, 2)
-        reranked = s.double()  # in float64: 1e4 + a margin keeps the margin's digits (float32 would tie close ones)
+        reranked = s.double()  # float64: 1e4 + a margin keeps the margin's digits (float32 would tie close ones)
         margins = itm_margins(model, image_tokens, tokens, pairs, device, ctx=ctx).cpu().double()
         reranked[q, top] = 1e4 + margins.view_as(top)
         out.update({f"retrieval_itm_{name}_r{kk}": v for kk, v in recall_at_k(reranked, rel).items()})
@@ -212,7 +156,7 @@ def itm_evaluation(model, image_tokens, tokens, sim, relevant, first, k, device,
 
 @torch.no_grad()
 def electra_evaluation(model, images, tokens, codes, device, batch_size=256, seed=0, ctx=nullcontext()):
-    """RTD and R2D metrics on replaced val inputs (see the module docstring)."""
+    """RTD and R2D AUC, precision and recall on replaced val inputs (a fixed seed)."""
     rng = torch.Generator(device=device).manual_seed(seed)
     logits = {"rtd": [], "r2d": []}
     labels = {"rtd": [], "r2d": []}
@@ -256,7 +200,7 @@ def class_embeddings(model, tokenizer, prompts, length, device, ctx=nullcontext(
 
 
 @torch.no_grad()
-def generate_captions(model, tokenizer, images, device, batch_size=256, ctx=nullcontext(), **sampling):
+def generate_captions(model, tokenizer, images, batch_size=256, ctx=nullcontext(), **sampling):
     texts = []
     for i in range(0, len(images), batch_size):
         with ctx:
@@ -265,19 +209,27 @@ def generate_captions(model, tokenizer, images, device, batch_size=256, ctx=null
     return texts
 
 
+def print_captions(model, ds, ctx=nullcontext(), n=8):
+    """Print the greedy captions of the first n val images beside their first true caption."""
+    images = ds.array("val", "images")[:n]
+    said = generate_captions(model, ds.tokenizer, images, ctx=ctx)
+    true = [data.decode_tokens(ds.tokenizer, row) for row in ds.array("val", "tokens")[:n, 0]]
+    print(f"captions of the first {len(said)} val images (true | generated):")
+    for t, g in zip(true, said):
+        print(f"  {t:<60s} | {g}")
+
+
 def caption_parse_accuracy(captions, scenes, counts):
-    """Overall and per object count: the fraction of captions that parse to the true scene.
-    Two parts of it, to see what a captioner gets wrong: `caption_objects_acc`, the captions
-    that name the right objects (in any order, on any axis), and, over the images of two or
-    three objects, `caption_axis_acc`, the captions that put them on the right axis (a row
-    or a column)."""
+    """Fraction of captions that parse to the true scene, overall and per object count; also
+    caption_objects_acc (the right objects, any order or axis) and caption_axis_acc (the right axis)."""
     parsed = [data.parse_caption(c) for c in captions]
     right = np.array([p == s for p, s in zip(parsed, scenes)])
     out = {"caption_parse_acc": float(right.mean())}
     for n in (1, 2, 3):
         if (counts == n).any():
             out[f"caption_parse_acc_{n}obj"] = float(right[counts == n].mean())
-    pairs = [(data.decode_scene(p) if p is not None else (-1, []), data.decode_scene(s)) for p, s in zip(parsed, scenes)]
+    pairs = [(data.decode_scene(p) if p is not None else (-1, []), data.decode_scene(s))
+             for p, s in zip(parsed, scenes)]
     out["caption_objects_acc"] = float(np.mean([sorted(p[1]) == sorted(t[1]) for p, t in pairs]))
     if (counts > 1).any():
         out["caption_axis_acc"] = float(np.mean([p[0] == t[0] for (p, t), n in zip(pairs, counts) if n > 1]))
@@ -285,16 +237,12 @@ def caption_parse_accuracy(captions, scenes, counts):
 
 
 # -----------------------------------------------------------------------------
-# caption metrics on real captions: the COCO caption evaluation's BLEU and CIDEr-D
-# (pycocoevalcap, Chen et al. 2015), computed here without its Java tokenizer
+# BLEU and CIDEr-D as the COCO caption evaluation (pycocoevalcap) computes them, without its Java tokenizer
 
-# pycocoevalcap drops these tokens after PTBTokenizer (its PUNCTUATIONS; '"' is PTB's `` or '').
-# Its -LRB- and the like never match, as PTBTokenizer's -lowerCase has lower-cased them:
-# brackets stay in the scored text as -lrb-, -rrb-, -lsb-, -rsb-, -lcb-, -rcb-.
+# pycocoevalcap's PUNCTUATIONS; its -LRB- never matches the lower-cased -lrb-, so brackets stay as -lrb- and the like
 PTB_DROPPED = frozenset(["''", "'", "``", "`", '"', ".", "?", "!", ",", ":", ";", "-", "--", "..."])
 PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-# the words PTBTokenizer leaves a final period on, in any context, besides single letters and
-# acronyms (u.s.): found by running it (CoreNLP 3.4.1) on 40,000 common lower-case words
+# the words PTBTokenizer (CoreNLP 3.4.1) leaves a final period on, found by running it on 40,000 common words
 PTB_ABBREVIATIONS = frozenset("""
 adj adm al ala alex apr ariz assn assoc atty attys aug ave bancorp bhd blvd brig bros calif capt cf cmdr co col colo
 comdr conn corp cos cpl ct dak dec dept det dr drs elec esq est etc ext feb fla fri ft ga gen gov govs hon inc ind intl
@@ -315,17 +263,8 @@ _PTB_TOKEN = re.compile(r"""
 
 
 def coco_tokenize(text):
-    """A caption as the COCO caption evaluation scores it: pycocoevalcap runs Stanford's
-    PTBTokenizer (Java) with -lowerCase and drops its punctuation tokens; this follows its
-    rules in plain Python. Lower-cased; clitics split (do n't, ca n't, dog 's, can not,
-    gon na); punctuation split off words and dropped, except a period that ends an
-    abbreviation (mr., st., u.s.); brackets kept as -lrb- and the like; other symbols
-    ($, %, &, #, *, +, =, /) split off and kept; hyphenated words, numbers (3.5, 1,000, 12:30,
-    1/2) and o'clock stay whole. Returns the words joined by spaces. Where it differs from
-    PTBTokenizer (the test checks many cases against it): PTB reads case and context for a
-    few abbreviations ("No. 5" and "Mass." keep their period, "A." at a sentence's end loses
-    it), keeps URLs and @names whole, splits rock 'n' roll and 't is, joins "1 1/2" into one
-    token, and splits punctuation glued to the front of a number (",50") in its own way."""
+    """A caption as the COCO caption evaluation scores it: PTBTokenizer with -lowerCase, its
+    punctuation dropped, words joined by spaces. Its rules, and where this differs: docs/evaluation.md."""
     text = text.lower().translate({0x2018: "'", 0x2019: "'", 0x201C: '"', 0x201D: '"', 0x2013: " -- ", 0x2014: " -- "})
     for pattern, repl in _PTB_SPLITS:
         text = pattern.sub(repl, text)
@@ -345,7 +284,7 @@ def ngram_counts(text, n=4):
 
 
 def _check_captions(refs, cands):
-    """refs {image: [tokenised references]}, cands {image: one tokenised candidate}."""
+    """Raise ValueError unless refs and cands name the same images, each with a reference."""
     if refs.keys() != cands.keys():
         raise ValueError(f"references and candidates name different images: {len(refs.keys() ^ cands.keys())} "
                          f"are in one but not the other")
@@ -355,11 +294,8 @@ def _check_captions(refs, cands):
 
 
 def bleu(refs, cands, n=4):
-    """Corpus BLEU-1..n (a list) of one candidate per image against its references, as
-    pycocoevalcap's Bleu(n): clipped n-gram counts and lengths summed over the images, each
-    image's reference length the one closest to its candidate's (the shorter on a tie), the
-    brevity penalty on the sums, and its smoothing (1e-15 and 1e-9, so a zero count gives a
-    tiny BLEU, not 0). refs {image: [tokenised captions]}, cands {image: tokenised caption}."""
+    """Corpus BLEU-1..n (a list) as pycocoevalcap's Bleu(n). refs {image: [tokenised captions]},
+    cands {image: one tokenised caption}."""
     _check_captions(refs, cands)
     correct, guess, cand_len, ref_len = [0] * n, [0] * n, 0, 0
     for key in refs:
@@ -382,13 +318,8 @@ def bleu(refs, cands, n=4):
 
 
 def cider_d(refs, cands, n=4, sigma=6.0):
-    """CIDEr-D, as pycocoevalcap's Cider: per image and n-gram order, the cosine similarity of
-    the candidate's tf-idf vector to each reference's, the candidate's weights clipped at the
-    reference's, times exp(-delta^2 / 2 sigma^2) for the difference delta of their lengths in
-    words (pycocoevalcap counts bigrams: the same difference, as an empty caption scores 0
-    anyway); averaged over the orders 1..n and the references, times 10, averaged over the
-    images. Document frequencies: the images whose references hold the n-gram, among these
-    images. refs {image: [tokenised captions]}, cands {image: one tokenised caption}."""
+    """CIDEr-D as pycocoevalcap's Cider, document frequencies from these references.
+    refs {image: [tokenised captions]}, cands {image: one tokenised caption}."""
     _check_captions(refs, cands)
     ref_counts = {key: [ngram_counts(r, n) for r in rs] for key, rs in refs.items()}
     df = Counter(gram for counts in ref_counts.values() for gram in set().union(*counts))
@@ -415,14 +346,15 @@ def cider_d(refs, cands, n=4, sigma=6.0):
                     s += min(v, r) * r
                 if norm[k] != 0 and rnorm[k] != 0:
                     s /= norm[k] * rnorm[k]
-                total[k] += s * np.e ** (-(float(length - rlength) ** 2) / (2 * sigma ** 2))  # np.e **, not exp: its last bit
+                # np.e ** as pycocoevalcap computes it: np.exp can differ in the last bit
+                total[k] += s * np.e ** (-(float(length - rlength) ** 2) / (2 * sigma ** 2))
         scores.append(np.mean(total) / len(ref_counts[key]) * 10.0)
     return float(np.mean(scores))
 
 
 def caption_scores(captions, references):
-    """BLEU-1..4 and CIDEr-D of generated captions (texts, one per image) against each image's
-    reference captions (a list of texts per image), both tokenised by coco_tokenize."""
+    """BLEU-1..4 and CIDEr-D of captions (one text per image) against each image's references
+    (a list of texts), both tokenised by coco_tokenize."""
     refs = {i: [coco_tokenize(r) for r in rs] for i, rs in enumerate(references)}
     cands = {i: coco_tokenize(c) for i, c in enumerate(captions)}
     out = {f"caption_bleu{k}": float(s) for k, s in enumerate(bleu(refs, cands), 1)}
@@ -432,8 +364,8 @@ def caption_scores(captions, references):
 
 @torch.no_grad()
 def zero_shot_accuracy(model, tokenizer, image_emb, objects, length, device, ctx=nullcontext()):
-    """Shape and colour classification by ITC (see the module docstring) of images of one
-    object: image_emb (n, D) their embeddings, objects (n, 3+) their object rows."""
+    """Shape and colour classification by ITC of single-object images: image_emb (n, D),
+    objects (n, 3+) their object rows."""
     if not len(objects):
         return {}
     out = {}
@@ -446,10 +378,9 @@ def zero_shot_accuracy(model, tokenizer, image_emb, objects, length, device, ctx
 
 @torch.no_grad()
 def evaluate_split(model, ds, split, device, select=None, ctx=nullcontext(), rerank_k=8):
-    """Every metric on one split (or the rows `select` of it) that the model's objectives
-    give: retrieval (ITC), ITM, RTD and R2D (ELECTRA); then on the shapes world zero-shot
-    classification and caption parse accuracy, on real captions ('captions' datasets) BLEU
-    and CIDEr-D of greedy captions. Flat dict of floats."""
+    """Every metric on one split (or its rows `select`) that the model's objectives give: retrieval,
+    ITM, RTD/R2D; then zero-shot and caption parse accuracy on the shapes world, or BLEU and CIDEr-D of
+    greedy captions on real captions."""
     kind = ds.meta.get("kind")
     if kind not in ("shapes", "captions"):
         raise ValueError(f"{ds.path} is a {kind!r} dataset: evaluate takes the shapes world or captioned images")
@@ -459,26 +390,26 @@ def evaluate_split(model, ds, split, device, select=None, ctx=nullcontext(), rer
     tokens = ds.array(split, "tokens")[idx]  # (N, C, T)
     scene = ds.array(split, "scene")[idx]
     N, C, T = tokens.shape
-    # the gallery: every valid caption, image by image (real data repeats them to fill C slots)
+    # the gallery: every valid caption, image by image (real data repeats them to fill the C slots)
     n_captions = ds.array(split, "n_captions")[idx].astype(np.int64) if kind == "captions" else np.full(N, C)
     if ((n_captions < 1) | (n_captions > C)).any():
         raise ValueError(f"{ds.path}: {split}.n_captions must be 1 to {C} (the caption slots), "
                          f"got {n_captions.min()} to {n_captions.max()}")
     valid = np.arange(C)[None, :] < n_captions[:, None]
     gallery, owner = tokens[valid], np.nonzero(valid)[0]  # (G, T), (G,) the image of each caption
-    image_emb = embed_images(model, images, device, ctx=ctx)
+    image_emb = embed_images(model, images, ctx=ctx)
     text_emb = embed_texts(model, gallery, device, ctx=ctx)
     out = retrieval(image_emb, text_emb, scene, scene[owner])
     cfg = model.cfg
     if cfg.itm_weight > 0:
         relevant = torch.as_tensor(scene)[:, None] == torch.as_tensor(scene[owner])[None, :]
-        out.update(itm_evaluation(model, image_tokens_of(model, images, device, ctx=ctx), torch.from_numpy(gallery).long(),
+        out.update(itm_evaluation(model, image_tokens_of(model, images, ctx=ctx), torch.from_numpy(gallery).long(),
                                   (image_emb @ text_emb.t()).cpu(), relevant, np.cumsum(n_captions) - n_captions,
                                   rerank_k, device, ctx))
     if cfg.rtd_weight > 0 or cfg.r2d_weight > 0:
         codes = ds.codes(split, cfg.patch_size, cfg.n_codes)[idx]
         out.update(electra_evaluation(model, images, tokens[:, 0], codes, device, ctx=ctx))
-    captions = generate_captions(model, ds.tokenizer, images, device, ctx=ctx)
+    captions = generate_captions(model, ds.tokenizer, images, ctx=ctx)
     if kind == "captions":  # the references as written (captions.json), else as the token rows decode
         written = ds.captions(split)
         references = [written[i] for i in idx] if written is not None else \
@@ -495,9 +426,8 @@ def evaluate_split(model, ds, split, device, select=None, ctx=nullcontext(), rer
 
 
 def evaluate(model, ds, device, max_images=None, heldout=True, ctx=nullcontext(), rerank_k=8, split="val"):
-    """The metrics of a run: split (val; its first max_images images, or all), and, with
-    heldout, the same on the test images whose objects are held-out compositions (keys
-    'heldout_*'), where the dataset marks them (the shapes world's test.heldout)."""
+    """The metrics of a run: split (its first max_images images, or all) and, with heldout, the same on
+    the test images of held-out compositions under 'heldout_*', where the dataset marks them (test.heldout)."""
     if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
         raise ValueError(f"{ds.path} has no captioned split {split!r}; it has "
                          f"{', '.join(s for s in ds.meta['splits'] if ds.has(s, 'tokens'))}")
@@ -507,26 +437,26 @@ def evaluate(model, ds, device, max_images=None, heldout=True, ctx=nullcontext()
     out = evaluate_split(model, ds, split, device, np.arange(min(n, max_images or n)), ctx, rerank_k)
     if heldout and ds.has("test", "heldout"):
         held = np.flatnonzero(ds.array("test", "heldout"))
-        out.update({f"heldout_{k}": v for k, v in evaluate_split(model, ds, "test", device, held, ctx, rerank_k).items()})
+        held_out = evaluate_split(model, ds, "test", device, held, ctx, rerank_k)
+        out.update({f"heldout_{k}": v for k, v in held_out.items()})
     model.train(was_training)
     return out
 
 
 def write_json(path, obj):
-    """Write atomically (data.write_file): a reader sees the old file or the new one, never half of one."""
+    """Write atomically (data.write_file): a reader sees the old file or the new one."""
     data.write_file(path, json.dumps(obj, indent=1))
 
 
 # -----------------------------------------------------------------------------
 # the ablation runner: one `python train.py` process per row, the same budget and seed
 
-OBJECTIVES_OFF = dict(itc_weight=0, caption_weight=0, itm_weight=0, mlm_weight=0, moc_weight=0, rtd_weight=0, r2d_weight=0,
-            momentum_alpha=0)
+OBJECTIVES_OFF = dict(itc_weight=0, caption_weight=0, itm_weight=0, mlm_weight=0, moc_weight=0, rtd_weight=0,
+                      r2d_weight=0, momentum_alpha=0)
 
 
 def objectives_only(*names):
-    """The flags that switch off every pretraining objective but the named ones ('itc', 'itm',
-    'mlm', ..., 'momentum'), which keep the preset's weights."""
+    """The flags that switch off every pretraining objective but the named ones ('itc', 'momentum', ...)."""
     return {k: v for k, v in OBJECTIVES_OFF.items() if k.removesuffix("_weight").replace("_alpha", "") not in names}
 
 
@@ -552,8 +482,7 @@ PROMPT_ROWS = {
 }
 
 
-# the instruct stage's rows: each changes one thing of the default (two passes, keep_ratio 0.5,
-# modality dropping, the relation encoder, the mlp converter)
+# the instruct stage's rows: each changes one thing of the default
 _INSTRUCT_BASE = dict(two_pass=True, keep_ratio=0.5, drop_instruction=0.1, drop_images=0.1, drop_relation=0.1,
                       relation=True, converter="mlp")
 _NO_DROP = dict(drop_instruction=0, drop_images=0, drop_relation=0)
@@ -577,12 +506,13 @@ def markdown_table(rows, keys):
 
 
 def run_train(out, flags, log_dir=""):
-    """Run `python train.py --out_dir=out *flags` as its own process; its eval.json with the
-    process's wall time and the median samples/s of its log (out/log_dir/log.jsonl)."""
+    """Run `python train.py --out_dir=out *flags` as its own process; its eval.json with the wall time and
+    the median samples/s of out/log_dir/log.jsonl."""
     import subprocess
     import sys
     import time
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), f"--out_dir={out}", *flags]
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), f"--out_dir={out}",
+           *flags]
     print(" ".join(cmd[1:]), flush=True)
     t0 = time.time()
     if subprocess.run(cmd).returncode != 0:
@@ -593,7 +523,8 @@ def run_train(out, flags, log_dir=""):
     if os.path.exists(os.path.join(out, log_dir, "log.jsonl")):
         with open(os.path.join(out, log_dir, "log.jsonl")) as f:
             speeds = [json.loads(line)["samples_per_s"] for line in f if "samples_per_s" in line]
-    return {**metrics, "wall_time_s": round(time.time() - t0), "samples_per_s": round(float(np.median(speeds))) if speeds else None}
+    return {**metrics, "wall_time_s": round(time.time() - t0),
+            "samples_per_s": round(float(np.median(speeds))) if speeds else None}
 
 
 def write_text(path, text):
@@ -603,10 +534,8 @@ def write_text(path, text):
 
 
 def run_ablation(args, train_args):
-    """Train every row of ABLATION_ROWS (INSTRUCT_ROWS with --stage instruct; or --rows) as its
-    own `python train.py` process, evaluate it (train.py writes eval.json), and write a
-    Markdown table: one row per config, every val metric (then the held-out ones), wall time
-    and samples/s. --stage capfilt runs the CapFilt experiment instead (run_capfilt_experiment)."""
+    """Train every row of the stage's table (or --rows) as its own train.py process and write a Markdown
+    table of their eval.json; --stage capfilt runs the CapFilt experiment instead."""
     if args.stage == "capfilt":
         return run_capfilt_experiment(args, train_args)
     instruct, prompt = args.stage == "instruct", args.stage == "prompt"
@@ -616,13 +545,15 @@ def run_ablation(args, train_args):
     if unknown:
         raise SystemExit(f"unknown ablation rows {unknown}; rows: {', '.join(table)}")
     if args.stage != "pretrain" and not any(a.startswith("--init_from") for a in train_args):
-        raise SystemExit(f"--stage {args.stage}: give the pretrained checkpoint every row starts from, --init_from=PATH")
+        raise SystemExit(f"--stage {args.stage}: give the pretrained checkpoint every row starts from, "
+                         f"--init_from=PATH")
     os.makedirs(args.ablation_dir, exist_ok=True)
     results = {}
     for name in names:
         print(f"[{name}]", flush=True)
         results[name] = run_train(os.path.join(args.ablation_dir, name.replace("+", "_")), [
-            "--config", args.config, f"--stage={args.stage}" if args.stage != "pretrain" else f"--train_split={args.train_split}",
+            "--config", args.config,
+            f"--stage={args.stage}" if args.stage != "pretrain" else f"--train_split={args.train_split}",
             f"--eval_interval={10 ** 9}", *([f"--max_iters={args.max_iters}"] if args.max_iters else []),
             *[f"--{k}={v}" for k, v in table[name].items()], *train_args], log_dir="seed0" if prompt else "")
     keys = [k for k in dict.fromkeys(k for m in results.values() for k in m)
@@ -630,14 +561,15 @@ def run_ablation(args, train_args):
     steps = ", ".join(sorted({str(m.get("step")) for m in results.values()}))
     command = (f"python eval.py --ablation --config {args.config} "
                f"{f'--stage={args.stage}' if args.stage != 'pretrain' else f'--train_split={args.train_split}'}"
-               f"{f' --max_iters={args.max_iters}' if args.max_iters else ''}{' ' + ' '.join(train_args) if train_args else ''}")
+               f"{f' --max_iters={args.max_iters}' if args.max_iters else ''}"
+               f"{' ' + ' '.join(train_args) if train_args else ''}")
     split = "novel_val, the mean and std over each row's shot samples" if prompt else "Val split"
     text = f"Ablation: `{command}`; {steps} steps per row, the same seed.\n\n{split}:\n\n"
     if prompt:  # zero-shot (no prompts, nothing trained) as a row of its own
         zero = {k[len("zeroshot_"):]: v for k, v in next(iter(results.values())).items() if k.startswith("zeroshot_")}
         rows = {"zero-shot": {**zero, "trainable_params": 0}, **results}
-        text += markdown_table(rows, ["miou", "miou_std", "ap50", "ap50_std", "fg_iou", "miou_bilinear", "ap50_bilinear",
-                                      "iou_star", "iou_heart", "iou_moon", "trainable_params", "step",
+        text += markdown_table(rows, ["miou", "miou_std", "ap50", "ap50_std", "fg_iou", "miou_bilinear",
+                                      "ap50_bilinear", "iou_star", "iou_heart", "iou_moon", "trainable_params", "step",
                                       "train_time_s", "wall_time_s"])
     elif instruct:  # the majority-answer baseline as a row of its own
         majority = {k.replace("majority", "acc"): v for k, v in next(iter(results.values())).items() if "majority" in k}
@@ -651,9 +583,7 @@ def run_ablation(args, train_args):
     write_text(args.table, text)
 
 
-# the CapFilt experiment, one train.py run per step: (step, its flags besides --config, the
-# checkpoint it starts from, the step whose cleaned set it pretrains on, the earlier steps its
-# model needed: its pipeline)
+# CapFilt experiment: (step, flags, init_from, the step whose cleaned set it pretrains on, the steps its pipeline needs)
 _WEB = ["web", "capfilt"]
 CAPFILT_STEPS = [
     ("web", ["--train_split=web"], None, None, []),
@@ -672,24 +602,18 @@ CAPFILT_STEPS = [
 
 
 def run_capfilt_experiment(args, train_args):
-    """CapFilt end to end (CAPFILT_STEPS), each step its own `python train.py` process in
-    ablation_dir/<step>: pretrain on the noisy web split; bootstrap its captions (--stage
-    capfilt); pretrain again with the same budget on the cleaned set, and on the web captions
-    the filter kept alone; as the upper reference, pretrain on the clean split; fine-tune each
-    pretrained model on the small clean set (--stage finetune). --max_iters sets the
-    pretraining budget; any other --key=value goes to every step (a step's own flags win).
-    Steps finished before (ablation_dir/experiment.json) are kept, so a killed experiment
-    resumes; with other arguments it stops instead of mixing runs. Writes a Markdown table:
-    retrieval R@1 both ways, caption parse accuracy, the same on held-out compositions, each
-    step's wall time and its pipeline's (the steps its model needed); then the filter's
-    reports."""
+    """The CapFilt experiment (CAPFILT_STEPS, results/capfilt.md), each step a train.py process in
+    ablation_dir/<step>; resumes from ablation_dir/experiment.json. Writes a Markdown table and the filter's reports."""
     if args.rows or args.data or args.train_split != "train":
-        raise SystemExit("--stage=capfilt runs its own steps on their own data: --rows, --data and --train_split do not apply")
-    fixed = [f for f in train_args if f.split("=")[0] in ("--out_dir", "--data", "--init_from", "--capfilt_data", "--stage")]
+        raise SystemExit("--stage=capfilt runs its own steps on their own data: --rows, --data and --train_split "
+                         "do not apply")
+    fixed = [f for f in train_args
+             if f.split("=")[0] in ("--out_dir", "--data", "--init_from", "--capfilt_data", "--stage")]
     if fixed:
         raise SystemExit(f"--stage=capfilt sets {', '.join(fixed)} itself for each step")
     command = (f"python eval.py --ablation --stage=capfilt --config {args.config}"
-               f"{f' --max_iters={args.max_iters}' if args.max_iters else ''}{' ' + ' '.join(train_args) if train_args else ''}")
+               f"{f' --max_iters={args.max_iters}' if args.max_iters else ''}"
+               f"{' ' + ' '.join(train_args) if train_args else ''}")
     state_file = os.path.join(args.ablation_dir, "experiment.json")
     done = {"command": command}
     if os.path.exists(state_file):
@@ -726,7 +650,8 @@ def run_capfilt_experiment(args, train_args):
     for n in capfilt:
         with open(os.path.join(args.ablation_dir, n, "report.json")) as f:
             reports[n] = json.load(f)
-    report_keys = [k for k in reports["capfilt"] if k.startswith(("images_", "own_", "synthetic_", "corrupted", "wrong_"))]
+    report_keys = [k for k in reports["capfilt"]
+                   if k.startswith(("images_", "own_", "synthetic_", "corrupted", "wrong_"))]
     text = (f"CapFilt experiment: `{command}`. Val split, and the test images with held-out colour-shape pairs "
             f"(`heldout_`). A pipeline's wall time sums the steps its model needed (filter-only's counts the whole "
             f"capfilt step, though it reuses only its filter):\n\n" + markdown_table(rows, keys)
@@ -741,7 +666,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="out/ckpt.pt")
     parser.add_argument("--data", default=None, help="prepared dataset directory (default: the checkpoint's)")
-    parser.add_argument("--out", default=None, help="where to write the metrics (default: eval.json beside the checkpoint)")
+    parser.add_argument("--out", default=None,
+                        help="where to write the metrics (default: eval.json beside the checkpoint)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rerank_k", type=int, default=8, help="ITM re-ranks the top k of ITC retrieval")
     parser.add_argument("--split", default="val", help="the captioned split to evaluate (Karpathy's COCO: test)")
@@ -776,8 +702,8 @@ def main():
                          "their own val splits")
     if model.cfg.prompt:
         names = ckpt["config"]["classes"].split(",")
-        metrics = prompt.evaluate(model, ds, names,
-                                  data.class_prompt_tokens(ds.tokenizer, names, model.cfg.prompt_init, model.cfg.context_length))
+        tokens = data.class_prompt_tokens(ds.tokenizer, names, model.cfg.prompt_init, model.cfg.context_length)
+        metrics = prompt.evaluate(model, ds, names, tokens)
     elif model.cfg.instruct:
         metrics = instruct.evaluate(model, ds)
     else:

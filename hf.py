@@ -1,7 +1,7 @@
 """
-Hugging Face interop: CLIP and GPT-2 weights in (from_pretrained, hf_init), CLIP out
-(export_hf_clip), and their byte-level BPE tokenizers read as tiktoken ranks and written back
-as Hugging Face files. transformers is imported in here only.
+Hugging Face interop: CLIP and GPT-2 weights in (from_pretrained, hf_init), CLIP out (export_hf_clip), and
+their byte-level BPE tokenizers read as tiktoken ranks and written back as Hugging Face files. transformers is
+imported in here only. What is loaded and written: docs/real-data.md.
 """
 
 import dataclasses
@@ -20,27 +20,22 @@ from data import (BOS, EOS, PAD, SPECIAL_TOKENS, Dataset, bpe_from_text, bpe_to_
 from model import VLM, VLMConfig, text_activation
 
 # -----------------------------------------------------------------------------
-# tokenizers: GPT-2's and OpenAI CLIP's byte-level BPE, from vocab.json and merges.txt to
-# tiktoken ranks. tiktoken merges the adjacent pair whose join ranks lowest, Hugging Face the
-# pair that comes first in merges.txt: the same when each merge makes a new token numbered in
-# merge order (hf_bpe_ranks checks it). CLIP's word end '</w>' is a trailing space byte here.
+# tokenizers: GPT-2's and CLIP's byte-level BPE as tiktoken ranks (CLIP's word end '</w>' as a trailing space byte)
 
 END_OF_WORD = "</w>"
 
 
 def bytes_to_unicode():
-    """GPT-2's table {byte: printable character} that Hugging Face byte-level vocabularies
-    are written in: printable Latin-1 bytes stand for themselves, the rest for chr(256 + n)."""
+    """GPT-2's table {byte: printable character} in which Hugging Face byte-level vocabularies are written."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     moved = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
 
 
 def hf_bpe_ranks(vocab, merges, end_of_word=""):
-    """tiktoken ranks {token bytes: id} from a Hugging Face byte-level BPE: vocab {token: id},
-    merges [(a, b)] in order. The tokens are the 256 bytes (with end_of_word, also each byte
-    ending a word) and the merged ones. Raises ValueError if the ids are not 0..n-1 or a
-    merged token's id is not in merge order (tiktoken's merge rule would then differ)."""
+    """tiktoken ranks {token bytes: id} from a Hugging Face byte-level BPE: vocab {token: id}, merges
+    [(a, b)] in order. ValueError unless the ids number the bytes 0.. and the merged tokens after them in merge
+    order: tiktoken joins the lowest-ranked pair, Hugging Face the first in merges.txt, the same only then."""
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
 
     def to_bytes(token):
@@ -65,8 +60,7 @@ def hf_bpe_ranks(vocab, merges, end_of_word=""):
 
 
 def hf_files(name_or_path, names):
-    """Local paths of files of a Hugging Face model: in a directory, or downloaded from the hub
-    (huggingface_hub's cache)."""
+    """Local paths of a Hugging Face model's files: in a directory, or downloaded from the hub."""
     if os.path.isdir(name_or_path):
         paths = [os.path.join(name_or_path, n) for n in names]
         missing = [p for p in paths if not os.path.isfile(p)]
@@ -82,8 +76,7 @@ def hf_files(name_or_path, names):
 
 
 def hf_bpe(name_or_path):
-    """(vocab, merges) as read from a Hugging Face tokenizer, a directory or a hub name: its
-    vocab.json and merges.txt, or else its tokenizer.json (all that transformers 5 saves)."""
+    """(vocab, merges) of a Hugging Face tokenizer: its vocab.json and merges.txt, or else its tokenizer.json."""
     try:
         files = hf_files(name_or_path, ("vocab.json", "merges.txt"))
     except ValueError as first:
@@ -100,15 +93,13 @@ def hf_bpe(name_or_path):
         with open(files[1], encoding="utf-8") as f:
             return content, [line.split() for line in f if line.strip() and not line.startswith("#version")]
     except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{name_or_path}: its tokenizer files cannot be read as a BPE ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{name_or_path}: its tokenizer files cannot be read as a BPE "
+                         f"({type(e).__name__}: {e})") from None
 
 
 def hf_tokenizer(name_or_path):
-    """(kind, bpe_text) of a Hugging Face GPT-2 or CLIP tokenizer (hf_bpe): kind 'clip' when the
-    vocabulary has '</w>' word ends, else 'gpt2'; bpe_text the ranks in tiktoken's file format
-    (get_tokenizer reads it back). The vocabulary's other tokens must be the kind's own
-    specials right after the ranks: CLIP's <|startoftext|> and <|endoftext|>, GPT-2's
-    <|endoftext|>."""
+    """(kind, bpe_text) of a Hugging Face GPT-2 or CLIP tokenizer: kind 'clip' when the vocabulary has
+    '</w>' word ends, else 'gpt2'; bpe_text the ranks in tiktoken's file format (get_tokenizer reads it)."""
     vocab, merges = hf_bpe(name_or_path)
     try:
         if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()) \
@@ -127,8 +118,8 @@ def hf_tokenizer(name_or_path):
 
 
 def load_tokenizer(spec):
-    """(kind, bpe_text) named on a command line: 'gpt2' (tiktoken's GPT-2 file), a prepared
-    dataset (its tokenizer), or a Hugging Face tokenizer directory or hub name (hf_tokenizer)."""
+    """(kind, bpe_text) named on a command line: 'gpt2', a prepared dataset, or a Hugging Face tokenizer
+    directory or hub name."""
     if spec == "gpt2":
         try:
             return "gpt2", bpe_to_text(tiktoken.get_encoding("gpt2")._mergeable_ranks)
@@ -142,8 +133,7 @@ def load_tokenizer(spec):
 
 
 def bpe_parts(token, ranks, below):
-    """The parts byte-level BPE leaves of token's bytes with only the ranks below `below`
-    (tiktoken's rule: the adjacent pair whose join ranks lowest is joined first)."""
+    """The parts BPE (tiktoken's rule) leaves of token's bytes with only the ranks below `below`."""
     parts = [token[i:i + 1] for i in range(len(token))]
     while len(parts) > 1:
         joins = [ranks.get(a + b, below) for a, b in zip(parts, parts[1:])]
@@ -158,20 +148,9 @@ HF_TOKENIZER_CLASSES = {"clip": "CLIPTokenizer", "gpt2": "GPT2Tokenizer", "bpe":
 
 
 def hf_tokenizer_files(kind, bpe_text, folder):
-    """Write a tokenizer, (kind, bpe_text) as get_tokenizer takes them, into folder as Hugging
-    Face's vocab.json, merges.txt and tokenizer_config.json: transformers.AutoTokenizer loads
-    them as the kind's class (HF_TOKENIZER_CLASSES) giving our token rows, <bos> text <eos>
-    <pad>... with padding="max_length" (encode_texts), and hf_tokenizer reads them back as
-    (kind, bpe_text). The world's 'bpe' is a GPT-2 kind of BPE (GPT-2's pattern,
-    <|endoftext|> right after the ranks): it is written as one, and read back as 'gpt2' (the
-    same encoding). vocab.json holds the ranks and the kind's own specials (CLIP's
-    <|startoftext|> and <|endoftext|>, GPT-2's <|endoftext|>); tokenizer_config.json names
-    bos, eos and pad, has a GPT2Tokenizer add bos and eos as CLIPTokenizer does, and lists
-    every special of ours at its id. The merges, in rank order: for each token not of the
-    base (a byte; for CLIP also a byte with '</w>', the trailing space byte here), the two
-    parts BPE joins into it (bpe_parts with the ranks below its own); raises ValueError for
-    a token that is not one join of lower ranked tokens. Each file written atomically.
-    Returns the three paths."""
+    """Write a tokenizer (kind, bpe_text) into folder as Hugging Face's vocab.json, merges.txt and
+    tokenizer_config.json, each atomically: AutoTokenizer then gives our token rows with padding="max_length",
+    and hf_tokenizer reads them back (the world's 'bpe' as 'gpt2', the same encoding). Returns the three paths."""
     if kind not in HF_TOKENIZER_CLASSES:
         raise ValueError(f"unknown tokenizer {kind!r}: expected 'clip', 'gpt2' or 'bpe'")
     clip, char = kind == "clip", bytes_to_unicode()
@@ -211,8 +190,7 @@ HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_
 # ours -> the hidden_act that export_hf_clip writes
 HF_ACTIVATION_NAMES = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 
-# our names -> Hugging Face CLIP's, per tower: its prefix, its tensors (a LayerNorm name maps
-# its weight and bias), its projection into the joint space
+# per tower: (HF's prefix, {ours: HF's} (a LayerNorm name maps its weight and bias), (our projection, HF's))
 HF_CLIP_TOWERS = {
     "visual": ("vision_model", {"conv1.weight": "embeddings.patch_embedding.weight",
                                 "class_embedding": "embeddings.class_embedding",
@@ -224,16 +202,15 @@ HF_CLIP_TOWERS = {
                             "ln_final": "final_layer_norm"},
              ("text_projection.weight", "text_projection.weight")),
 }
-HF_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.c_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1",
-                 "mlp.c_proj": "mlp.fc2"}
+HF_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.c_proj": "self_attn.out_proj",
+                 "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 GPT2_BLOCK = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")  # our names are GPT-2's
 
 
 def hf_clip_keys(cfg, towers=("visual", "text")):
-    """(our name, Hugging Face CLIP's) for logit_scale and every tensor of the towers named
-    (with their projections); for c_attn, HF's three names, q, k and v, which concatenate
-    into it. Our ViT applies ln_post to every token, HF's post_layernorm to the class token
-    alone: the same weights, the same embedding."""
+    """(our name, Hugging Face CLIP's) for logit_scale and every tensor of the towers named; for c_attn,
+    HF's q, k and v names, which concatenate into it. Our ln_post on every token is HF's post_layernorm on the
+    class token: the same weights, the same embedding."""
     pairs = [("logit_scale", "logit_scale")]
     for tower in towers:
         prefix, keys, (proj, their_proj) = HF_CLIP_TOWERS[tower]
@@ -250,8 +227,7 @@ def hf_clip_keys(cfg, towers=("visual", "text")):
 
 
 def state_from_hf_clip(sd, cfg, towers=("visual", "text")):
-    """A transformers CLIPModel's state dict -> ours: logit_scale (as (1,)) and the towers
-    named, with their projections."""
+    """A transformers CLIPModel's state dict -> ours: logit_scale (as (1,)) and the towers named."""
     out = {mine: torch.cat([sd[t] for t in theirs]) if isinstance(theirs, tuple) else sd[theirs]
            for mine, theirs in hf_clip_keys(cfg, towers)}
     out["logit_scale"] = out["logit_scale"].reshape(1)
@@ -268,8 +244,8 @@ def state_to_hf_clip(sd, cfg):
 
 
 def state_from_hf_gpt2(sd, cfg):
-    """A transformers GPT2Model's state dict -> our text transformer. The block names are
-    GPT-2's (h.i -> text.blocks.i); its Conv1D weights are stored (in, out): transposed."""
+    """A transformers GPT2Model's state dict -> our text transformer (its Conv1D weights, stored
+    (in, out), transposed)."""
     out = {"text.token_embedding.weight": sd["wte.weight"], "text.positional_embedding": sd["wpe.weight"],
            "text.ln_final.weight": sd["ln_f.weight"], "text.ln_final.bias": sd["ln_f.bias"]}
     for i in range(cfg.text_layers):
@@ -282,10 +258,8 @@ def state_from_hf_gpt2(sd, cfg):
 
 @torch.no_grad()
 def load_into(model, state):
-    """Copy state (our names) into model's tensors, in their dtype. The token embedding takes
-    a smaller table into its first rows (the specials appended after a HF vocabulary keep
-    theirs), the positional embedding the first context_length rows of a longer one; every
-    other shape must match."""
+    """Copy state (our names) into model's tensors, in their dtype. The token embedding takes a smaller table
+    into its first rows, the positional embedding the first rows of a longer one; other shapes must match."""
     own = model.state_dict()
     for k, v in state.items():
         dst = own[k]
@@ -319,8 +293,7 @@ def hf_weights(kind, name):
 
 
 def hf_image_stats(name):
-    """{'image_mean', 'image_std'} from the preprocessor_config.json of a directory or hub
-    name; {} without one."""
+    """{'image_mean', 'image_std'} from a preprocessor_config.json; {} without one."""
     from transformers.utils import cached_file
     path = cached_file(name, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
                        _raise_exceptions_for_connection_errors=False)
@@ -362,8 +335,8 @@ def clip_vision_fields(config, name):
 
 
 def clip_text_fields(config, name):
-    """VLMConfig fields of a transformers CLIPConfig's text tower and vocabulary (see
-    VLM.from_pretrained); a config that export_hf_clip wrote keeps its special ids."""
+    """VLMConfig fields of a transformers CLIPConfig's text tower and vocabulary; a config that
+    export_hf_clip wrote keeps its special ids."""
     t = config.text_config
     out = dict(text_width=t.hidden_size, text_layers=t.num_hidden_layers, text_heads=t.num_attention_heads,
                context_length=t.max_position_embeddings,
@@ -380,8 +353,7 @@ def clip_text_fields(config, name):
 
 
 def gpt2_fields(config, name):
-    """VLMConfig fields of a transformers GPT2Config: the text tower and vocabulary (see
-    VLM.from_pretrained)."""
+    """VLMConfig fields of a transformers GPT2Config: the text tower and vocabulary."""
     for has, what in ((config.add_cross_attention, "cross-attention layers"),
                       (not config.scale_attn_weights, "attention without the 1/sqrt(head size) scale"),
                       (config.scale_attn_by_inverse_layer_idx, "attention scaled by the layer index"),
@@ -400,9 +372,8 @@ def gpt2_fields(config, name):
 
 
 def merge_towers(name, vision, text):
-    """One set of fields from a vision tower's and a text tower's: ours has one mlp_ratio and
-    one layer_norm_eps, so the towers must agree on them; text_activation is '' when it is
-    the vision tower's."""
+    """One set of fields from a vision tower's and a text tower's, which must agree on mlp_ratio and
+    layer_norm_eps; text_activation is '' when it is the vision tower's."""
     for k in ("mlp_ratio", "layer_norm_eps"):
         if vision[k] != text[k]:
             raise ValueError(f"{name}: {k} is {vision[k]} in the vision tower and {text[k]} in the text tower; "
@@ -414,8 +385,8 @@ def merge_towers(name, vision, text):
 
 
 def checked_config(name, fixed, overrides):
-    """VLMConfig(fixed fields, then overrides), where an override may not contradict a fixed
-    field (context_length may be less; the text tower's activation is compared as used)."""
+    """VLMConfig(fixed fields, then overrides); an override may not contradict a fixed field
+    (context_length may be less)."""
     known = {f.name for f in dataclasses.fields(VLMConfig)}
     for k in overrides:
         if k not in known:
@@ -433,10 +404,8 @@ def checked_config(name, fixed, overrides):
 
 
 def hf_clip_config(cfg):
-    """A transformers CLIPConfig of cfg's towers: sizes, activations, layer_norm_eps, the
-    vocabulary and its special ids (nanovlp_specials, which VLM.from_pretrained reads back).
-    HF pools the text at the first eos_token_id, as we do, except when that id is 2 (then at
-    the highest id of each row, a legacy rule): an eos_id of 2 is refused."""
+    """A transformers CLIPConfig of cfg's towers, vocabulary and special ids (nanovlp_specials, which
+    from_pretrained reads back). An eos_id of 2 is refused: HF CLIP would pool at the highest id instead."""
     from transformers import CLIPConfig
     if cfg.eos_id == 2:
         raise ValueError("eos_id 2: Hugging Face CLIP reads eos_token_id 2 as its legacy marker and pools the text at "
@@ -455,14 +424,9 @@ def hf_clip_config(cfg):
 
 
 def export_hf_clip(model, path, write_extra=None):
-    """Write model's ViT, text transformer, their projections and logit_scale as a Hugging
-    Face CLIP directory that transformers.CLIPModel.from_pretrained loads with equal
-    embeddings and logits: config.json (hf_clip_config), model.safetensors (float32), and
-    preprocessor_config.json (CLIPImageProcessor's: bicubic resize of the short side and
-    centre crop to image_size, as prepare.load_image, then our image_mean and image_std).
-    Nothing else goes out: not the converter, generator, heads, momentum copy or prompts.
-    write_extra(directory), if given, writes more files (the tokenizer's: sample.py export).
-    Written to a temporary directory beside path, then renamed; path must not exist yet."""
+    """Write model's ViT, text transformer, projections and logit_scale as a Hugging Face CLIP directory
+    (config.json, model.safetensors, preprocessor_config.json) that CLIPModel.from_pretrained loads with equal outputs.
+    write_extra(directory) writes more files (sample.py export: the tokenizer's). path must not exist yet."""
     from transformers import CLIPModel
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists: export_hf_clip writes a new directory")
@@ -490,27 +454,12 @@ def export_hf_clip(model, path, write_extra=None):
 
 
 def from_pretrained(name_or_path, text=None, **overrides):
-    """A model started from Hugging Face weights. name_or_path: a directory written by
-    save_pretrained (or export_hf_clip), or a hub name, which transformers downloads (that
-    needs the network, or the files already in the hub's cache). What it loads:
-        a CLIP (CLIPConfig): both towers, their projections and logit_scale; image_mean
-            and image_std from preprocessor_config.json when there is one
-        a GPT-2 (GPT2Config): the text transformer (its lm_head is tied to the token
-            embedding, as ours); the ViT, text_projection and logit_scale start fresh
-        a CLIP with text= a GPT-2: the ViT, its projection and logit_scale from the CLIP,
-            the text transformer from the GPT-2; text_projection starts fresh
-    The vocabulary is the checkpoint's with our specials appended, as data.py's tokenizers
-    do (CLIP: <pad>, <mask>, <glob>, its own <bos> and <eos>; GPT-2: <bos>, <pad>, <mask>,
-    <glob>, its <|endoftext|> as <eos>); their embedding rows start fresh. A CLIP config
-    with eos_token_id 2 (OpenAI's, written before transformers fixed the id; HF then pools
-    at the highest id) gets the last two ids of its vocabulary, CLIP's <|startoftext|>
-    and <|endoftext|>. Everything else starts fresh as in VLM(cfg): converter, generator,
-    heads, codebook, instruct and prompt parts; the momentum copy starts as the encoders.
-    overrides: other VLMConfig fields (loss weights, converter, ...); context_length may be
-    less than the checkpoint's (its first positions are kept); a field that the checkpoint
-    fixes (a width, a depth, the vocabulary) set to another value, or a name that is no
-    field, is a ValueError.
-    Returns the model in float32."""
+    """A model in float32 started from Hugging Face weights: a directory written by save_pretrained (or
+    export_hf_clip), or a hub name. A CLIP gives both towers, their projections, logit_scale and the image mean
+    and std; a GPT-2 the text transformer; a CLIP with text= a GPT-2 the ViT from the CLIP and the text
+    transformer from the GPT-2. The vocabulary is the checkpoint's with our specials appended. Everything else
+    starts fresh as in VLM(cfg). overrides: other VLMConfig fields; one that contradicts the checkpoint (a width,
+    a depth, the vocabulary; context_length may be less) is a ValueError. Details: docs/real-data.md."""
     config = hf_config(name_or_path)
     name = name_or_path if text is None else f"{name_or_path} with text={text}"
     stats = {}
@@ -546,11 +495,8 @@ def from_pretrained(name_or_path, text=None, **overrides):
 
 
 def hf_init(name, text, model_changes, seed):
-    """A Hugging Face CLIP or GPT-2 (a hub name, or a directory written by save_pretrained) as
-    a starting checkpoint: its weights in our layout (VLM.from_pretrained, the model flags
-    given applied), its architecture, and the tokenizer of its text side, which the data
-    must have been prepared with (prepare.py --tokenizer). The parts that start fresh are drawn
-    from seed, so every rank, and every run of the same seed, starts from the same weights."""
+    """A Hugging Face CLIP or GPT-2 as a starting checkpoint dict: its weights (from_pretrained with the model
+    flags given), architecture and tokenizer. The fresh parts are drawn from seed, so every rank starts the same."""
     try:
         with torch.random.fork_rng(devices=[]):  # built on the CPU: no GPU's generator is touched
             torch.manual_seed(seed)
@@ -558,5 +504,5 @@ def hf_init(name, text, model_changes, seed):
         kind, bpe = hf_tokenizer(text or name)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--init_from {name}{' --init_text ' + text if text else ''}: {e}") from None
-    return {"model": model.state_dict(), "config": {"model": asdict(model.cfg)}, "tokenizer": {"kind": kind, "bpe": bpe},
-            "data_path": text or name}
+    return {"model": model.state_dict(), "config": {"model": asdict(model.cfg)},
+            "tokenizer": {"kind": kind, "bpe": bpe}, "data_path": text or name}

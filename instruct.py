@@ -1,11 +1,7 @@
 """
-The instruct stage: answering questions about several images, on a pretrained model.
-
-A relation encoder gives each image a token that says what sets it apart from the others;
-pass 1 reads [relation tokens | image tokens | question | <glob>] and its state at <glob>,
-the global vector, scores every image token; pass 2 keeps each image's best keep_ratio
-tokens, each gated by its score, and answers (prefix-LM). In training, the instruction,
-the images or the relation tokens are hidden at random (modality dropping).
+The instruct stage: answering questions about several images, on a pretrained model. A relation encoder
+gives each image a token; pass 1 scores every image token against a global vector; pass 2 keeps each image's
+best tokens, gated by their scores, and answers (prefix-LM). How it is built: docs/instruct.md.
 
     python train.py --config small --stage instruct --init_from out/ckpt.pt
 """
@@ -35,8 +31,8 @@ DROPPABLE = ("instruction", "images", "relation")
 
 
 class RelationEncoder(nn.Module):
-    """One relation token per image of a sample: a small bidirectional transformer over the
-    images' class tokens plus image-index embeddings; padding slots are hidden."""
+    """One relation token per image of a sample: a small bidirectional transformer over the images'
+    class tokens plus image-index embeddings; padding slots are hidden."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -89,8 +85,8 @@ class InstructVLM(VLM):
         return x.view(B, K, *x.shape[1:])
 
     def instruct_image_tokens(self, pixels, image_valid):
-        """pixels (B, K, 3, H, W), image_valid (B, K) -> relation tokens (B, K, w) or None and image tokens
-        (B, K, T, w), each plus its image's index embedding (zeros in padding slots). The ViT reads real images only."""
+        """pixels (B, K, 3, H, W), image_valid (B, K) -> relation tokens (B, K, w) or None,
+        and image tokens (B, K, T, w) plus their image's index embedding (zeros in padding slots)."""
         B, K = image_valid.shape
         vit = self.visual(pixels[image_valid])  # (n, 1 + P, vit_width)
         sample, slot = image_valid.nonzero(as_tuple=True)
@@ -99,7 +95,8 @@ class InstructVLM(VLM):
             pooled = vit.new_zeros(B, K, vit.size(-1))
             pooled[sample, slot] = vit[:, 0]
             rel = self.relation(pooled, image_valid)
-        context = (rel[sample], image_valid[sample]) if rel is not None else (None, None)  # the sample's relation tokens
+        # each image's converter also reads its sample's relation tokens
+        context = (rel[sample], image_valid[sample]) if rel is not None else (None, None)
         tokens = self.converter(vit[:, 1:], *context) + self.image_index[slot][:, None]
         image = tokens.new_zeros(B, K, *tokens.shape[1:])
         image[sample, slot] = tokens
@@ -113,12 +110,10 @@ class InstructVLM(VLM):
         return question[:, :n]
 
     def instruct_prefix(self, pixels, image_valid, question, gates=True):
-        """What the answer is conditioned on. Two passes: pass 1 runs bidirectionally over
-        [relation | image tokens | question | <glob>], its state at <glob> is the global vector g;
-        the scorer rates each image token against g and each image keeps its top keep_ratio
-        tokens in their order, with gate sigmoid(score) (gates=False: 1) applied in pass 2 so
-        the scorer learns. One pass: g is None and every token is kept. Returns a dict: g, rel,
-        rel_valid, image (B, K * n, w), image_valid, image_log_gate or None, kept (B, K, n)."""
+        """What the answer is conditioned on. Two passes: pass 1 over [relation | image tokens |
+        question | <glob>] gives g, the state at <glob>; each image keeps the keep_ratio of its tokens that score
+        highest against g, gated by sigmoid(score) (gates=False: no gates). One pass: no g, every token kept.
+        Returns a dict: g, rel, rel_valid, image (B, K * n, w), image_valid, image_log_gate, kept (B, K, n)."""
         cfg = self.cfg
         rel, image = self.instruct_image_tokens(pixels, image_valid)
         B, K, T, w = image.shape
@@ -145,11 +140,9 @@ class InstructVLM(VLM):
         return out
 
     def answer_states(self, pre, question, answer, drop=None):
-        """Pass 2 over [g | relation | image tokens | question | answer], prefix-LM: the answer is
-        causal, everything before it sees everything. A kept token's gate multiplies its
-        softmax weight in every attention (its log added to the logit: scaling the token would
-        be undone by the pre-LN). drop: {modality: (B,) bool}, the samples whose instruction,
-        images or relation tokens are hidden from every query. Returns the answer's states."""
+        """The answer's states from pass 2 over [g | relation | image tokens | question | answer],
+        prefix-LM; a kept token's log gate is added to its attention logits (the pre-LN would undo a scaled token).
+        drop: {modality: (B,) bool}, the samples whose instruction, images or relation tokens are hidden."""
         cfg = self.cfg
         B = question.size(0)
         keep = {k: ~drop[k] if drop is not None else question.new_ones(B, dtype=torch.bool) for k in DROPPABLE}
@@ -178,13 +171,14 @@ class InstructVLM(VLM):
 
     def sample_drop(self, B, device):
         """Which samples hide which modality in this training step."""
-        p = {"instruction": self.cfg.drop_instruction, "images": self.cfg.drop_images, "relation": self.cfg.drop_relation}
+        p = {"instruction": self.cfg.drop_instruction, "images": self.cfg.drop_images,
+             "relation": self.cfg.drop_relation}
         return {k: torch.rand(B, device=device) < v for k, v in p.items()}
 
     def forward(self, pixels, image_valid, question, answer, drop=None):
-        """pixels (B, K, 3, H, W), image_valid (B, K), question (B, T) and answer (B, Ta) rows
-        <bos> ... <eos> <pad>... -> {'answer', 'loss'}: the answer's next-token cross-entropy
-        (its <eos> included). In training, modalities are dropped unless drop is given."""
+        """pixels (B, K, 3, H, W), image_valid (B, K), question (B, T), answer (B, Ta) ->
+        {'answer', 'loss'}: the answer's next-token cross-entropy. In training, modalities are dropped unless drop
+        is given."""
         if drop is None and self.training:
             drop = self.sample_drop(question.size(0), question.device)
         h = self.answer_states(self.instruct_prefix(pixels, image_valid, question), question, answer, drop)
@@ -195,8 +189,8 @@ class InstructVLM(VLM):
 
     @torch.no_grad()
     def answer(self, pixels, image_valid, question, drop=None):
-        """Greedy answers (B, n), <eos> included, then <pad>. Pass 1 runs once; answers are a few
-        tokens, so each new token reruns pass 2 without a cache."""
+        """Greedy answers (B, n), <eos> included, then <pad>. Pass 1 runs once; answers are short,
+        so each new token reruns pass 2 without a cache."""
         cfg = self.cfg
         pre = self.instruct_prefix(pixels, image_valid, question)
         B = question.size(0)
@@ -212,16 +206,16 @@ class InstructVLM(VLM):
         return out[:, 1:]
 
     def instruct_flops(self, n_images):
-        """Forward FLOPs of one training sample with n_images images, by part: every stack by
-        transformer_flops, the patch conv, converter, scorer and logits as their matmuls; the
-        whole question and answer blocks are counted (padding is computed too)."""
+        """Forward FLOPs of one training sample with n_images images, by part, padding included
+        (docs/instruct.md)."""
         c = self.cfg
         w, vw, K = c.text_width, c.vit_width, n_images
         P = (c.image_size // c.patch_size) ** 2
         T = P if c.converter == "mlp" else c.n_queries
         R = K if c.relation else 0  # relation tokens
         Lq, Ta = c.context_length - c.answer_length, c.answer_length
-        out = {"vit": K * (2 * P * 3 * c.patch_size ** 2 * vw + transformer_flops(c.vit_layers, vw, 1 + P, c.mlp_ratio))}
+        out = {"vit": K * (2 * P * 3 * c.patch_size ** 2 * vw
+                           + transformer_flops(c.vit_layers, vw, 1 + P, c.mlp_ratio))}
         if c.relation:
             out["relation"] = 2 * K * vw * w + transformer_flops(c.relation_layers, w, K, c.mlp_ratio)
         if c.converter == "mlp":
@@ -297,9 +291,8 @@ def latency_ms(model, ds, split, idx, ctx=nullcontext()):
 
 
 def evaluate(model, ds, max_sets=None, split="multi_val", latency_sets=32, ctx=nullcontext()):
-    """Exact-match accuracy of greedy answers on the val sets (the first max_sets), overall and
-    per question type beside the type's majority training answer; the same with each modality
-    hidden from pass 2; forward GFLOPs per set (total and pass 2) and the latency of one set."""
+    """Exact-match accuracy of greedy answers on the first max_sets val sets, overall and per question type
+    beside its majority-answer baseline, and with each modality hidden; forward GFLOPs and latency per set."""
     was_training = model.training
     model.eval()
     n = ds.split_size(split)

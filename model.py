@@ -1,16 +1,9 @@
 """
 The nanoVLP model: a ViT, one text transformer used with three attention masks, a converter
-from image tokens to the text width, and the losses and generation built on them.
-
-Module names follow OpenAI CLIP (conv1, class_embedding, ln_pre, ln_post, proj,
-token_embedding, ln_final, text_projection, logit_scale) and GPT-2 inside each block (ln_1,
-attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj), so that published weights load by a
-plain key map (q, k and v of Hugging Face CLIP concatenate into c_attn).
-
-References:
-1) CLIP: https://github.com/openai/CLIP/blob/main/clip/model.py
-2) nanoGPT: https://github.com/karpathy/nanoGPT/blob/master/model.py
-3) BLIP (image-grounded decoding): https://arxiv.org/abs/2201.12086
+from image tokens to the text width, and the pretraining losses and generation built on them.
+Module names follow OpenAI CLIP's and, inside each block, GPT-2's, so that published weights
+load by a plain key map (hf.py). References: CLIP (github.com/openai/CLIP), nanoGPT
+(github.com/karpathy/nanoGPT), ALBEF (arxiv.org/abs/2107.07651), BLIP (arxiv.org/abs/2201.12086).
 """
 
 import copy
@@ -19,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn
 import torch.nn as nn
 from torch.nn import functional as F
 
@@ -68,7 +62,7 @@ class VLMConfig:
     gen_layers: int = 2  # the generator's blocks
     gen_heads: int = 2  # the generator's attention heads
     shared_vit_pass: bool = False  # one ViT pass, over ELECTRA's replaced pixels, for ITC, captioning and fused pass
-    fused_vit_grad: bool = True  # the fused pass's losses (ITM, RTD, R2D) train the ViT; false: the converter and text only
+    fused_vit_grad: bool = True  # the fused pass's losses (ITM, RTD, R2D) train the ViT too; false: not the ViT
     # momentum distillation (ALBEF): an EMA copy gives soft ITC targets and queued negatives
     momentum_alpha: float = 0.4  # the soft targets' weight, ramped up over the first epoch; 0: no EMA copy, no queues
     momentum: float = 0.995  # EMA decay of the momentum encoders
@@ -112,15 +106,10 @@ class VLMConfig:
 
 
 def attention_mask(n_prefix, q_len, k_len, q_start=0, key_valid=None, device=None):
-    """Boolean mask (True = may attend) for queries at positions q_start..q_start+q_len-1
-    over keys 0..k_len-1: a key is visible if it lies in the prefix or not after the query.
-        causal:        n_prefix = 0
-        prefix-LM:     n_prefix = number of prefix tokens (image tokens, instruction)
-        bidirectional: n_prefix = k_len
-    key_valid: optional (B, k_len) bool, False for keys hidden from every query (padding, a
-    dropped modality); a query still sees itself, so that no row is empty (SDPA turns an empty
-    row into NaN, which then spreads even through hidden keys). Returns (q_len, k_len), or
-    (B, 1, q_len, k_len) when key_valid is given."""
+    """Bool mask (True: may attend) of queries q_start.. over keys 0..k_len-1: a key is seen if it is in
+    the prefix or not after the query (causal: n_prefix 0; prefix-LM: the prefix's length; bidirectional:
+    k_len). key_valid (B, k_len): keys hidden from every query, but a query always sees itself (SDPA turns
+    an empty row into NaN). Returns (q_len, k_len), or (B, 1, q_len, k_len) with key_valid."""
     q = torch.arange(q_start, q_start + q_len, device=device)[:, None]
     k = torch.arange(k_len, device=device)[None, :]
     mask = (k < n_prefix) | (k <= q)
@@ -130,8 +119,7 @@ def attention_mask(n_prefix, q_len, k_len, q_start=0, key_valid=None, device=Non
 
 
 class KVCache:
-    """Keys and values of one attention layer during generation, preallocated and filled
-    left to right, so each new token costs one row of attention instead of a full pass."""
+    """Keys and values of one attention layer during generation, preallocated and filled left to right."""
 
     def __init__(self, batch_size, n_head, max_len, head_dim, device, dtype):
         self.k = torch.zeros(batch_size, n_head, max_len, head_dim, device=device, dtype=dtype)
@@ -159,8 +147,7 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(width, width)
 
     def forward(self, x, mask=None, is_causal=False, cache=None, context=None):
-        """Self-attention over x, or, given context (B, S, C), cross-attention: queries from x,
-        keys and values from context (the same c_attn weights, split)."""
+        """Self-attention over x; with context (B, S, C), cross-attention to it (the same c_attn, split)."""
         B, T, C = x.size()
         if context is None:
             q, k, v = self.c_attn(x).split(C, dim=2)
@@ -168,7 +155,7 @@ class Attention(nn.Module):
             w, b = self.c_attn.weight, self.c_attn.bias
             q = F.linear(x, w[:C], b[:C])
             k, v = F.linear(context, w[C:], b[C:]).split(C, dim=2)
-        q, k, v = (t.view(B, t.size(1), self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (t.view(B, t.size(1), self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # B nh T hs
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nh, L, hs): every position so far
         # flash / memory-efficient attention kernels; is_causal takes the fastest path
@@ -178,9 +165,8 @@ class Attention(nn.Module):
 
 
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the activation OpenAI's CLIP was trained with. Written as
-    silu(1.702 x) / 1.702, the same function, whose backward pass is one fused kernel
-    instead of several (a few percent of a CPU training step at the base size)."""
+    """x * sigmoid(1.702 x), OpenAI CLIP's activation, written as silu(1.702 x) / 1.702: the same function,
+    with a fused backward kernel."""
 
     def forward(self, x):
         return F.silu(1.702 * x) / 1.702
@@ -191,8 +177,7 @@ ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU, "gelu_tanh": lambda: nn
 
 
 def text_activation(cfg):
-    """The activation of the text transformer and of the generator (ELECTRA's small text
-    model): text_activation, else activation. Everything else uses activation."""
+    """The text transformer's and the generator's activation: text_activation, else activation."""
     return cfg.text_activation or cfg.activation
 
 
@@ -228,8 +213,7 @@ class Block(nn.Module):
 
 
 def sincos_2d(grid, width):
-    """(grid*grid, width) 2-D sin-cos position map (MAE): a quarter of the channels each for
-    sin and cos of the column and of the row, at geometrically spaced frequencies."""
+    """(grid*grid, width) 2-D sin-cos position map (MAE): sin and cos of the column and of the row."""
     omega = 1.0 / 10000 ** (torch.arange(width // 4) / (width // 4))
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     x, y = cols.flatten()[:, None] * omega, rows.flatten()[:, None] * omega
@@ -237,8 +221,7 @@ def sincos_2d(grid, width):
 
 
 class VisionTransformer(nn.Module):
-    """ViT as in CLIP: patches by a strided conv without bias, a class token, learned
-    positions, ln_pre, pre-LN blocks, ln_post; proj maps the class token into the joint space."""
+    """ViT as in CLIP: conv patches, a class token, learned positions, ln_pre, blocks, ln_post, proj."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -253,7 +236,7 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
 
     def embed(self, pixels):
-        """pixels (B, 3, H, W) normalised -> the class and patch tokens with their positions (B, 1 + P, w)."""
+        """pixels (B, 3, H, W) normalised -> class and patch tokens plus positions (B, 1 + P, w)."""
         x = self.conv1(pixels).flatten(2).transpose(1, 2)  # (B, P, w)
         cls = self.class_embedding.expand(x.size(0), 1, -1).to(x.dtype)
         return torch.cat([cls, x], dim=1) + self.positional_embedding
@@ -286,10 +269,9 @@ class TextTransformer(nn.Module):
         self.lm_head.weight = self.token_embedding.weight  # tied, as in GPT-2
 
     def forward(self, tokens, prefix=None, mask="causal", caches=None, pos=0):
-        """tokens (B, T) at text positions pos..pos+T-1, after an optional prefix (B, M, w) ->
-        hidden states (B, M+T, w). mask: 'causal', 'prefix' (the prefix seen by all, the text
-        causal), 'bidirectional', or a mask tensor for SDPA (attention_mask: True may attend).
-        caches: one KVCache per layer when generating."""
+        """tokens (B, T) at text positions pos.., after an optional prefix (B, M, w) -> states (B, M+T, w).
+        mask: 'causal', 'prefix' (the prefix seen by all, the text causal), 'bidirectional', or a tensor
+        for SDPA (attention_mask). caches: one KVCache per layer when generating."""
         x = self.token_embedding(tokens) + self.positional_embedding[pos:pos + tokens.size(1)]
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
@@ -333,10 +315,8 @@ class MLPConverter(nn.Module):
 
 
 class Resampler(nn.Module):
-    """ViT tokens -> n_queries tokens in the text width (Flamingo's Perceiver resampler, BLIP-2's
-    Q-Former without its text side): learned queries cross-attend to one image's patches, and
-    to the context tokens when given (the relation tokens of the image's sample), then pass an
-    MLP; resampler_layers such blocks. A fixed number of tokens per image, whatever its size."""
+    """ViT tokens -> n_queries tokens in the text width (Flamingo's Perceiver resampler): learned queries
+    cross-attend to one image's patches and to context tokens when given (the instruct stage's relation tokens)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -348,8 +328,7 @@ class Resampler(nn.Module):
         self.ln_post = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
 
     def forward(self, patches, context=None, context_valid=None):
-        """patches (B, P, vit_width); context (B, S, text_width) with context_valid (B, S) bool.
-        Returns (B, n_queries, text_width)."""
+        """patches (B, P, vit_width), context (B, S, text_width) and context_valid (B, S) -> (B, n_queries, w)."""
         kv = self.c_in(patches)
         mask = None
         if context is not None:
@@ -364,8 +343,7 @@ class Resampler(nn.Module):
 
 
 def patchify(pixels, p):
-    """(B, 3, H, W) -> (B, P, p*p*3): the patches in the ViT's row-major order, the pixels of
-    each patch as (row, column, channel), the layout of data.patchify and the codebook."""
+    """(B, 3, H, W) -> (B, P, p*p*3): patches in the ViT's order, pixels as (row, column, channel)."""
     B, C, H, W = pixels.shape
     x = pixels.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
     return x.reshape(B, (H // p) * (W // p), p * p * C)
@@ -379,12 +357,9 @@ def unpatchify(patches, p):
 
 
 class Generator(nn.Module):
-    """ELECTRA's generator over both modalities: a small bidirectional transformer over
-    [masked patches | masked text]. Text comes in through the main model's token embedding
-    table (the same Parameter, projected to the generator's width, as ELECTRA's
-    embeddings_project) and goes out through it (MLM logits = h @ table^T). Patches come in as
-    normalised pixels through a linear map, a masked one as a learned vector, and go out as
-    logits over the visual codes (MOC)."""
+    """ELECTRA's generator over [masked patches | masked text]: a small bidirectional transformer. Text comes
+    in and goes out through the main token embedding table (shared, projected to its width); patches come
+    in as pixels (a masked one as a learned vector) and go out as logits over the visual codes."""
 
     def __init__(self, cfg, token_embedding):
         super().__init__()
@@ -402,8 +377,7 @@ class Generator(nn.Module):
         self.moc_head = nn.Linear(w, cfg.n_codes)
 
     def forward(self, patches, patch_mask, tokens):
-        """patches (B, P, 3*p*p) normalised pixels, patch_mask (B, P) bool, tokens (B, T) with
-        the masked ones already <mask>. Returns MLM logits (B, T, vocab) and MOC logits (B, P, K)."""
+        """patches (B, P, 3*p*p), patch_mask (B, P), tokens (B, T) masked -> MLM (B, T, V), MOC (B, P, K) logits."""
         P, T = patches.size(1), tokens.size(1)
         img = self.patch_embed(patches)
         img = torch.where(patch_mask[..., None], self.mask_embedding.to(img.dtype), img)
@@ -416,10 +390,8 @@ class Generator(nn.Module):
 
 
 def transformer_flops(layers, width, seq, mlp_ratio):
-    """Forward FLOPs (2 per multiply-add) of `layers` pre-LN blocks over `seq` tokens: per token
-    the matmuls of q, k, v (3 w^2), the output projection (w^2) and the MLP (2 r w^2), and the
-    attention scores and weighted values over all seq keys (2 seq w); masks do not save work in
-    dense attention kernels. Norms, softmax, biases and residual adds are left out."""
+    """Forward FLOPs (2 per multiply-add) of `layers` blocks over `seq` tokens: the q, k, v, output and MLP
+    matmuls and attention over all keys (masks save no work); norms, softmax and biases left out."""
     return layers * (2 * seq * width * width * (4 + 2 * mlp_ratio) + 4 * seq * seq * width)
 
 
@@ -439,16 +411,13 @@ def uses_electra(cfg):
 
 
 def fused_part(cfg, x):
-    """The rows of a batch that ELECTRA replaces and the fused pass reads (fused_rows): all, or
-    rows 0, 2, 4... As every batch of a step starts at an even global row (an even batch size),
-    these are the step's even rows in any split of it."""
+    """The rows ELECTRA replaces and the fused pass reads: all, or with fused_rows 0.5 the even rows."""
     return x if cfg.fused_rows == 1 else x[::2]
 
 
 def fused_pairs(cfg):
-    """What the fused pass reads, from the objectives: (first, clean, replaced). first: the first
-    ViT pass's image tokens (no ELECTRA, or shared_vit_pass); clean: ITM's own clean pairs beside
-    the replaced ones (itm_clean); replaced: ELECTRA's replaced pairs (RTD, R2D, and ITM unless clean)."""
+    """(first, clean, replaced): the fused pass reads the first ViT pass's image tokens (no ELECTRA, or
+    shared_vit_pass); ITM's own clean pairs (itm_clean); ELECTRA's replaced pairs (RTD, R2D, ITM unless clean)."""
     on = {k: w > 0 for k, w in loss_weights(cfg).items()}
     first = not uses_electra(cfg) or cfg.shared_vit_pass
     clean = cfg.itm_clean and on["itm"] and not first
@@ -462,45 +431,9 @@ def dist_info():
     return 0, 1
 
 
-def all_gather(x):
-    """Every rank's x concatenated along dim 0 (rank order), without gradient."""
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
-
-
-def sum_to_owner(grad):
-    """grad (W n, ...), every rank's gradient for the rows of all ranks (rank order) -> (n, ...),
-    the sum over the ranks of the gradients for this rank's own rows."""
-    rank, world_size = dist_info()
-    if dist.get_backend() == "nccl":
-        mine = grad.new_empty(grad.size(0) // world_size, *grad.shape[1:])
-        dist.reduce_scatter_tensor(mine, grad.contiguous())
-        return mine
-    grad = grad.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(grad)  # gloo has no reduce-scatter of tensors
-    return grad.chunk(world_size)[rank]
-
-
-class GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward pass hands each rank the sum, over every rank's loss, of the
-    gradients that reached its own rows."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return all_gather(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return sum_to_owner(grad)
-
-
 def gather_with_grad(x):
-    """Concatenate x from every rank along dim 0, keeping the gradient path to each rank's
-    own rows (open_clip's gather_with_grad): the backward pass sums, on each rank, the
-    gradients that every rank's loss sends to its rows. Identity when not distributed."""
-    return x if dist_info()[1] == 1 else GatherWithGrad.apply(x)
+    """x from every rank, concatenated, with a gradient path to each rank's own rows (open_clip's)."""
+    return x if dist_info()[1] == 1 else torch.cat(torch.distributed.nn.all_gather(x))
 
 
 def fp32(x):
@@ -509,9 +442,8 @@ def fp32(x):
 
 
 def positive_mates(tokens, groups, all_tokens, all_groups):
-    """(B, N) bool: column j is a positive of row i when their captions are the same text or,
-    where the data knows it (groups >= 0), describe the same thing (the shapes world: the same
-    scene). Such pairs are never negatives, in ITC or ITM."""
+    """(B, N) bool: column j is a positive of row i when their captions are the same text or, where the
+    data knows it (groups >= 0), describe the same scene. Such pairs are never negatives."""
     same = (tokens[:, None, :] == all_tokens[None, :, :]).all(-1)
     if groups is not None:
         same |= (groups[:, None] == all_groups[None, :]) & (groups[:, None] >= 0)
@@ -520,27 +452,22 @@ def positive_mates(tokens, groups, all_tokens, all_groups):
 
 def itc_loss(image_emb, text_emb, logit_scale, same, image_cols=None, text_cols=None, hidden=None, soft=None,
              alpha=0.0, all_image=None, all_text=None):
-    """CLIP's symmetric InfoNCE on L2-normalised embeddings, with negatives from every rank.
-    Each rank scores its own rows against all N columns (open_clip's local loss). same (B, N):
-    which columns are positives of each row, the target spread evenly over them; with one
-    positive per row this is exactly CLIP's loss.
-    The momentum queue adds Q columns (image_cols, text_cols: no gradient) that are negatives
-    only: hidden (B, Q) marks the queued captions that are mates of a row, left out of its
-    softmax (an earlier copy of the same caption is neither a negative nor a target).
-    soft: (i2t, t2i) momentum-model softmax targets over the N + Q columns, mixed in as
-    alpha * soft + (1 - alpha) * target (ALBEF's momentum distillation).
-    all_image, all_text: the N columns (default: every rank's rows, gathered with gradient)."""
+    """CLIP's symmetric InfoNCE, each rank's rows against every rank's columns (open_clip's local loss); the
+    target spread evenly over the positives (same, (B, N)). The momentum queue adds negative-only columns
+    (image_cols, text_cols), hidden (B, Q) where a queued caption is a row's mate; soft: the momentum
+    model's targets over all columns, mixed in with weight alpha (ALBEF's momentum distillation)."""
     all_image = gather_with_grad(image_emb) if all_image is None else all_image
     all_text = gather_with_grad(text_emb) if all_text is None else all_text
     if image_cols is not None:
-        all_image, all_text = torch.cat([all_image, image_cols.to(all_image.dtype)]), torch.cat([all_text, text_cols.to(all_text.dtype)])
+        all_image = torch.cat([all_image, image_cols.to(all_image.dtype)])
+        all_text = torch.cat([all_text, text_cols.to(all_text.dtype)])
     scale = logit_scale.exp().clamp(max=100)
     logits_i2t = fp32(scale * image_emb @ all_text.t())  # (B, N + Q)
     logits_t2i = fp32(scale * text_emb @ all_image.t())
     if image_cols is not None:
         hide = torch.cat([torch.zeros_like(same), hidden], dim=1)
         same = torch.cat([same, torch.zeros_like(hidden)], dim=1)
-        logits_i2t, logits_t2i = logits_i2t.masked_fill(hide, -1e4), logits_t2i.masked_fill(hide, -1e4)  # exp() = 0, finite
+        logits_i2t, logits_t2i = logits_i2t.masked_fill(hide, -1e4), logits_t2i.masked_fill(hide, -1e4)  # exp: 0
     target = same.to(logits_i2t.dtype) / same.sum(1, keepdim=True)
     t_i2t = t_t2i = target
     if soft is not None:
@@ -549,11 +476,8 @@ def itc_loss(image_emb, text_emb, logit_scale, same, image_cols=None, text_cols=
 
 
 def sample_index(weights, u):
-    """Inverse-CDF sampling: for each row of weights (..., K) (non-negative, not necessarily
-    summing to 1) the index whose slice of the cumulative sum holds u * total, u (...) uniform
-    in [0, 1). Given its uniforms, a draw is a pure function of its row, so a row drawn on
-    any rank or in any micro-batch gets the index it gets in one big batch. An entry of weight
-    0 is never drawn."""
+    """Inverse-CDF sampling of an index per row of weights (..., K) with uniforms u (...): a pure function of
+    the row and its uniform, so a row gets the same draw on any rank and in any micro-batch."""
     cum = weights.cumsum(-1)
     total = cum[..., -1:]
     point = torch.minimum(u.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))  # below the total
@@ -561,12 +485,9 @@ def sample_index(weights, u):
 
 
 def hard_negatives(logits, same, generator=None, u=None, offset=0):
-    """One hard negative per row: column j drawn with probability softmax(logits[i]) over the
-    columns that are not positives of row i (same[i, j] False: the positive itself and any
-    identical caption). u (B,): the row's uniforms (else drawn from generator); offset: the
-    global column of row 0. Returns (index (B,), valid (B,) bool). A row with no candidate (a
-    batch of one, or of identical captions) gets valid False and its own column, to be left
-    out of the loss rather than turn into NaN."""
+    """One hard negative column per row, drawn from softmax(logits) over the columns that are not its
+    positives, with uniforms u; offset is row 0's global column. Returns (index, valid): a row with no
+    candidate gets its own column and valid False, to be left out of the loss."""
     valid = (~same).any(1)
     weights = logits.detach().float().masked_fill(same, float("-inf")).softmax(1)
     row = torch.arange(same.size(0), device=same.device) + offset
@@ -578,18 +499,14 @@ def hard_negatives(logits, same, generator=None, u=None, offset=0):
 
 
 def masked_mean(x, mask, count=None):
-    """Sum of x over the positions where mask is True, divided by count (default: the number
-    of such positions, at least 1: a gradient path even if there are none)."""
+    """Sum of x where mask is True over count (default: the number of such positions, at least 1)."""
     mask = mask.to(x.dtype)
     return (x * mask).sum() / (mask.sum().clamp(min=1) if count is None else count)
 
 
 def draw_noise(cfg, B, T, generator=None, device=None):
-    """The uniform draws of a pretraining batch of B rows (T text positions), in one fixed
-    order: ELECTRA's text and patch masks and its token and code samples, and the two hard
-    negatives of ITM. The training loop draws them for the whole step (every rank and
-    micro-batch) from a generator seeded by the step and hands each micro-batch its rows, so
-    that the randomness of a row does not depend on how the batch is split."""
+    """The uniform draws of a pretraining batch of B rows in a fixed order (ELECTRA's masks and samples, ITM's
+    negatives). Drawn for the whole step, so a row's randomness does not depend on how the batch is split."""
     n_patches = (cfg.image_size // cfg.patch_size) ** 2
     shapes = dict(text_mask=(B, T), patch_mask=(B, n_patches), token=(B, T), code=(B, n_patches), neg_text=(B,),
                   neg_image=(B,))
@@ -597,28 +514,23 @@ def draw_noise(cfg, B, T, generator=None, device=None):
 
 
 def electra_masks(cfg, tokens, noise):
-    """(text_mask, patch_mask): text_mask_rate of the non-special tokens, patch_mask_rate of
-    the patches."""
+    """(text_mask, patch_mask): text_mask_rate of the non-special tokens, patch_mask_rate of the patches."""
     special = (tokens == cfg.bos_id) | (tokens == cfg.eos_id) | (tokens == cfg.pad_id)
-    return (noise["text_mask"][:, :tokens.size(1)] < cfg.text_mask_rate) & ~special, noise["patch_mask"] < cfg.patch_mask_rate
+    text_mask = (noise["text_mask"][:, :tokens.size(1)] < cfg.text_mask_rate) & ~special
+    return text_mask, noise["patch_mask"] < cfg.patch_mask_rate
 
 
 def pretrain_counts(cfg, tokens, noise):
-    """The positions that the per-token pretraining losses average over, counted in a batch:
-    masked tokens (mlm), masked patches (moc), non-padding tokens (rtd) and caption targets.
-    They depend on the tokens and the noise only, so the training loop counts them for the
-    whole step before any forward pass; each loss divides its sum by the step's count (per
-    rank and micro-batch), which makes a step's gradient independent of how its batch is split."""
+    """The positions the per-token losses average over in a batch: masked tokens and patches, non-padding
+    tokens, caption targets. Counted for the whole step first, each loss divides by the step's count."""
     fused = fused_part(cfg, tokens)
-    text_mask, patch_mask = electra_masks(cfg, fused, {k: fused_part(cfg, noise[k]) for k in ("text_mask", "patch_mask")})
+    text_mask, patch_mask = electra_masks(cfg, fused, {k: fused_part(cfg, noise[k]) for k in noise})
     return {"mlm": text_mask.sum().float(), "moc": patch_mask.sum().float(),
             "rtd": (fused != cfg.pad_id).sum().float(), "caption": (tokens[:, 1:] != cfg.pad_id).sum().float()}
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """Next token from logits (B, V): greedy when temperature is 0, else sampled from the
-    softmax at that temperature restricted to the top_k tokens and to the smallest set whose
-    probability reaches top_p (nucleus)."""
+    """Next token from logits (B, V): greedy at temperature 0, else sampled within top_k and top_p."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -660,8 +572,8 @@ class VLM(nn.Module):
         self.apply(self._init_weights)
         if cfg.image_axes:  # starts as the plain converter: the row and column context is learned in
             nn.init.zeros_(self.converter.c_axes.weight)
-        for tower, width, layers in ((self.visual, cfg.vit_width, cfg.vit_layers), (self.text, cfg.text_width, cfg.text_layers)):
-            self._init_tower(tower, width, layers)
+        self._init_tower(self.visual, cfg.vit_width, cfg.vit_layers)
+        self._init_tower(self.text, cfg.text_width, cfg.text_layers)
         self.momentum = None
         if cfg.momentum_alpha > 0:
             # the momentum encoders: an EMA copy (one deepcopy keeps the shared embedding shared)
@@ -683,10 +595,8 @@ class VLM(nn.Module):
 
     @staticmethod
     def _init_tower(tower, width, layers):
-        """CLIP's initialisation: attention and MLP weights scaled by the width, the residual
-        projections further by the depth. Large enough that, at step 0, the class token
-        already reads the patches (with GPT-2's 0.02 it does not, and the image embeddings of
-        all images start out equal, which stalls contrastive learning)."""
+        """CLIP's initialisation: weights scaled by the width, residual projections also by the depth. With
+        GPT-2's 0.02 the class token does not read the patches at step 0, and contrastive learning stalls."""
         attn_std, fc_std, proj_std = width ** -0.5, (2 * width) ** -0.5, width ** -0.5 * (2 * layers) ** -0.5
         for block in tower.blocks:
             nn.init.normal_(block.attn.c_attn.weight, std=attn_std)
@@ -696,7 +606,7 @@ class VLM(nn.Module):
         if isinstance(tower, VisionTransformer):
             for p in (tower.class_embedding, tower.proj.weight):
                 nn.init.normal_(p, std=attn_std)
-            with torch.no_grad():  # learned positions, started from a 2-D sin-cos map so that space is known from step 0
+            with torch.no_grad():  # learned positions from a 2-D sin-cos map: space is known from step 0
                 tower.positional_embedding[0].zero_()
                 tower.positional_embedding[1:] = sincos_2d(int(math.isqrt(tower.n_patches)), width)
         else:
@@ -710,7 +620,7 @@ class VLM(nn.Module):
     def loss_weights(self):
         return loss_weights(self.cfg)
 
-    # -- momentum encoders (M7) --
+    # -- momentum encoders (ALBEF) --
 
     def _online(self):
         """The encoders that have a momentum copy, in one fixed order."""
@@ -725,8 +635,7 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def reset_momentum(self):
-        """Momentum encoders equal to the online ones, queues empty (a stage started from
-        weights that had none)."""
+        """Momentum encoders equal to the online ones, queues empty."""
         if self.momentum is not None:
             self.momentum.load_state_dict(self._online().state_dict())
             self.queue_ptr.zero_()
@@ -736,8 +645,7 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, cols):
-        """Add the momentum features of a whole step (cols: every rank's rows, pretrain_head's
-        columns) to the ring-buffer queues."""
+        """Add the momentum features of a whole step (every rank's rows) to the ring-buffer queues."""
         feats = [cols[k] for k in ("image_m", "text_m")] + [self._full_length(cols["tokens"]), cols["groups"]]
         Q = self.cfg.queue_size
         n = min(feats[0].size(0), Q)
@@ -782,29 +690,24 @@ class VLM(nn.Module):
         return self._text_embedding(self.text, tokens)
 
     def fuse(self, image_tokens, tokens):
-        """The fusion encoder: the text transformer, bidirectional over [image tokens | text],
-        padding hidden from every query. Returns hidden states (B, P + T, w)."""
+        """The fusion encoder: bidirectional over [image tokens | text], padding hidden -> states (B, P + T, w)."""
         valid = torch.cat([torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=tokens.device),
                            tokens != self.cfg.pad_id], dim=1)
         L = valid.size(1)
-        return self.text(tokens, prefix=image_tokens, mask=attention_mask(L, L, L, key_valid=valid, device=tokens.device))
+        mask = attention_mask(L, L, L, key_valid=valid, device=valid.device)
+        return self.text(tokens, prefix=image_tokens, mask=mask)
 
     def itm_logits(self, image_tokens, tokens):
         """(B, 2) ITM logits (no match, match) of image-text pairs, read at <bos>."""
         return self.itm_head(self.fuse(image_tokens, tokens)[:, image_tokens.size(1)])
 
-    # -- ELECTRA (M6) --
+    # -- ELECTRA --
 
     def electra_inputs(self, pixels, tokens, codes, rng=None, noise=None):
-        """Mask, let the generator fill in, replace. Masks (electra_masks): text_mask_rate of
-        the non-special tokens and patch_mask_rate of the patches. A masked token becomes a token
-        sampled from the generator's MLM distribution; a masked patch becomes the pixels of the
-        centroid of a code sampled from its MOC distribution, unless that code is its own: as in
-        ELECTRA, a sample equal to the original leaves the input as it was and counts as
-        original, so a label never contradicts what the discriminator sees. The draws come from noise
-        (draw_noise), else from rng. Returns a dict: text_mask, patch_mask, mlm_logits,
-        moc_logits (with gradient, for the generator's losses), gen_input (what the generator
-        read, for the momentum generator), pixels, tokens, rtd_label, r2d_label."""
+        """Mask, let the generator fill in, replace. A masked token becomes one sampled from the MLM
+        distribution, a masked patch the centroid of a code sampled from the MOC distribution; a sample equal
+        to the original counts as original (ELECTRA). Draws from noise (draw_noise), else rng. Returns the
+        masks, the generator's logits and input, the new pixels and tokens, and the RTD and R2D labels."""
         cfg = self.cfg
         p = cfg.patch_size
         if noise is None:
@@ -831,9 +734,7 @@ class VLM(nn.Module):
     # -- training --
 
     def caption_loss(self, image_tokens, tokens, count=None):
-        """Prefix-LM next-token loss on the caption given the image tokens; <pad> is ignored,
-        <eos> is predicted so that generation learns to stop. Averaged over the targets, or
-        summed and divided by count (pretrain_counts)."""
+        """Prefix-LM next-token loss of the caption given the image tokens (<eos> included, <pad> not)."""
         h = self.text(tokens[:, :-1], prefix=image_tokens, mask="prefix")
         logits = fp32(self.text.lm_head(h[:, image_tokens.size(1):]))  # text positions; the softmax in fp32
         targets = tokens[:, 1:]
@@ -841,19 +742,11 @@ class VLM(nn.Module):
         return masked_mean(nll, targets != self.cfg.pad_id, count)
 
     def forward(self, pixels, tokens, codes=None, groups=None, alpha=0.0, noise=None, counts=None, offset=None):
-        """pixels (B, 3, H, W) normalised, tokens (B, T) -> dict of named losses and 'loss',
-        their weighted sum. An objective whose weight is 0 is not computed.
-        codes (B, P): the visual code of every patch (needed by ELECTRA's MOC and R2D).
-        groups (B,): captions in one group (>= 0) describe the same thing and are never
-        negatives of each other; None: only identical captions are.
-        alpha: weight of the momentum model's soft targets (ramped up by the training loop).
-        noise: this batch's rows of the step's random draws (draw_noise; default: drawn here).
-        counts: what the per-token losses divide by (pretrain_counts; default: this batch's).
-        offset: the global row of this batch's first row (default rank * B).
-        Under DDP the cross-sample losses read every rank's rows (gather_with_grad): with the
-        step's noise and counts, the gradient averaged over ranks is that of one process on the
-        concatenated batch. The two halves, pretrain_encode and pretrain_head, also serve
-        gradient accumulation with cached features (train.py)."""
+        """pixels (B, 3, H, W) normalised, tokens (B, T) -> dict of named losses and 'loss', their weighted sum;
+        an objective of weight 0 is not computed. codes (B, P): each patch's visual code (ELECTRA); groups (B,):
+        captions of one group are never each other's negatives; alpha: the momentum targets' weight; noise,
+        counts, offset: this batch's part of the step's draws and counts, and its first global row. Under DDP
+        the cross-sample losses read every rank's rows: the gradient is that of one process on the whole batch."""
         B = tokens.size(0)
         if noise is None:
             noise = draw_noise(self.cfg, B, tokens.size(1), device=tokens.device)
@@ -876,8 +769,7 @@ class VLM(nn.Module):
     GRADIENT_KEYS = ("image_emb", "text_emb", "fused_image", "itm_image")
 
     def column_keys(self, rows):
-        """What pretrain_head reads from every row of the step, of what rows holds (the fused
-        pass's inputs only for ITM's negatives), in one fixed order."""
+        """What pretrain_head reads from every row of the step, of what rows holds, in a fixed order."""
         keys = ("image_emb", "text_emb", "image_m", "text_m", "tokens", "groups")
         return [k for k in keys + (self.itm_pair(rows) if self.cfg.itm_weight > 0 else ()) if k in rows]
 
@@ -887,28 +779,22 @@ class VLM(nn.Module):
         return ("itm_image", "itm_tokens") if "itm_image" in rows else ("fused_image", "fused_tokens")
 
     def pretrain_encode(self, pixels, tokens, codes, groups, noise, counts, alpha=0.0, momentum=True, per_sample=True):
-        """The per-sample half of pretraining: the encoders' passes over one batch. Returns
-        (losses, rows): the losses that read one sample at a time (mlm, moc, caption; none
-        unless per_sample), and the batch's rows of what the cross-sample losses read
-        (pretrain_head): image_emb, text_emb (ITC and the hard-negative draws), fused_image
-        and fused_tokens (the fused pass's image tokens and text: the replaced ones when
-        ELECTRA is on; of the fused rows only, fused_part), itm_image and itm_tokens (ITM's
-        clean pairs with itm_clean), rtd_label and r2d_label, tokens, groups, and without gradient, unless
-        momentum is False, the momentum model's image_m and text_m."""
+        """The per-sample half of pretraining, the encoders' passes over one batch: (losses, rows), the
+        per-sample losses (mlm, moc, caption; with per_sample) and the rows that the cross-sample losses read:
+        embeddings, the fused pass's image tokens and text, ELECTRA's labels, and the momentum embeddings."""
         cfg = self.cfg
         on = {k: w > 0 for k, w in self.loss_weights().items()}
         electra, fused = uses_electra(cfg), on["itm"] or on["rtd"] or on["r2d"]
         losses = {}
         rows = dict(tokens=tokens, groups=groups if groups is not None else torch.full_like(tokens[:, 0], -1))
         E = None
-        if cfg.fused_rows != 1 and tokens.size(0) % 2:
-            raise ValueError(f"fused_rows=0.5 takes every other row of an even batch, got a batch of {tokens.size(0)}")
         part = lambda x: fused_part(cfg, x)  # noqa: E731
         if electra:
             if codes is None:
                 raise ValueError("ELECTRA's objectives need the visual codes of the patches (codes=...)")
-            E = self.electra_inputs(part(pixels), part(tokens), part(codes), noise={k: part(v) for k, v in noise.items()})
-        shared = E is not None and cfg.shared_vit_pass  # one ViT pass, over the replaced pixels (as FLIP's masked images)
+            fused_noise = {k: part(v) for k, v in noise.items()}
+            E = self.electra_inputs(part(pixels), part(tokens), part(codes), noise=fused_noise)
+        shared = E is not None and cfg.shared_vit_pass  # one ViT pass, over the replaced pixels (as FLIP's)
         first, clean, replaced = fused_pairs(cfg)
         vit = self.visual(E["pixels"] if shared else pixels)
         caption = on["caption"] and per_sample
@@ -916,12 +802,14 @@ class VLM(nn.Module):
         if caption or ((first or clean) and fused and cfg.fused_vit_grad):
             image_tokens = self.image_tokens(vit)
         if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the ITC similarity
-            rows.update(image_emb=self._image_embedding(self.visual, vit), text_emb=self._text_embedding(self.text, tokens))
+            rows.update(image_emb=self._image_embedding(self.visual, vit), text_emb=self.encode_text(tokens))
         if self.momentum is not None and on["itc"] and momentum:
             m = self.momentum
             with torch.no_grad():  # the momentum model reads the clean pixels
-                rows.update(image_m=self._image_embedding(m.visual, m.visual(pixels)), text_m=self._text_embedding(m.text, tokens))
-        first_tokens = lambda: part(image_tokens) if cfg.fused_vit_grad else self.image_tokens(part(vit).detach())  # noqa: E731
+                rows.update(image_m=self._image_embedding(m.visual, m.visual(pixels)),
+                            text_m=self._text_embedding(m.text, tokens))
+        first_tokens = lambda: (part(image_tokens) if cfg.fused_vit_grad  # noqa: E731
+                                else self.image_tokens(part(vit).detach()))
         if replaced:  # the discriminator and ITM read the replaced image and text when ELECTRA is on
             if first:
                 fused_image = first_tokens()
@@ -949,12 +837,8 @@ class VLM(nn.Module):
         return losses, rows
 
     def pretrain_head(self, rows, cols, noise, offset, alpha, counts):
-        """The cross-sample half of pretraining: ITC, and ITM with its hard negatives and the
-        ELECTRA discriminator on the fused passes. rows: this batch's (pretrain_encode);
-        cols: every row of the step, this batch's at offset (each rank's, gathered; with
-        accumulation, every micro-batch's). Each batch scores its own rows against all columns
-        (open_clip's local loss); ITM's hard negatives are drawn from all columns, and a
-        negative image from another rank brings its gradient home through the gather."""
+        """The cross-sample half: ITC, and the fused pass's ITM with hard negatives and ELECTRA's
+        discriminator. rows: this batch's; cols: every row of the step (gathered), this batch's at offset."""
         cfg = self.cfg
         on = {k: w > 0 for k, w in self.loss_weights().items()}
         tokens, groups = rows["tokens"], rows["groups"]
@@ -964,7 +848,7 @@ class VLM(nn.Module):
         if on["itc"]:
             extra = {}
             if "image_m" in cols:  # the queue adds negatives; the momentum model gives soft targets over all columns
-                # every slot takes part (a fixed shape, no sync to the CPU); empty slots (token -1) are hidden like mates
+                # every slot takes part (a fixed shape, no sync); empty slots (token -1) are hidden like mates
                 hidden = positive_mates(self._full_length(tokens), groups, self.token_queue, self.group_queue)
                 hidden |= self.token_queue[None, :, 0] < 0
                 hide = torch.cat([torch.zeros_like(same), hidden], dim=1)
@@ -973,7 +857,8 @@ class VLM(nn.Module):
                     soft = tuple((scale * q @ torch.cat([k, queue]).t()).masked_fill(hide, float("-inf")).softmax(1)
                                  for q, k, queue in ((rows["image_m"], cols["text_m"], self.text_queue),
                                                      (rows["text_m"], cols["image_m"], self.image_queue)))
-                extra = dict(image_cols=self.image_queue, text_cols=self.text_queue, hidden=hidden, soft=soft, alpha=alpha)
+                extra = dict(image_cols=self.image_queue, text_cols=self.text_queue, hidden=hidden, soft=soft,
+                             alpha=alpha)
             losses["itc"] = itc_loss(rows["image_emb"], rows["text_emb"], self.logit_scale, same,
                                      all_image=cols["image_emb"], all_text=cols["text_emb"], **extra)
         if not (on["itm"] or on["rtd"] or on["r2d"]):
@@ -1008,7 +893,7 @@ class VLM(nn.Module):
                 valid = [torch.where(text_neg, valid_t, valid_i)[pick]]
         P = images[0].size(1)
         h = self.fuse(torch.cat(images), torch.cat(texts))
-        if on["itm"]:  # the mean over (1 + itm_negatives) B pairs (the step's, in any split); one without a negative adds 0
+        if on["itm"]:  # the mean over the step's (1 + itm_negatives) B pairs; a pair without a negative adds 0
             labels = (torch.arange(h.size(0) - start, device=tokens.device) < B).long()
             itm = F.cross_entropy(fp32(self.itm_head(h[start:, P])), labels, reduction="none")
             count = torch.tensor((1 + cfg.itm_negatives) * B, dtype=torch.float, device=tokens.device)
@@ -1025,10 +910,8 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, pixels, max_new_tokens=None, temperature=0.0, top_k=None, top_p=None,
                  use_cache=True, generator=None):
-        """Caption images: start from <bos> after the image tokens and add one token at a
-        time until every row has produced <eos> or max_new_tokens are made. Rows that have
-        finished get <pad>. With use_cache, keys and values are kept (KVCache) so each step
-        runs only the new token. Returns (B, n) new tokens, <eos> included."""
+        """Caption images: from <bos> after the image tokens, one token at a time until every row has made
+        <eos> (then <pad>) or max_new_tokens; with use_cache, only the new token runs. Returns (B, n) tokens."""
         cfg = self.cfg
         max_new_tokens = min(max_new_tokens or cfg.context_length - 1, cfg.context_length - 1)
         prefix = self.image_tokens(self.visual(pixels))

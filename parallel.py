@@ -11,7 +11,27 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import all_gather, dist_info, fp32, sum_to_owner
+from model import dist_info, fp32
+
+
+def all_gather(x):
+    """Every rank's x concatenated along dim 0 (rank order), without gradient."""
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+def sum_to_owner(grad):
+    """grad (W n, ...) for every rank's rows -> (n, ...): the sum over ranks of this rank's rows' gradients."""
+    rank, world_size = dist_info()
+    if dist.get_backend() == "nccl":
+        mine = grad.new_empty(grad.size(0) // world_size, *grad.shape[1:])
+        dist.reduce_scatter_tensor(mine, grad.contiguous())
+        return mine
+    grad = grad.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(grad)  # gloo has no reduce-scatter of tensors
+    return grad.chunk(world_size)[rank]
 
 
 def setup_distributed(cfg):

@@ -1,9 +1,7 @@
 """
-The prompt stage: few-shot detection of new classes on the frozen model, with coupled prompt
-vectors (MaPLe). Learned text prompts enter the first text layers, image prompts (maps of
-the text prompts) the first ViT layers; patch tokens of a few ViT layers are scored against
-each class's prompted text embedding, the maps fused, upsampled, refined along the image's
-edges (PAMR), and each connected region of a class becomes a box.
+The prompt stage: few-shot detection of new classes on the frozen model with coupled prompt vectors (MaPLe):
+dense patch-by-class scores, refined along the image's edges (PAMR), each connected region a box.
+How it is built and evaluated: docs/prompt.md.
 
     python train.py --config small --stage prompt --init_from out/ckpt.pt
 """
@@ -41,9 +39,8 @@ def splice(x, start, vectors):
 
 
 class PromptLearner(nn.Module):
-    """What the stage trains (MaPLe): n_ctx text prompt vectors for each of the first
-    text_prompt_depth text layers; image prompts for the first image_prompt_depth ViT layers,
-    each a linear map of its layer's text prompts (couple) or free; the score maps' fusion logits."""
+    """What the stage trains (MaPLe): text prompt vectors for the first text layers, image prompts for the
+    first ViT layers (each a linear map of its layer's text prompts with couple, else free), the maps' fusion logits."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -73,29 +70,24 @@ def parse_layers(spec, n_layers):
 
 
 def patch_targets(target, patch_size, n_classes, min_fraction):
-    """The class of each patch from per-pixel classes (B, H, W): the class, not background,
-    that covers most of the patch if it covers at least min_fraction of it, else background.
-    An object smaller than a patch still names its patch, and the upsampled map is brought
-    back to the object's pixels by refine_masks. Returns (B, H / p, W / p) long."""
+    """(B, H / p, W / p) long: each patch's class from per-pixel classes (B, H, W), the named class that
+    covers most of it if it covers at least min_fraction, else background."""
     share = F.avg_pool2d(F.one_hot(target, n_classes).permute(0, 3, 1, 2).float(), patch_size)[:, 1:]
     top = share.max(1)
     return torch.where(top.values >= min_fraction, top.indices + 1, 0)
 
 
 def refine_masks(image, probs, iters=10, dilations=(1, 2, 4, 8)):
-    """PAMR (Araslanov and Roth, 2020, https://arxiv.org/abs/2005.08104): class probabilities
-    (B, C, H, W) made to follow the image's edges, with no parameters. Each step replaces a
-    pixel's probabilities by a weighted mean of its 8 neighbours at each dilation, the weights
-    a softmax over neighbours of -|colour difference| / (0.1 * the neighbourhood's spread),
-    averaged over the channels: labels flow within regions of one colour, not across edges.
-    image (B, 3, H, W) float."""
+    """PAMR (Araslanov and Roth, 2020, https://arxiv.org/abs/2005.08104): class probabilities (B, C, H, W)
+    made to follow the edges of image (B, 3, H, W), by repeated means over neighbours weighted by colour similarity."""
     H, W = image.shape[-2:]
 
     def neighbours(x):  # (B, c, H, W) -> (B, c, K, H, W), replicate padding
         out = []
         for d in dilations:
             xp = F.pad(x, (d, d, d, d), mode="replicate")
-            out += [xp[:, :, d + dy:d + dy + H, d + dx:d + dx + W] for dy in (-d, 0, d) for dx in (-d, 0, d) if dy or dx]
+            out += [xp[:, :, d + dy:d + dy + H, d + dx:d + dx + W]
+                    for dy in (-d, 0, d) for dx in (-d, 0, d) if dy or dx]
         return torch.stack(out, dim=2)
 
     nb = neighbours(image)
@@ -107,9 +99,8 @@ def refine_masks(image, probs, iters=10, dilations=(1, 2, 4, 8)):
 
 
 def connected_regions(masks):
-    """masks (N, H, W) bool -> (N, H, W) long: each 8-connected region of True its own label
-    (the smallest flat index + 1 of its pixels), 0 elsewhere. Labels spread by a 3x3 min-pool
-    until nothing changes."""
+    """masks (N, H, W) bool -> (N, H, W) long: each 8-connected region its own label, 0 elsewhere,
+    by spreading the smallest label with a 3x3 min-pool until nothing changes."""
     N, H, W = masks.shape
     none = float(H * W + 1)
     labels = torch.arange(1, H * W + 1, dtype=torch.float32, device=masks.device).view(1, H, W).expand(N, H, W)
@@ -123,11 +114,9 @@ def connected_regions(masks):
 
 
 def anchor_boxes(classmap, scores, min_area=1):
-    """The anchor generator: every connected region of a class (not background, class 0) in a
-    class map becomes a box (x0, y0, x1, y1), x1 and y1 one past the last pixel, scored by the
-    mean of that class's alignment score inside the region. classmap (B, H, W) long, scores
-    (B, C, H, W). Regions under min_area pixels are left out. Returns, per image, a list of
-    (class, x0, y0, x1, y1, score)."""
+    """The anchor generator: per image, a box (class, x0, y0, x1, y1, score) for every connected region of
+    a class in classmap (B, H, W) of at least min_area pixels, x1 and y1 one past the end, scored by the mean of
+    scores (B, C, H, W) inside."""
     B, C = scores.shape[:2]
     out = [[] for _ in range(B)]
     masks = classmap[:, None] == torch.arange(1, C, device=classmap.device)[None, :, None, None]  # (B, C-1, H, W)
@@ -156,21 +145,22 @@ class PromptVLM(VLM):
     def zero_shot(cls, model):
         """A model of this class with no prompts around a plain model's weights: zero-shot detection."""
         c = model.cfg
-        cfg = dataclasses.replace(c, prompt=True, text_prompt_depth=0, image_prompt_depth=0, dense_layers=str(c.vit_layers))
+        cfg = dataclasses.replace(c, prompt=True, text_prompt_depth=0, image_prompt_depth=0,
+                                  dense_layers=str(c.vit_layers))
         out = cls(cfg).to(model.pixel_mean.device)
         out.load_state_dict(model.state_dict(), strict=False)
         return out.eval()
 
     @torch.no_grad()
     def init_prompts(self, class_tokens):
-        """Start the layer-1 text prompts from the embeddings of prompt_init (positions 1..n_ctx
-        of every class row): the first layer then reads the zero-shot prompt."""
+        """Start the layer-1 text prompts from the embeddings of prompt_init (positions 1..n_ctx of
+        the class rows): the first layer then reads the zero-shot prompt."""
         if len(self.prompt.text_ctx):
             self.prompt.text_ctx[0].copy_(self.text.token_embedding(class_tokens[0, 1:1 + self.cfg.n_ctx]))
 
     def class_embeddings(self, class_tokens, prompted=True):
-        """class_tokens (C, T), rows <bos> prompt_init name <eos> -> (C, embed_dim) L2-normalised, the
-        text prompts in place of prompt_init's tokens (after <bos>) and of the first layers' outputs there."""
+        """class_tokens (C, T), rows <bos> prompt_init name <eos> -> (C, embed_dim) normalised,
+        the text prompts in place of prompt_init's tokens and of the first layers' outputs there."""
         prompts = self.prompt.text_prompts() if prompted else []
         if not prompts:
             return self.encode_text(class_tokens)
@@ -183,9 +173,8 @@ class PromptVLM(VLM):
         return self._text_embedding(t, class_tokens, t.ln_final(x))
 
     def vit_states(self, pixels, prompts=()):
-        """The class and patch tokens after each ViT block, before ln_post. Image prompts: the
-        first appended after the patches before ln_pre, each later one replacing the previous
-        block's outputs there; the patches attend to them, the states leave them out."""
+        """The class and patch tokens after each ViT block, before ln_post; image prompts appended after the
+        patches (each layer's replacing the last), which the patches attend to and the states leave out."""
         v = self.visual
         x = v.embed(pixels)
         L = x.size(1)
@@ -201,11 +190,9 @@ class PromptVLM(VLM):
         return states
 
     def score_maps(self, pixels, class_emb, prompted=True):
-        """Dense scores. At each of the dense_layers, the patch tokens (through ln_post and proj
-        into the joint space, normalised) against each class embedding: the cosine times the
-        ITC temperature, a patch-by-class map; the maps fused by the softmax of the learned
-        fusion logits. Zero-shot (prompted False): no prompts, the last layer alone.
-        Returns the fused map (B, C, g, g) and the layers' maps (L, B, C, g, g)."""
+        """The fused map (B, C, g, g) and the layers' maps (L, B, C, g, g): at each dense layer the patch
+        tokens' cosine with each class embedding times the ITC temperature, fused by the softmax of the fusion
+        logits. Zero-shot (prompted False): no prompts, the last layer alone."""
         states = self.vit_states(pixels, self.prompt.image_prompts() if prompted else ())
         layers = self.prompt.dense_layers if prompted else (self.cfg.vit_layers,)
         g = math.isqrt(self.visual.n_patches)
@@ -218,11 +205,9 @@ class PromptVLM(VLM):
         return (weights.view(-1, 1, 1, 1, 1).to(maps.dtype) * maps).sum(0), maps
 
     def forward(self, pixels, target, class_tokens):
-        """pixels (B, 3, H, W) normalised, target (B, H, W) the class of every pixel (0:
-        background), class_tokens (C, T) -> {'ce', 'dice' (with dice_weight), 'loss'}: the
-        cross-entropy at every pixel of the fused map (a patch) against the patch's class
-        (patch_targets), plus dice_weight times the soft dice loss, 1 - mean over classes of
-        (2 |p g| + 1) / (|p| + |g| + 1). Detection refines the upsampled map to the pixels."""
+        """pixels (B, 3, H, W), target (B, H, W) classes (0 background), class_tokens (C, T) ->
+        {'ce', 'dice' (with dice_weight), 'loss'}: cross-entropy of the fused map against patch_targets, plus
+        dice_weight times the soft dice loss."""
         fused, _ = self.score_maps(pixels, self.class_embeddings(class_tokens), prompted=True)
         fused = fp32(fused)
         truth = patch_targets(target, self.cfg.patch_size, fused.size(1), self.cfg.patch_class_min)
@@ -237,10 +222,8 @@ class PromptVLM(VLM):
 
     @torch.no_grad()
     def detect(self, pixels, class_tokens, prompted=True):
-        """The per-pixel class map (B, H, W): the fused scores upsampled (bilinear) to the
-        image, their softmax refined along the image's edges by refine_iters steps of
-        refine_masks (0: none), the argmax. Also the upsampled scores (B, C, H, W) and the
-        anchor generator's boxes."""
+        """The class map (B, H, W): the fused scores upsampled (bilinear), their softmax refined by
+        refine_masks, the argmax; also the upsampled scores (B, C, H, W) and the anchor boxes."""
         fused, _ = self.score_maps(pixels, self.class_embeddings(class_tokens, prompted), prompted)
         scores = fp32(F.interpolate(fused, size=pixels.shape[-2:], mode="bilinear", align_corners=False))
         probs = scores.softmax(1)
@@ -269,18 +252,18 @@ def start(model, cfg, run_eval):
           f"shot sample {cfg.shot_seed}")
     zero = run_eval(prompted=False)
     print(f"zero-shot (no prompts): mIoU {zero['miou']:.3f}, AP50 {zero['ap50']:.3f}")
-    return dict(trainable_params=sum(trainable.values()), **{f"zeroshot_{k}": zero[k] for k in ("miou", "fg_iou", "ap50")})
+    return dict(trainable_params=sum(trainable.values()),
+                **{f"zeroshot_{k}": zero[k] for k in ("miou", "fg_iou", "ap50")})
 
 
 def class_rows(ds, cfg):
-    return data.class_prompt_tokens(ds.tokenizer, cfg.classes.split(","), cfg.model.prompt_init, cfg.model.context_length)
+    return data.class_prompt_tokens(ds.tokenizer, cfg.classes.split(","), cfg.model.prompt_init,
+                                    cfg.model.context_length)
 
 
 def batches(cfg, ds, model, device, rank, world_size):
-    """(fetch, place, n): every step, all K shots of each named class in novel_train (sample
-    shot_seed) with their class maps, kept on the device. With augment, each image and its map
-    is shifted cyclically by whole patches (the grid cuts it where it cut the original),
-    mirrored with probability 1/2, and its colour channels permuted."""
+    """(fetch, place, n): every step, all K shots of each class in novel_train with their class maps, on the
+    device; with augment, shifted by whole patches, mirrored and colour-permuted."""
     names = cfg.classes.split(",")
     try:
         idx = ds.shots("novel_train", names, cfg.shots, cfg.shot_seed)
@@ -299,7 +282,8 @@ def batches(cfg, ds, model, device, rank, world_size):
             shifts, flips = rng.integers(S // p, size=(n, 2)) * p, rng.random(n) < 0.5
             rows = (pos[None] - shifts[:, :1]) % S
             cols = (np.where(flips[:, None], S - 1 - pos[None], pos[None]) - shifts[:, 1:]) % S
-            b, r, c = (torch.from_numpy(a).to(device) for a in (np.arange(n)[:, None, None], rows[:, :, None], cols[:, None]))
+            b, r, c = (torch.from_numpy(a).to(device)
+                       for a in (np.arange(n)[:, None, None], rows[:, :, None], cols[:, None]))
             x, t = x[b, r, c], t[b, r, c]
             x = x[..., torch.from_numpy(rng.permutation(3)).to(device)]
         return dict(pixels=model.normalize_pixels(x), target=t, class_tokens=tokens)
@@ -307,8 +291,7 @@ def batches(cfg, ds, model, device, rank, world_size):
 
 
 def class_iou_counts(pred, truth, n_classes):
-    """(intersection, union) per class, (n_classes,) each, over every pixel of the class maps
-    pred and truth (any shape, integer classes)."""
+    """(intersection, union) per class, (n_classes,) each, over every pixel of class maps pred and truth."""
     pred, truth = np.asarray(pred).ravel(), np.asarray(truth).ravel()
     inter = np.bincount(truth[pred == truth], minlength=n_classes)
     union = np.bincount(pred, minlength=n_classes) + np.bincount(truth, minlength=n_classes) - inter
@@ -316,8 +299,7 @@ def class_iou_counts(pred, truth, n_classes):
 
 
 def box_iou(a, b):
-    """IoU of boxes a (N, 4) and b (M, 4), (x0, y0, x1, y1) with x1, y1 one past the last
-    pixel: (N, M)."""
+    """(N, M) IoU of boxes a (N, 4) and b (M, 4), (x0, y0, x1, y1) with x1, y1 one past the end."""
     a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
     w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
     h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
@@ -327,14 +309,8 @@ def box_iou(a, b):
 
 
 def average_precision(detections, truths, classes, threshold=0.5):
-    """Box AP at one IoU threshold, per class. detections: per image a list of (class, x0, y0,
-    x1, y1, score); truths: per image a list of (class, x0, y0, x1, y1). The detections of a
-    class, over all images in order of falling score: each is a true positive if it overlaps
-    an unmatched true box of its class in its image by IoU >= threshold (the most overlapping
-    one, which is then matched), else a false positive. AP is the area under the
-    precision-recall curve with each precision raised to the best at that recall or beyond
-    (all-point interpolation, PASCAL VOC 2010 on). Returns {class: AP}, NaN for a class with
-    no true box."""
+    """{class: box AP at IoU threshold} (NaN for a class with no true box), all-point interpolation.
+    detections: per image [(class, x0, y0, x1, y1, score)]; truths: per image [(class, x0, y0, x1, y1)]."""
     out = {}
     for c in classes:
         dets = sorted(((d[5], i, d[1:5]) for i, ds in enumerate(detections) for d in ds if d[0] == c),
@@ -361,23 +337,19 @@ def average_precision(detections, truths, classes, threshold=0.5):
 
 
 def true_boxes(ds, split, idx, names):
-    """The true boxes of the named classes in images idx: per image a list of (class, x0, y0,
-    x1, y1), class an index into ['background', *names]. From the world's object records."""
+    """Per image idx, the true boxes (class, x0, y0, x1, y1) of the named classes, class an index into
+    ['background', *names]."""
     lookup = {value - 1: c for c, value in enumerate(ds.class_values(names), 1)}  # objects record the shape index
     return [[(lookup[o[0]], *map(int, o[3:7])) for o in rows if o[0] >= 0 and o[0] in lookup]
             for rows in ds.array(split, "objects")[np.asarray(idx)]]
 
 
 @torch.no_grad()
-def evaluate(model, ds, names, class_tokens, prompted=True, max_images=None, split="novel_val",
-                    batch_size=128, ctx=nullcontext()):
-    """Few-shot detection on held-out images of the named classes (the first max_images of
-    split). The class map of each image (model.detect) against the true one, in which a
-    class not named is background: IoU per named class with the pixel counts summed over the
-    split, their mean (miou, background left out) and foreground IoU (fg_iou: any named class
-    against background); box AP at IoU 0.5 of the anchor generator's boxes against the true
-    boxes (ap50, the mean over the named classes). The same for the class map of the
-    upsampled scores without the edge refinement (*_bilinear). prompted False: zero-shot."""
+def evaluate(model, ds, names, class_tokens, prompted=True, max_images=None, split="novel_val", batch_size=128,
+             ctx=nullcontext()):
+    """Few-shot detection on the first max_images of split: IoU per named class, miou, fg_iou, and box AP at
+    IoU 0.5 (ap50) of the anchor boxes; the same without the edge refinement (*_bilinear). prompted False:
+    zero-shot. The protocol: docs/prompt.md."""
     was_training = model.training
     model.eval()
     n = min(ds.split_size(split), max_images or ds.split_size(split))
@@ -413,8 +385,8 @@ def evaluate(model, ds, names, class_tokens, prompted=True, max_images=None, spl
 
 
 def run(cfg, sub_run):
-    """One training run per K-shot sample k = shot_seed.. (sub_run(fields, name), in out_dir/seed<k>),
-    then out_dir/eval.json: each metric's mean and standard deviation (<key>_std, n - 1) over the samples."""
+    """One training run per K-shot sample (out_dir/seed<k>), then out_dir/eval.json: each metric's mean and
+    standard deviation (<key>_std) over the samples."""
     results = []
     for k in range(cfg.shot_seed, cfg.shot_seed + cfg.shot_seeds):
         run = {"out_dir": os.path.join(cfg.out_dir, f"seed{k}"), "shot_seed": k}

@@ -29,6 +29,7 @@ from prompt import PromptVLM
 
 
 def load_images(paths, size):
+    """uint8 (N, S, S, 3) from image files; an unreadable one stops with its error."""
     try:
         return np.stack([load_image(p, size) for p in paths])
     except ValueError as e:
@@ -37,8 +38,7 @@ def load_images(paths, size):
 
 @torch.no_grad()
 def score(model, tokenizer, images, texts, device):
-    """(n_images, n_texts) cosine similarities and the softmax over texts at the model's
-    temperature, as CLIP scores an image against candidate texts."""
+    """(n_images, n_texts) cosine similarities, and their softmax over texts at the model's temperature."""
     tokens = data.encode_texts(tokenizer, texts, model.cfg.context_length)
     img = model.encode_image(model.normalize_pixels(images))
     txt = model.encode_text(torch.from_numpy(tokens).long().to(device))
@@ -48,7 +48,7 @@ def score(model, tokenizer, images, texts, device):
 
 @torch.no_grad()
 def answer(model, tokenizer, images, question, device):
-    """The greedy answer to a question about images (K, H, W, 3), a checkpoint of the instruct stage."""
+    """The greedy answer to a question about images (K, H, W, 3), with a checkpoint of the instruct stage."""
     cfg = model.cfg
     if not cfg.instruct:
         raise SystemExit("error: this checkpoint was not trained to answer questions (train.py --stage instruct)")
@@ -67,9 +67,8 @@ def answer(model, tokenizer, images, question, device):
 
 @torch.no_grad()
 def detect(model, tokenizer, image, classes, device):
-    """The per-pixel class map (H, W) (0 background, i + 1 classes[i]) and the boxes
-    [(class name, x0, y0, x1, y1, score)] of the named classes in one image (H, W, 3). A
-    checkpoint of the prompt stage uses its prompts; any other detects zero-shot."""
+    """The class map (H, W) (0 background, i + 1 classes[i]) and the boxes [(name, x0, y0, x1, y1, score)] in one
+    image (H, W, 3); zero-shot unless the checkpoint is of the prompt stage."""
     cfg = model.cfg
     try:
         tokens = data.class_prompt_tokens(tokenizer, classes, cfg.prompt_init, cfg.context_length)
@@ -88,8 +87,8 @@ CLASS_COLOURS = np.array([(255, 60, 60), (60, 220, 60), (70, 120, 255), (255, 22
 
 
 def draw_detections(image, classmap, boxes, classes, scale=4):
-    """A PIL image: the image scaled up `scale` times (nearest), each class's pixels blended
-    half and half with its colour, and each box drawn and labelled with its class and score."""
+    """A PIL image: the image scaled up (nearest), each class's pixels half blended with its colour, and
+    each box drawn with its class and score."""
     from PIL import Image, ImageDraw
     out = image.astype(np.float64)
     colour = lambda c: CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)]  # noqa: E731
@@ -135,10 +134,13 @@ def main(argv=None):
     ans.add_argument("--question", required=True)
     det = sub.add_parser("detect", help="detect named classes in an image, write a PNG with the class map and boxes")
     det.add_argument("image")
-    det.add_argument("--classes", nargs="+", default=None, help="class names (default: the classes the prompts learned)")
+    det.add_argument("--classes", nargs="+", default=None,
+                     help="class names (default: the classes the prompts learned)")
     det.add_argument("--out", default=None, help="the PNG to write (default: <image>.detect.png)")
-    exp = sub.add_parser("export", help="write the ViT, text transformer and projections as a Hugging Face CLIP directory")
-    exp.add_argument("--out", required=True, help="the directory to write (transformers.CLIPModel.from_pretrained reads it)")
+    exp = sub.add_parser("export",
+                         help="write the ViT, text transformer and projections as a Hugging Face CLIP directory")
+    exp.add_argument("--out", required=True,
+                     help="the directory to write (transformers.CLIPModel.from_pretrained reads it)")
     args = parser.parse_args(argv)
 
     try:
@@ -158,7 +160,7 @@ def main(argv=None):
         images = load_images(args.images, size)
         generator = torch.Generator(args.device).manual_seed(args.seed)
         for _ in range(args.num_samples):
-            texts = generate_captions(model, tokenizer, images, args.device, temperature=args.temperature,
+            texts = generate_captions(model, tokenizer, images, temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p, generator=generator)
             for path, text in zip(args.images, texts):
                 print(f"{path}: {text}")
@@ -169,8 +171,7 @@ def main(argv=None):
         image = load_images([args.image], size)[0]
         classmap, boxes = detect(model, tokenizer, image, classes, args.device)
         out = args.out or os.path.splitext(args.image)[0] + ".detect.png"
-        draw_detections(image, classmap, boxes, classes).save(out + ".tmp", format="PNG")
-        os.replace(out + ".tmp", out)
+        data.write_file(out, lambda f: draw_detections(image, classmap, boxes, classes).save(f, format="PNG"))
         for name, x0, y0, x1, y1, s in boxes:
             print(f"{name:16s} box ({x0}, {y0}, {x1}, {y1})  score {s:.3f}")
         print(f"wrote {out}")

@@ -1,20 +1,14 @@
 """
 Train a nanoVLP model.
 
-    python train.py --config small                        # one CPU or GPU
-    python train.py --config tiny --max_iters=50          # any field can be overridden
-    python train.py --config small --stage prompt --init_from out/ckpt.pt   # a later stage, from a pretrained run
-    python train.py --config small --stage capfilt --init_from out-web/ckpt.pt   # bootstrap the web captions
-    python train.py --config small --stage finetune --init_from out/ckpt.pt # continue on a small clean set
-    python train.py --config base --data=data/coco --init_from=openai/clip-vit-base-patch32   # real data (prepare.py), published weights
+    python train.py --config small                        # the embedded default: a 2-core CPU, under 10 minutes
+    python train.py --config tiny --max_iters=50          # any flag (python train.py --help) changes the preset
+    python train.py --config small --stage instruct --init_from out/ckpt.pt  # a later stage (instruct, prompt,
+                                                          # capfilt, finetune) from a pretrained run
+    python train.py --config base --data=data/coco --init_from=openai/clip-vit-base-patch32  # real data, weights
     torchrun --standalone --nproc_per_node=8 train.py --config base   # DDP on 8 GPUs
-    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 \
-        train.py --config base                             # 2 nodes: the same on the other with --node_rank=1
 
-Every field of TrainConfig below, of VLMConfig (model.py) and of WorldConfig (data.py) is a
-flag: `--key=value` (or `--key value`; a bare `--flag` means true). A run writes
-out_dir/ckpt.pt, out_dir/log.jsonl (one JSON object per logged step) and out_dir/eval.json
-(the final metrics); `--resume` continues from out_dir/ckpt.pt.
+A run writes out_dir/ckpt.pt, log.jsonl and eval.json; --resume continues from out_dir/ckpt.pt.
 """
 
 import json
@@ -37,12 +31,11 @@ import prepare
 import prompt
 from configurator import PRETRAINING, apply_overrides, cached_steps, config_fields, parse_args, validate
 from data import WorldConfig
-from eval import build_model, check_tokenizer, evaluate, generate_captions, write_json
+from eval import build_model, check_tokenizer, evaluate, print_captions, write_json
 from hf import hf_init
 from parallel import (cached_pretrain_step, full_state, global_losses, load_optimizer, setup_distributed, shard,
                       uses_feature_cache, wrap_ddp)
 from model import VLMConfig, dist_info, draw_noise, pretrain_counts, uses_electra
-
 
 
 @dataclass
@@ -53,7 +46,7 @@ class TrainConfig:
     data_dir: str = "data"  # where generated worlds are cached
     train_split: str = "train"  # the split to train on: 'train' (clean captions) or 'web' (noisy)
     stage: str = "pretrain"  # pretrain, finetune, capfilt, instruct or prompt
-    init_from: str = ""  # start from these weights: a checkpoint (ckpt.pt), or a Hugging Face CLIP or GPT-2 (hub name or directory)
+    init_from: str = ""  # start from a checkpoint (ckpt.pt), or a Hugging Face CLIP or GPT-2 (hub name or directory)
     init_text: str = ""  # with a Hugging Face CLIP as init_from: a Hugging Face GPT-2 for the text transformer
     resume: bool = False  # continue from out_dir/ckpt.pt
     eval_interval: int = 200  # steps between evaluations on the first eval_images val images
@@ -79,7 +72,7 @@ class TrainConfig:
     stop_loss: float = 0.0  # stop as soon as the training loss is under this (0: run max_iters steps)
     augment: bool = True  # shift by whole patches, mirror and permute the colour channels of the shots
     # data
-    flip: bool = False  # pretraining: mirror half the images left to right, 'left' and 'right' swapped in their captions
+    flip: bool = False  # pretraining: mirror half the images, 'left' and 'right' swapped in their captions
     batch_size: int = 128  # per rank and micro-step
     num_workers: int = 0  # loader processes per rank that read batches ahead (0: read in the training process)
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -111,23 +104,22 @@ PRESETS = {
                         text_width=32, text_layers=2, text_heads=2, embed_dim=32, queue_size=128),
         world=WorldConfig(n_train=512, n_val=64, n_test=64, n_web=128, n_novel_train=32, n_novel_val=16,
                           n_multi_train=40, n_multi_val=10, grid=3)),
-    # the embedded default: a 2-core CPU in under 10 minutes, world generation included
+    # the embedded default: a 2-core CPU in under 10 minutes, world generation included (results/small-run.md)
     "small": TrainConfig(
         out_dir="out", batch_size=64, max_iters=1050, warmup_iters=60, eval_interval=10 ** 9, lr=1e-3, min_lr=1e-4,
         model=VLMConfig(image_size=64, patch_size=16, vit_width=128, vit_layers=4, vit_heads=4,
                         text_width=128, text_layers=4, text_heads=4, embed_dim=128, itc_temperature=0.03,
-                        fused_rows=0.5, itm_negatives=0.5, image_axes=True, caption_weight=2.0)),  # results/small-run.md
+                        fused_rows=0.5, itm_negatives=0.5, image_axes=True, caption_weight=2.0)),
     # GPU: ViT-B/16 at 224 px, a CLIP-B text transformer
     "base": TrainConfig(
-        out_dir="out-base", batch_size=256, num_workers=4, max_iters=20000, warmup_iters=2000, eval_interval=2000, eval_images=1000,
-        lr=5e-4, min_lr=5e-5, weight_decay=0.2, ckpt_interval=1000,
+        out_dir="out-base", batch_size=256, num_workers=4, max_iters=20000, warmup_iters=2000, eval_interval=2000,
+        eval_images=1000, lr=5e-4, min_lr=5e-5, weight_decay=0.2, ckpt_interval=1000,
         model=VLMConfig(image_size=224, patch_size=16, vit_width=768, vit_layers=12, vit_heads=12,
                         text_width=512, text_layers=12, text_heads=8, embed_dim=512, context_length=77,
                         activation="quick_gelu")),
 }
 
-# M1-M8 continued on a small clean set at a lower rate (the shapes world: its first 2,000
-# clean images, 4 captions each; on real data, the whole clean split)
+# pretraining continued on a small clean set at a lower rate (the shapes world: its first 2,000 images)
 _FINETUNE = {
     "tiny": dict(max_iters=10, warmup_iters=2, eval_interval=10 ** 9, train_images=128, lr=3e-4, min_lr=3e-5),
     "small": dict(max_iters=200, warmup_iters=20, eval_interval=10 ** 9, train_images=2000, lr=2e-4, min_lr=2e-5),
@@ -138,13 +130,14 @@ STAGE_FILES = {"instruct": instruct, "prompt": prompt}  # the stages with a mode
 STAGE_PRESETS = {"instruct": instruct.PRESETS, "prompt": prompt.PRESETS, "finetune": _FINETUNE, "capfilt": _FINETUNE}
 STAGE_TRAINS = {"instruct": instruct.TRAINS, "prompt": prompt.TRAINS}  # the parameters a stage trains; the rest frozen
 
+
 def stage_overrides(preset, overrides):
-    """What a run changes in its preset: what its stage changes (and the stage's out_dir),
-    then the flags."""
+    """What a run changes in its preset: its stage's changes (and out_dir <preset's>-<stage>), then the flags."""
     stage = overrides.get("stage", "pretrain")
     if stage == "pretrain":
         return overrides
-    return {"out_dir": f"{PRESETS[preset].out_dir}-{stage}", **STAGE_PRESETS.get(stage, {}).get(preset, {}), **overrides}
+    out_dir = f"{PRESETS[preset].out_dir}-{stage}"
+    return {"out_dir": out_dir, **STAGE_PRESETS.get(stage, {}).get(preset, {}), **overrides}
 
 
 def config_from_dict(d):
@@ -156,38 +149,26 @@ def config_from_dict(d):
 # pieces of the run
 
 
-def pick_device(cfg, local_rank):
-    if cfg.device != "auto":
-        return cfg.device
-    if torch.cuda.is_available():
-        return f"cuda:{local_rank}"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def pick_dtype(cfg, device_type):
-    if cfg.dtype != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    if device_type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def pick_runtime(cfg, local_rank=0):
-    """(device, its type, dtype, autocast context: a no-op in float32); TF32 matmuls on CUDA."""
-    device = pick_device(cfg, local_rank)
+    """(device, its type, dtype, autocast context: a no-op in float32). 'auto': CUDA, then MPS, then the CPU;
+    bfloat16 on CUDA where supported, else float16 (with a grad scaler), float32 elsewhere."""
+    cuda = torch.cuda.is_available()
+    device = cfg.device if cfg.device != "auto" else f"cuda:{local_rank}" if cuda else \
+        "mps" if torch.backends.mps.is_available() else "cpu"
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = pick_dtype(cfg, device_type)
-    return device, device_type, dtype, torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    if cfg.dtype != "auto":
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    else:
+        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device_type == "cuda" \
+            else torch.float32
+    if device_type == "cuda":  # TF32 matmuls
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ctx = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    return device, device_type, dtype, ctx
 
 
 def load_data(cfg, rank, world_size):
-    """The prepared dataset (the shapes world generated on first use) with, when a pretraining
-    stage uses ELECTRA, its visual codebook; rank 0 prepares while the others wait."""
+    """The prepared dataset (the shapes world made on first use) and its codebook; rank 0 prepares, the others wait."""
     m = cfg.model
     path = cfg.data if cfg.data != "shapes" else data.world_dir(cfg.data_dir, cfg.world, m.image_size, m.context_length)
     if rank == 0:
@@ -204,8 +185,7 @@ def load_data(cfg, rank, world_size):
 
 
 def fit_model_to_data(mcfg, ds):
-    """The model config with the tokenizer's vocabulary and special tokens, checked against
-    the dataset's image size and caption length."""
+    """The model config with the tokenizer's vocabulary and specials, checked against the dataset's sizes."""
     if ds.image_size != mcfg.image_size:
         raise SystemExit(f"{ds.path} holds {ds.image_size} px images but the model takes {mcfg.image_size}: "
                          f"set --image_size={ds.image_size}")
@@ -223,12 +203,11 @@ def fit_model_to_data(mcfg, ds):
 
 
 def load_weights(model, state, strict, log=print):
-    """A checkpoint's weights into the model. A new stage (strict False) may add parts (they
-    start fresh) and leave parts out (not loaded): both are named, by module."""
+    """A checkpoint's weights into the model; a new stage's parts start fresh, both named by module."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
         raise SystemExit(f"the checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
-    modules = lambda keys: sorted({".".join(k.split(".")[:2 if k.startswith("converter") else 1]) for k in keys})  # noqa: E731
+    modules = lambda keys: sorted({".".join(k.split(".")[:1 + k.startswith("converter")]) for k in keys})  # noqa: E731
     if missing:
         log(f"new, initialised fresh: {', '.join(modules(missing))}")
     if unexpected:
@@ -236,8 +215,7 @@ def load_weights(model, state, strict, log=print):
 
 
 def freeze_for_stage(model, stage, train_vit=False):
-    """Only the parameters the stage trains (STAGE_TRAINS, and the ViT with train_vit) keep
-    requires_grad."""
+    """Only the parameters the stage trains (and the ViT with train_vit) keep requires_grad."""
     if stage in STAGE_TRAINS:
         trains = STAGE_TRAINS[stage] + (("visual.",) if train_vit else ())
         for name, p in model.named_parameters():
@@ -279,9 +257,8 @@ def get_lr(it, cfg):
 
 
 def save_checkpoint(path, state, scaler, step, cfg, ds):
-    """Everything a resume needs, written to a temporary file and renamed into place. state:
-    (model, optimizer) state dicts (full_state). The batches need no saved state: they are a
-    function of (seed, step)."""
+    """Everything a resume needs, written to a temporary file and renamed into place. The batches need no
+    state: they are a function of (seed, step)."""
     ckpt = {
         "model": state[0],
         "optimizer": state[1],
@@ -293,8 +270,7 @@ def save_checkpoint(path, state, scaler, step, cfg, ds):
         "tokenizer": {"kind": ds.meta["tokenizer"]["kind"], "bpe": ds.bpe_text},
         "data_path": os.path.abspath(ds.path),
     }
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    data.write_file(path, lambda f: torch.save(ckpt, f))
 
 
 def pretrain_batches(cfg, ds, model, device, rank, world_size):
@@ -312,17 +288,13 @@ def pretrain_batches(cfg, ds, model, device, rank, world_size):
 
 
 class Logger:
-    """log.jsonl on rank 0: one JSON object per line. On resume the lines after the
-    checkpoint's step (work that was lost) are dropped."""
+    """log.jsonl on rank 0, one JSON object a line; on resume the lines after the checkpoint's step go."""
 
     def __init__(self, path, enabled, resume_step=None):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and os.path.exists(path):
             with open(path) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(path + ".tmp", path)
+                data.write_file(path, "".join(line for line in f if json.loads(line).get("step", 0) <= resume_step))
         elif enabled and resume_step is None and os.path.exists(path):
             os.remove(path)
 
@@ -337,30 +309,24 @@ class Logger:
 
 
 def step_noise(cfg, step, n_rows, device):
-    """The random draws of a pretraining step for all its n_rows rows (every rank and
-    micro-batch; model.draw_noise), from a generator seeded by (seed, step): the same on every
-    rank and again on resume."""
+    """The random draws of a pretraining step's rows (model.draw_noise), seeded by (seed, step), on every rank."""
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
     return draw_noise(cfg.model, n_rows, cfg.model.context_length, gen, device)
 
 
 def train_step(model, raw_model, batches, scaler, ctx, noise=None):
-    """The forward and backward passes of one optimizer step over its micro-batches (a list of
-    model keyword arguments; the gradients are left in .grad). Returns the losses, averaged
-    over the micro-batches (this rank's; global_losses averages over the ranks).
-    Pretraining batches (those with tokens) get their rows of noise, the step's random draws
-    (step_noise), and the step's counts: each loss is the one of the step's whole batch, so
-    W ranks x k micro-batches of B rows give the gradient of one batch of k W B rows. The
-    global batch is ordered rank by rank, each rank's micro-batches in turn (data.batch_indices
-    reads it so). With k > 1, ITC and ITM go through cached_pretrain_step; otherwise DDP (or
-    FSDP2) reduces the gradients on the last micro-batch's backward pass only."""
+    """The forward and backward passes of one optimizer step over its micro-batches; returns their mean
+    losses. Pretraining batches get their rows of the step's noise and the step's counts, so W ranks x k
+    micro-batches of B rows give the gradient of one batch of k W B rows (docs/exactness.md); with k > 1,
+    ITC and ITM go through cached_pretrain_step."""
     k, (rank, world_size) = len(batches), dist_info()
     pretrain = "tokens" in batches[0]
     if pretrain:
         B = batches[0]["tokens"].size(0)
         offsets = [(rank * k + i) * B for i in range(k)]
         if noise is None:
-            noise = draw_noise(raw_model.cfg, k * world_size * B, raw_model.cfg.context_length, device=batches[0]["tokens"].device)
+            noise = draw_noise(raw_model.cfg, k * world_size * B, raw_model.cfg.context_length,
+                               device=batches[0]["tokens"].device)
         noise = [{name: x[o:o + B] for name, x in noise.items()} for o in offsets]
         counts = [pretrain_counts(raw_model.cfg, b["tokens"], n) for b, n in zip(batches, noise)]
         counts = {name: torch.stack([c[name] for c in counts]).sum() for name in counts[0]}
@@ -443,16 +409,17 @@ def train(cfg, ckpt=None, init=None):
     model = wrap_ddp(model, raw_model, cfg, device_type, local_rank, cached_steps(cfg))
     logger = Logger(os.path.join(cfg.out_dir, "log.jsonl"), master, start_step if ckpt is not None else None)
     if master:
-        print(f"{raw_model.num_params() / 1e6:.2f}M trainable parameters | device {device} | {dtype} | compile {use_compile} "
-              f"| {world_size} rank(s) | data {ds.path}")
-    fetch, place, n_train = (pretrain_batches if pretrain else stage.batches)(cfg, ds, raw_model, device, rank, world_size)
+        print(f"{raw_model.num_params() / 1e6:.2f}M trainable parameters | device {device} | {dtype} | "
+              f"compile {use_compile} | {world_size} rank(s) | data {ds.path}")
+    make_batches = pretrain_batches if pretrain else stage.batches
+    fetch, place, n_train = make_batches(cfg, ds, raw_model, device, rank, world_size)
     # the prompt stage's batches are made on the device: no loader processes
-    stream = data.host_batches(fetch, start_step * cfg.grad_accum, 0 if prompted else cfg.num_workers, device_type == "cuda")
+    workers = 0 if prompted else cfg.num_workers
+    stream = data.host_batches(fetch, start_step * cfg.grad_accum, workers, device_type == "cuda")
 
     def run_eval(show_captions=False, subset=False, **kw):
-        """The metrics on rank 0 (None on the others), after printing a few val captions with
-        show_captions; subset: on the first eval_images only. Under FSDP every rank calls it:
-        the weights are gathered into a whole copy of the model on rank 0."""
+        """The metrics on rank 0 (None on the others); subset: the first eval_images. Under FSDP every rank
+        calls it, and rank 0 evaluates a whole copy of the model."""
         m = raw_model
         if cfg.fsdp and world_size > 1:
             state = full_state(raw_model, None, cfg)[0]
@@ -466,7 +433,7 @@ def train(cfg, ckpt=None, init=None):
             return prompt.evaluate(m, ds, cfg.classes.split(","), prompt.class_rows(ds, cfg), ctx=ctx,
                                    max_images=cfg.eval_images if subset else None, **kw)
         if show_captions and cfg.model.caption_weight > 0 and ds.has("val", "tokens"):
-            print_captions(m, ds, device, ctx)
+            print_captions(m, ds, ctx)
         if subset:
             kw.update(max_images=cfg.eval_images, heldout=False)
         return evaluate(m, ds, device, ctx=ctx, rerank_k=cfg.rerank_k, **kw)
@@ -483,7 +450,8 @@ def train(cfg, ckpt=None, init=None):
                 logger.log(step=step, kind="eval", **metrics)
                 pbar.write(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()
                                                          if k.endswith(("r1", "acc", "miou", "ap50"))))
-        done = step >= cfg.max_iters or (cfg.stop_loss > 0 and step > start_step and losses["loss"].item() < cfg.stop_loss)
+        stop = cfg.stop_loss > 0 and step > start_step and losses["loss"].item() < cfg.stop_loss
+        done = step >= cfg.max_iters or stop
         if step > start_step and (step % cfg.ckpt_interval == 0 or done) and (master or cfg.fsdp):
             state = full_state(raw_model, optimizer, cfg)
             if master:
@@ -524,17 +492,6 @@ def train(cfg, ckpt=None, init=None):
     return metrics if master else None
 
 
-def print_captions(model, ds, device, ctx, n=8):
-    """Print the greedy captions of the first n val images beside their first true caption:
-    what the model has learned, at a glance."""
-    images = ds.array("val", "images")[:n]
-    said = generate_captions(model, ds.tokenizer, images, device, ctx=ctx)
-    true = [data.decode_tokens(ds.tokenizer, row) for row in ds.array("val", "tokens")[:n, 0]]
-    print(f"captions of the first {len(said)} val images (true | generated):")
-    for t, g in zip(true, said):
-        print(f"  {t:<60s} | {g}")
-
-
 def start_state(cfg, changes, overrides):
     """(config, checkpoint to resume or None, checkpoint to start from or None) of a run."""
     if cfg.resume:
@@ -557,15 +514,14 @@ def start_state(cfg, changes, overrides):
     else:
         init = hf_init(cfg.init_from, cfg.init_text, model_changes, cfg.seed)
     # the architecture comes with the weights; what the stage and the flags set on the model still applies
-    cfg.model = apply_overrides(config_from_dict({**asdict(cfg), "model": init["config"]["model"]}), model_changes).model
+    cfg.model = apply_overrides(config_from_dict({**asdict(cfg), "model": init["config"]["model"]}),
+                                model_changes).model
     return cfg, None, init
 
 
 def sub_run(cfg, changes, overrides, run, name):
-    """One of the runs a stage is made of (the prompt stage's shot samples, CapFilt's
-    captioner and filter): cfg with the fields of run, in run['out_dir']; its metrics. With
-    --resume a finished run (its eval.json written by its training: eval.py alone does not
-    mark it finished) is kept, an unfinished one resumed, one not started started afresh."""
+    """One run of a stage made of several (the prompt stage's shot samples, CapFilt's fine-tuning runs). With
+    --resume a finished run (its training wrote eval.json) is kept, an unfinished one resumed."""
     finished = os.path.join(run["out_dir"], "eval.json")
     if cfg.resume and os.path.exists(finished):
         with open(finished) as f:

@@ -128,7 +128,7 @@ def test_nucleus_sampling_with_p_near_zero_is_greedy_decoding(tiny_run, tiny_wor
     model, tok, _ = load_checkpoint(os.path.join(tiny_run, "ckpt.pt"))
     cfg = train.apply_overrides(train.PRESETS["tiny"], {"capfilt_top_p": 1e-9, "capfilt_temperature": 1.0})
     _, texts, _, _ = cf.bootstrap(model, model, tiny_world, cfg, "cpu", chunk=48)
-    assert texts == generate_captions(model, tok, tiny_world.array("web", "images"), "cpu", batch_size=48)
+    assert texts == generate_captions(model, tok, tiny_world.array("web", "images"), batch_size=48)
 
 
 def test_separate_captioner_and_filter_then_the_cleaned_set_pretrains(tmp_path, tiny_run, world_root, tiny_world, capsys):

@@ -231,7 +231,7 @@ def test_captioned_retrieval_and_itm_count_each_valid_caption_once(captioned, mo
 def test_captioned_caption_metrics_score_greedy_captions_against_valid_references(captioned, model, evaluated):
     ds, texts = captioned
     out = evaluated
-    captions = evaluation.generate_captions(model, ds.tokenizer, ds.array("val", "images"), "cpu")
+    captions = evaluation.generate_captions(model, ds.tokenizer, ds.array("val", "images"))
     cands = {i: evaluation.coco_tokenize(c) for i, c in enumerate(captions)}
     refs = {i: [evaluation.coco_tokenize(t) for t in caps] for i, caps in enumerate(texts)}  # the texts written
     bleu, cider = pycocoevalcap_scores(refs, cands)
@@ -260,7 +260,7 @@ def test_references_are_the_captions_as_written_where_the_dataset_keeps_them(cap
     with open(os.path.join(path, "val.captions.json"), "w") as f:
         json.dump(written, f)
     out = evaluation.evaluate(model, data.Dataset(path), "cpu", rerank_k=1000)
-    captions = evaluation.generate_captions(model, ds.tokenizer, ds.array("val", "images"), "cpu")
+    captions = evaluation.generate_captions(model, ds.tokenizer, ds.array("val", "images"))
     expected = evaluation.caption_scores(captions, written)
     assert {k: out[k] for k in expected} == expected
     assert out["caption_cider"] != evaluated["caption_cider"]

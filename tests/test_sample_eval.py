@@ -39,7 +39,7 @@ def test_sample_captions_images_like_the_evaluation_does(tiny_run, tiny_world, i
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(image_files["rgb"] + ": ")
     model, tok, _ = evaluation.load_checkpoint(ckpt)
-    expect = evaluation.generate_captions(model, tok, tiny_world.array("val", "images")[:1], "cpu")[0]
+    expect = evaluation.generate_captions(model, tok, tiny_world.array("val", "images")[:1])[0]
     assert lines[0] == f"{image_files['rgb']}: {expect}"
     assert lines[1].split(": ", 1)[1] == expect  # the RGBA copy reads as the same image
     sampled = run_sample("--ckpt", ckpt, "caption", image_files["palette"], "--temperature=1.0", "--top_p=0.9",

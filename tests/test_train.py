@@ -171,11 +171,12 @@ def test_fsdp_run_saves_whole_weights_and_resumes(tmp_path, world_root, tiny_wor
 def test_a_pretraining_run_ends_by_showing_val_captions_beside_the_true_ones(tiny_world, capsys):
     import data
     from contextlib import nullcontext
+    import eval as evaluation
     from eval import generate_captions
     from model import VLM
     model = VLM(train.fit_model_to_data(train.PRESETS["tiny"].model, tiny_world)).eval()
-    train.print_captions(model, tiny_world, "cpu", nullcontext(), n=3)
+    evaluation.print_captions(model, tiny_world, nullcontext(), n=3)
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[1:]]
-    said = generate_captions(model, tiny_world.tokenizer, tiny_world.array("val", "images")[:3], "cpu")
+    said = generate_captions(model, tiny_world.tokenizer, tiny_world.array("val", "images")[:3])
     true = [data.decode_tokens(tiny_world.tokenizer, r) for r in tiny_world.array("val", "tokens")[:3, 0]]
     assert [(t.strip(), g) for t, g in rows] == list(zip(true, said))
