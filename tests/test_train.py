@@ -21,6 +21,19 @@ def run_script(args, **kw):
                           cwd=ROOT, timeout=600, **kw)
 
 
+def test_help_lists_every_flag_with_its_default_and_meaning(capsys):
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as e:
+            train.main([flag])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        lines = {line.split("=")[0].strip(): line for line in out.splitlines() if line.startswith("    --")}
+        assert set(lines) == {f"--{k}" for k in train.config_fields(train.PRESETS["small"])}
+        assert lines["--batch_size"].split()[0] == f"--batch_size={train.PRESETS['small'].batch_size}"
+        assert "per rank and micro-step" in lines["--batch_size"]  # the field's comment is its meaning
+        assert out.index("TrainConfig") < out.index("--lr=") < out.index("VLMConfig") < out.index("--vit_width=")
+
+
 def test_unknown_key_is_a_clear_error_listing_the_valid_keys():
     result = run_script(["--config", "tiny", "--batchsize=8"])
     assert result.returncode != 0
