@@ -513,7 +513,12 @@ def parse_bench_args(argv):
 
 
 def main(argv=None):
-    bench, rest = parse_bench_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip(), "", *configurator.flag_lines(BenchConfig()), "and every flag of train.py (train.py --help)",
+              sep="\n")
+        raise SystemExit(0)
+    bench, rest = parse_bench_args(argv)
     preset, overrides = configurator.parse_args(rest, train.PRESETS)
     if overrides.get("stage", "pretrain") != "pretrain":
         raise SystemExit("bench.py measures the pretraining step: --stage does not apply")

@@ -43,22 +43,27 @@ def parse_value(key, raw, typ):
         raise ValueError(f"--{key} takes {kind}, got {raw!r}") from None
 
 
+def flag_lines(obj):
+    """'--name=default  meaning' for each field of a config dataclass instance, under its group comments:
+    the comment beside each field is its documentation."""
+    cls, lines = type(obj), [f"{type(obj).__name__} ({inspect.getsourcefile(type(obj)).rsplit('/', 1)[-1]}):"]
+    for line in inspect.getsource(cls).splitlines()[2:]:
+        field_line = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
+        if line.strip().startswith("#"):
+            lines.append(f"  {line.strip()[1:].strip()}:")
+        elif field_line and field_line.group(1) not in ("model", "world"):
+            name, meaning = field_line.group(1), field_line.group(2) or ""
+            lines.append(f"    --{name}={getattr(obj, name)!r}".ljust(40) + f" {meaning}")
+    return lines
+
+
 def usage(presets):
-    """Every flag, grouped as the configs are, with its default (the small preset's) and its meaning: the
-    comment beside each field is its documentation."""
+    """Every flag, grouped as the configs are, with its default (the small preset's) and its meaning."""
     lines = ["usage: python train.py [--config tiny|small|base] [--key=value ...]", "",
              f"--config  the preset whose values the flags change: {', '.join(presets)} (default small)"]
     defaults = presets["small"]
     for obj in (defaults, defaults.model, defaults.world):
-        cls = type(obj)
-        lines += ["", f"{cls.__name__} ({inspect.getsourcefile(cls).rsplit('/', 1)[-1]}):"]
-        for line in inspect.getsource(cls).splitlines()[2:]:
-            field_line = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
-            if line.strip().startswith("#"):
-                lines.append(f"  {line.strip()[1:].strip()}:")
-            elif field_line and field_line.group(1) not in ("model", "world"):
-                name, meaning = field_line.group(1), field_line.group(2) or ""
-                lines.append(f"    --{name}={getattr(obj, name)!r}".ljust(40) + f" {meaning}")
+        lines += [""] + flag_lines(obj)
     return "\n".join(lines)
 
 
