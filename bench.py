@@ -515,8 +515,8 @@ def parse_bench_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(__doc__.strip(), "", *configurator.flag_lines(BenchConfig()), "and every flag of train.py (train.py --help)",
-              sep="\n")
+        lines = configurator.flag_lines(BenchConfig())
+        print(__doc__.strip(), "", *lines, "and every flag of train.py (train.py --help)", sep="\n")
         raise SystemExit(0)
     bench, rest = parse_bench_args(argv)
     preset, overrides = configurator.parse_args(rest, train.PRESETS)
