@@ -305,7 +305,7 @@ def bench_train(cfg, bench):
     out = dict(params=raw.num_params(), flops_per_step=flops,
                forward_flops_per_step=pretrain_flops(mcfg, cfg.batch_size, backward=False),
                **throughput("train", flops, cfg.batch_size, bench.steps, seconds, peak))
-    objectives = ", ".join(k for k, v in raw.loss_weights().items() if v > 0) + (" + momentum" if raw.momentum else "")
+    objectives = ", ".join(k for k, v in loss_weights(raw.cfg).items() if v > 0) + (" + momentum" if raw.momentum else "")
     print_table(f"pretraining step: {objectives} | {device} {dtype} compile {compiled} | batch {cfg.batch_size}, "
                 f"{bench.steps} steps after {bench.warmup} warm-up", [
                     ("parameters", f"{out['params'] / 1e6:.2f}M"),

@@ -72,10 +72,9 @@ def capfilt_keep(margins, problems, p):
 def capfilt_report(ds, split, keep, problems, margins, texts):
     """The filter's counts and, where the split records them, its precision, recall and AUC at finding
     corrupted own captions and wrong synthetic ones, and the share of wrong captions kept (docs/capfilt.md)."""
-    N = len(keep)
     problems = np.array(problems)
     usable = problems == ""
-    report = {"images": N, "images_kept": int(keep.any(1).sum()), "images_dropped": int((~keep.any(1)).sum()),
+    report = {"images": len(keep), "images_kept": int(keep.any(1).sum()), "images_dropped": int((~keep.any(1)).sum()),
               "own_kept": int(keep[:, 0].sum()), "own_dropped": int((~keep[:, 0]).sum()),
               "synthetic_kept": int(keep[:, 1].sum()), "synthetic_dropped": int((~keep[:, 1] & usable).sum()),
               **{f"synthetic_{p.replace(' ', '_')}": int((problems == p).sum()) for p in ("empty", "too long", "off")}}
@@ -134,9 +133,8 @@ def capfilt_source(cfg):
     if cfg.capfilt_tune == "none" and (m["itm_weight"] == 0 or cfg.capfilt_synthetic and m["caption_weight"] == 0):
         raise SystemExit(f"--capfilt_tune=none: {cfg.init_from} is used as it is, and it was trained without ITM "
                          f"(the filter) or without captioning (the captioner)")
-    settings = {k: getattr(cfg, k) for k in CAPFILT_SETTINGS}
-    key = json.dumps({**settings, "init_from": os.path.abspath(cfg.init_from), "out_dir": os.path.abspath(cfg.out_dir)},
-                     sort_keys=True)
+    key = json.dumps({**{k: getattr(cfg, k) for k in CAPFILT_SETTINGS}, "init_from": os.path.abspath(cfg.init_from),
+                      "out_dir": os.path.abspath(cfg.out_dir)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     out = os.path.realpath(cfg.capfilt_data or f"{os.path.normpath(ds.path)}-capfilt-{digest}")
     inside = lambda a, b: os.path.commonpath([a, b]) == b  # noqa: E731  a is b or lies within it

@@ -1,19 +1,20 @@
 """
-The data of nanoVLP: the shapes world (procedural scenes whose ground truth is known), the
-tokenizers (the world's BPE, GPT-2's and CLIP's as tiktoken encodings), the prepared-dataset
-reader, the visual codebook and batch indices. A prepared dataset is a directory of meta.json,
-tokenizer.tiktoken and {split}.{key}.npy arrays (images (N, S, S, 3) uint8, tokens (N, C, T)
-int32, ...) read memory-mapped; real data is prepared by prepare.py (docs/real-data.md).
+The data of nanoVLP: the shapes world (procedural scenes whose ground truth is known), the tokenizers
+(the world's BPE, GPT-2's and CLIP's as tiktoken encodings), the prepared-dataset reader, the visual
+codebook and the batches. A prepared dataset is a directory of meta.json, tokenizer.tiktoken and
+{split}.{key}.npy arrays read memory-mapped; real data is prepared by prepare.py (docs/real-data.md).
 """
 
 import base64
 import hashlib
 import html
+import itertools
 import json
 import os
 import shutil
 import time
 import unicodedata
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -116,13 +117,10 @@ def decode_scene(sid):
 
 def heldout_pairs(cfg):
     """The colour-shape pairs shown only in test; each colour and shape still trains with others."""
-    rng = np.random.default_rng([cfg.world_seed, 99])
     pairs = set()
-    for i in rng.permutation(len(SHAPES) * len(COLOURS)):
+    for i in np.random.default_rng([cfg.world_seed, 99]).permutation(len(SHAPES) * len(COLOURS)):
         s, c = divmod(int(i), len(COLOURS))
-        if len(pairs) == cfg.n_heldout_pairs:
-            break
-        if all(s != s2 for s2, _ in pairs) and all(c != c2 for _, c2 in pairs):
+        if len(pairs) < cfg.n_heldout_pairs and all(s != s2 and c != c2 for s2, c2 in pairs):
             pairs.add((s, c))
     return sorted(pairs)
 
@@ -194,18 +192,17 @@ def shape_mask(shape, u, v):
     if name == "heart":
         x, y = 1.15 * u, -1.15 * v + 0.25
         return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
-    if name == "moon":
-        return (d2 <= 1.0) & ((u - 0.45) ** 2 + (v + 0.1) ** 2 >= 0.7)
-    raise ValueError(f"unknown shape {name}")
+    return (d2 <= 1.0) & ((u - 0.45) ** 2 + (v + 0.1) ** 2 >= 0.7)  # moon
 
 
 def render(rng, objects, placement, S):
-    """Draw one image: (image (S,S,3) uint8, classmap (S,S) uint8, boxes [(x0,y0,x1,y1)])."""
+    """Draw one image of up to 3 objects: image (S,S,3) uint8, classmap (S,S) uint8 and objects (3, 7) int16,
+    a row of shape, colour, size, x0, y0, x1, y1 (-1 where there is no object)."""
     image = np.empty((S, S, 3), np.uint8)
     image[:] = rng.integers(0, 50, size=3)  # dark background of a random tint
     classmap = np.zeros((S, S), np.uint8)
-    boxes = []
-    for (s, c, _), (cx, cy, r) in zip(objects, placement):
+    rows = np.full((3, 7), -1, np.int16)
+    for j, ((s, c, z), (cx, cy, r)) in enumerate(zip(objects, placement)):
         x0, y0 = max(int(cx - r) - 1, 0), max(int(cy - r) - 1, 0)
         x1, y1 = min(int(cx + r) + 2, S), min(int(cy + r) + 2, S)
         u = (np.arange(x0, x1) + 0.5 - cx) / r  # pixel centres
@@ -215,61 +212,36 @@ def render(rng, objects, placement, S):
         image[y0:y1, x0:x1][mask] = colour
         classmap[y0:y1, x0:x1][mask] = 1 + s
         ys, xs = np.nonzero(mask)
-        boxes.append((x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1))
-    return image, classmap, boxes
-
-
-def object_rows(objects, boxes):
-    """(3, 7) int16 rows of shape, colour, size, x0, y0, x1, y1; -1 where there is no object."""
-    rows = np.full((3, 7), -1, np.int16)
-    for j, (o, b) in enumerate(zip(objects, boxes)):
-        rows[j] = (*o, *b)
-    return rows
-
-
-def object_phrase(obj):
-    s, c, z = obj
-    return f"{SIZES[z]} {COLOUR_NAMES[c]} {ALL_SHAPES[s]}"
+        rows[j] = (s, c, z, x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1)
+    return image, classmap, rows
 
 
 def write_caption(axis, objects, template):
     """Caption of a scene (objects in order along the axis) with one template (see TEMPLATES)."""
     reverse = template % 2 == 1
-    order = objects[::-1] if reverse else objects
-    return TEMPLATES[len(objects)][template].format(
-        *map(object_phrase, order), rel=RELATIONS.get((axis, reverse)), dir=DIRECTIONS.get((axis, reverse)))
+    phrases = [f"{SIZES[z]} {COLOUR_NAMES[c]} {ALL_SHAPES[s]}" for s, c, z in (objects[::-1] if reverse else objects)]
+    return TEMPLATES[len(objects)][template].format(*phrases, rel=RELATIONS.get((axis, reverse)),
+                                                    dir=DIRECTIONS.get((axis, reverse)))
 
 
-def _template_regex(template):
-    obj = r"(small|large) (" + "|".join(COLOUR_NAMES) + r") (" + "|".join(ALL_SHAPES) + r")"
-    pattern = regex.escape(template)
-    for i in range(3):
-        pattern = pattern.replace(regex.escape("{%d}" % i), obj)
-    pattern = pattern.replace(regex.escape("{rel}"), "(" + "|".join(RELATIONS.values()) + ")")
-    pattern = pattern.replace(regex.escape("{dir}"), "(" + "|".join(DIRECTIONS.values()) + ")")
-    return regex.compile(pattern)
-
-
-CAPTION_PATTERNS = [(n, _template_regex(t)) for n, ts in TEMPLATES.items() for t in ts]
+# each template (plain words) as a regex: an object phrase for each object, the group 'word' for {rel} or {dir}
+OBJECT_PHRASE = regex.compile(f"({'|'.join(SIZES)}) ({'|'.join(COLOUR_NAMES)}) ({'|'.join(ALL_SHAPES)})")
+WORD_GROUPS = {key: f"(?P<word>{'|'.join(table.values())})" for key, table in (("rel", RELATIONS), ("dir", DIRECTIONS))}
+CAPTION_PATTERNS = [(n, regex.compile(t.format(*[OBJECT_PHRASE.pattern] * 3, **WORD_GROUPS)))
+                    for n, ts in TEMPLATES.items() for t in ts]
 
 
 def parse_caption(text):
     """The scene_id a caption describes, or None if it is not a well-formed world caption."""
-    text = text.strip()
     for n, pattern in CAPTION_PATTERNS:
-        m = pattern.fullmatch(text)
-        if m is None:
-            continue
-        groups = list(m.groups())
-        word = next((g for g in groups if g in RELATIONS.values() or g in DIRECTIONS.values()), None)
-        groups = [g for g in groups if g != word]
-        objects = [(ALL_SHAPES.index(groups[i + 2]), COLOUR_NAMES.index(groups[i + 1]), SIZES.index(groups[i]))
-                   for i in range(0, len(groups), 3)]
-        if n == 1:
-            return scene_id(0, objects)
-        table = RELATIONS if n == 2 else DIRECTIONS
-        axis, reverse = next(k for k, w in table.items() if w == word)
-        return scene_id(axis, objects[::-1] if reverse else objects)
+        m = pattern.fullmatch(text.strip())
+        if m is not None:
+            objects = [(ALL_SHAPES.index(s), COLOUR_NAMES.index(c), SIZES.index(z))
+                       for z, c, s in OBJECT_PHRASE.findall(m[0])]
+            if n == 1:
+                return scene_id(0, objects)
+            axis, reverse = next(k for k, w in (RELATIONS if n == 2 else DIRECTIONS).items() if w == m["word"])
+            return scene_id(axis, objects[::-1] if reverse else objects)
     return None
 
 
@@ -281,10 +253,7 @@ def parse_caption(text):
 def train_bpe(texts, max_merges=2000):
     """Byte-level BPE ranks learned from texts (words split by GPT-2's pattern): the most frequent
     pair merged (ties by its bytes) until every word is one token or max_merges."""
-    counts = {}
-    for text in texts:
-        for word in regex.findall(GPT2_PATTERN, text):
-            counts[word] = counts.get(word, 0) + 1
+    counts = Counter(word for text in texts for word in regex.findall(GPT2_PATTERN, text))
     words = [[bytes([b]) for b in w.encode("utf-8")] for w in counts]
     freq = list(counts.values())
     ranks = {bytes([i]): i for i in range(256)}
@@ -332,21 +301,17 @@ def make_encoding(name, ranks, pattern=GPT2_PATTERN, specials=None, cls=tiktoken
 
 
 # CLIP marks a word's last symbol with '</w>': here a trailing space byte, which no CLIP word holds
-CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-CLIP_WORDS = regex.compile(CLIP_PATTERN, regex.IGNORECASE)
-
-
-def clip_normalize(text):
-    """CLIP's text cleaning (but ftfy): NFC, HTML unescaped twice, one space a run, stripped, lower."""
-    text = html.unescape(html.unescape(unicodedata.normalize("NFC", text)))
-    return regex.sub(r"\s+", " ", text).strip().lower()
+CLIP_WORDS = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+                           r"""[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
 
 class ClipEncoding(tiktoken.Encoding):
     """OpenAI CLIP's BPE as a tiktoken Encoding: each of CLIP's words followed by a space ('</w>')."""
 
     def words(self, text):
-        return "".join(w + " " for w in CLIP_WORDS.findall(clip_normalize(text)))
+        """CLIP's text cleaning (but ftfy: NFC, HTML unescaped twice, one space a run, stripped, lower), its words."""
+        text = html.unescape(html.unescape(unicodedata.normalize("NFC", text)))
+        return "".join(w + " " for w in CLIP_WORDS.findall(regex.sub(r"\s+", " ", text).strip().lower()))
 
     def encode_ordinary(self, text):
         return super().encode_ordinary(self.words(text))
@@ -409,16 +374,10 @@ def class_prompt_tokens(enc, names, template, length):
 
 def decode_tokens(enc, ids):
     """Text of one token row, stopping at <eos> and dropping <bos>/<pad>."""
-    eos = enc.encode_single_token(EOS)
-    specials = {enc.encode_single_token(t) for t in SPECIAL_TOKENS}
-    out = []
-    for t in ids:
-        t = int(t)
-        if t == eos:
-            break
-        if t not in specials:
-            out.append(t)
-    return enc.decode(out)
+    eos, specials = enc.encode_single_token(EOS), {enc.encode_single_token(t) for t in SPECIAL_TOKENS}
+    ids = [int(t) for t in ids]
+    ids = ids[:ids.index(eos)] if eos in ids else ids
+    return enc.decode([t for t in ids if t not in specials])
 
 
 # -----------------------------------------------------------------------------
@@ -485,11 +444,9 @@ def link_split_files(tmp, dataset, names):
 def write_meta(tmp, meta, sizes, bpe_text=None):
     """meta.json (meta with the size of every split) and the tokenizer file (bpe_text)."""
     if bpe_text is not None:
-        with open(os.path.join(tmp, "tokenizer.tiktoken"), "w") as f:
-            f.write(bpe_text)
+        write_file(os.path.join(tmp, "tokenizer.tiktoken"), bpe_text)
         meta = dict(meta, tokenizer=dict(meta["tokenizer"], file="tokenizer.tiktoken"))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(dict(meta, splits=sizes), f, indent=1)
+    write_file(os.path.join(tmp, "meta.json"), json.dumps(dict(meta, splits=sizes), indent=1))
 
 
 def save_arrays(tmp, split, arrays):
@@ -501,12 +458,10 @@ def save_arrays(tmp, split, arrays):
 def write_dataset(path, splits, meta, bpe_text=None, copy_from=None, copy_splits=(), replace=False):
     """Write splits {split: {key: array}} (and copy_splits of copy_from) as a prepared dataset."""
     with staged_dataset(path, replace) as tmp:
-        sizes = {}
         for name, arrays in splits.items():
-            sizes[name] = len(arrays["sets"] if "sets" in arrays else arrays["images"])
             save_arrays(tmp, name, arrays)
-        sizes.update(link_split_files(tmp, copy_from, copy_splits))
-        write_meta(tmp, meta, sizes, bpe_text)
+        sizes = {name: len(a["sets"] if "sets" in a else a["images"]) for name, a in splits.items()}
+        write_meta(tmp, meta, {**sizes, **link_split_files(tmp, copy_from, copy_splits)}, bpe_text)
     return os.path.normpath(path)
 
 
@@ -525,8 +480,7 @@ def gen_captioned(rng, n, S, grid, pairs_ok, n_captions):
         count = int(rng.integers(1, 4))
         objs = [sample_object(rng, range(len(SHAPES)), pairs_ok) for _ in range(count)]
         axis, placement = layout_row(rng, objs, S, grid)
-        images[i], classmap[i], boxes = render(rng, objs, placement, S)
-        objects[i] = object_rows(objs, boxes)
+        images[i], classmap[i], objects[i] = render(rng, objs, placement, S)
         scene[i] = scene_id(axis, objs)
         scenes.append((axis, objs))
         templates = rng.permutation(len(TEMPLATES[count]))  # paraphrases use different templates
@@ -578,15 +532,13 @@ def gen_web(rng, n, S, grid, noise, pairs_ok):
 def gen_multi(rng, n_sets, S, grid, max_images, pairs_ok):
     """Question sets of 2..max_images images that need more than one image; QTYPES in turn."""
     cell = S / grid
-    pool, pool_objects, sets, questions, answers, qtypes = [], [], [], [], [], []
+    pool, sets, questions, answers = [], [], [], []  # pool: each image rendered (image, classmap, objects)
 
     def random_objs(count, sizes=(0, 1)):
         return [(*sample_object(rng, range(len(SHAPES)), pairs_ok)[:2], int(rng.choice(sizes))) for _ in range(count)]
 
     def add(objs, placement):
-        image, _, boxes = render(rng, objs, placement, S)
-        pool.append(image)
-        pool_objects.append(object_rows(objs, boxes))
+        pool.append(render(rng, objs, placement, S))
         return len(pool) - 1
 
     while len(sets) < n_sets:
@@ -662,22 +614,19 @@ def gen_multi(rng, n_sets, S, grid, max_images, pairs_ok):
         sets.append(ids + [-1] * (max_images - len(ids)))
         questions.append(q)
         answers.append(a)
-        qtypes.append(QTYPES.index(qtype))
-    arrays = dict(images=np.stack(pool), objects=np.stack(pool_objects), sets=np.array(sets, np.int32),
-                  qtype=np.array(qtypes, np.int8))
+    arrays = dict(images=np.stack([p[0] for p in pool]), objects=np.stack([p[2] for p in pool]),
+                  sets=np.array(sets, np.int32), qtype=(np.arange(n_sets) % len(QTYPES)).astype(np.int8))
     return arrays, questions, answers
 
 
 def gen_novel(rng, n, S, grid):
     """Uncaptioned images for few-shot prompting: a novel shape, maybe base shapes beside it."""
-    arrays = dict(images=[], classmap=[], objects=[])
+    rendered = []
     for _ in range(n):
         objs = [sample_object(rng, range(len(SHAPES), len(ALL_SHAPES)) if k == 0 else range(len(ALL_SHAPES)),
                               lambda s, c: True) for k in range(int(rng.integers(1, 4)))]
-        image, classmap, boxes = render(rng, objs, place_objects(rng, objs, S, grid), S)
-        for key, value in zip(arrays, (image, classmap, object_rows(objs, boxes))):
-            arrays[key].append(value)
-    return {key: np.stack(value) for key, value in arrays.items()}
+        rendered.append(render(rng, objs, place_objects(rng, objs, S, grid), S))
+    return dict(zip(("images", "classmap", "objects"), map(np.stack, zip(*rendered))))
 
 
 def world_dir(root, cfg, image_size, context_length):
@@ -721,8 +670,7 @@ def prepare_world(root, cfg, image_size, context_length, log=print):
         multi_texts[name] = (q, a)
     # the tokenizer learns from the pretraining captions and the questions, never novel names
     corpus = [t for caps in texts["train"] for t in caps] + [t for q, a in multi_texts.values() for t in q + a]
-    ranks = train_bpe(corpus)
-    bpe_text = bpe_to_text(ranks)
+    bpe_text = bpe_to_text(train_bpe(corpus))
     enc = get_tokenizer("bpe", bpe_text)
     for name, caps in texts.items():
         flat = encode_texts(enc, [t for cs in caps for t in cs], context_length)
@@ -733,8 +681,7 @@ def prepare_world(root, cfg, image_size, context_length, log=print):
     meta = dict(kind="shapes", version=WORLD_VERSION, world=asdict(cfg), image_size=S, context_length=context_length,
                 shapes=list(SHAPES), novel_shapes=list(NOVEL_SHAPES), colours=list(COLOUR_NAMES), sizes=list(SIZES),
                 heldout_pairs=[[ALL_SHAPES[s], COLOUR_NAMES[c]] for s, c in held],
-                corruptions=list(CORRUPTIONS), qtypes=list(QTYPES),
-                tokenizer=tokenizer_meta("bpe", enc))
+                corruptions=list(CORRUPTIONS), qtypes=list(QTYPES), tokenizer=tokenizer_meta("bpe", enc))
     write_dataset(path, splits, meta, bpe_text)
     log(f"shapes world ready in {time.time() - t0:.1f} s")
     return path
@@ -756,8 +703,7 @@ class Dataset:
         self.path = path
         with open(meta_path) as f:
             self.meta = json.load(f)
-        self.image_size = self.meta["image_size"]
-        self.context_length = self.meta["context_length"]
+        self.image_size, self.context_length = self.meta["image_size"], self.meta["context_length"]
         tok = self.meta["tokenizer"]
         self.bpe_text = None  # a GPT-2 dataset without a file uses tiktoken's own
         if tok.get("file"):
@@ -770,10 +716,9 @@ class Dataset:
     def array(self, split, key):
         """One memory-mapped array, e.g. array('train', 'images')."""
         if (split, key) not in self._arrays:
-            file = os.path.join(self.path, f"{split}.{key}.npy")
-            if not os.path.exists(file):
+            if not self.has(split, key):
                 raise FileNotFoundError(f"{self.path} has no array {key!r} for split {split!r}")
-            self._arrays[split, key] = np.load(file, mmap_mode="r")
+            self._arrays[split, key] = np.load(os.path.join(self.path, f"{split}.{key}.npy"), mmap_mode="r")
         return self._arrays[split, key]
 
     def has(self, split, key):
@@ -793,13 +738,9 @@ class Dataset:
         with open(file, encoding="utf-8") as f:
             return json.load(f)
 
-    def image_text_batch(self, split, idx, caption=None):
-        """Images (B,S,S,3) uint8 and caption rows (B,T) int32 of idx; caption (B,): which (default 0)."""
-        idx = np.asarray(idx)
-        images = self.array(split, "images")[idx]
-        tokens = self.array(split, "tokens")
-        caption = np.zeros(len(idx), np.int64) if caption is None else caption
-        return images, tokens[idx, caption]
+    def image_text_batch(self, split, idx, caption):
+        """Images (B,S,S,3) uint8 and caption rows (B,T) int32 of images idx (B,), caption (B,) of each."""
+        return self.array(split, "images")[idx], self.array(split, "tokens")[idx, caption]
 
     def class_names(self):
         """The class of each class-map value: meta 'classes', or background and the world's shapes."""
@@ -807,8 +748,7 @@ class Dataset:
 
     def class_targets(self, split, idx, names):
         """Class maps (B, S, S) of images idx as indices into ['background', *names]."""
-        known = self.class_names()
-        lut = np.zeros(len(known), np.int64)
+        lut = np.zeros(len(self.class_names()), np.int64)
         lut[self.class_values(names)] = np.arange(1, len(names) + 1)
         return lut[self.array(split, "classmap")[np.asarray(idx)]]
 
@@ -918,7 +858,6 @@ def prepare_codebook(path, patch_size, n_codes, iters=15, max_fit=65536, seed=0,
     """ELECTRA's visual codebook, stored with a dataset: k-means over up to max_fit patches of random
     train images (streamed: stream_images(ds, n, seed, log), from prepare.prepare_codebook), then
     every patch of each captioned split coded; the codebook is written last (it marks the work done)."""
-    name = codebook_name(patch_size, n_codes)
     book_file = codebook_file(path, patch_size, n_codes)
     if os.path.exists(book_file):
         return book_file
@@ -929,25 +868,22 @@ def prepare_codebook(path, patch_size, n_codes, iters=15, max_fit=65536, seed=0,
     rng = np.random.default_rng(seed)
     per_image = (ds.image_size // patch_size) ** 2
     n = min(len(ds), max(1, max_fit // per_image))
-    if ds.stream:
-        if stream_images is None:
-            raise ValueError(f"{path} streams its train split from webdataset shards: its codebook is fitted by "
-                             f"prepare.prepare_codebook")
-        fit = stream_images(ds, n, seed, log)
-    else:
-        fit = ds.array("train", "images")[np.sort(rng.choice(len(ds), n, replace=False))]
+    if ds.stream and stream_images is None:
+        raise ValueError(f"{path} streams its train split from webdataset shards: its codebook is fitted by "
+                         f"prepare.prepare_codebook")
+    fit = stream_images(ds, n, seed, log) if ds.stream else \
+        ds.array("train", "images")[np.sort(rng.choice(len(ds), n, replace=False))]
     patches = patchify(fit, patch_size).reshape(-1, 3 * patch_size ** 2)
     # one patch per pattern at 8 levels a pixel: else the uniform background (88% of the shapes
     # world's patches) takes a third of the codes as tints a few levels apart (results/small-run.md)
     _, first = np.unique(np.round(patches * 7).astype(np.uint8), axis=0, return_index=True)
     centroids = kmeans(patches[np.sort(first)] if len(first) >= n_codes else patches, n_codes, iters, rng)
-    splits = [s for s in ds.meta["splits"] if ds.has(s, "tokens")]
-    for split in splits:
+    for split in [s for s in ds.meta["splits"] if ds.has(s, "tokens")]:
         images = ds.array(split, "images")
         codes = np.empty((len(images), per_image), np.int16)
         for i in range(0, len(images), 1024):
             codes[i:i + 1024] = visual_codes(images[i:i + 1024], centroids, patch_size)
-        write_file(os.path.join(path, f"{split}.{name}.npy"), codes)
+        write_file(os.path.join(path, f"{split}.{codebook_name(patch_size, n_codes)}.npy"), codes)
     write_file(book_file, centroids)
     log(f"visual codebook ({n_codes} codes of {patch_size}x{patch_size} patches) ready in {time.time() - t0:.1f} s")
     return book_file
@@ -958,13 +894,10 @@ def prepare_codebook(path, patch_size, n_codes, iters=15, max_fit=65536, seed=0,
 
 
 @lru_cache(maxsize=2)  # a batch reads one epoch, or two at a boundary: each is drawn once, not per batch
-def _epoch_permutation(n, seed, epoch):
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-@lru_cache(maxsize=2)
-def _epoch_captions(n, n_captions, seed, epoch):
-    return np.random.default_rng([seed, epoch, 1]).integers(n_captions, size=n)
+def _epoch_order(n, n_captions, seed, epoch):
+    """An epoch's order of the n samples, and each sample's caption of n_captions (0 without)."""
+    return (np.random.default_rng([seed, epoch]).permutation(n),
+            np.random.default_rng([seed, epoch, 1]).integers(max(n_captions, 1), size=n))
 
 
 def batch_indices(n, batch_size, step, seed, rank=0, world_size=1, grad_accum=1, n_captions=0):
@@ -976,12 +909,9 @@ def batch_indices(n, batch_size, step, seed, rank=0, world_size=1, grad_accum=1,
     epoch, within = np.divmod(pos, n)
     out, caption = np.empty(batch_size, np.int64), np.empty(batch_size, np.int64)
     for e in np.unique(epoch):
-        sel = epoch == e
-        out[sel] = _epoch_permutation(n, seed, int(e))[within[sel]]
-        if n_captions:
-            caption[sel] = _epoch_captions(n, n_captions, seed, int(e))[within[sel]]
+        sel, (order, captions) = epoch == e, _epoch_order(n, n_captions, seed, int(e))
+        out[sel], caption[sel] = order[within[sel]], captions[within[sel]]
     return (out, caption) if n_captions else out
-
 
 
 # A mirror swaps 'left' and 'right' only where they name a side (not 'right now'): told by the word
@@ -1111,10 +1041,8 @@ class HostBatches(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        s = self.start + w
-        while True:
+        for s in itertools.count(self.start + w, n):
             yield self.fetch(s)
-            s += n
 
 
 def host_batches(fetch, start, num_workers, pin_memory):

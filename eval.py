@@ -37,12 +37,10 @@ def load_checkpoint(path, device="cpu"):
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    cfg = VLMConfig(**ckpt["config"]["model"])
-    model = build_model(cfg)
+    model = build_model(VLMConfig(**ckpt["config"]["model"]))
     model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
     tok = ckpt["tokenizer"]
-    return model, data.get_tokenizer(tok["kind"], tok.get("bpe")), ckpt
+    return model.to(device).eval(), data.get_tokenizer(tok["kind"], tok.get("bpe")), ckpt
 
 
 def check_tokenizer(ckpt, ds):
@@ -56,22 +54,18 @@ def check_tokenizer(ckpt, ds):
 
 
 @torch.no_grad()
-def embed_images(model, images, batch_size=256, ctx=nullcontext()):
+def batched(f, x, batch_size, ctx):
+    """torch.cat of f over x, batch_size rows at a time, each under ctx."""
     out = []
-    for i in range(0, len(images), batch_size):
+    for i in range(0, len(x), batch_size):
         with ctx:
-            out.append(model.encode_image(model.normalize_pixels(images[i:i + batch_size])).float())
+            out.append(f(x[i:i + batch_size]))
     return torch.cat(out)
 
 
-@torch.no_grad()
 def embed_texts(model, tokens, device, batch_size=1024, ctx=nullcontext()):
-    out = []
-    for i in range(0, len(tokens), batch_size):
-        with ctx:
-            t = torch.from_numpy(np.ascontiguousarray(tokens[i:i + batch_size])).long().to(device)
-            out.append(model.encode_text(t).float())
-    return torch.cat(out)
+    return batched(lambda t: model.encode_text(torch.as_tensor(np.asarray(t, np.int64), device=device)).float(),
+                   tokens, batch_size, ctx)
 
 
 def recall_at_k(sim, relevant, ks=(1, 5, 10)):
@@ -110,26 +104,17 @@ def binary_metrics(prefix, logits, labels, pred=None):
             f"{prefix}_precision": float(tp / max(1, pred.sum())), f"{prefix}_recall": float(tp / max(1, labels.sum()))}
 
 
-@torch.no_grad()
 def image_tokens_of(model, images, batch_size=256, ctx=nullcontext()):
     """The image tokens the text transformer reads, (N, P, w), for uint8 images."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        with ctx:
-            out.append(model.image_tokens(model.visual(model.normalize_pixels(images[i:i + batch_size]))))
-    return torch.cat(out)
+    return batched(lambda x: model.image_tokens(model.visual(model.normalize_pixels(x))), images, batch_size, ctx)
 
 
-@torch.no_grad()
 def itm_margins(model, image_tokens, tokens, pairs, device, batch_size=512, ctx=nullcontext()):
     """ITM logit(match) - logit(no match) for the (image, caption) index pairs (n, 2)."""
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        p = pairs[i:i + batch_size]
-        with ctx:
-            logits = model.itm_logits(image_tokens[p[:, 0]], tokens[p[:, 1]].to(device)).float()
-        out.append(logits[:, 1] - logits[:, 0])
-    return torch.cat(out)
+    def margin(p):
+        logits = model.itm_logits(image_tokens[p[:, 0]], tokens[p[:, 1]].to(device)).float()
+        return logits[:, 1] - logits[:, 0]
+    return batched(margin, pairs, batch_size, ctx)
 
 
 def itm_evaluation(model, image_tokens, tokens, sim, relevant, first, k, device, ctx=nullcontext()):
@@ -158,45 +143,27 @@ def itm_evaluation(model, image_tokens, tokens, sim, relevant, first, k, device,
 def electra_evaluation(model, images, tokens, codes, device, batch_size=256, seed=0, ctx=nullcontext()):
     """RTD and R2D AUC, precision and recall on replaced val inputs (a fixed seed)."""
     rng = torch.Generator(device=device).manual_seed(seed)
-    logits = {"rtd": [], "r2d": []}
-    labels = {"rtd": [], "r2d": []}
+    parts = []  # per batch: the RTD logits and labels of the text tokens, the R2D ones of the patches
     for i in range(0, len(images), batch_size):
-        t = torch.from_numpy(np.ascontiguousarray(tokens[i:i + batch_size])).long().to(device)
-        c = torch.from_numpy(np.asarray(codes[i:i + batch_size], np.int64)).to(device)
+        t = torch.as_tensor(np.asarray(tokens[i:i + batch_size], np.int64), device=device)
+        c = torch.as_tensor(np.asarray(codes[i:i + batch_size], np.int64), device=device)
         with ctx:
             E = model.electra_inputs(model.normalize_pixels(images[i:i + batch_size]), t, c, rng=rng)
             image_tokens = model.image_tokens(model.visual(E["pixels"]))
             h = model.fuse(image_tokens, E["tokens"])
         P, text = image_tokens.size(1), t != model.cfg.pad_id
-        logits["rtd"].append(model.rtd_head(h[:, P:]).squeeze(-1).float()[text].cpu())
-        labels["rtd"].append(E["rtd_label"][text].cpu())
-        logits["r2d"].append(model.r2d_head(h[:, :P]).squeeze(-1).float().flatten().cpu())
-        labels["r2d"].append(E["r2d_label"].flatten().cpu())
-    out = {}
-    for head in ("rtd", "r2d"):
-        out.update(binary_metrics(head, torch.cat(logits[head]).numpy(), torch.cat(labels[head]).numpy()))
-    return out
+        parts.append((model.rtd_head(h[:, P:]).squeeze(-1).float()[text], E["rtd_label"][text],
+                      model.r2d_head(h[:, :P]).squeeze(-1).float().flatten(), E["r2d_label"].flatten()))
+    rtd, rtd_label, r2d, r2d_label = (torch.cat(x).cpu().numpy() for x in zip(*parts))
+    return {**binary_metrics("rtd", rtd, rtd_label), **binary_metrics("r2d", r2d, r2d_label)}
 
 
 def class_prompts(kind):
     """{class name: all single-object captions naming it}, kind 'shape' or 'colour'."""
-    names = data.SHAPES if kind == "shape" else data.COLOUR_NAMES
-    prompts = {}
-    for i, name in enumerate(names):
-        objects = [(i, c, z) for c in range(len(data.COLOURS)) for z in range(len(data.SIZES))] if kind == "shape" \
-            else [(s, i, z) for s in range(len(data.SHAPES)) for z in range(len(data.SIZES))]
-        prompts[name] = [data.write_caption(0, [o], t) for o in objects for t in range(len(data.TEMPLATES[1]))]
-    return prompts
-
-
-@torch.no_grad()
-def class_embeddings(model, tokenizer, prompts, length, device, ctx=nullcontext()):
-    """(n_classes, D): per class, the normalised mean of its prompts' text embeddings."""
-    out = []
-    for texts in prompts.values():
-        e = embed_texts(model, data.encode_texts(tokenizer, texts, length), device, ctx=ctx).mean(0)
-        out.append(e / e.norm())
-    return torch.stack(out)
+    field, names = (0, data.SHAPES) if kind == "shape" else (1, data.COLOUR_NAMES)
+    objects = list(np.ndindex(len(data.SHAPES), len(data.COLOURS), len(data.SIZES)))  # (shape, colour, size)
+    return {name: [data.write_caption(0, [o], t) for o in objects if o[field] == i
+                   for t in range(len(data.TEMPLATES[1]))] for i, name in enumerate(names)}
 
 
 @torch.no_grad()
@@ -211,8 +178,7 @@ def generate_captions(model, tokenizer, images, batch_size=256, ctx=nullcontext(
 
 def print_captions(model, ds, ctx=nullcontext(), n=8):
     """Print the greedy captions of the first n val images beside their first true caption."""
-    images = ds.array("val", "images")[:n]
-    said = generate_captions(model, ds.tokenizer, images, ctx=ctx)
+    said = generate_captions(model, ds.tokenizer, ds.array("val", "images")[:n], ctx=ctx)
     true = [data.decode_tokens(ds.tokenizer, row) for row in ds.array("val", "tokens")[:n, 0]]
     print(f"captions of the first {len(said)} val images (true | generated):")
     for t, g in zip(true, said):
@@ -353,8 +319,7 @@ def cider_d(refs, cands, n=4, sigma=6.0):
 
 
 def caption_scores(captions, references):
-    """BLEU-1..4 and CIDEr-D of captions (one text per image) against each image's references
-    (a list of texts), both tokenised by coco_tokenize."""
+    """BLEU-1..4 and CIDEr-D of captions (a text per image) against each image's references, both coco_tokenize'd."""
     refs = {i: [coco_tokenize(r) for r in rs] for i, rs in enumerate(references)}
     cands = {i: coco_tokenize(c) for i, c in enumerate(captions)}
     out = {f"caption_bleu{k}": float(s) for k, s in enumerate(bleu(refs, cands), 1)}
@@ -362,33 +327,29 @@ def caption_scores(captions, references):
     return out
 
 
-@torch.no_grad()
 def zero_shot_accuracy(model, tokenizer, image_emb, objects, length, device, ctx=nullcontext()):
     """Shape and colour classification by ITC of single-object images: image_emb (n, D),
-    objects (n, 3+) their object rows."""
+    objects (n, 3+) their object rows. A class embeds as the normalised mean of its prompts' embeddings."""
     if not len(objects):
         return {}
     out = {}
     for kind, field in (("shape", 0), ("colour", 1)):
-        classes = class_embeddings(model, tokenizer, class_prompts(kind), length, device, ctx)
-        pred = (image_emb @ classes.t()).argmax(1).cpu().numpy()
+        classes = [embed_texts(model, data.encode_texts(tokenizer, texts, length), device, ctx=ctx).mean(0)
+                   for texts in class_prompts(kind).values()]
+        pred = (image_emb @ torch.stack([e / e.norm() for e in classes]).t()).argmax(1).cpu().numpy()
         out[f"zeroshot_{kind}_acc"] = float((pred == objects[:, field]).mean())
     return out
 
 
 @torch.no_grad()
-def evaluate_split(model, ds, split, device, select=None, ctx=nullcontext(), rerank_k=8):
-    """Every metric on one split (or its rows `select`) that the model's objectives give: retrieval,
-    ITM, RTD/R2D; then zero-shot and caption parse accuracy on the shapes world, or BLEU and CIDEr-D of
-    greedy captions on real captions."""
+def evaluate_split(model, ds, split, device, idx, ctx=nullcontext(), rerank_k=8):
+    """Every metric the model's objectives give on the rows idx of a split: retrieval, ITM, RTD/R2D; then zero-shot
+    and caption parse accuracy on the shapes world, or BLEU and CIDEr-D of greedy captions on real captions."""
     kind = ds.meta.get("kind")
     if kind not in ("shapes", "captions"):
         raise ValueError(f"{ds.path} is a {kind!r} dataset: evaluate takes the shapes world or captioned images")
-    images = ds.array(split, "images")
-    idx = np.arange(len(images)) if select is None else np.asarray(select)
-    images = images[idx]
+    images, scene = ds.array(split, "images")[idx], ds.array(split, "scene")[idx]
     tokens = ds.array(split, "tokens")[idx]  # (N, C, T)
-    scene = ds.array(split, "scene")[idx]
     N, C, T = tokens.shape
     # the gallery: every valid caption, image by image (real data repeats them to fill the C slots)
     n_captions = ds.array(split, "n_captions")[idx].astype(np.int64) if kind == "captions" else np.full(N, C)
@@ -397,7 +358,7 @@ def evaluate_split(model, ds, split, device, select=None, ctx=nullcontext(), rer
                          f"got {n_captions.min()} to {n_captions.max()}")
     valid = np.arange(C)[None, :] < n_captions[:, None]
     gallery, owner = tokens[valid], np.nonzero(valid)[0]  # (G, T), (G,) the image of each caption
-    image_emb = embed_images(model, images, ctx=ctx)
+    image_emb = batched(lambda x: model.encode_image(model.normalize_pixels(x)).float(), images, 256, ctx)
     text_emb = embed_texts(model, gallery, device, ctx=ctx)
     out = retrieval(image_emb, text_emb, scene, scene[owner])
     cfg = model.cfg
@@ -436,9 +397,8 @@ def evaluate(model, ds, device, max_images=None, heldout=True, ctx=nullcontext()
     n = ds.split_size(split)
     out = evaluate_split(model, ds, split, device, np.arange(min(n, max_images or n)), ctx, rerank_k)
     if heldout and ds.has("test", "heldout"):
-        held = np.flatnonzero(ds.array("test", "heldout"))
-        held_out = evaluate_split(model, ds, "test", device, held, ctx, rerank_k)
-        out.update({f"heldout_{k}": v for k, v in held_out.items()})
+        held = evaluate_split(model, ds, "test", device, np.flatnonzero(ds.array("test", "heldout")), ctx, rerank_k)
+        out.update({f"heldout_{k}": v for k, v in held.items()})
     model.train(was_training)
     return out
 
@@ -446,6 +406,11 @@ def evaluate(model, ds, device, max_images=None, heldout=True, ctx=nullcontext()
 def write_json(path, obj):
     """Write atomically (data.write_file): a reader sees the old file or the new one."""
     data.write_file(path, json.dumps(obj, indent=1))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 # -----------------------------------------------------------------------------
@@ -485,13 +450,12 @@ PROMPT_ROWS = {
 # the instruct stage's rows: each changes one thing of the default
 _INSTRUCT_BASE = dict(two_pass=True, keep_ratio=0.5, drop_instruction=0.1, drop_images=0.1, drop_relation=0.1,
                       relation=True, converter="mlp")
-_NO_DROP = dict(drop_instruction=0, drop_images=0, drop_relation=0)
 INSTRUCT_ROWS = {
     "one-pass": dict(_INSTRUCT_BASE, two_pass=False),
     "keep-1.0": dict(_INSTRUCT_BASE, keep_ratio=1.0),
     "keep-0.5": dict(_INSTRUCT_BASE),
     "keep-0.25": dict(_INSTRUCT_BASE, keep_ratio=0.25),
-    "keep-0.5-no-dropping": dict(_INSTRUCT_BASE, **_NO_DROP),
+    "keep-0.5-no-dropping": dict(_INSTRUCT_BASE, drop_instruction=0, drop_images=0, drop_relation=0),
     "keep-0.5-no-relation": dict(_INSTRUCT_BASE, relation=False),
     "keep-0.5-resampler": dict(_INSTRUCT_BASE, converter="resampler"),
 }
@@ -505,7 +469,7 @@ def markdown_table(rows, keys):
     return "\n".join(lines) + "\n"
 
 
-def run_train(out, flags, log_dir=""):
+def run_train(name, out, flags, log_dir=""):
     """Run `python train.py --out_dir=out *flags` as its own process; its eval.json with the wall time and
     the median samples/s of out/log_dir/log.jsonl."""
     import subprocess
@@ -513,17 +477,15 @@ def run_train(out, flags, log_dir=""):
     import time
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), f"--out_dir={out}",
            *flags]
-    print(" ".join(cmd[1:]), flush=True)
+    print(f"[{name}]\n{' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
     if subprocess.run(cmd).returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    with open(os.path.join(out, "eval.json")) as f:
-        metrics = json.load(f)
     speeds = []
     if os.path.exists(os.path.join(out, log_dir, "log.jsonl")):
         with open(os.path.join(out, log_dir, "log.jsonl")) as f:
             speeds = [json.loads(line)["samples_per_s"] for line in f if "samples_per_s" in line]
-    return {**metrics, "wall_time_s": round(time.time() - t0),
+    return {**read_json(os.path.join(out, "eval.json")), "wall_time_s": round(time.time() - t0),
             "samples_per_s": round(float(np.median(speeds))) if speeds else None}
 
 
@@ -533,12 +495,25 @@ def write_text(path, text):
     print(text)
 
 
+def stage_flag(args):
+    return f"--stage={args.stage}" if args.stage != "pretrain" else f"--train_split={args.train_split}"
+
+
+def max_iters_flag(args):
+    return [f"--max_iters={args.max_iters}"] if args.max_iters else []
+
+
+def ablation_command(args, train_args):
+    """The eval.py command of a table, written above it; the CapFilt experiment resumes only under the same one."""
+    return " ".join(["python eval.py --ablation", stage_flag(args), "--config", args.config, *max_iters_flag(args),
+                     *train_args])
+
+
 def run_ablation(args, train_args):
     """Train every row of the stage's table (or --rows) as its own train.py process and write a Markdown
     table of their eval.json; --stage capfilt runs the CapFilt experiment instead."""
     if args.stage == "capfilt":
         return run_capfilt_experiment(args, train_args)
-    instruct, prompt = args.stage == "instruct", args.stage == "prompt"
     table = {"instruct": INSTRUCT_ROWS, "prompt": PROMPT_ROWS}.get(args.stage, ABLATION_ROWS)
     names = args.rows.split(",") if args.rows else list(table)
     unknown = [n for n in names if n not in table]
@@ -547,38 +522,30 @@ def run_ablation(args, train_args):
     if args.stage != "pretrain" and not any(a.startswith("--init_from") for a in train_args):
         raise SystemExit(f"--stage {args.stage}: give the pretrained checkpoint every row starts from, "
                          f"--init_from=PATH")
-    os.makedirs(args.ablation_dir, exist_ok=True)
     results = {}
     for name in names:
-        print(f"[{name}]", flush=True)
-        results[name] = run_train(os.path.join(args.ablation_dir, name.replace("+", "_")), [
-            "--config", args.config,
-            f"--stage={args.stage}" if args.stage != "pretrain" else f"--train_split={args.train_split}",
-            f"--eval_interval={10 ** 9}", *([f"--max_iters={args.max_iters}"] if args.max_iters else []),
-            *[f"--{k}={v}" for k, v in table[name].items()], *train_args], log_dir="seed0" if prompt else "")
+        flags = ["--config", args.config, stage_flag(args), f"--eval_interval={10 ** 9}", *max_iters_flag(args),
+                 *[f"--{k}={v}" for k, v in table[name].items()], *train_args]
+        results[name] = run_train(name, os.path.join(args.ablation_dir, name.replace("+", "_")), flags,
+                                  log_dir="seed0" if args.stage == "prompt" else "")
+    first, timing = next(iter(results.values())), ["wall_time_s", "samples_per_s"]
     keys = [k for k in dict.fromkeys(k for m in results.values() for k in m)
             if k not in ("step", "train_time_s", "wall_time_s", "samples_per_s")]
     steps = ", ".join(sorted({str(m.get("step")) for m in results.values()}))
-    command = (f"python eval.py --ablation --config {args.config} "
-               f"{f'--stage={args.stage}' if args.stage != 'pretrain' else f'--train_split={args.train_split}'}"
-               f"{f' --max_iters={args.max_iters}' if args.max_iters else ''}"
-               f"{' ' + ' '.join(train_args) if train_args else ''}")
-    split = "novel_val, the mean and std over each row's shot samples" if prompt else "Val split"
-    text = f"Ablation: `{command}`; {steps} steps per row, the same seed.\n\n{split}:\n\n"
-    if prompt:  # zero-shot (no prompts, nothing trained) as a row of its own
-        zero = {k[len("zeroshot_"):]: v for k, v in next(iter(results.values())).items() if k.startswith("zeroshot_")}
-        rows = {"zero-shot": {**zero, "trainable_params": 0}, **results}
-        text += markdown_table(rows, ["miou", "miou_std", "ap50", "ap50_std", "fg_iou", "miou_bilinear",
-                                      "ap50_bilinear", "iou_star", "iou_heart", "iou_moon", "trainable_params", "step",
-                                      "train_time_s", "wall_time_s"])
-    elif instruct:  # the majority-answer baseline as a row of its own
-        majority = {k.replace("majority", "acc"): v for k, v in next(iter(results.values())).items() if "majority" in k}
-        rows = {**results, "majority answer": majority}
-        text += markdown_table(rows, [k for k in keys if "majority" not in k] + ["wall_time_s", "samples_per_s"])
+    text = f"Ablation: `{ablation_command(args, train_args)}`; {steps} steps per row, the same seed.\n\n"
+    if args.stage == "prompt":  # zero-shot (no prompts, nothing trained) as a row of its own
+        zero = {k.removeprefix("zeroshot_"): v for k, v in first.items() if k.startswith("zeroshot_")}
+        text += "novel_val, the mean and std over each row's shot samples:\n\n" + markdown_table(
+            {"zero-shot": {**zero, "trainable_params": 0}, **results},
+            ["miou", "miou_std", "ap50", "ap50_std", "fg_iou", "miou_bilinear", "ap50_bilinear", "iou_star",
+             "iou_heart", "iou_moon", "trainable_params", "step", "train_time_s", "wall_time_s"])
+    elif args.stage == "instruct":  # the majority-answer baseline as a row of its own
+        majority = {k.replace("majority", "acc"): v for k, v in first.items() if "majority" in k}
+        text += "Val split:\n\n" + markdown_table({**results, "majority answer": majority},
+                                                   [k for k in keys if "majority" not in k] + timing)
     else:
-        val = [k for k in keys if not k.startswith("heldout_")]
         held = [k for k in keys if k.startswith("heldout_")]
-        text += (markdown_table(results, val + ["wall_time_s", "samples_per_s"])
+        text += ("Val split:\n\n" + markdown_table(results, [k for k in keys if k not in held] + timing)
                  + "\nTest images with held-out colour-shape pairs:\n\n" + markdown_table(results, held))
     write_text(args.table, text)
 
@@ -611,17 +578,13 @@ def run_capfilt_experiment(args, train_args):
              if f.split("=")[0] in ("--out_dir", "--data", "--init_from", "--capfilt_data", "--stage")]
     if fixed:
         raise SystemExit(f"--stage=capfilt sets {', '.join(fixed)} itself for each step")
-    command = (f"python eval.py --ablation --stage=capfilt --config {args.config}"
-               f"{f' --max_iters={args.max_iters}' if args.max_iters else ''}"
-               f"{' ' + ' '.join(train_args) if train_args else ''}")
+    command = ablation_command(args, train_args)
     state_file = os.path.join(args.ablation_dir, "experiment.json")
-    done = {"command": command}
-    if os.path.exists(state_file):
-        with open(state_file) as f:
-            done = {**done, **json.load(f)}
+    done = {"command": command, **(read_json(state_file) if os.path.exists(state_file) else {})}
     if done["command"] != command:
         raise SystemExit(f"{args.ablation_dir} holds an experiment of other arguments ({done['command']}): "
                          f"give another --ablation_dir, or remove it")
+    capfilt = [name for name, flags, *_ in CAPFILT_STEPS if "--stage=capfilt" in flags]
     for name, flags, init, cleaned, _ in CAPFILT_STEPS:
         if name in done:
             print(f"[{name}] finished before, kept")
@@ -631,25 +594,19 @@ def run_capfilt_experiment(args, train_args):
             flags.append(f"--init_from={os.path.join(args.ablation_dir, init)}")
         if cleaned:
             flags.append(f"--data={done[cleaned]['data_path']}")
-        if args.max_iters and "--stage=" not in " ".join(flags):
-            flags.append(f"--max_iters={args.max_iters}")
-        print(f"[{name}]", flush=True)
-        out = os.path.join(args.ablation_dir, name)
-        done[name] = run_train(out, flags)
-        if "--stage=capfilt" in flags:
-            with open(os.path.join(out, "report.json")) as f:
-                done[name]["data_path"] = json.load(f)["data_path"]
+        if not any(f.startswith("--stage=") for f in flags):  # the later stages have their own number of steps
+            flags += max_iters_flag(args)
+        done[name] = run_train(name, os.path.join(args.ablation_dir, name), flags)
+        if name in capfilt:
+            done[name]["data_path"] = read_json(os.path.join(args.ablation_dir, name, "report.json"))["data_path"]
         write_json(state_file, done)
     write_json(state_file, done)  # with the command, also when every step was kept
-    capfilt = [name for name, flags, *_ in CAPFILT_STEPS if "--stage=capfilt" in flags]
     rows = {name: {**done[name], "pipeline_wall_time_s": sum(done[n]["wall_time_s"] for n in [*needs, name])}
             for name, _, _, _, needs in CAPFILT_STEPS if name not in capfilt}
     keys = ["retrieval_i2t_r1", "retrieval_t2i_r1", "caption_parse_acc", "heldout_retrieval_i2t_r1",
             "heldout_retrieval_t2i_r1", "heldout_caption_parse_acc", "step", "wall_time_s", "pipeline_wall_time_s"]
-    reports = {}  # report.json keeps the counts as integers
-    for n in capfilt:
-        with open(os.path.join(args.ablation_dir, n, "report.json")) as f:
-            reports[n] = json.load(f)
+    # report.json keeps the counts as integers
+    reports = {n: read_json(os.path.join(args.ablation_dir, n, "report.json")) for n in capfilt}
     report_keys = [k for k in reports["capfilt"]
                    if k.startswith(("images_", "own_", "synthetic_", "corrupted", "wrong_"))]
     text = (f"CapFilt experiment: `{command}`. Val split, and the test images with held-out colour-shape pairs "
@@ -718,8 +675,7 @@ def main():
         print(f"{k:32s} {v:.4f}")
     out = args.out or os.path.join(os.path.dirname(args.ckpt), "eval.json")
     if os.path.exists(out):  # keep what the training run wrote besides (its step, time, zero-shot numbers)
-        with open(out) as f:
-            metrics = {**json.load(f), **metrics}
+        metrics = {**read_json(out), **metrics}
     write_json(out, metrics)
 
 

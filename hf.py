@@ -118,8 +118,7 @@ def hf_tokenizer(name_or_path):
 
 
 def load_tokenizer(spec):
-    """(kind, bpe_text) named on a command line: 'gpt2', a prepared dataset, or a Hugging Face tokenizer
-    directory or hub name."""
+    """(kind, bpe_text) named on a command line: 'gpt2', a prepared dataset, or a Hugging Face tokenizer dir or name."""
     if spec == "gpt2":
         try:
             return "gpt2", bpe_to_text(tiktoken.get_encoding("gpt2")._mergeable_ranks)
@@ -244,8 +243,7 @@ def state_to_hf_clip(sd, cfg):
 
 
 def state_from_hf_gpt2(sd, cfg):
-    """A transformers GPT2Model's state dict -> our text transformer (its Conv1D weights, stored
-    (in, out), transposed)."""
+    """A transformers GPT2Model's state dict -> our text transformer (Conv1D weights, stored (in, out), transposed)."""
     out = {"text.token_embedding.weight": sd["wte.weight"], "text.positional_embedding": sd["wpe.weight"],
            "text.ln_final.weight": sd["ln_f.weight"], "text.ln_final.bias": sd["ln_f.bias"]}
     for i in range(cfg.text_layers):
@@ -307,20 +305,26 @@ def hf_image_stats(name):
     return out
 
 
-def hf_activation(name, tower, act):
-    """Our name of a Hugging Face activation (HF_ACTIVATIONS); an error naming one we lack."""
+def tower_fields(name, tower, width, mlp_width, act, eps):
+    """VLMConfig's mlp_ratio, layer_norm_eps and (text_)activation of a HF tower; an error where ours has no match."""
+    if mlp_width % width:
+        raise ValueError(f"{name}: the {tower} tower's MLP width {mlp_width} is not a whole multiple of its width "
+                         f"{width} (ours is mlp_ratio x width)")
     if act not in HF_ACTIVATIONS:
         raise ValueError(f"{name}: the {tower} tower's activation {act!r} is not one we have "
                          f"(we read {', '.join(HF_ACTIVATIONS)})")
-    return HF_ACTIVATIONS[act]
+    return {"mlp_ratio": mlp_width // width, "layer_norm_eps": eps,
+            "activation" if tower == "vision" else "text_activation": HF_ACTIVATIONS[act]}
 
 
-def hf_mlp_ratio(name, tower, hidden, intermediate):
-    """Our mlp_ratio of a HF tower's widths; an error unless its MLP width is a whole multiple."""
-    if intermediate % hidden:
-        raise ValueError(f"{name}: the {tower} tower's MLP width {intermediate} is not a whole multiple of its width "
-                         f"{hidden} (ours is mlp_ratio x width)")
-    return intermediate // hidden
+def special_ids(name, V, **given):
+    """vocab_size and our special ids: the given ones (token ids of the vocabulary of V), the others after it."""
+    for k, i in given.items():
+        if not isinstance(i, int) or not 0 <= i < V:
+            raise ValueError(f"{name}: {k}_token_id {i!r} is not an id of its vocabulary of {V}")
+    appended = [k for k in ("bos", "pad", "mask", "glob") if k not in given]
+    return dict(vocab_size=V + len(appended), **{f"{k}_id": i for k, i in given.items()},
+                **{f"{k}_id": V + n for n, k in enumerate(appended)})
 
 
 def clip_vision_fields(config, name):
@@ -330,26 +334,20 @@ def clip_vision_fields(config, name):
         raise ValueError(f"{name}: the vision tower reads {v.num_channels} channels; ours reads RGB")
     return dict(image_size=v.image_size, patch_size=v.patch_size, vit_width=v.hidden_size,
                 vit_layers=v.num_hidden_layers, vit_heads=v.num_attention_heads, embed_dim=config.projection_dim,
-                mlp_ratio=hf_mlp_ratio(name, "vision", v.hidden_size, v.intermediate_size),
-                activation=hf_activation(name, "vision", v.hidden_act), layer_norm_eps=v.layer_norm_eps)
+                **tower_fields(name, "vision", v.hidden_size, v.intermediate_size, v.hidden_act, v.layer_norm_eps))
 
 
 def clip_text_fields(config, name):
-    """VLMConfig fields of a transformers CLIPConfig's text tower and vocabulary; a config that
-    export_hf_clip wrote keeps its special ids."""
+    """VLMConfig fields of a CLIPConfig's text tower and vocabulary; one export_hf_clip wrote keeps its special ids."""
     t = config.text_config
     out = dict(text_width=t.hidden_size, text_layers=t.num_hidden_layers, text_heads=t.num_attention_heads,
                context_length=t.max_position_embeddings,
-               mlp_ratio=hf_mlp_ratio(name, "text", t.hidden_size, t.intermediate_size),
-               text_activation=hf_activation(name, "text", t.hidden_act), layer_norm_eps=t.layer_norm_eps)
-    V = t.vocab_size
+               **tower_fields(name, "text", t.hidden_size, t.intermediate_size, t.hidden_act, t.layer_norm_eps))
     if getattr(config, "nanovlp_specials", None):
-        return dict(out, vocab_size=V, **config.nanovlp_specials)
+        return dict(out, vocab_size=t.vocab_size, **config.nanovlp_specials)
+    V = t.vocab_size  # eos_token_id 2 is HF's legacy marker: <bos> and <eos> are then the last two ids
     bos, eos = (V - 2, V - 1) if t.eos_token_id == 2 else (t.bos_token_id, t.eos_token_id)
-    for k, i in (("bos", bos), ("eos", eos)):
-        if not isinstance(i, int) or not 0 <= i < V:
-            raise ValueError(f"{name}: {k}_token_id {i!r} is not an id of its vocabulary of {V}")
-    return dict(out, vocab_size=V + 3, bos_id=bos, eos_id=eos, pad_id=V, mask_id=V + 1, glob_id=V + 2)
+    return dict(out, **special_ids(name, V, bos=bos, eos=eos))
 
 
 def gpt2_fields(config, name):
@@ -360,15 +358,11 @@ def gpt2_fields(config, name):
                       (not config.tie_word_embeddings, "an lm_head apart from the token embedding")):
         if has:
             raise ValueError(f"{name}: this GPT-2 has {what}; ours has not")
-    V, eos = config.vocab_size, config.eos_token_id
-    if not isinstance(eos, int) or not 0 <= eos < V:
-        raise ValueError(f"{name}: eos_token_id {eos!r} is not an id of its vocabulary of {V}")
     return dict(text_width=config.n_embd, text_layers=config.n_layer, text_heads=config.n_head,
                 context_length=config.n_positions,
-                mlp_ratio=hf_mlp_ratio(name, "text", config.n_embd, config.n_inner or 4 * config.n_embd),
-                text_activation=hf_activation(name, "text", config.activation_function),
-                layer_norm_eps=config.layer_norm_epsilon,
-                vocab_size=V + 4, eos_id=eos, bos_id=V, pad_id=V + 1, mask_id=V + 2, glob_id=V + 3)
+                **tower_fields(name, "text", config.n_embd, config.n_inner or 4 * config.n_embd,
+                               config.activation_function, config.layer_norm_epsilon),
+                **special_ids(name, config.vocab_size, eos=config.eos_token_id))
 
 
 def merge_towers(name, vision, text):
@@ -385,8 +379,7 @@ def merge_towers(name, vision, text):
 
 
 def checked_config(name, fixed, overrides):
-    """VLMConfig(fixed fields, then overrides); an override may not contradict a fixed field
-    (context_length may be less)."""
+    """VLMConfig(fixed, then overrides); an override may not contradict a fixed field (context_length may be less)."""
     known = {f.name for f in dataclasses.fields(VLMConfig)}
     for k in overrides:
         if k not in known:
@@ -454,41 +447,35 @@ def export_hf_clip(model, path, write_extra=None):
 
 
 def from_pretrained(name_or_path, text=None, **overrides):
-    """A model in float32 started from Hugging Face weights: a directory written by save_pretrained (or
-    export_hf_clip), or a hub name. A CLIP gives both towers, their projections, logit_scale and the image mean
-    and std; a GPT-2 the text transformer; a CLIP with text= a GPT-2 the ViT from the CLIP and the text
-    transformer from the GPT-2. The vocabulary is the checkpoint's with our specials appended. Everything else
-    starts fresh as in VLM(cfg). overrides: other VLMConfig fields; one that contradicts the checkpoint (a width,
-    a depth, the vocabulary; context_length may be less) is a ValueError. Details: docs/real-data.md."""
+    """A float32 model from Hugging Face weights (a save_pretrained directory or a hub name): a CLIP's towers, a
+    GPT-2's text transformer, or with text= a CLIP's ViT and a GPT-2's text transformer; our specials appended.
+    overrides: other VLMConfig fields, a ValueError where they contradict the weights. Details: docs/real-data.md."""
     config = hf_config(name_or_path)
     name = name_or_path if text is None else f"{name_or_path} with text={text}"
-    stats = {}
-    if config.model_type == "clip":
-        stats = hf_image_stats(name_or_path)
-        if text is None:
-            text_fields = clip_text_fields(config, name_or_path)
-        else:
-            text_config = hf_config(text)
-            if text_config.model_type != "gpt2":
-                raise ValueError(f"text={text}: a {type(text_config).__name__} (model_type "
-                                 f"{text_config.model_type!r}); text= takes a GPT-2")
-            text_fields = gpt2_fields(text_config, text)
-        fixed = merge_towers(name, clip_vision_fields(config, name_or_path), text_fields)
-    elif config.model_type == "gpt2":
+    if config.model_type == "gpt2":
         if text is not None:
             raise ValueError(f"text={text} goes with a CLIP, but {name_or_path} is a GPT-2")
-        fixed = gpt2_fields(config, name_or_path)
-    else:
+        text, text_config = name_or_path, config  # the GPT-2 gives the text transformer alone
+    elif config.model_type != "clip":
         raise ValueError(f"{name_or_path}: a {type(config).__name__} (model_type {config.model_type!r}); "
                          "from_pretrained reads a CLIP (CLIPConfig) or a GPT-2 (GPT2Config)")
-    cfg = checked_config(name, fixed, {**stats, **overrides})
+    elif text is not None:
+        text_config = hf_config(text)
+        if text_config.model_type != "gpt2":
+            raise ValueError(f"text={text}: a {type(text_config).__name__} (model_type "
+                             f"{text_config.model_type!r}); text= takes a GPT-2")
+    clip = config.model_type == "clip"
+    fixed = clip_text_fields(config, name_or_path) if text is None else gpt2_fields(text_config, text)
+    if clip:
+        fixed = merge_towers(name, clip_vision_fields(config, name_or_path), fixed)
+    cfg = checked_config(name, fixed, {**(hf_image_stats(name_or_path) if clip else {}), **overrides})
     model = VLM(cfg).float()
     state = {}
-    if config.model_type == "clip":
+    if clip:
         towers = ("visual", "text") if text is None else ("visual",)
         state = state_from_hf_clip(hf_weights("clip", name_or_path), cfg, towers)
-    if config.model_type == "gpt2" or text is not None:
-        state.update(state_from_hf_gpt2(hf_weights("gpt2", text or name_or_path), cfg))
+    if text is not None:
+        state.update(state_from_hf_gpt2(hf_weights("gpt2", text), cfg))
     load_into(model, state)
     model.reset_momentum()
     return model

@@ -110,10 +110,9 @@ class InstructVLM(VLM):
         return question[:, :n]
 
     def instruct_prefix(self, pixels, image_valid, question, gates=True):
-        """What the answer is conditioned on. Two passes: pass 1 over [relation | image tokens |
-        question | <glob>] gives g, the state at <glob>; each image keeps the keep_ratio of its tokens that score
-        highest against g, gated by sigmoid(score) (gates=False: no gates). One pass: no g, every token kept.
-        Returns a dict: g, rel, rel_valid, image (B, K * n, w), image_valid, image_log_gate, kept (B, K, n)."""
+        """What the answer is conditioned on. Two passes: pass 1 over [relation | image tokens | question | <glob>]
+        gives g; each image keeps its keep_ratio best tokens against g, gated by sigmoid(score) (gates=False: none).
+        One pass: no g, every token kept. A dict: g, rel, rel_valid, image, image_valid, image_log_gate, kept."""
         cfg = self.cfg
         rel, image = self.instruct_image_tokens(pixels, image_valid)
         B, K, T, w = image.shape
@@ -160,8 +159,7 @@ class InstructVLM(VLM):
         prefix, L = torch.cat(parts, 1), valid.size(1)
         mask = attention_mask(prefix.size(1) + q.size(1), L, L, key_valid=valid, device=valid.device)
         if pre["image_log_gate"] is not None:
-            n_image = pre["image"].size(1)
-            before, after = prefix.size(1) - n_image, q.size(1) + answer.size(1)
+            before, after = prefix.size(1) - pre["image"].size(1), q.size(1) + answer.size(1)
             dtype = self.text.token_embedding.weight.dtype
             bias = F.pad(pre["image_log_gate"], (before, after)).to(dtype)
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf")) \
@@ -169,18 +167,12 @@ class InstructVLM(VLM):
         h = self.text(torch.cat([q, answer], 1), prefix=prefix, mask=mask)
         return h[:, -answer.size(1):]
 
-    def sample_drop(self, B, device):
-        """Which samples hide which modality in this training step."""
-        p = {"instruction": self.cfg.drop_instruction, "images": self.cfg.drop_images,
-             "relation": self.cfg.drop_relation}
-        return {k: torch.rand(B, device=device) < v for k, v in p.items()}
-
     def forward(self, pixels, image_valid, question, answer, drop=None):
-        """pixels (B, K, 3, H, W), image_valid (B, K), question (B, T), answer (B, Ta) ->
-        {'answer', 'loss'}: the answer's next-token cross-entropy. In training, modalities are dropped unless drop
-        is given."""
-        if drop is None and self.training:
-            drop = self.sample_drop(question.size(0), question.device)
+        """pixels (B, K, 3, H, W), image_valid (B, K), question (B, T), answer (B, Ta) -> {'answer', 'loss'}: the
+        answer's next-token cross-entropy. In training, modalities are dropped unless drop is given."""
+        if drop is None and self.training:  # each sample hides each modality with probability drop_<modality>
+            drop = {k: torch.rand(len(question), device=question.device) < getattr(self.cfg, f"drop_{k}")
+                    for k in DROPPABLE}
         h = self.answer_states(self.instruct_prefix(pixels, image_valid, question), question, answer, drop)
         logits = fp32(self.text.lm_head(h[:, :-1]))
         targets = answer[:, 1:].masked_fill(answer[:, 1:] == self.cfg.pad_id, -100)
@@ -206,8 +198,7 @@ class InstructVLM(VLM):
         return out[:, 1:]
 
     def instruct_flops(self, n_images):
-        """Forward FLOPs of one training sample with n_images images, by part, padding included
-        (docs/instruct.md)."""
+        """Forward FLOPs by part of one training sample with n_images images, padding included (docs/instruct.md)."""
         c = self.cfg
         w, vw, K = c.text_width, c.vit_width, n_images
         P = (c.image_size // c.patch_size) ** 2

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn
 import torch.nn as nn
 from torch.nn import functional as F
 
@@ -431,9 +430,25 @@ def dist_info():
     return 0, 1
 
 
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the sum, over every rank's loss, of its rows' gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)  # gloo has no reduce-scatter of tensors; each rank keeps its own rows
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
 def gather_with_grad(x):
     """x from every rank, concatenated, with a gradient path to each rank's own rows (open_clip's)."""
-    return x if dist_info()[1] == 1 else torch.cat(torch.distributed.nn.all_gather(x))
+    return x if dist_info()[1] == 1 else GatherWithGrad.apply(x)
 
 
 def fp32(x):
@@ -617,9 +632,6 @@ class VLM(nn.Module):
         """Trainable parameters (the momentum copy is not counted)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def loss_weights(self):
-        return loss_weights(self.cfg)
-
     # -- momentum encoders (ALBEF) --
 
     def _online(self):
@@ -731,8 +743,6 @@ class VLM(nn.Module):
                     gen_input=gen_input, pixels=new_pixels, tokens=new_tokens,
                     rtd_label=new_tokens != tokens, r2d_label=replaced)
 
-    # -- training --
-
     def caption_loss(self, image_tokens, tokens, count=None):
         """Prefix-LM next-token loss of the caption given the image tokens (<eos> included, <pad> not)."""
         h = self.text(tokens[:, :-1], prefix=image_tokens, mask="prefix")
@@ -762,7 +772,7 @@ class VLM(nn.Module):
         return losses
 
     def weighted_sum(self, losses):
-        weights = self.loss_weights()
+        weights = loss_weights(self.cfg)
         return sum(weights[k] * v for k, v in losses.items() if weights[k] > 0)
 
     # the rows of pretrain_encode that carry a gradient back to the encoders
@@ -783,7 +793,7 @@ class VLM(nn.Module):
         per-sample losses (mlm, moc, caption; with per_sample) and the rows that the cross-sample losses read:
         embeddings, the fused pass's image tokens and text, ELECTRA's labels, and the momentum embeddings."""
         cfg = self.cfg
-        on = {k: w > 0 for k, w in self.loss_weights().items()}
+        on = {k: w > 0 for k, w in loss_weights(self.cfg).items()}
         electra, fused = uses_electra(cfg), on["itm"] or on["rtd"] or on["r2d"]
         losses = {}
         rows = dict(tokens=tokens, groups=groups if groups is not None else torch.full_like(tokens[:, 0], -1))
@@ -840,7 +850,7 @@ class VLM(nn.Module):
         """The cross-sample half: ITC, and the fused pass's ITM with hard negatives and ELECTRA's
         discriminator. rows: this batch's; cols: every row of the step (gathered), this batch's at offset."""
         cfg = self.cfg
-        on = {k: w > 0 for k, w in self.loss_weights().items()}
+        on = {k: w > 0 for k, w in loss_weights(self.cfg).items()}
         tokens, groups = rows["tokens"], rows["groups"]
         B = tokens.size(0)
         losses = {}

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import dist_info, fp32
+from model import dist_info, fp32, loss_weights
 
 
 def all_gather(x):
@@ -106,7 +106,7 @@ def wrap_ddp(model, raw_model, cfg, device_type, local_rank, cached):
     if dist_info()[1] == 1 or cfg.fsdp or cached:
         return model
     # pretraining with an objective off leaves some parameters without a gradient
-    unused = cfg.stage != "instruct" and any(w == 0 for w in raw_model.loss_weights().values())
+    unused = cfg.stage != "instruct" and any(w == 0 for w in loss_weights(raw_model.cfg).values())
     return DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, find_unused_parameters=unused)
 
 

@@ -86,23 +86,17 @@ def read_image_file(path, convert, what="image"):
         size, source = os.path.getsize(path), path
     if size == 0:
         raise BadImage(path, f"empty {what} file")
-
-    def bad(e):
-        return BadImage(path, f"{'truncated' if 'truncated' in str(e).lower() else 'corrupt'} {what}",
-                        f"{type(e).__name__}: {e}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(source)
+            im.load()
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise BadImage(path, f"oversized {what}", str(e)) from None
     except Exception as e:  # Pillow raises many kinds on bad data
-        raise bad(e) from None
+        kind = "truncated" if "truncated" in str(e).lower() else "corrupt"
+        raise BadImage(path, f"{kind} {what}", f"{type(e).__name__}: {e}") from None
     with im:
-        try:
-            im.load()
-        except Exception as e:
-            raise bad(e) from None
         return convert(im)
 
 
@@ -153,10 +147,10 @@ def count_text(counts):
 
 
 class Report:
-    """What a preparation kept, skipped (by reason; the first `limit` items) and converted, per split."""
+    """What a preparation kept, skipped (by reason, the first 1000 items by name) and converted, per split."""
 
-    def __init__(self, limit=1000):
-        self.limit, self.splits = limit, {}
+    def __init__(self):
+        self.splits = {}
 
     def split(self, name):
         return self.splits.setdefault(name or NO_SPLIT, dict(kept={}, skipped={}, converted={}, first_skipped=[]))
@@ -164,13 +158,13 @@ class Report:
     def skip(self, split, reason, item, detail=""):
         s = self.split(split)
         s["skipped"][reason] = s["skipped"].get(reason, 0) + 1
-        if len(s["first_skipped"]) < self.limit:
+        if len(s["first_skipped"]) < 1000:
             entry = dict(item=str(item), reason=reason)
             s["first_skipped"].append(dict(entry, detail=str(detail)) if detail else entry)
 
     def convert(self, split, mode):
-        s = self.split(split)
-        s["converted"][mode] = s["converted"].get(mode, 0) + 1
+        counts = self.split(split)["converted"]
+        counts[mode] = counts.get(mode, 0) + 1
 
     def keep(self, split, **counts):
         self.split(split)["kept"].update(counts)
@@ -184,11 +178,10 @@ class Report:
 
     def to_dict(self):
         """report.json: the splits, and the skipped and converted counts summed over them."""
-        total = {key: {} for key in ("skipped", "converted")}
+        total = {key: Counter() for key in ("skipped", "converted")}
         for s in self.splits.values():
-            for key, counts in total.items():
-                for k, n in s[key].items():
-                    counts[k] = counts.get(k, 0) + n
+            for key in total:
+                total[key].update(s[key])
         return dict(total, splits=self.ordered())
 
     def summary(self):
@@ -316,12 +309,19 @@ def check_dir(path):
     return path
 
 
-def finish_dataset(tmp, out, meta, sizes, bpe_text, report, log):
-    """meta.json, the tokenizer file and report.json of a prepared dataset; the summary logged."""
-    write_meta(tmp, meta, sizes, bpe_text)
+def dataset_meta(args, kind, splits, source, **extra):
+    """(the tokenizer's encoding, meta.json but its split sizes) of a dataset of kind prepared from source."""
+    enc = get_tokenizer(*args.tokenizer)
+    return enc, dict(kind=kind, image_size=args.image_size, context_length=args.context_length, **extra,
+                     tokenizer=tokenizer_meta(args.tokenizer[0], enc), source={split: source for split in splits})
+
+
+def finish_dataset(tmp, args, meta, sizes, report):
+    """meta.json, the tokenizer file and report.json of a dataset prepared into tmp; the summary printed."""
+    write_meta(tmp, meta, sizes, args.tokenizer[1])
     with open(os.path.join(tmp, "report.json"), "w") as f:
         json.dump(report.to_dict(), f, indent=1)
-    log(f"prepared {out} ({meta['kind']}):\n{report.summary()}")
+    print(f"prepared {args.out} ({meta['kind']}):\n{report.summary()}")
 
 
 # -----------------------------------------------------------------------------
@@ -334,28 +334,28 @@ def coco_items(captions_file, image_dir, split, report):
     check_dir(image_dir)
     if not (isinstance(doc, dict) and isinstance(doc.get("images"), list) and isinstance(doc.get("annotations"), list)):
         raise ValueError(f"{captions_file} is not a COCO captions file: it has no lists 'images' and 'annotations'")
-    files, captions = {}, {}
+    images = {}  # id: (path, [captions])
     for k, im in enumerate(doc["images"]):
         where = f"{captions_file}: images[{k}]"
         if not isinstance(im, dict) or not isinstance(im.get("id"), (int, str)):
             report.skip(split, "image without id", where)
         elif not isinstance(im.get("file_name"), str) or not im["file_name"]:
             report.skip(split, "image without file_name", where)
-        elif im["id"] in files:
+        elif im["id"] in images:
             report.skip(split, "duplicate image id", where, im["id"])
         else:
-            files[im["id"]], captions[im["id"]] = os.path.join(image_dir, im["file_name"]), []
+            images[im["id"]] = (os.path.join(image_dir, im["file_name"]), [])
     for k, ann in enumerate(doc["annotations"]):
         where = f"{captions_file}: annotations[{k}]"
         if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), (int, str)):
             report.skip(split, "annotation without image_id", where)
         elif not isinstance(ann.get("caption"), str):
             report.skip(split, "annotation without caption", where)
-        elif ann["image_id"] not in files:
+        elif ann["image_id"] not in images:
             report.skip(split, "annotation of an unknown image", where, ann["image_id"])
         else:
-            captions[ann["image_id"]].append(ann["caption"])
-    return [(files[i], captions[i]) for i in files]
+            images[ann["image_id"]][1].append(ann["caption"])
+    return list(images.values())
 
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -390,15 +390,14 @@ def karpathy_items(split_file, root, report):
     return by_split(items, split_file, report, [s for s in ("train", "val", "test") if s in seen])
 
 
-def table_rows(file, columns, report, split_of):
-    """(split, image path, {column: text}) of each usable row of a CSV, TSV (header row) or JSONL file."""
+def table_rows(file, image_key, caption_key, report, split_of):
+    """(split, image path, caption) of each usable row of a CSV, TSV (header row) or JSONL file."""
     if not os.path.isfile(file):
         raise ValueError(f"{file} does not exist")
     ext = os.path.splitext(file)[1].lower()
     if ext not in (".csv", ".tsv", ".jsonl"):
         raise ValueError(f"{file}: expected a .csv, .tsv or .jsonl file")
     folder = os.path.dirname(os.path.abspath(file))
-    image_key = columns[0]
 
     def row_of(where, row):
         path = row.get(image_key)
@@ -406,11 +405,10 @@ def table_rows(file, columns, report, split_of):
             report.skip(None, f"{image_key} missing", where)
             return None
         split = split_of(os.path.normpath(path))
-        missing = [c for c in columns[1:] if not isinstance(row.get(c), str)]
-        if missing:
-            report.skip(split, f"{missing[0]} missing", where)
+        if not isinstance(row.get(caption_key), str):
+            report.skip(split, f"{caption_key} missing", where)
             return None
-        return split, os.path.join(folder, os.path.normpath(path)), {c: row[c] for c in columns[1:]}
+        return split, os.path.join(folder, os.path.normpath(path)), row[caption_key]
 
     rows = []
     if ext == ".jsonl":
@@ -433,7 +431,7 @@ def table_rows(file, columns, report, split_of):
         return rows
     with open(file, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
-        absent = [c for c in columns if c not in (reader.fieldnames or [])]
+        absent = [c for c in (image_key, caption_key) if c not in (reader.fieldnames or [])]
         if absent:
             raise ValueError(f"{file} has no column {absent[0]!r} in its header row (it has {reader.fieldnames})")
         for row in reader:
@@ -450,20 +448,21 @@ def table_rows(file, columns, report, split_of):
 
 def table_items(file, report, val_file=None, val_fraction=0.0, image_column="image", caption_column="caption"):
     """{split: [(image path, [captions])]} of a table (table_rows), the rows of an image joined."""
-    read = lambda part, split_of: table_rows(part, (image_column, caption_column), report, split_of)  # noqa: E731
+    read = lambda part, split_of: table_rows(part, image_column, caption_column, report, split_of)  # noqa: E731
     out = {}
     for split, rows in two_splits(read, file, val_file, val_fraction, ("train", "val"), report, file).items():
         images = {}
-        for path, row in rows:
-            images.setdefault(path, []).append(row[caption_column])
+        for path, caption in rows:
+            images.setdefault(path, []).append(caption)
         out[split] = list(images.items())
     return out
 
 
-def captioned_split(tmp, split, items, enc, size, length, per_image, workers, report, source):
-    """Write one split of captioned images (captioned_dataset); returns its size."""
+def captioned_split(tmp, split, items, enc, args, report, source):
+    """Write one split of captioned images: images, tokens (each image's valid captions repeated to fill the
+    slots), n_captions and the texts ({split}.captions.json); returns its size."""
     texts = [c for _, captions in items for c in captions]
-    tokens, problems = encode_checked(enc, texts, length)
+    tokens, problems = encode_checked(enc, texts, args.context_length)
     tasks, good, k = [], [], 0
     for path, captions in items:
         rows = []
@@ -478,8 +477,9 @@ def captioned_split(tmp, split, items, enc, size, length, per_image, workers, re
             good.append(rows)
         else:
             report.skip(split, "no valid caption", path)
-    kept = write_rows(tmp, split, tasks, partial(image_row, size=size), {"images": ((size, size, 3), np.uint8)},
-                      workers, report) if tasks else []
+    S, per_image = args.image_size, args.captions_per_image
+    kept = write_rows(tmp, split, tasks, partial(image_row, size=S), {"images": ((S, S, 3), np.uint8)},
+                      args.workers, report) if tasks else []
     if not kept:
         raise nothing_left_error(source, split, report)
     rows = [good[i] for i, _ in kept]
@@ -494,49 +494,41 @@ def captioned_split(tmp, split, items, enc, size, length, per_image, workers, re
     return len(kept)
 
 
-def captioned_dataset(out, items, tokenizer, image_size, context_length, captions_per_image=5, workers=1,
-                      source="", report=None, add=False, extra_meta=None, log=print):
-    """Prepare captioned images, items {split: [(image path or TarMember, [captions])]}, into the
-    dataset out (kind 'captions'): an image's first captions_per_image valid captions, repeated to
-    fill the slots, their count in n_captions and their texts in {split}.captions.json. With add,
-    the splits join the dataset at out (same sizes and tokenizer), its other splits kept."""
-    kind, bpe_text = tokenizer
-    enc = get_tokenizer(kind, bpe_text)
-    report = report or Report()
-    old = Dataset(out) if add and os.path.exists(os.path.join(out, "meta.json")) else None
-    meta = dict(kind="captions", image_size=image_size, context_length=context_length,
-                captions_per_image=captions_per_image, tokenizer=tokenizer_meta(kind, enc),
-                source={split: source for split in items}, **(extra_meta or {}))
+def captioned_dataset(args, items, report, source, stream=None):
+    """Prepare captioned images, items {split: [(image path or TarMember, [captions])]}, into --out (kind
+    'captions'; stream: the meta of a streamed train split); coco's split joins the dataset at --out (same sizes
+    and tokenizer), its other splits kept."""
+    enc, meta = dataset_meta(args, "captions", items, source, captions_per_image=args.captions_per_image)
+    if stream:
+        meta["stream"] = stream
+    old = Dataset(args.out) if args.source == "coco" and os.path.exists(os.path.join(args.out, "meta.json")) else None
     keep = []
     if old is not None:
         fields = ("kind", "image_size", "context_length", "captions_per_image")
         differ = [f"{k} {old.meta.get(k)} there, {meta[k]} asked" for k in fields if old.meta.get(k) != meta[k]]
-        old_kind, old_text = old.meta["tokenizer"]["kind"], old.bpe_text or ""
+        (kind, bpe_text), old_kind, old_text = args.tokenizer, old.meta["tokenizer"]["kind"], old.bpe_text or ""
         if (old_kind, old_text) != (kind, bpe_text):
             n_old, n_new = (text.count("\n") for text in (old_text, bpe_text))  # a line a rank
             differ.append(f"tokenizer {old_kind} of {n_old} ranks there, {'other ' * (old_kind == kind)}{kind} of "
                           f"{n_new} ranks asked")
         if differ:
-            raise ValueError(f"{out} holds a dataset of other sizes or another tokenizer than asked: "
+            raise ValueError(f"{args.out} holds a dataset of other sizes or another tokenizer than asked: "
                              f"{'; '.join(differ)}: prepare into a new --out, or ask for the same")
         keep = [s for s in old.meta["splits"] if s not in items]
-        streamed = "stream" in old.meta and "train" not in items  # a streamed train split is kept too
-        if streamed:
+        if "stream" in old.meta and "train" not in items:  # a streamed train split is kept too
             meta["stream"] = old.meta["stream"]
-        kept, sources = keep + ["train"] * streamed, old.meta.get("source", {})
-        meta["source"] = {**{s: sources[s] for s in kept if s in sources}, **meta["source"]}
-        with open(os.path.join(out, "report.json")) as f:
+        kept = keep + ["train"] * ("stream" in meta)
+        meta["source"] = {**{s: v for s, v in old.meta.get("source", {}).items() if s in kept}, **meta["source"]}
+        with open(os.path.join(args.out, "report.json")) as f:
             report.splits = {**{s: v for s, v in json.load(f)["splits"].items() if s in kept}, **report.splits}
-    with staged_dataset(out, replace=True) as tmp:
+    with staged_dataset(args.out, replace=True) as tmp:
         sizes = {}
         for split, split_items in items.items():
             t0 = time.time()
-            sizes[split] = captioned_split(tmp, split, split_items, enc, image_size, context_length,
-                                           captions_per_image, workers, report, source)
-            log(f"{split}: {sizes[split]} images in {time.time() - t0:.1f} s")
+            sizes[split] = captioned_split(tmp, split, split_items, enc, args, report, source)
+            print(f"{split}: {sizes[split]} images in {time.time() - t0:.1f} s")
         sizes.update(link_split_files(tmp, old, keep))
-        finish_dataset(tmp, out, meta, sizes, bpe_text, report, log)
-    return out
+        finish_dataset(tmp, args, meta, sizes, report)
 
 
 # -----------------------------------------------------------------------------
@@ -577,8 +569,7 @@ def expand_shards(spec):
         paths += [os.path.abspath(n) for n in names]
     if not paths:
         raise ValueError(f"no webdataset shard in {spec!r}")
-    seen = Counter(paths)
-    twice = [p for p in paths if seen[p] > 1]
+    twice = [p for p, n in Counter(paths).items() if n > 1]
     if twice:
         raise ValueError(f"webdataset shard {twice[0]} is named twice in {spec}")
     return paths
@@ -630,24 +621,10 @@ def shard_samples(shards, split, report):
         yield shard, samples
 
 
-def webdataset_items(shards, split, report):
-    """[(image TarMember, [caption])] of the usable samples of shards, for captioned_dataset."""
-    items = []
-    for shard, samples in shard_samples(shards, split, report):
-        for sample in samples:
-            caption, reason = wds_caption(sample)
-            if reason:
-                report.skip(split, reason, f"{shard}:{sample.key}")
-            else:
-                items.append((sample.image, [caption]))
-    return items
-
-
-def webdataset_dataset(out, train, val, tokenizer, image_size, context_length, workers=1, report=None, log=print):
-    """A captioned dataset of the val shards with the train split streamed: meta stream = {shards (but
-    those without a usable sample), counts: each one's samples, samples: their sum}."""
-    report = report or Report()
-    train_shards, val_shards = expand_shards(train), expand_shards(val)
+def webdataset_dataset(args, report):
+    """A captioned dataset of the val shards' usable samples with the train split streamed: meta stream =
+    {shards (but those without a usable sample), counts: each one's samples, samples: their sum}."""
+    train_shards, val_shards = expand_shards(args.train), expand_shards(args.val)
     both = [s for s in train_shards if s in set(val_shards)]
     if both:
         raise ValueError(f"webdataset shard {both[0]} is in both the train and the val shards")
@@ -661,12 +638,18 @@ def webdataset_dataset(out, train, val, tokenizer, image_size, context_length, w
             report.skip("train", "empty shard", shard,
                         f"{len(found)} samples, none with an image and a UTF-8 caption" if found else "no sample")
     if not stream["shards"]:
-        raise ValueError(f"webdataset shards {train}: no sample with an image and a UTF-8 caption in them "
+        raise ValueError(f"webdataset shards {args.train}: no sample with an image and a UTF-8 caption in them "
                          f"(skipped: {report.reasons('train')})")
     report.keep("train", shards=len(stream["shards"]), samples=stream["samples"])
-    return captioned_dataset(out, {"val": webdataset_items(val_shards, "val", report)}, tokenizer, image_size,
-                             context_length, captions_per_image=1, workers=workers, source=val, report=report,
-                             extra_meta=dict(stream=stream), log=log)
+    val = []
+    for shard, samples in shard_samples(val_shards, "val", report):
+        for sample in samples:
+            caption, reason = wds_caption(sample)
+            if reason:
+                report.skip("val", reason, f"{shard}:{sample.key}")
+            else:
+                val.append((sample.image, [caption]))
+    captioned_dataset(args, {"val": val}, report, args.val, stream)
 
 
 StreamSample = namedtuple("StreamSample", "epoch shard key image tokens")  # tokens (T,) int32
@@ -679,9 +662,9 @@ def nearest_good(good):
     return places[np.abs(np.arange(len(good))[:, None] - places[None, :]).argmin(1)]
 
 
-def few(paths, n=3):
-    """The first n of a list of paths, and how many there are in all if more."""
-    return ", ".join(paths[:n]) + (f" ... ({len(paths)} in all)" if len(paths) > n else "")
+def few(paths):
+    """The first three of a list of paths, and how many there are in all if more."""
+    return ", ".join(paths[:3]) + (f" ... ({len(paths)} in all)" if len(paths) > 3 else "")
 
 
 def deal_shards(order, counts, dealt):
@@ -695,17 +678,12 @@ def deal_shards(order, counts, dealt):
 
 
 class ShardStream:
-    """Consumer `consumer` of n_consumers C (every rank's loader workers) reading S shards, epoch
-    after epoch, shards and samples shuffled by seed and epoch. With S >= C each epoch deals every
-    shard whole to the consumer with the fewest samples (deal_shards), so every sample is read once
-    an epoch; with S < C each consumer takes every C-th valid sample of every shard. Its valid
-    samples are its stream, batch(k) samples [k*B, (k+1)*B); a late start reads headers and
-    captions, not images. Skips are counted and logged (LOGGED_SKIPS, then powers of two)."""
+    """Consumer c of C (every rank's loader workers) reading S shards, shuffled by seed and epoch: with S >= C
+    each shard whole to one consumer an epoch (deal_shards), with S < C every C-th valid sample of every shard.
+    batch(k) is samples [k*B, (k+1)*B) of its valid ones; a late start reads captions, not images."""
 
     def __init__(self, shards, counts, consumer, n_consumers, seed, enc, context_length, image_size, batch_size,
                  log=print):
-        if len(counts) != len(shards):
-            raise ValueError(f"{len(shards)} webdataset shards but {len(counts)} sample counts")
         self.shards, self.counts, self.c, self.n, self.seed = shards, counts, consumer, n_consumers, seed
         self.enc, self.T, self.S, self.B, self.log = enc, context_length, image_size, batch_size, log
         self.skipped = {}
@@ -795,32 +773,24 @@ class ShardStream:
 
 
 class ShardBatches:
-    """A rank's pretraining batches for loader workers: micro-step s is batch s // n of stream s % n
-    (consumer rank * n + j of world_size * n), made where first read; a resume reads the same."""
+    """A rank's pretraining batches for loader workers: micro-step s is batch s // n of stream s % n, the
+    ShardStream (seed, enc, context_length, image_size, batch_size) of consumer rank * n + s % n of world_size * n."""
 
-    def __init__(self, shards, counts, rank, world_size, n_streams, seed, enc, context_length, image_size, batch_size,
-                 log=print):
-        self.n, self.rank, self.world_size = n_streams, rank, world_size
-        self.args = (seed, enc, context_length, image_size, batch_size)
-        self.shards, self.counts, self.log, self.streams = shards, counts, log, {}
-
-    def stream(self, s):
-        j = s % self.n
-        if j not in self.streams:
-            self.streams[j] = ShardStream(self.shards, self.counts, self.rank * self.n + j, self.world_size * self.n,
-                                          *self.args, log=self.log)
-        return self.streams[j]
+    def __init__(self, shards, counts, rank, world_size, n, *stream_args, log=print):
+        self.n = n
+        self.streams = {j: ShardStream(shards, counts, rank * n + j, world_size * n, *stream_args, log=log)
+                        for j in range(n)}
 
     def samples(self, s):
         """The StreamSamples of micro-step s (for tests: which samples a step reads)."""
-        return self.stream(s).samples(s // self.n)
+        return self.streams[s % self.n].samples(s // self.n)
 
     def fetch(self, s):
         """Images (B, S, S, 3) uint8 and tokens (B, T) int32 of micro-step s (ShardStream.batch)."""
-        return self.stream(s).batch(s // self.n)
+        return self.streams[s % self.n].batch(s // self.n)
 
 
-def stream_images(ds, n, seed, log=print):
+def stream_images(ds, n, seed, log):
     """The first n images of a streamed train split's walk (consumer 0 of 1): a codebook's fit."""
     return ShardStream(ds.stream["shards"], ds.stream["counts"], 0, 1, seed, ds.tokenizer, ds.context_length,
                        ds.image_size, n, log=log).batch(0)[0]
@@ -831,24 +801,37 @@ def prepare_codebook(path, patch_size, n_codes, **kwargs):
     return data.prepare_codebook(path, patch_size, n_codes, stream_images=stream_images, **kwargs)
 
 
+def stream_fetch(cfg, ds, rank, world_size):
+    """(fetch, n) of pretraining batches from a streamed train split: micro-step s is read by
+    stream s mod max(1, num_workers) of this rank (one per loader worker), so a resumed run with
+    the same ranks and workers reads the same batches; every sample is its own group."""
+    if cfg.train_images:
+        raise SystemExit(f"--train_images={cfg.train_images} (a flag, or the finetune stage's preset): {ds.path} "
+                         f"streams its train split from webdataset shards; give --train_images=0 to stream them all")
+    batches = ShardBatches(ds.stream["shards"], ds.stream["counts"], rank, world_size, max(1, cfg.num_workers),
+                           cfg.seed, ds.tokenizer, ds.context_length, ds.image_size, cfg.batch_size)
+
+    def fetch(micro_step):
+        images, tokens = batches.fetch(micro_step)
+        return dict(images=images, tokens=tokens.astype(np.int64))
+    return fetch, ds.stream["samples"]
+
+
 # -----------------------------------------------------------------------------
 # class masks (the prompt stage)
 
 
-def check_classes(names, where):
-    """2 to 256 (uint8 maps) distinct class names, background first, without commas (train.py --classes)."""
-    if any(not n or "," in n for n in names) or len(set(names)) != len(names) or not 2 <= len(names) <= 256:
-        raise ValueError(f"{where}: need 2 to 256 distinct class names, the background's first, none empty or with "
-                         f"a comma; got {names[:10]}{'...' if len(names) > 10 else ''}")
-    return names
-
-
 def read_classes(file):
-    """The class names of a file with one per line, line k naming mask value k (0: background)."""
+    """The class names of a file with one per line, line k naming mask value k (0: background): 2 to 256
+    (uint8 maps), distinct, none empty or with a comma (train.py --classes)."""
     if not os.path.isfile(file):
         raise ValueError(f"{file} does not exist")
     with open(file, encoding="utf-8") as f:
-        return check_classes([line.strip() for line in f.read().rstrip("\n").split("\n")], file)
+        names = [line.strip() for line in f.read().rstrip("\n").split("\n")]
+    if any(not n or "," in n for n in names) or len(set(names)) != len(names) or not 2 <= len(names) <= 256:
+        raise ValueError(f"{file}: need 2 to 256 distinct class names, the background's first, none empty or with "
+                         f"a comma; got {names[:10]}{'...' if len(names) > 10 else ''}")
+    return names
 
 
 def mask_pairs(image_dir, mask_dir, split_of, report):
@@ -924,25 +907,20 @@ def mask_row(pair, size, n_classes, void):
     return {"images": pixels, "classmap": classmap}, mode, class_regions(classmap)
 
 
-def mask_dataset(out, pairs, classes, tokenizer, image_size, context_length, void=None, workers=1, source="",
-                 report=None, log=print):
-    """Prepare images with class masks, pairs {split: [(image, mask)]}, into the dataset out (kind
-    'masks', splits novel_train and novel_val); classes names the mask values, background first."""
-    kind, bpe_text = tokenizer
-    enc = get_tokenizer(kind, bpe_text)
-    report = report or Report()
-    check_classes(classes, "the classes")
-    meta = dict(kind="masks", image_size=image_size, context_length=context_length,
-                tokenizer=tokenizer_meta(kind, enc), classes=list(classes), novel_classes=list(classes[1:]),
-                void=void, source={split: source for split in pairs})
-    with staged_dataset(out, replace=True) as tmp:
+def mask_dataset(args, pairs, classes, report):
+    """Prepare images with class masks, pairs {split: [(image, mask)]}, into --out (kind 'masks', splits
+    novel_train and novel_val); classes names the mask values, background first."""
+    _, meta = dataset_meta(args, "masks", pairs, args.images, classes=classes, novel_classes=classes[1:],
+                           void=args.void)
+    S = args.image_size
+    rows = {"images": ((S, S, 3), np.uint8), "classmap": ((S, S), np.uint8)}
+    read = partial(mask_row, size=S, n_classes=len(classes), void=args.void)
+    with staged_dataset(args.out, replace=True) as tmp:
         sizes = {}
         for split, tasks in pairs.items():
-            rows = {"images": ((image_size, image_size, 3), np.uint8), "classmap": ((image_size, image_size), np.uint8)}
-            kept = write_rows(tmp, split, tasks, partial(mask_row, size=image_size, n_classes=len(classes), void=void),
-                              rows, workers, report) if tasks else []
+            kept = write_rows(tmp, split, tasks, read, rows, args.workers, report) if tasks else []
             if not kept:
-                raise nothing_left_error(source, split, report)
+                raise nothing_left_error(args.images, split, report)
             objects = np.full((len(kept), max(1, max(len(b) for _, b in kept)), 7), -1, np.int16)
             for n, (_, boxes) in enumerate(kept):
                 for j, (v, *box) in enumerate(boxes):
@@ -950,8 +928,7 @@ def mask_dataset(out, pairs, classes, tokenizer, image_size, context_length, voi
             save_arrays(tmp, split, dict(objects=objects))
             sizes[split] = len(kept)
             report.keep(split, images=len(kept), regions=int((objects[:, :, 0] >= 0).sum()))
-        finish_dataset(tmp, out, meta, sizes, bpe_text, report, log)
-    return out
+        finish_dataset(tmp, args, meta, sizes, report)
 
 
 # -----------------------------------------------------------------------------
@@ -987,20 +964,16 @@ def multi_items(file, max_images, report, split_of):
     return sets
 
 
-def multi_dataset(out, sets, tokenizer, image_size, context_length, answer_length=8, workers=1, source="",
-                  report=None, log=print):
-    """Prepare question sets, {split: [([image paths], question, answer, type)]}, into the dataset out
-    (kind 'multi', splits multi_train and multi_val): an image pool and the sets' pool indices."""
-    kind, bpe_text = tokenizer
-    enc = get_tokenizer(kind, bpe_text)
-    report = report or Report()
-    meta = dict(kind="multi", image_size=image_size, context_length=context_length, answer_length=answer_length,
-                tokenizer=tokenizer_meta(kind, enc), source={split: source for split in sets})
-    with staged_dataset(out, replace=True) as tmp:
+def multi_dataset(args, sets, report):
+    """Prepare question sets, {split: [([image paths], question, answer, type)]}, into --out (kind 'multi',
+    splits multi_train and multi_val): an image pool and the sets' pool indices."""
+    S, A = args.image_size, args.answer_length
+    enc, meta = dataset_meta(args, "multi", sets, args.file, answer_length=A)
+    with staged_dataset(args.out, replace=True) as tmp:
         sizes, types = {}, {}
         for split, split_sets in sets.items():
-            question, q_problems = encode_checked(enc, [s[1] for s in split_sets], context_length - answer_length)
-            answer, a_problems = encode_checked(enc, [s[2] for s in split_sets], answer_length)
+            question, q_problems = encode_checked(enc, [s[1] for s in split_sets], args.context_length - A)
+            answer, a_problems = encode_checked(enc, [s[2] for s in split_sets], A)
             good = []
             for i, (_, q, a, _) in enumerate(split_sets):
                 problems = [text_reason(p, w) for p, w in ((q_problems[i], "question"), (a_problems[i], "answer")) if p]
@@ -1009,8 +982,8 @@ def multi_dataset(out, sets, tokenizer, image_size, context_length, answer_lengt
                 else:
                     good.append(i)
             paths = sorted({p for i in good for p in split_sets[i][0]})
-            kept = write_rows(tmp, split, paths, partial(image_row, size=image_size),
-                              {"images": ((image_size, image_size, 3), np.uint8)}, workers, report) if paths else []
+            kept = write_rows(tmp, split, paths, partial(image_row, size=S), {"images": ((S, S, 3), np.uint8)},
+                              args.workers, report) if paths else []
             pool = {paths[i]: n for n, (i, _) in enumerate(kept)}
             rows = []
             for i in good:
@@ -1020,20 +993,18 @@ def multi_dataset(out, sets, tokenizer, image_size, context_length, answer_lengt
                 else:
                     rows.append(i)
             if not rows:
-                raise nothing_left_error(source, split, report)
+                raise nothing_left_error(args.file, split, report)
             members = [[pool[p] for p in split_sets[i][0]] for i in rows]
             width, pad = max(map(len, members)), enc.encode_single_token(PAD)
-            arrays = dict(sets=np.array([m + [-1] * (width - len(m)) for m in members], np.int32),
-                          question=np.pad(question[rows], ((0, 0), (0, answer_length)), constant_values=pad),
-                          answer=answer[rows])
-            save_arrays(tmp, split, arrays)
+            save_arrays(tmp, split, dict(sets=np.array([m + [-1] * (width - len(m)) for m in members], np.int32),
+                                         question=np.pad(question[rows], ((0, 0), (0, A)), constant_values=pad),
+                                         answer=answer[rows]))
             sizes[split], types[split] = len(rows), [split_sets[i][3] for i in rows]
             report.keep(split, sets=len(rows), images=len(kept))
         meta["qtypes"] = sorted({t for ts in types.values() for t in ts})  # the types of the sets kept
         for split, ts in types.items():
             save_arrays(tmp, split, dict(qtype=np.array([meta["qtypes"].index(t) for t in ts], np.int16)))
-        finish_dataset(tmp, out, meta, sizes, bpe_text, report, log)
-    return out
+        finish_dataset(tmp, args, meta, sizes, report)
 
 
 # -----------------------------------------------------------------------------
@@ -1085,6 +1056,7 @@ def command_line():
     p.add_argument("--train", required=True, help="the train shards, streamed in training: paths, globs or brace "
                    "ranges, comma-separated (quoted), e.g. 'shards/{00000..00099}.tar'")
     p.add_argument("--val", required=True, help="the val shards, prepared (one caption per image)")
+    p.set_defaults(captions_per_image=1)
     for p in sub.choices.values():
         p.set_defaults(parser=p)  # usage errors are told with the command's own usage
     return parser
@@ -1110,56 +1082,36 @@ def usage_problem(args):
 
 def main(argv=None):
     """python prepare.py SOURCE ...: prepare a real source; bad input stops with 'error: ...'."""
-    parser = command_line()
-    args = parser.parse_args(argv)
+    args = command_line().parse_args(argv)
     problem = usage_problem(args)
     if problem:
         args.parser.error(problem)
     report = Report()
     try:
-        common = dict(tokenizer=load_tokenizer(args.tokenizer), image_size=args.image_size,
-                      context_length=args.context_length, workers=args.workers, report=report)
+        args.tokenizer = load_tokenizer(args.tokenizer)  # (kind, the text of its tiktoken file)
         if args.source == "coco":
             items = {args.split: coco_items(args.captions, args.images, args.split, report)}
-            captioned_dataset(args.out, items, captions_per_image=args.captions_per_image, source=args.captions,
-                              add=True, **common)
+            captioned_dataset(args, items, report, args.captions)
         elif args.source == "karpathy":
-            items = karpathy_items(args.json, args.images, report)
-            captioned_dataset(args.out, items, captions_per_image=args.captions_per_image, source=args.json, **common)
+            captioned_dataset(args, karpathy_items(args.json, args.images, report), report, args.json)
         elif args.source == "table":
             items = table_items(args.file, report, args.val, args.val_fraction, args.image_column, args.caption_column)
-            captioned_dataset(args.out, items, captions_per_image=args.captions_per_image, source=args.file, **common)
+            captioned_dataset(args, items, report, args.file)
         elif args.source == "webdataset":
-            webdataset_dataset(args.out, args.train, args.val, **common)
+            webdataset_dataset(args, report)
         elif args.source == "masks":
             classes = read_classes(args.classes)
             read = lambda folders, split_of: mask_pairs(*folders, split_of, report)  # noqa: E731
             pairs = two_splits(read, (args.images, args.masks), (args.val_images, args.val_masks) if args.val_images
                                else None, args.val_fraction, ("novel_train", "novel_val"), report, args.images)
-            mask_dataset(args.out, pairs, classes, void=args.void, source=args.images, **common)
+            mask_dataset(args, pairs, classes, report)
         else:
             sets = two_splits(lambda file, split_of: multi_items(file, args.max_images, report, split_of), args.file,
                               args.val, args.val_fraction, ("multi_train", "multi_val"), report, args.file)
-            multi_dataset(args.out, sets, answer_length=args.answer_length, source=args.file, **common)
+            multi_dataset(args, sets, report)
     except ValueError as e:  # bad input, named: no stack trace
         raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
     main()
-
-
-def stream_fetch(cfg, ds, rank, world_size):
-    """(fetch, n) of pretraining batches from a streamed train split: micro-step s is read by
-    stream s mod max(1, num_workers) of this rank (one per loader worker), so a resumed run with
-    the same ranks and workers reads the same batches; every sample is its own group."""
-    if cfg.train_images:
-        raise SystemExit(f"--train_images={cfg.train_images} (a flag, or the finetune stage's preset): {ds.path} "
-                         f"streams its train split from webdataset shards; give --train_images=0 to stream them all")
-    batches = ShardBatches(ds.stream["shards"], ds.stream["counts"], rank, world_size, max(1, cfg.num_workers),
-                           cfg.seed, ds.tokenizer, ds.context_length, ds.image_size, cfg.batch_size)
-
-    def fetch(micro_step):
-        images, tokens = batches.fetch(micro_step)
-        return dict(images=images, tokens=tokens.astype(np.int64))
-    return fetch, ds.stream["samples"]

@@ -114,9 +114,8 @@ def connected_regions(masks):
 
 
 def anchor_boxes(classmap, scores, min_area=1):
-    """The anchor generator: per image, a box (class, x0, y0, x1, y1, score) for every connected region of
-    a class in classmap (B, H, W) of at least min_area pixels, x1 and y1 one past the end, scored by the mean of
-    scores (B, C, H, W) inside."""
+    """The anchor generator: per image, a box (class, x0, y0, x1, y1, score), x1 and y1 one past the end, for every
+    connected region of min_area or more pixels of a class in classmap (B, H, W), scored by its mean of scores."""
     B, C = scores.shape[:2]
     out = [[] for _ in range(B)]
     masks = classmap[:, None] == torch.arange(1, C, device=classmap.device)[None, :, None, None]  # (B, C-1, H, W)
@@ -144,9 +143,8 @@ class PromptVLM(VLM):
     @classmethod
     def zero_shot(cls, model):
         """A model of this class with no prompts around a plain model's weights: zero-shot detection."""
-        c = model.cfg
-        cfg = dataclasses.replace(c, prompt=True, text_prompt_depth=0, image_prompt_depth=0,
-                                  dense_layers=str(c.vit_layers))
+        cfg = dataclasses.replace(model.cfg, prompt=True, text_prompt_depth=0, image_prompt_depth=0,
+                                  dense_layers=str(model.cfg.vit_layers))
         out = cls(cfg).to(model.pixel_mean.device)
         out.load_state_dict(model.state_dict(), strict=False)
         return out.eval()
@@ -205,11 +203,9 @@ class PromptVLM(VLM):
         return (weights.view(-1, 1, 1, 1, 1).to(maps.dtype) * maps).sum(0), maps
 
     def forward(self, pixels, target, class_tokens):
-        """pixels (B, 3, H, W), target (B, H, W) classes (0 background), class_tokens (C, T) ->
-        {'ce', 'dice' (with dice_weight), 'loss'}: cross-entropy of the fused map against patch_targets, plus
-        dice_weight times the soft dice loss."""
-        fused, _ = self.score_maps(pixels, self.class_embeddings(class_tokens), prompted=True)
-        fused = fp32(fused)
+        """pixels (B, 3, H, W), target (B, H, W) classes (0 background), class_tokens (C, T) -> {'ce', 'dice'
+        (with dice_weight), 'loss'}: the fused map's cross-entropy against patch_targets, plus dice_weight x dice."""
+        fused = fp32(self.score_maps(pixels, self.class_embeddings(class_tokens), prompted=True)[0])
         truth = patch_targets(target, self.cfg.patch_size, fused.size(1), self.cfg.patch_class_min)
         out = {"ce": F.cross_entropy(fused, truth)}
         out["loss"] = out["ce"]
@@ -347,37 +343,36 @@ def true_boxes(ds, split, idx, names):
 @torch.no_grad()
 def evaluate(model, ds, names, class_tokens, prompted=True, max_images=None, split="novel_val", batch_size=128,
              ctx=nullcontext()):
-    """Few-shot detection on the first max_images of split: IoU per named class, miou, fg_iou, and box AP at
-    IoU 0.5 (ap50) of the anchor boxes; the same without the edge refinement (*_bilinear). prompted False:
-    zero-shot. The protocol: docs/prompt.md."""
+    """Few-shot detection on the first max_images of split (prompted False: zero-shot): IoU per named class, miou,
+    fg_iou, box AP at IoU 0.5 (ap50); the same without the edge refinement (*_bilinear). Protocol: docs/prompt.md."""
     was_training = model.training
     model.eval()
     n = min(ds.split_size(split), max_images or ds.split_size(split))
     C = len(names) + 1
-    counts = {key: np.zeros((2, C), np.int64) for key in ("refined", "bilinear")}
-    fg = {key: np.zeros(2, np.int64) for key in counts}
-    dets = {key: [] for key in counts}
     tokens = torch.as_tensor(np.asarray(class_tokens, np.int64), device=model.pixel_mean.device)
+    # per map (refined "", bilinear "_bilinear"): (intersection, union) per class and of the foreground; the boxes
+    counts, fg, dets = {"": 0, "_bilinear": 0}, {"": 0, "_bilinear": 0}, {"": [], "_bilinear": []}
     for i in range(0, n, batch_size):
         idx = np.arange(i, min(n, i + batch_size))
-        pixels = model.normalize_pixels(ds.array(split, "images")[idx])
         truth = ds.class_targets(split, idx, names)
         with ctx:
-            classmap, scores, boxes = model.detect(pixels, tokens, prompted)
-        for key, pred in (("refined", classmap), ("bilinear", scores.argmax(1))):
-            dets[key] += boxes if key == "refined" else anchor_boxes(pred, scores, model.cfg.min_box_area)
-            pred = pred.cpu().numpy()
+            classmap, scores, boxes = model.detect(model.normalize_pixels(ds.array(split, "images")[idx]), tokens,
+                                                   prompted)
+        bilinear = scores.argmax(1)
+        dets[""] += boxes
+        dets["_bilinear"] += anchor_boxes(bilinear, scores, model.cfg.min_box_area)
+        for key, pred in (("", classmap.cpu().numpy()), ("_bilinear", bilinear.cpu().numpy())):
             counts[key] += np.stack(class_iou_counts(pred, truth, C))
-            fg[key] += np.stack(class_iou_counts((pred > 0).astype(np.int64), (truth > 0).astype(np.int64), 2))[:, 1]
+            fg[key] += np.stack(class_iou_counts(pred > 0, truth > 0, 2))[:, 1]
     truths = true_boxes(ds, split, np.arange(n), names)
     out = {}
-    for key, suffix in (("refined", ""), ("bilinear", "_bilinear")):
+    for key in ("", "_bilinear"):
         iou = counts[key][0] / np.maximum(counts[key][1], 1)  # a class in neither map: 0
         ap = average_precision(dets[key], truths, range(1, C))
-        out[f"miou{suffix}"] = float(iou[1:].mean())
-        out[f"fg_iou{suffix}"] = float(fg[key][0] / max(fg[key][1], 1))
-        out[f"ap50{suffix}"] = float(np.nanmean([ap[c] for c in range(1, C)]))
-        if not suffix:
+        out[f"miou{key}"] = float(iou[1:].mean())
+        out[f"fg_iou{key}"] = float(fg[key][0] / max(fg[key][1], 1))
+        out[f"ap50{key}"] = float(np.nanmean([ap[c] for c in range(1, C)]))
+        if not key:
             out.update({f"iou_{name}": float(iou[c]) for c, name in enumerate(names, 1)})
             out.update({f"ap50_{name}": ap[c] for c, name in enumerate(names, 1)})
     model.train(was_training)
@@ -391,15 +386,13 @@ def run(cfg, sub_run):
     for k in range(cfg.shot_seed, cfg.shot_seed + cfg.shot_seeds):
         run = {"out_dir": os.path.join(cfg.out_dir, f"seed{k}"), "shot_seed": k}
         results.append(sub_run(run, f"shot sample {k} ({k - cfg.shot_seed + 1} of {cfg.shot_seeds})"))
-    keys = [k for k, v in results[0].items() if isinstance(v, float)]
     summary = {"shot_seeds": len(results), "shots": cfg.shots, "step": max(r["step"] for r in results)}
-    for key in keys:
+    print(f"over {len(results)} shot samples of {cfg.shots} shots per class (mean +- std):")
+    for key in [k for k, v in results[0].items() if isinstance(v, float)]:
         values = np.array([r[key] for r in results])
         summary[key] = float(values.mean())
         summary[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        print(f"{key:32s} {summary[key]:.4f} +- {summary[key + '_std']:.4f}")
     summary["trainable_params"] = results[0]["trainable_params"]
     data.write_file(os.path.join(cfg.out_dir, "eval.json"), json.dumps(summary, indent=1))
-    print(f"over {len(results)} shot samples of {cfg.shots} shots per class (mean +- std):")
-    for key in keys:
-        print(f"{key:32s} {summary[key]:.4f} +- {summary[key + '_std']:.4f}")
     return summary

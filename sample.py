@@ -38,12 +38,9 @@ def load_images(paths, size):
 
 @torch.no_grad()
 def score(model, tokenizer, images, texts, device):
-    """(n_images, n_texts) cosine similarities, and their softmax over texts at the model's temperature."""
-    tokens = data.encode_texts(tokenizer, texts, model.cfg.context_length)
-    img = model.encode_image(model.normalize_pixels(images))
-    txt = model.encode_text(torch.from_numpy(tokens).long().to(device))
-    sim = img @ txt.t()
-    return sim, probabilities(model, sim)
+    """(n_images, n_texts) cosine similarities."""
+    tokens = torch.from_numpy(data.encode_texts(tokenizer, texts, model.cfg.context_length)).long().to(device)
+    return model.encode_image(model.normalize_pixels(images)) @ model.encode_text(tokens).t()
 
 
 @torch.no_grad()
@@ -178,14 +175,14 @@ def main(argv=None):
     elif args.command == "answer":
         print(answer(model, tokenizer, load_images(args.images, size), args.question, args.device))
     elif args.command == "score":
-        sim, prob = score(model, tokenizer, load_images([args.image], size), args.texts, args.device)
-        for text, s, p in zip(args.texts, sim[0].tolist(), prob[0].tolist()):
+        sim = score(model, tokenizer, load_images([args.image], size), args.texts, args.device)[0]
+        for text, s, p in zip(args.texts, sim.tolist(), probabilities(model, sim).tolist()):
             print(f"{p:7.2%}  cos {s:+.3f}  {text}")
     else:
         templates = args.template or ["a {}"]
         texts = [t.format(label) for label in args.labels for t in templates]
-        sim, _ = score(model, tokenizer, load_images([args.image], size), texts, args.device)
-        per_label = sim[0].view(len(args.labels), len(templates)).mean(1)  # prompt ensembling by mean similarity
+        sim = score(model, tokenizer, load_images([args.image], size), texts, args.device)[0]
+        per_label = sim.view(len(args.labels), len(templates)).mean(1)  # prompt ensembling by mean similarity
         prob = probabilities(model, per_label)
         for i in prob.argsort(descending=True).tolist():
             print(f"{prob[i].item():7.2%}  {args.labels[i]}")

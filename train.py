@@ -141,7 +141,6 @@ def stage_overrides(preset, overrides):
 
 
 def config_from_dict(d):
-    d = dict(d)
     return TrainConfig(**{**d, "model": VLMConfig(**d["model"]), "world": WorldConfig(**d["world"])})
 
 
