@@ -539,7 +539,8 @@ def pretrain_counts(cfg, tokens, noise):
     """The positions the per-token losses average over in a batch: masked tokens and patches, non-padding
     tokens, caption targets. Counted for the whole step first, each loss divides by the step's count."""
     fused = fused_part(cfg, tokens)
-    text_mask, patch_mask = electra_masks(cfg, fused, {k: fused_part(cfg, noise[k]) for k in noise})
+    masks = {k: fused_part(cfg, noise[k]) for k in ("text_mask", "patch_mask")}  # the only draws it reads
+    text_mask, patch_mask = electra_masks(cfg, fused, masks)
     return {"mlm": text_mask.sum().float(), "moc": patch_mask.sum().float(),
             "rtd": (fused != cfg.pad_id).sum().float(), "caption": (tokens[:, 1:] != cfg.pad_id).sum().float()}
 
