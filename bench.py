@@ -60,29 +60,12 @@ def peak_tflops(device_name, override=0.0):
     """The peak TFLOP/s for MFU: override when > 0, else the first PEAK_TFLOPS match, else None."""
     if override > 0:
         return float(override)
-    for pattern, tflops in PEAK_TFLOPS:
-        if re.search(pattern, device_name, re.IGNORECASE):
-            return float(tflops)
-    return None
+    return next((float(tflops) for pattern, tflops in PEAK_TFLOPS if re.search(pattern, device_name, re.IGNORECASE)),
+                None)
 
 
 # -----------------------------------------------------------------------------
 # FLOPs of one pretraining step (the formula: docs/bench.md)
-
-
-def vit_flops(c):
-    """(patch conv, blocks): forward FLOPs of the ViT on one image."""
-    P = (c.image_size // c.patch_size) ** 2
-    return 2 * P * 3 * c.patch_size ** 2 * c.vit_width, transformer_flops(c.vit_layers, c.vit_width, 1 + P, c.mlp_ratio)
-
-
-def converter_flops(c):
-    """Forward FLOPs of the converter (mlp or resampler) on one image's patches, no relation tokens."""
-    P, w, vw = (c.image_size // c.patch_size) ** 2, c.text_width, c.vit_width
-    if c.converter == "mlp":
-        return 2 * P * (vw * w + w * w + 4 * vw * w * c.image_axes)
-    M = c.n_queries
-    return 2 * P * vw * w + c.resampler_layers * (2 * M * w * w * (2 + 2 * c.mlp_ratio) + 4 * P * w * w + 4 * M * P * w)
 
 
 def pretrain_terms(c, batch_size):
@@ -97,7 +80,10 @@ def pretrain_terms(c, batch_size):
     T, w, vw, D, V, r = c.context_length, c.text_width, c.vit_width, c.embed_dim, c.vocab_size, c.mlp_ratio
     distill = c.momentum_alpha > 0 and on["itc"]  # momentum encoders, soft targets and the queue
     Q = c.queue_size if distill else 0
-    conv, vit = vit_flops(c)
+    # forward FLOPs on one image: the ViT's patch conv and blocks, the converter (no relation tokens)
+    conv, vit = 2 * P * 3 * c.patch_size ** 2 * vw, transformer_flops(c.vit_layers, vw, 1 + P, r)
+    converter = 2 * P * (vw * w + w * w + 4 * vw * w * c.image_axes) if c.converter == "mlp" else \
+        2 * P * vw * w + c.resampler_layers * (2 * M * w * w * (2 + 2 * r) + 4 * P * w * w + 4 * M * P * w)
 
     def text(n):
         return transformer_flops(c.text_layers, w, n, r)
@@ -111,12 +97,12 @@ def pretrain_terms(c, batch_size):
     vit_grad = on["itc"] or tokens_grad
     terms = [("vit.conv", B * conv, vit_grad), ("vit.blocks", B * vit, 2 * vit_grad)]
     if tokens_grad:
-        terms.append(("converter", B * converter_flops(c), 2))
+        terms.append(("converter", B * converter, 2))
     # a converter whose input has no gradient: its input map computes the weight gradient only
     conv_in = 2 * P * vw * w * (1 + 4 * c.image_axes)  # c_fc (and c_axes) of the mlp, c_in of the resampler
 
     def detached_converter(name, rows):
-        return [(name + ".in", rows * conv_in, 1), (name, rows * (converter_flops(c) - conv_in), 2)]
+        return [(name + ".in", rows * conv_in, 1), (name, rows * (converter - conv_in), 2)]
     if (one_pass or clean) and fused and not c.fused_vit_grad:
         terms += detached_converter("fused.converter", Bf)
     if on["itc"] or on["itm"]:  # ITM draws its hard negatives from the embeddings
@@ -141,7 +127,7 @@ def pretrain_terms(c, batch_size):
         if replaced and not shared:  # the discriminator reads the replaced pixels through the ViT again
             if c.fused_vit_grad:
                 terms += [("electra.vit.conv", Bf * conv, 1), ("electra.vit.blocks", Bf * vit, 2),
-                          ("electra.converter", Bf * converter_flops(c), 2)]
+                          ("electra.converter", Bf * converter, 2)]
             else:
                 terms += [("electra.vit.conv", Bf * conv, 0), ("electra.vit.blocks", Bf * vit, 0)]
                 terms += detached_converter("electra.converter", Bf)
@@ -193,21 +179,14 @@ def random_batch(model, batch_size, device, seed=0):
     return dict(pixels=model.normalize_pixels(images.to(device)), tokens=tokens.to(device), codes=codes.to(device))
 
 
-def synchronize(device_type):
-    """Wait for the device's queued work, so that a timer reads the work done."""
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    elif device_type == "mps":
-        torch.mps.synchronize()
-
-
 def timed(fn, n, device_type):
-    """Seconds to run fn() n times, the device synchronised before and after."""
-    synchronize(device_type)
+    """Seconds to run fn() n times, the device synchronised before and after (the timer reads the work done)."""
+    synchronize = torch.accelerator.synchronize if device_type in ("cuda", "mps") else lambda: None
+    synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
-    synchronize(device_type)
+    synchronize()
     return time.perf_counter() - t0
 
 
@@ -299,7 +278,6 @@ def bench_train(cfg, bench):
     raw, step = pretrain_step(cfg, mcfg, device, device_type, ctx, compiled)
     timed(step, bench.warmup, device_type)
     seconds = timed(step, bench.steps, device_type)
-    terms = pretrain_terms(mcfg, cfg.batch_size)
     flops = pretrain_flops(mcfg, cfg.batch_size)
     peak, why = resolve_peak(bench, device_type)
     out = dict(params=raw.num_params(), flops_per_step=flops,
@@ -314,8 +292,8 @@ def bench_train(cfg, bench):
                     ("FLOPs/step", f"{flops / 1e9:.2f} GFLOP (forward {out['forward_flops_per_step'] / 1e9:.2f})"),
                     ("achieved", f"{out['train_tflops'] * 1e3:.1f} GFLOP/s"),
                     ("MFU", fmt_mfu(out["train_mfu"], why))])
-    print_table("FLOPs by term (GFLOP per step: forward x (1 + b))",
-                [(name, f"{f * (1 + b) / 1e9:8.3f}  (b={b})") for name, f, b in terms])
+    print_table("FLOPs by term (GFLOP per step: forward x (1 + b))", [
+        (name, f"{f * (1 + b) / 1e9:8.3f}  (b={b})") for name, f, b in pretrain_terms(mcfg, cfg.batch_size)])
     return out
 
 
@@ -351,25 +329,20 @@ def bench_vs_hf(cfg, bench):
               "hf": lambda: hf(input_ids=tokens, attention_mask=mask, pixel_values=pixels, return_loss=True).loss}
     steps = {name: optimizer_step(m, losses[name], cfg, device_type, ctx)
              for name, m in (("ours", ours_raw), ("hf", hf_raw))}
-    seconds, rates, n, blocks = alternate(steps, bench, device_type, cfg.batch_size)
     flops = pretrain_flops(mcfg, cfg.batch_size)  # the same matmuls in both (HF's q, k, v apart)
-    peak, why = resolve_peak(bench, device_type)
+    each, rates, n, blocks, why = alternate(steps, dict.fromkeys(steps, flops), cfg, bench, device_type)
     counts = clip_param_counts(ours_raw, hf_raw)
-    out = {}
-    for name in steps:
-        out.update(throughput(name, flops, cfg.batch_size, n, seconds[name], peak))
+    out = {**each["ours"], **each["hf"]}
     out.update(ratio=out["ours_samples_per_s"] / out["hf_samples_per_s"], flops_per_step=flops,
                params_ours=sum(o for o, _ in counts.values()), params_hf=sum(h for _, h in counts.values()),
                params_ours_total=ours_raw.num_params())
-    rows = []
-    for name, label in (("ours", "ours (ITC)"), ("hf", f"HF CLIPModel {transformers.__version__}")):
-        rows.append((label, f"{out[name + '_samples_per_s']:8.4g} samples/s  {out[name + '_step_ms']:8.1f} ms/step  "
-                            f"{out[name + '_tflops'] * 1e3:7.1f} GFLOP/s  "
-                            f"blocks {min(rates[name]):.4g}..{max(rates[name]):.4g}  "
-                            f"MFU {fmt_mfu(out[name + '_mfu'], why)}"))
+    rows = [(label, f"{out[name + '_samples_per_s']:8.4g} samples/s  {out[name + '_step_ms']:8.1f} ms/step  "
+                    f"{out[name + '_tflops'] * 1e3:7.1f} GFLOP/s  blocks {min(rates[name]):.4g}..{max(rates[name]):.4g}"
+                    f"  MFU {fmt_mfu(out[name + '_mfu'], why)}")
+            for name, label in (("ours", "ours (ITC)"), ("hf", f"HF CLIPModel {transformers.__version__}"))]
     rows.append(("ours / HF", f"{out['ratio']:.3f}"))
-    for part, (o, h) in counts.items():
-        rows.append((f"params {part}", f"ours {o:,}  HF {h:,}" + ("  equal" if o == h else "  DIFFERENT")))
+    rows += [(f"params {part}", f"ours {o:,}  HF {h:,}" + ("  equal" if o == h else "  DIFFERENT"))
+             for part, (o, h) in counts.items()]
     rows.append(("params note", f"ours also holds {out['params_ours_total'] - out['params_ours']:,} parameters that "
                                 f"ITC does not use (converter, generator, heads); HF's position_ids are buffers"))
     print_table(f"ITC step, ours vs Hugging Face | {device} {dtype} compile {compiled} | batch {cfg.batch_size}, "
@@ -388,12 +361,8 @@ def bench_vs_itc_lm(cfg, bench):
         torch.manual_seed(cfg.seed)
         steps[name] = pretrain_step(cfg, mcfg, device, device_type, ctx, compiled)[1]
         flops[name] = pretrain_flops(mcfg, cfg.batch_size)
-    seconds, rates, n, blocks = alternate(steps, bench, device_type, cfg.batch_size)
-    peak, why = resolve_peak(bench, device_type)
-    out = {}
-    for name in steps:
-        out.update(throughput(name, flops[name], cfg.batch_size, n, seconds[name], peak))
-        out[f"{name}_flops_per_step"] = flops[name]
+    each, rates, n, blocks, why = alternate(steps, flops, cfg, bench, device_type)
+    out = {k: v for name in steps for k, v in [*each[name].items(), (f"{name}_flops_per_step", flops[name])]}
     out["cost_ratio"] = out["itc_lm_samples_per_s"] / out["all_samples_per_s"]
     rows = [(label, f"{out[name + '_samples_per_s']:8.4g} samples/s  {out[name + '_step_ms']:8.1f} ms/step  "
                     f"{flops[name] / 1e9:6.2f} GFLOP/step  {out[name + '_tflops'] * 1e3:6.1f} GFLOP/s  "
@@ -405,9 +374,9 @@ def bench_vs_itc_lm(cfg, bench):
     return out
 
 
-def alternate(steps, bench, device_type, batch_size):
-    """Time step functions ({name: fn}) in alternating blocks, so that all see the same machine:
-    (seconds, samples/s per block, steps each, blocks)."""
+def alternate(steps, flops, cfg, bench, device_type):
+    """Time step functions ({name: fn}) in alternating blocks, so that all see the same machine: ({name: its
+    throughput at flops[name] per step}, {name: samples/s per block}, steps each, blocks, where the peak comes from)."""
     for step in steps.values():
         timed(step, bench.warmup, device_type)
     per_block = math.ceil(bench.steps / 6)  # about 6 blocks each, at least --steps steps in all
@@ -417,8 +386,10 @@ def alternate(steps, bench, device_type, batch_size):
         for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
             t = timed(steps[name], per_block, device_type)
             seconds[name] += t
-            rates[name].append(batch_size * per_block / t)
-    return seconds, rates, blocks * per_block, blocks
+            rates[name].append(cfg.batch_size * per_block / t)
+    peak, why = resolve_peak(bench, device_type)
+    return ({name: throughput(name, flops[name], cfg.batch_size, blocks * per_block, seconds[name], peak)
+             for name in steps}, rates, blocks * per_block, blocks, why)
 
 
 def bench_loader(cfg, bench):
@@ -484,19 +455,16 @@ def bench_generate(cfg, bench):
 
 def parse_bench_args(argv):
     """(BenchConfig, the other arguments): the bench's own flags (--key=value or --key value) taken out."""
-    hints = typing.get_type_hints(BenchConfig)
-    values, rest, i = {}, [], 0
-    while i < len(argv):
-        key, eq, raw = argv[i][2:].partition("=") if argv[i].startswith("--") else ("", "", "")
-        if key not in hints:
-            rest.append(argv[i])
-            i += 1
+    hints, values, rest = typing.get_type_hints(BenchConfig), {}, []
+    args = iter(argv)
+    for arg in args:
+        key, eq, raw = arg[2:].partition("=")
+        if not arg.startswith("--") or key not in hints:
+            rest.append(arg)
             continue
-        if not eq:
-            if i + 1 >= len(argv):
-                raise SystemExit(f"--{key} needs a value")
-            raw, i = argv[i + 1], i + 1
-        i += 1
+        raw = raw if eq else next(args, None)
+        if raw is None:
+            raise SystemExit(f"--{key} needs a value")
         try:
             values[key] = configurator.parse_value(key, raw, hints[key])
         except ValueError as e:

@@ -28,12 +28,6 @@ CAPFILT_SETTINGS = ("capfilt_split", "capfilt_tune", "capfilt_synthetic", "capfi
                     "capfilt_threshold", "init_from", "seed")
 
 
-def itm_threshold(p):
-    """The ITM margin (logit of match minus no match) at which p(match) = p: log(p / (1 - p)), infinite
-    at 0 and 1, so that 0 keeps every caption and 1 none with nothing rounded."""
-    return -math.inf if p <= 0 else math.inf if p >= 1 else math.log(p / (1 - p))
-
-
 @torch.no_grad()
 def bootstrap(captioner, filt, ds, cfg, device, ctx=nullcontext(), chunk=512):
     """The model work over cfg.capfilt_split, chunk images at a time: a caption per image by nucleus sampling,
@@ -55,17 +49,16 @@ def bootstrap(captioner, filt, ds, cfg, device, ctx=nullcontext(), chunk=512):
             filt, image_tokens, torch.from_numpy(np.asarray(t, np.int64)), pairs, device, ctx=ctx).cpu()
         margins.append(torch.stack([margin(own[i:i + chunk, 0]), torch.full((len(x),), -torch.inf) if captioner is None
                                     else margin(chunk_tokens)], 1))
-        if captioner is None:
-            chunk_problems = ["off"] * len(x)
         tokens.append(chunk_tokens)
         texts += chunk_texts
-        problems += chunk_problems
+        problems += ["off"] * len(x) if captioner is None else chunk_problems
     return np.concatenate(tokens), texts, problems, torch.cat(margins).numpy()
 
 
 def capfilt_keep(margins, problems, p):
-    """(N, 2) bool [own, synthetic]: the captions with margin >= itm_threshold(p), a synthetic one if usable."""
-    threshold = itm_threshold(p)
+    """(N, 2) bool [own, synthetic]: the captions whose ITM margin is at least log(p / (1 - p)), p(match) = p (infinite
+    at p = 0 and 1: 0 keeps every caption and 1 none, nothing rounded), a synthetic one if usable."""
+    threshold = -math.inf if p <= 0 else math.inf if p >= 1 else math.log(p / (1 - p))
     return np.stack([margins[:, 0] >= threshold, (margins[:, 1] >= threshold) & (np.asarray(problems) == "")], 1)
 
 
@@ -153,11 +146,9 @@ def run(cfg, sub_run, runtime):
     cleaned set as a new prepared dataset; report.json, capfilt.npz and eval.json go to out_dir."""
     ds, out = capfilt_source(cfg)
     t0 = time.time()
-    roles = {"separate": dict(CAPFILT_ROLES),
+    roles = {"separate": {k: v for k, v in CAPFILT_ROLES.items() if k == "filter" or cfg.capfilt_synthetic},
              "shared": {"shared": {k: v for w in CAPFILT_ROLES.values() for k, v in w.items()}},
              "none": {}}[cfg.capfilt_tune]
-    if not cfg.capfilt_synthetic:
-        roles.pop("captioner", None)
     paths = {}
     for name, weights in roles.items():  # each on the source dataset's train_split, from init_from
         run = {"out_dir": os.path.join(cfg.out_dir, name), "stage": "finetune", "data": ds.path, **OBJECTIVES_OFF,
@@ -188,24 +179,22 @@ def run(cfg, sub_run, runtime):
     for stale in ("eval.json", "report.json"):  # of an earlier run: this one's replace them, or say why not
         if os.path.exists(os.path.join(cfg.out_dir, stale)):
             os.remove(os.path.join(cfg.out_dir, stale))
-    npz = os.path.join(cfg.out_dir, "capfilt.npz")
-    data.write_file(npz, lambda f: np.savez(f, margins=margins, keep=keep, problems=np.array(problems),
-                                            synthetic=synthetic))
+    data.write_file(os.path.join(cfg.out_dir, "capfilt.npz"),
+                    lambda f: np.savez(f, margins=margins, keep=keep, problems=np.array(problems), synthetic=synthetic))
     write_json(os.path.join(cfg.out_dir, "report.json"), report)
-    for key, value in report.items():
-        if key != "examples":
-            print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
+    summary = {k: v for k, v in report.items() if k != "examples"}
+    for key, value in summary.items():
+        print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
     if not keep.any():
         raise SystemExit(f"the filter kept no caption of {split} at --capfilt_threshold={cfg.capfilt_threshold}: "
                          f"no dataset written (the report is in {cfg.out_dir}/report.json)")
     arrays = cleaned_split(ds, split, keep, synthetic)
-    meta = {k: v for k, v in ds.meta.items() if k != "splits"}
-    meta["capfilt"] = {k: v for k, v in report.items() if k != "examples"}
+    meta = {**{k: v for k, v in ds.meta.items() if k != "splits"}, "capfilt": summary}
     data.write_dataset(out, {"train": arrays}, meta, ds.bpe_text, copy_from=ds,
                        copy_splits=[s for s in ("val", "test") if s in ds.meta["splits"]], replace=True)
     print(f"cleaned dataset: {out} ({len(arrays['images'])} images, {int(keep.sum())} captions); "
           f"pretrain on it with --data={out}")
-    metrics = {key: v for key, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {key: v for key, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     metrics.update(bootstrap_time_s=t_boot, capfilt_time_s=time.time() - t0)
     write_json(os.path.join(cfg.out_dir, "eval.json"), metrics)
     return metrics

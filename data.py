@@ -1,8 +1,7 @@
 """
-The data of nanoVLP: the shapes world (procedural scenes whose ground truth is known), the tokenizers
-(the world's BPE, GPT-2's and CLIP's as tiktoken encodings), the prepared-dataset reader, the visual
-codebook and the batches. A prepared dataset is a directory of meta.json, tokenizer.tiktoken and
-{split}.{key}.npy arrays read memory-mapped; real data is prepared by prepare.py (docs/real-data.md).
+The data of nanoVLP: the shapes world (procedural scenes whose ground truth is known), the tokenizers (the world's
+BPE, GPT-2's and CLIP's as tiktoken encodings), prepared datasets (meta.json, tokenizer.tiktoken and memory-mapped
+{split}.{key}.npy arrays; prepare.py prepares real data, docs/real-data.md), the visual codebook and the batches.
 """
 
 import base64
@@ -18,6 +17,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import regex
@@ -56,16 +56,13 @@ RELATIONS = {(1, False): "left of", (1, True): "right of", (2, False): "above", 
 DIRECTIONS = {(1, False): "left to right", (1, True): "right to left",
               (2, False): "top to bottom", (2, True): "bottom to top"}
 
-# web caption corruptions (recorded per web caption so that filtering can be scored)
-CORRUPTIONS = ("none", "attribute", "relation", "swapped")
-# multi-image question types
-QTYPES = ("count", "most", "largest", "change", "sequence")
+CORRUPTIONS = ("none", "attribute", "relation", "swapped")  # recorded per web caption so that filtering can be scored
+QTYPES = ("count", "most", "largest", "change", "sequence")  # multi-image questions
 CHANGES = ("colour", "shape", "position", "added", "removed")
 SEQUENCES = ("grows", "shrinks", "moves")
 
-# special tokens the model uses, appended after the BPE ranks
 BOS, EOS, PAD, MASK, GLOB = "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|mask|>", "<|glob|>"
-SPECIAL_TOKENS = (EOS, BOS, PAD, MASK, GLOB)
+SPECIAL_TOKENS = (EOS, BOS, PAD, MASK, GLOB)  # the model's, appended after the BPE ranks
 BACKGROUND = "background"  # class 0 of every class map
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -170,44 +167,33 @@ def place_objects(rng, objects, S, grid, taken=()):
     return place_free(rng, [radius_px(rng, z, S / grid) for *_, z in objects], S, grid, taken)
 
 
-def shape_mask(shape, u, v):
-    """Boolean mask of a shape centred at 0 with radius 1; u right, v down (normalised by the radius)."""
-    name = ALL_SHAPES[shape]
-    d2 = u * u + v * v
-    if name == "circle":
-        return d2 <= 1.0
-    if name == "square":
-        return np.maximum(abs(u), abs(v)) <= 0.85
-    if name == "triangle":  # apex up, base at v = 0.7
-        return (v <= 0.7) & (abs(u) * 1.7 <= v + 1.0)
-    if name == "diamond":
-        return abs(u) + abs(v) <= 1.1
-    if name == "cross":
-        return ((abs(u) <= 0.35) & (abs(v) <= 1.0)) | ((abs(v) <= 0.35) & (abs(u) <= 1.0))
-    if name == "ring":
-        return (d2 <= 1.0) & (d2 >= 0.3)
-    if name == "star":  # five points
-        theta = np.arctan2(v, u) + np.pi / 2
-        return np.sqrt(d2) <= 0.45 + 0.55 * np.abs(np.cos(2.5 * theta)) ** 3
-    if name == "heart":
-        x, y = 1.15 * u, -1.15 * v + 0.25
-        return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
-    return (d2 <= 1.0) & ((u - 0.45) ** 2 + (v + 0.1) ** 2 >= 0.7)  # moon
+# each shape's mask at (u, v) (d2 = u² + v²): centred at 0 with radius 1, u right, v down (normalised by the radius)
+SHAPE_MASKS = dict(
+    circle=lambda u, v, d2: d2 <= 1.0,
+    square=lambda u, v, d2: np.maximum(abs(u), abs(v)) <= 0.85,
+    triangle=lambda u, v, d2: (v <= 0.7) & (abs(u) * 1.7 <= v + 1.0),  # apex up, base at v = 0.7
+    diamond=lambda u, v, d2: abs(u) + abs(v) <= 1.1,
+    cross=lambda u, v, d2: ((abs(u) <= 0.35) & (abs(v) <= 1.0)) | ((abs(v) <= 0.35) & (abs(u) <= 1.0)),
+    ring=lambda u, v, d2: (d2 <= 1.0) & (d2 >= 0.3),
+    star=lambda u, v, d2: np.sqrt(d2) <= 0.45 + 0.55 * np.abs(np.cos(2.5 * (np.arctan2(v, u) + np.pi / 2))) ** 3,
+    heart=lambda u, v, d2: (((1.15 * u) ** 2 + (0.25 - 1.15 * v) ** 2 - 1) ** 3  # (x² + y² - 1)³ <= x² y³
+                            <= (1.15 * u) ** 2 * (0.25 - 1.15 * v) ** 3),  # at x = 1.15 u, y = 0.25 - 1.15 v
+    moon=lambda u, v, d2: (d2 <= 1.0) & ((u - 0.45) ** 2 + (v + 0.1) ** 2 >= 0.7),
+)
 
 
 def render(rng, objects, placement, S):
     """Draw one image of up to 3 objects: image (S,S,3) uint8, classmap (S,S) uint8 and objects (3, 7) int16,
     a row of shape, colour, size, x0, y0, x1, y1 (-1 where there is no object)."""
-    image = np.empty((S, S, 3), np.uint8)
-    image[:] = rng.integers(0, 50, size=3)  # dark background of a random tint
+    image = np.full((S, S, 3), rng.integers(0, 50, size=3), np.uint8)  # dark background of a random tint
     classmap = np.zeros((S, S), np.uint8)
     rows = np.full((3, 7), -1, np.int16)
     for j, ((s, c, z), (cx, cy, r)) in enumerate(zip(objects, placement)):
         x0, y0 = max(int(cx - r) - 1, 0), max(int(cy - r) - 1, 0)
         x1, y1 = min(int(cx + r) + 2, S), min(int(cy + r) + 2, S)
-        u = (np.arange(x0, x1) + 0.5 - cx) / r  # pixel centres
-        v = (np.arange(y0, y1) + 0.5 - cy) / r
-        mask = shape_mask(s, u[None, :], v[:, None])
+        u = (np.arange(x0, x1)[None, :] + 0.5 - cx) / r  # pixel centres
+        v = (np.arange(y0, y1)[:, None] + 0.5 - cy) / r
+        mask = SHAPE_MASKS[ALL_SHAPES[s]](u, v, u * u + v * v)
         colour = np.clip(np.array(COLOURS[COLOUR_NAMES[c]]) + rng.integers(-20, 21, size=3), 0, 255)
         image[y0:y1, x0:x1][mask] = colour
         classmap[y0:y1, x0:x1][mask] = 1 + s
@@ -254,12 +240,11 @@ def train_bpe(texts, max_merges=2000):
     """Byte-level BPE ranks learned from texts (words split by GPT-2's pattern): the most frequent
     pair merged (ties by its bytes) until every word is one token or max_merges."""
     counts = Counter(word for text in texts for word in regex.findall(GPT2_PATTERN, text))
-    words = [[bytes([b]) for b in w.encode("utf-8")] for w in counts]
-    freq = list(counts.values())
+    words = [([bytes([b]) for b in w.encode("utf-8")], f) for w, f in counts.items()]
     ranks = {bytes([i]): i for i in range(256)}
     for _ in range(max_merges):
         pairs = {}
-        for w, f in zip(words, freq):
+        for w, f in words:
             for pair in zip(w, w[1:]):
                 pairs[pair] = pairs.get(pair, 0) + f
         if not pairs:
@@ -267,16 +252,14 @@ def train_bpe(texts, max_merges=2000):
         best = min(pairs, key=lambda p: (-pairs[p], p))
         merged = best[0] + best[1]
         ranks[merged] = len(ranks)
-        for k, w in enumerate(words):
-            i, out = 0, []
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(merged)
-                    i += 2
+        for w, _ in words:  # left to right; a merged token is never best[0], so never merged again
+            out = []
+            for tok in w:
+                if out and (out[-1], tok) == best:
+                    out[-1] = merged
                 else:
-                    out.append(w[i])
-                    i += 1
-            words[k] = out
+                    out.append(tok)
+            w[:] = out
     return ranks
 
 
@@ -295,8 +278,7 @@ def make_encoding(name, ranks, pattern=GPT2_PATTERN, specials=None, cls=tiktoken
     """A tiktoken Encoding (or subclass cls) with our special tokens after the ranks (and specials)."""
     specials = dict(specials or {})
     for tok in SPECIAL_TOKENS:
-        if tok not in specials:
-            specials[tok] = len(ranks) + len(specials)
+        specials.setdefault(tok, len(ranks) + len(specials))
     return cls(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
 
 
@@ -375,9 +357,7 @@ def class_prompt_tokens(enc, names, template, length):
 def decode_tokens(enc, ids):
     """Text of one token row, stopping at <eos> and dropping <bos>/<pad>."""
     eos, specials = enc.encode_single_token(EOS), {enc.encode_single_token(t) for t in SPECIAL_TOKENS}
-    ids = [int(t) for t in ids]
-    ids = ids[:ids.index(eos)] if eos in ids else ids
-    return enc.decode([t for t in ids if t not in specials])
+    return enc.decode([t for t in itertools.takewhile(lambda t: t != eos, map(int, ids)) if t not in specials])
 
 
 # -----------------------------------------------------------------------------
@@ -503,11 +483,8 @@ def corrupt(rng, axis, objs, all_scenes, pairs_ok):
             new[j] = tuple(o)
             if not pairs_ok(o[0], o[1]):
                 continue
-        elif kind == "relation":
-            if rng.integers(2):
-                new_axis = 3 - axis
-            else:
-                new = new[::-1]
+        elif kind == "relation":  # the other axis, or the objects the other way along it
+            new_axis, new = (3 - axis, new) if rng.integers(2) else (axis, new[::-1])
         else:
             new_axis, new = all_scenes[int(rng.integers(len(all_scenes)))]
         if scene_id(new_axis, new) != sid:
@@ -606,9 +583,7 @@ def gen_multi(rng, n_sets, S, grid, max_images, pairs_ok):
                           for p in path]
             else:  # one cell, the radius from small to large or back
                 radii = np.linspace(RADIUS[0] * 0.8, RADIUS[1], K) * cell
-                radii = radii if kind == "grows" else radii[::-1]
-                centre = ((col + 0.5) * cell, (row + 0.5) * cell)
-                places = [[(*centre, r)] for r in radii]
+                places = [[((col + 0.5) * cell, (row + 0.5) * cell, r)] for r in radii[::1 if kind == "grows" else -1]]
             ids = [add([obj], p) for p in places]
             q, a = "does the object grow, shrink or move?", kind
         sets.append(ids + [-1] * (max_images - len(ids)))
@@ -700,15 +675,10 @@ class Dataset:
         meta_path = os.path.join(path, "meta.json")
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{path} is not a prepared dataset: {meta_path} is missing")
-        self.path = path
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        self.path, self.meta = path, json.loads(Path(meta_path).read_text())
         self.image_size, self.context_length = self.meta["image_size"], self.meta["context_length"]
         tok = self.meta["tokenizer"]
-        self.bpe_text = None  # a GPT-2 dataset without a file uses tiktoken's own
-        if tok.get("file"):
-            with open(os.path.join(path, tok["file"])) as f:
-                self.bpe_text = f.read()
+        self.bpe_text = Path(path, tok["file"]).read_text() if tok.get("file") else None  # None: tiktoken's GPT-2
         self.tokenizer = get_tokenizer(tok["kind"], self.bpe_text)
         self.stream = self.meta.get("stream")
         self._arrays = {}
@@ -733,10 +703,7 @@ class Dataset:
     def captions(self, split):
         """Each image's captions as the source wrote them ({split}.captions.json), or None (world)."""
         file = os.path.join(self.path, f"{split}.captions.json")
-        if not os.path.exists(file):
-            return None
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(Path(file).read_text(encoding="utf-8")) if os.path.exists(file) else None
 
     def image_text_batch(self, split, idx, caption):
         """Images (B,S,S,3) uint8 and caption rows (B,T) int32 of images idx (B,), caption (B,) of each."""
@@ -818,8 +785,7 @@ def codebook_file(path, patch_size, n_codes):
 
 def patchify(images, p):
     """uint8 (N, S, S, 3) -> float32 (N, P, p*p*3) in [0, 1], patches row-major as the ViT's."""
-    N, S = images.shape[:2]
-    g = S // p
+    N, g = len(images), images.shape[1] // p
     x = np.asarray(images).reshape(N, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(N, g * g, p * p * 3).astype(np.float32) / 255.0
 
@@ -1052,6 +1018,5 @@ def host_batches(fetch, start, num_workers, pin_memory):
         return iter(HostBatches(fetch, start))
     if "fork" not in torch.multiprocessing.get_all_start_methods():
         raise SystemExit("--num_workers needs the 'fork' start method (Linux); use --num_workers=0 here")
-    loader = torch.utils.data.DataLoader(HostBatches(fetch, start), batch_size=None, num_workers=num_workers,
-                                         pin_memory=pin_memory, prefetch_factor=2, multiprocessing_context="fork")
-    return iter(loader)
+    return iter(torch.utils.data.DataLoader(HostBatches(fetch, start), batch_size=None, num_workers=num_workers,
+                                            pin_memory=pin_memory, prefetch_factor=2, multiprocessing_context="fork"))

@@ -15,6 +15,9 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
+import time
 from collections import Counter
 from contextlib import nullcontext
 
@@ -123,8 +126,7 @@ def itm_evaluation(model, image_tokens, tokens, sim, relevant, first, k, device,
     tokens (G, T), first (N,) the gallery index of each image's first caption."""
     N = sim.size(0)
     hard = sim.masked_fill(relevant, float("-inf")).argmax(1)  # the most similar caption of another scene
-    rows = torch.arange(N)
-    pairs = torch.cat([torch.stack([rows, torch.as_tensor(first)], 1), torch.stack([rows, hard], 1)])
+    pairs = torch.stack([torch.arange(N).repeat(2), torch.cat([torch.as_tensor(first), hard])], 1)
     margin = itm_margins(model, image_tokens, tokens, pairs, device, ctx=ctx).cpu()
     labels = torch.arange(2 * N) < N
     out = {"itm_acc": float(((margin > 0) == labels).float().mean()), "itm_auc": roc_auc(margin, labels)}
@@ -145,8 +147,7 @@ def electra_evaluation(model, images, tokens, codes, device, batch_size=256, see
     rng = torch.Generator(device=device).manual_seed(seed)
     parts = []  # per batch: the RTD logits and labels of the text tokens, the R2D ones of the patches
     for i in range(0, len(images), batch_size):
-        t = torch.as_tensor(np.asarray(tokens[i:i + batch_size], np.int64), device=device)
-        c = torch.as_tensor(np.asarray(codes[i:i + batch_size], np.int64), device=device)
+        t, c = (torch.as_tensor(np.asarray(a[i:i + batch_size], np.int64), device=device) for a in (tokens, codes))
         with ctx:
             E = model.electra_inputs(model.normalize_pixels(images[i:i + batch_size]), t, c, rng=rng)
             image_tokens = model.image_tokens(model.visual(E["pixels"]))
@@ -306,10 +307,7 @@ def cider_d(refs, cands, n=4, sigma=6.0):
         for counts in ref_counts[key]:
             rvec, rnorm, rlength = tfidf(counts)
             for k in range(n):
-                s = 0.0
-                for gram, v in vec[k].items():
-                    r = rvec[k].get(gram, 0.0)
-                    s += min(v, r) * r
+                s = sum(min(v, rvec[k].get(gram, 0.0)) * rvec[k].get(gram, 0.0) for gram, v in vec[k].items())
                 if norm[k] != 0 and rnorm[k] != 0:
                     s /= norm[k] * rnorm[k]
                 # np.e ** as pycocoevalcap computes it: np.exp can differ in the last bit
@@ -322,9 +320,8 @@ def caption_scores(captions, references):
     """BLEU-1..4 and CIDEr-D of captions (a text per image) against each image's references, both coco_tokenize'd."""
     refs = {i: [coco_tokenize(r) for r in rs] for i, rs in enumerate(references)}
     cands = {i: coco_tokenize(c) for i, c in enumerate(captions)}
-    out = {f"caption_bleu{k}": float(s) for k, s in enumerate(bleu(refs, cands), 1)}
-    out["caption_cider"] = cider_d(refs, cands)
-    return out
+    return {**{f"caption_bleu{k}": float(s) for k, s in enumerate(bleu(refs, cands), 1)},
+            "caption_cider": cider_d(refs, cands)}
 
 
 def zero_shot_accuracy(model, tokenizer, image_emb, objects, length, device, ctx=nullcontext()):
@@ -472,19 +469,15 @@ def markdown_table(rows, keys):
 def run_train(name, out, flags, log_dir=""):
     """Run `python train.py --out_dir=out *flags` as its own process; its eval.json with the wall time and
     the median samples/s of out/log_dir/log.jsonl."""
-    import subprocess
-    import sys
-    import time
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), f"--out_dir={out}",
            *flags]
     print(f"[{name}]\n{' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
     if subprocess.run(cmd).returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    speeds = []
-    if os.path.exists(os.path.join(out, log_dir, "log.jsonl")):
-        with open(os.path.join(out, log_dir, "log.jsonl")) as f:
-            speeds = [json.loads(line)["samples_per_s"] for line in f if "samples_per_s" in line]
+    log = os.path.join(out, log_dir, "log.jsonl")
+    with open(log) if os.path.exists(log) else nullcontext([]) as f:
+        speeds = [json.loads(line)["samples_per_s"] for line in f if "samples_per_s" in line]
     return {**read_json(os.path.join(out, "eval.json")), "wall_time_s": round(time.time() - t0),
             "samples_per_s": round(float(np.median(speeds))) if speeds else None}
 
@@ -495,25 +488,15 @@ def write_text(path, text):
     print(text)
 
 
-def stage_flag(args):
-    return f"--stage={args.stage}" if args.stage != "pretrain" else f"--train_split={args.train_split}"
-
-
-def max_iters_flag(args):
-    return [f"--max_iters={args.max_iters}"] if args.max_iters else []
-
-
-def ablation_command(args, train_args):
-    """The eval.py command of a table, written above it; the CapFilt experiment resumes only under the same one."""
-    return " ".join(["python eval.py --ablation", stage_flag(args), "--config", args.config, *max_iters_flag(args),
-                     *train_args])
-
-
 def run_ablation(args, train_args):
     """Train every row of the stage's table (or --rows) as its own train.py process and write a Markdown
     table of their eval.json; --stage capfilt runs the CapFilt experiment instead."""
+    stage = f"--stage={args.stage}" if args.stage != "pretrain" else f"--train_split={args.train_split}"
+    iters = [f"--max_iters={args.max_iters}"] if args.max_iters else []
+    # written above the table; the CapFilt experiment resumes only under the same command
+    command = " ".join(["python eval.py --ablation", stage, "--config", args.config, *iters, *train_args])
     if args.stage == "capfilt":
-        return run_capfilt_experiment(args, train_args)
+        return run_capfilt_experiment(args, train_args, command, iters)
     table = {"instruct": INSTRUCT_ROWS, "prompt": PROMPT_ROWS}.get(args.stage, ABLATION_ROWS)
     names = args.rows.split(",") if args.rows else list(table)
     unknown = [n for n in names if n not in table]
@@ -522,17 +505,15 @@ def run_ablation(args, train_args):
     if args.stage != "pretrain" and not any(a.startswith("--init_from") for a in train_args):
         raise SystemExit(f"--stage {args.stage}: give the pretrained checkpoint every row starts from, "
                          f"--init_from=PATH")
-    results = {}
-    for name in names:
-        flags = ["--config", args.config, stage_flag(args), f"--eval_interval={10 ** 9}", *max_iters_flag(args),
-                 *[f"--{k}={v}" for k, v in table[name].items()], *train_args]
-        results[name] = run_train(name, os.path.join(args.ablation_dir, name.replace("+", "_")), flags,
-                                  log_dir="seed0" if args.stage == "prompt" else "")
+    results = {name: run_train(name, os.path.join(args.ablation_dir, name.replace("+", "_")),
+                               ["--config", args.config, stage, f"--eval_interval={10 ** 9}", *iters,
+                                *[f"--{k}={v}" for k, v in table[name].items()], *train_args],
+                               log_dir="seed0" if args.stage == "prompt" else "") for name in names}
     first, timing = next(iter(results.values())), ["wall_time_s", "samples_per_s"]
     keys = [k for k in dict.fromkeys(k for m in results.values() for k in m)
-            if k not in ("step", "train_time_s", "wall_time_s", "samples_per_s")]
+            if k not in ("step", "train_time_s", *timing)]
     steps = ", ".join(sorted({str(m.get("step")) for m in results.values()}))
-    text = f"Ablation: `{ablation_command(args, train_args)}`; {steps} steps per row, the same seed.\n\n"
+    text = f"Ablation: `{command}`; {steps} steps per row, the same seed.\n\n"
     if args.stage == "prompt":  # zero-shot (no prompts, nothing trained) as a row of its own
         zero = {k.removeprefix("zeroshot_"): v for k, v in first.items() if k.startswith("zeroshot_")}
         text += "novel_val, the mean and std over each row's shot samples:\n\n" + markdown_table(
@@ -568,7 +549,7 @@ CAPFILT_STEPS = [
 ]
 
 
-def run_capfilt_experiment(args, train_args):
+def run_capfilt_experiment(args, train_args, command, iters):
     """The CapFilt experiment (CAPFILT_STEPS, results/capfilt.md), each step a train.py process in
     ablation_dir/<step>; resumes from ablation_dir/experiment.json. Writes a Markdown table and the filter's reports."""
     if args.rows or args.data or args.train_split != "train":
@@ -578,7 +559,6 @@ def run_capfilt_experiment(args, train_args):
              if f.split("=")[0] in ("--out_dir", "--data", "--init_from", "--capfilt_data", "--stage")]
     if fixed:
         raise SystemExit(f"--stage=capfilt sets {', '.join(fixed)} itself for each step")
-    command = ablation_command(args, train_args)
     state_file = os.path.join(args.ablation_dir, "experiment.json")
     done = {"command": command, **(read_json(state_file) if os.path.exists(state_file) else {})}
     if done["command"] != command:
@@ -590,12 +570,9 @@ def run_capfilt_experiment(args, train_args):
             print(f"[{name}] finished before, kept")
             continue
         flags = ["--config", args.config, f"--eval_interval={10 ** 9}", *train_args, *flags]
-        if init:
-            flags.append(f"--init_from={os.path.join(args.ablation_dir, init)}")
-        if cleaned:
-            flags.append(f"--data={done[cleaned]['data_path']}")
-        if not any(f.startswith("--stage=") for f in flags):  # the later stages have their own number of steps
-            flags += max_iters_flag(args)
+        flags += [f"--init_from={os.path.join(args.ablation_dir, init)}"] if init else []
+        flags += [f"--data={done[cleaned]['data_path']}"] if cleaned else []
+        flags += [] if any(f.startswith("--stage=") for f in flags) else iters  # later stages: their own steps
         done[name] = run_train(name, os.path.join(args.ablation_dir, name), flags)
         if name in capfilt:
             done[name]["data_path"] = read_json(os.path.join(args.ablation_dir, name, "report.json"))["data_path"]
@@ -622,9 +599,8 @@ def run_capfilt_experiment(args, train_args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="out/ckpt.pt")
-    parser.add_argument("--data", default=None, help="prepared dataset directory (default: the checkpoint's)")
-    parser.add_argument("--out", default=None,
-                        help="where to write the metrics (default: eval.json beside the checkpoint)")
+    parser.add_argument("--data", help="prepared dataset directory (default: the checkpoint's)")
+    parser.add_argument("--out", help="where to write the metrics (default: eval.json beside the checkpoint)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rerank_k", type=int, default=8, help="ITM re-ranks the top k of ITC retrieval")
     parser.add_argument("--split", default="val", help="the captioned split to evaluate (Karpathy's COCO: test)")
@@ -639,8 +615,8 @@ def main():
     ab.add_argument("--config", default="small")
     ab.add_argument("--train_split", default="train", help="'train' (clean) or 'web' (noisy captions)")
     ab.add_argument("--max_iters", type=int, default=0, help="steps per row (default: the preset's)")
-    ab.add_argument("--ablation_dir", default=None, help="default out-ablation, or out-ablation-<stage>")
-    ab.add_argument("--table", default=None, help="default results/ablation.md, or results/ablation-<stage>.md")
+    ab.add_argument("--ablation_dir", help="default out-ablation, or out-ablation-<stage>")
+    ab.add_argument("--table", help="default results/ablation.md, or results/ablation-<stage>.md")
     args, rest = parser.parse_known_args()
     suffix = "" if args.stage == "pretrain" else f"-{args.stage}"
     args.ablation_dir = args.ablation_dir or f"out-ablation{suffix}"

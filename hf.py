@@ -1,22 +1,18 @@
 """
-Hugging Face interop: CLIP and GPT-2 weights in (from_pretrained, hf_init), CLIP out (export_hf_clip), and
-their byte-level BPE tokenizers read as tiktoken ranks and written back as Hugging Face files. transformers is
-imported in here only. What is loaded and written: docs/real-data.md.
+Hugging Face interop: CLIP and GPT-2 weights in (from_pretrained, hf_init) and CLIP out (export_hf_clip), and
+their byte-level BPE tokenizers both ways; transformers is imported here only. Details: docs/real-data.md.
 """
 
 import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
-from dataclasses import asdict
 
 import tiktoken
 import torch
 
-from data import (BOS, EOS, PAD, SPECIAL_TOKENS, Dataset, bpe_from_text, bpe_to_text, get_tokenizer, tokenizer_meta,
-                  write_file)
+from data import (BOS, EOS, PAD, SPECIAL_TOKENS, Dataset, bpe_from_text, bpe_to_text, get_tokenizer, staged_dataset,
+                  tokenizer_meta, write_file)
 from model import VLM, VLMConfig, text_activation
 
 # -----------------------------------------------------------------------------
@@ -33,17 +29,15 @@ def bytes_to_unicode():
 
 
 def hf_bpe_ranks(vocab, merges, end_of_word=""):
-    """tiktoken ranks {token bytes: id} from a Hugging Face byte-level BPE: vocab {token: id}, merges
-    [(a, b)] in order. ValueError unless the ids number the bytes 0.. and the merged tokens after them in merge
-    order: tiktoken joins the lowest-ranked pair, Hugging Face the first in merges.txt, the same only then."""
+    """tiktoken ranks {token bytes: id} of a Hugging Face byte-level BPE: vocab {token: id}, merges [(a, b)]. ValueError
+    unless the ids number the bytes, then the merged tokens in merge order (tiktoken's rule is then HF's)."""
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
 
     def to_bytes(token):
-        word_end = bool(end_of_word) and token.endswith(end_of_word)
-        chars = token[:len(token) - len(end_of_word) * word_end]
+        chars = token.removesuffix(end_of_word)
         if not chars or any(c not in byte_of for c in chars):
             raise ValueError(f"token {token!r} is not written in byte characters")
-        return bytes(byte_of[c] for c in chars) + b" " * word_end
+        return bytes(byte_of[c] for c in chars) + b" " * (chars != token)
 
     base = list(byte_of) + [c + end_of_word for c in byte_of] * bool(end_of_word)
     merged = [a + b for a, b in merges]
@@ -51,9 +45,8 @@ def hf_bpe_ranks(vocab, merges, end_of_word=""):
     if missing:
         raise ValueError(f"the vocabulary lacks {len(missing)} of its byte and merged tokens, e.g. {missing[:3]}")
     ranks = {to_bytes(t): vocab[t] for t in base + merged}
-    ids = [vocab[t] for t in merged]
-    if len(ranks) != len(base) + len(merged) or sorted(ranks.values()) != list(range(len(ranks))) \
-            or any(a >= b for a, b in zip(ids, ids[1:])) or (ids and ids[0] < len(base)):
+    if len(ranks) != len(base) + len(merged) or sorted(vocab[t] for t in base) != list(range(len(base))) \
+            or [vocab[t] for t in merged] != list(range(len(base), len(ranks))):
         raise ValueError("the vocabulary does not number its byte tokens 0..n-1 and its merged tokens after them "
                          "in merge order: tiktoken cannot reproduce its merges")
     return ranks
@@ -98,8 +91,7 @@ def hf_bpe(name_or_path):
 
 
 def hf_tokenizer(name_or_path):
-    """(kind, bpe_text) of a Hugging Face GPT-2 or CLIP tokenizer: kind 'clip' when the vocabulary has
-    '</w>' word ends, else 'gpt2'; bpe_text the ranks in tiktoken's file format (get_tokenizer reads it)."""
+    """(kind, bpe_text) of a Hugging Face tokenizer: 'clip' if its vocabulary has '</w>' word ends, else 'gpt2'."""
     vocab, merges = hf_bpe(name_or_path)
     try:
         if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()) \
@@ -147,9 +139,8 @@ HF_TOKENIZER_CLASSES = {"clip": "CLIPTokenizer", "gpt2": "GPT2Tokenizer", "bpe":
 
 
 def hf_tokenizer_files(kind, bpe_text, folder):
-    """Write a tokenizer (kind, bpe_text) into folder as Hugging Face's vocab.json, merges.txt and
-    tokenizer_config.json, each atomically: AutoTokenizer then gives our token rows with padding="max_length",
-    and hf_tokenizer reads them back (the world's 'bpe' as 'gpt2', the same encoding). Returns the three paths."""
+    """Write a tokenizer as Hugging Face's vocab.json, merges.txt and tokenizer_config.json in folder, each atomically,
+    which AutoTokenizer reads as ours and hf_tokenizer reads back ('bpe' as 'gpt2'). Returns the three paths."""
     if kind not in HF_TOKENIZER_CLASSES:
         raise ValueError(f"unknown tokenizer {kind!r}: expected 'clip', 'gpt2' or 'bpe'")
     clip, char = kind == "clip", bytes_to_unicode()
@@ -183,11 +174,10 @@ def hf_tokenizer_files(kind, bpe_text, folder):
 # -----------------------------------------------------------------------------
 # weights: CLIP in and out, GPT-2 in
 
-# Hugging Face's hidden_act -> ours (gelu_new, gelu_pytorch_tanh and gelu_fast are one function)
+# Hugging Face's hidden_act -> ours (gelu_new, gelu_pytorch_tanh and gelu_fast are one function), and back for export
 HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                   "gelu_fast": "gelu_tanh"}
-# ours -> the hidden_act that export_hf_clip writes
-HF_ACTIVATION_NAMES = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+HF_ACTIVATION_NAMES = {**{ours: theirs for theirs, ours in HF_ACTIVATIONS.items()}, "gelu_tanh": "gelu_pytorch_tanh"}
 
 # per tower: (HF's prefix, {ours: HF's} (a LayerNorm name maps its weight and bias), (our projection, HF's))
 HF_CLIP_TOWERS = {
@@ -207,9 +197,8 @@ GPT2_BLOCK = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_p
 
 
 def hf_clip_keys(cfg, towers=("visual", "text")):
-    """(our name, Hugging Face CLIP's) for logit_scale and every tensor of the towers named; for c_attn,
-    HF's q, k and v names, which concatenate into it. Our ln_post on every token is HF's post_layernorm on the
-    class token: the same weights, the same embedding."""
+    """(our name, HF CLIP's) of logit_scale and each tensor of the towers named, c_attn's HF's q, k and v. Our ln_post
+    (on every token) is HF's post_layernorm (on the class token): the same weights, the same embedding."""
     pairs = [("logit_scale", "logit_scale")]
     for tower in towers:
         prefix, keys, (proj, their_proj) = HF_CLIP_TOWERS[tower]
@@ -256,8 +245,8 @@ def state_from_hf_gpt2(sd, cfg):
 
 @torch.no_grad()
 def load_into(model, state):
-    """Copy state (our names) into model's tensors, in their dtype. The token embedding takes a smaller table
-    into its first rows, the positional embedding the first rows of a longer one; other shapes must match."""
+    """Copy state (our names) into model's tensors: a smaller token table into the first rows, the first rows of a
+    longer positional embedding; other shapes must match."""
     own = model.state_dict()
     for k, v in state.items():
         dst = own[k]
@@ -284,18 +273,11 @@ def hf_config(name):
                       "save_pretrained, or a hub name with the network reachable") from e
 
 
-def hf_weights(kind, name):
-    """The state dict of a transformers CLIPModel ('clip') or GPT2Model ('gpt2') from name."""
-    import transformers
-    return (transformers.CLIPModel if kind == "clip" else transformers.GPT2Model).from_pretrained(name).state_dict()
-
-
 def hf_image_stats(name):
     """{'image_mean', 'image_std'} from a preprocessor_config.json; {} without one."""
-    from transformers.utils import cached_file
-    path = cached_file(name, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
-                       _raise_exceptions_for_connection_errors=False)
-    if path is None:
+    try:
+        path, = hf_files(name, ("preprocessor_config.json",))
+    except ValueError:
         return {}
     with open(path) as f:
         pre = json.load(f)
@@ -365,31 +347,16 @@ def gpt2_fields(config, name):
                 **special_ids(name, config.vocab_size, eos=config.eos_token_id))
 
 
-def merge_towers(name, vision, text):
-    """One set of fields from a vision tower's and a text tower's, which must agree on mlp_ratio and
-    layer_norm_eps; text_activation is '' when it is the vision tower's."""
-    for k in ("mlp_ratio", "layer_norm_eps"):
-        if vision[k] != text[k]:
-            raise ValueError(f"{name}: {k} is {vision[k]} in the vision tower and {text[k]} in the text tower; "
-                             f"ours has one {k} for both")
-    out = {**vision, **text}
-    if out["text_activation"] == out["activation"]:
-        out["text_activation"] = ""
-    return out
-
-
 def checked_config(name, fixed, overrides):
     """VLMConfig(fixed, then overrides); an override may not contradict a fixed field (context_length may be less)."""
-    known = {f.name for f in dataclasses.fields(VLMConfig)}
     for k in overrides:
-        if k not in known:
+        if k not in {f.name for f in dataclasses.fields(VLMConfig)}:
             raise ValueError(f"{k!r} is not a VLMConfig field")
     cfg = VLMConfig(**{**fixed, **overrides})
-    for k, v in fixed.items():
-        if k == "text_activation":
+    for k, want in fixed.items():
+        got = getattr(cfg, k)
+        if k == "text_activation":  # '' is activation's
             want, got = text_activation(VLMConfig(**fixed)), text_activation(cfg)
-        else:
-            want, got = v, getattr(cfg, k)
         if got != want and not (k == "context_length" and got <= want):
             raise ValueError(f"{k}={got!r} contradicts {name}, whose architecture has {k}={want!r}"
                              + (" (context_length may be less, not more)" if k == "context_length" else ""))
@@ -417,9 +384,8 @@ def hf_clip_config(cfg):
 
 
 def export_hf_clip(model, path, write_extra=None):
-    """Write model's ViT, text transformer, projections and logit_scale as a Hugging Face CLIP directory
-    (config.json, model.safetensors, preprocessor_config.json) that CLIPModel.from_pretrained loads with equal outputs.
-    write_extra(directory) writes more files (sample.py export: the tokenizer's). path must not exist yet."""
+    """Write model's towers, projections and logit_scale as a new Hugging Face CLIP directory that CLIPModel loads
+    with equal outputs; write_extra(directory) writes more files (sample.py export: the tokenizer's)."""
     from transformers import CLIPModel
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists: export_hf_clip writes a new directory")
@@ -430,26 +396,17 @@ def export_hf_clip(model, path, write_extra=None):
     pre = dict(image_processor_type="CLIPImageProcessor", do_resize=True, size={"shortest_edge": S}, resample=3,
                do_center_crop=True, crop_size={"height": S, "width": S}, do_rescale=True, rescale_factor=1 / 255,
                do_normalize=True, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std), do_convert_rgb=True)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".export_hf_clip.")
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would stay with the renamed directory
+    with staged_dataset(path) as tmp:  # a directory written whole, or not at all
         hf.save_pretrained(tmp)
-        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-            json.dump(pre, f, indent=2)
+        write_file(os.path.join(tmp, "preprocessor_config.json"), json.dumps(pre, indent=2))
         if write_extra is not None:
             write_extra(tmp)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def from_pretrained(name_or_path, text=None, **overrides):
-    """A float32 model from Hugging Face weights (a save_pretrained directory or a hub name): a CLIP's towers, a
-    GPT-2's text transformer, or with text= a CLIP's ViT and a GPT-2's text transformer; our specials appended.
-    overrides: other VLMConfig fields, a ValueError where they contradict the weights. Details: docs/real-data.md."""
+    """A float32 model of a CLIP's towers, a GPT-2's text transformer, or with text= a CLIP's ViT and a GPT-2's text
+    transformer; our specials appended. overrides: VLMConfig fields, a ValueError where they contradict the weights."""
+    import transformers
     config = hf_config(name_or_path)
     name = name_or_path if text is None else f"{name_or_path} with text={text}"
     if config.model_type == "gpt2":
@@ -466,16 +423,22 @@ def from_pretrained(name_or_path, text=None, **overrides):
                              f"{text_config.model_type!r}); text= takes a GPT-2")
     clip = config.model_type == "clip"
     fixed = clip_text_fields(config, name_or_path) if text is None else gpt2_fields(text_config, text)
-    if clip:
-        fixed = merge_towers(name, clip_vision_fields(config, name_or_path), fixed)
+    if clip:  # the towers share mlp_ratio and layer_norm_eps; text_activation '' when it is the ViT's
+        vision = clip_vision_fields(config, name_or_path)
+        for k in ("mlp_ratio", "layer_norm_eps"):
+            if vision[k] != fixed[k]:
+                raise ValueError(f"{name}: {k} is {vision[k]} in the vision tower and {fixed[k]} in the text tower; "
+                                 f"ours has one {k} for both")
+        same = fixed["text_activation"] == vision["activation"]
+        fixed = {**vision, **fixed, "text_activation": "" if same else fixed["text_activation"]}
     cfg = checked_config(name, fixed, {**(hf_image_stats(name_or_path) if clip else {}), **overrides})
     model = VLM(cfg).float()
     state = {}
     if clip:
         towers = ("visual", "text") if text is None else ("visual",)
-        state = state_from_hf_clip(hf_weights("clip", name_or_path), cfg, towers)
+        state = state_from_hf_clip(transformers.CLIPModel.from_pretrained(name_or_path).state_dict(), cfg, towers)
     if text is not None:
-        state.update(state_from_hf_gpt2(hf_weights("gpt2", text), cfg))
+        state.update(state_from_hf_gpt2(transformers.GPT2Model.from_pretrained(text).state_dict(), cfg))
     load_into(model, state)
     model.reset_momentum()
     return model
@@ -491,5 +454,5 @@ def hf_init(name, text, model_changes, seed):
         kind, bpe = hf_tokenizer(text or name)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--init_from {name}{' --init_text ' + text if text else ''}: {e}") from None
-    return {"model": model.state_dict(), "config": {"model": asdict(model.cfg)},
+    return {"model": model.state_dict(), "config": {"model": dataclasses.asdict(model.cfg)},
             "tokenizer": {"kind": kind, "bpe": bpe}, "data_path": text or name}

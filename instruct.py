@@ -70,19 +70,16 @@ class InstructVLM(VLM):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        w = cfg.text_width
-        self.image_index = nn.Parameter(0.02 * torch.randn(cfg.image_slots, w))  # which image a token comes from
+        self.image_index = nn.Parameter(0.02 * torch.randn(cfg.image_slots, cfg.text_width))  # a token's image slot
         self.relation = RelationEncoder(cfg) if cfg.relation else None
-        self.scorer = Scorer(w) if cfg.two_pass else None
+        self.scorer = Scorer(cfg.text_width) if cfg.two_pass else None
         for module in (self.relation, self.scorer):
             if module is not None:
                 module.apply(self._init_weights)
 
     def multi_pixels(self, images):
         """uint8 (B, K, H, W, 3), numpy or a tensor -> normalised (B, K, 3, H, W) on the model's device."""
-        B, K = images.shape[:2]
-        x = self.normalize_pixels(images.reshape(B * K, *images.shape[2:]))
-        return x.view(B, K, *x.shape[1:])
+        return self.normalize_pixels(images.reshape(-1, *images.shape[2:])).unflatten(0, images.shape[:2])
 
     def instruct_image_tokens(self, pixels, image_valid):
         """pixels (B, K, 3, H, W), image_valid (B, K) -> relation tokens (B, K, w) or None,
@@ -90,17 +87,13 @@ class InstructVLM(VLM):
         B, K = image_valid.shape
         vit = self.visual(pixels[image_valid])  # (n, 1 + P, vit_width)
         sample, slot = image_valid.nonzero(as_tuple=True)
-        rel = None
-        if self.relation is not None:
-            pooled = vit.new_zeros(B, K, vit.size(-1))
-            pooled[sample, slot] = vit[:, 0]
-            rel = self.relation(pooled, image_valid)
+
+        def by_slot(x):  # (n, ...) of the valid images -> (B, K, ...), zeros in the padding slots
+            return x.new_zeros(B, K, *x.shape[1:]).index_put_((sample, slot), x)
+        rel = self.relation(by_slot(vit[:, 0]), image_valid) if self.relation is not None else None
         # each image's converter also reads its sample's relation tokens
         context = (rel[sample], image_valid[sample]) if rel is not None else (None, None)
-        tokens = self.converter(vit[:, 1:], *context) + self.image_index[slot][:, None]
-        image = tokens.new_zeros(B, K, *tokens.shape[1:])
-        image[sample, slot] = tokens
-        return rel, image
+        return rel, by_slot(self.converter(vit[:, 1:], *context) + self.image_index[slot][:, None])
 
     def question_block(self, question):
         """The question in its fixed block of context_length - answer_length positions."""
@@ -142,28 +135,21 @@ class InstructVLM(VLM):
         """The answer's states from pass 2 over [g | relation | image tokens | question | answer],
         prefix-LM; a kept token's log gate is added to its attention logits (the pre-LN would undo a scaled token).
         drop: {modality: (B,) bool}, the samples whose instruction, images or relation tokens are hidden."""
-        cfg = self.cfg
-        B = question.size(0)
-        keep = {k: ~drop[k] if drop is not None else question.new_ones(B, dtype=torch.bool) for k in DROPPABLE}
-        parts, valid = [], []
-        if pre["g"] is not None:
-            parts.append(pre["g"][:, None])
-            valid.append(keep["images"].new_ones(B, 1))
+        cfg, B = self.cfg, question.size(0)
+        keep = {k: question.new_ones(B, 1, dtype=torch.bool) if drop is None else ~drop[k][:, None] for k in DROPPABLE}
+        parts, valid = [pre["image"]], [pre["image_valid"] & keep["images"]]
         if pre["rel"] is not None:
-            parts.append(pre["rel"])
-            valid.append(pre["rel_valid"] & keep["relation"][:, None])
-        parts.append(pre["image"])
-        valid.append(pre["image_valid"] & keep["images"][:, None])
+            parts, valid = [pre["rel"]] + parts, [pre["rel_valid"] & keep["relation"]] + valid
+        if pre["g"] is not None:
+            parts, valid = [pre["g"][:, None]] + parts, [torch.ones_like(keep["images"])] + valid
         q = self.question_block(question)
-        valid = torch.cat(valid + [(q != cfg.pad_id) & keep["instruction"][:, None], answer != cfg.pad_id], 1)
+        valid = torch.cat(valid + [(q != cfg.pad_id) & keep["instruction"], answer != cfg.pad_id], 1)
         prefix, L = torch.cat(parts, 1), valid.size(1)
         mask = attention_mask(prefix.size(1) + q.size(1), L, L, key_valid=valid, device=valid.device)
-        if pre["image_log_gate"] is not None:
+        if pre["image_log_gate"] is not None:  # as an additive mask: the log gates on the image tokens' keys
             before, after = prefix.size(1) - pre["image"].size(1), q.size(1) + answer.size(1)
-            dtype = self.text.token_embedding.weight.dtype
-            bias = F.pad(pre["image_log_gate"], (before, after)).to(dtype)
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf")) \
-                + bias[:, None, None, :]
+            bias = F.pad(pre["image_log_gate"], (before, after)).to(self.text.token_embedding.weight.dtype)
+            mask = bias[:, None, None, :].masked_fill(~mask, float("-inf"))
         h = self.text(torch.cat([q, answer], 1), prefix=prefix, mask=mask)
         return h[:, -answer.size(1):]
 
@@ -183,9 +169,8 @@ class InstructVLM(VLM):
     def answer(self, pixels, image_valid, question, drop=None):
         """Greedy answers (B, n), <eos> included, then <pad>. Pass 1 runs once; answers are short,
         so each new token reruns pass 2 without a cache."""
-        cfg = self.cfg
+        cfg, B = self.cfg, question.size(0)
         pre = self.instruct_prefix(pixels, image_valid, question)
-        B = question.size(0)
         out = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=question.device)
         done = torch.zeros(B, dtype=torch.bool, device=question.device)
         for _ in range(cfg.answer_length - 1):
@@ -215,9 +200,8 @@ class InstructVLM(VLM):
             S, M = P + R, c.n_queries
             per_layer = 2 * M * w * w * (2 + 2 * c.mlp_ratio) + 4 * S * w * w + 4 * M * S * w
             out["converter"] = K * (2 * P * vw * w + c.resampler_layers * per_layer)
-        n = T
+        n = max(1, round(c.keep_ratio * T)) if c.two_pass else T
         if c.two_pass:
-            n = max(1, round(c.keep_ratio * T))
             out["pass1"] = transformer_flops(c.text_layers, w, R + K * T + Lq + 1, c.mlp_ratio)
             out["scorer"] = 2 * w * w + 2 * K * T * w * w + 2 * K * T * w
         out["pass2"] = transformer_flops(c.text_layers, w, int(c.two_pass) + R + K * n + Lq + Ta, c.mlp_ratio)
@@ -274,9 +258,7 @@ def latency_ms(model, ds, split, idx, ctx=nullcontext()):
     times = []
     for i in idx:
         t0 = time.perf_counter()
-        answer_sets(model, ds, split, np.array([i]), ctx=ctx)
-        if model.pixel_mean.is_cuda:
-            torch.cuda.synchronize()
+        answer_sets(model, ds, split, np.array([i]), ctx=ctx)  # its .tolist() waits for the GPU
         times.append(time.perf_counter() - t0)
     return 1000 * float(np.median(times))
 

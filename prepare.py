@@ -5,9 +5,8 @@ Real data into prepared datasets (data.Dataset reads them), and webdataset shard
         --out data/coco --tokenizer openai/clip-vit-base-patch32 --image_size 224 --context_length 77
     python prepare.py karpathy | table | masks | multi | webdataset ...  (SOURCE --help: the options)
 
-A source is checked item by item: a bad image, caption, mask or question set is skipped with its
-reason in report.json (and a summary on screen); a source that cannot be read at all, or a split
-left empty, stops with an error naming it. The formats: docs/real-data.md.
+A bad image, caption, mask or question set is skipped with its reason in report.json (summed on screen);
+an unreadable source, or a split left empty, stops with an error naming it. Formats: docs/real-data.md.
 """
 
 import argparse
@@ -24,7 +23,6 @@ import tarfile
 import time
 import warnings
 from collections import Counter, namedtuple
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -51,13 +49,8 @@ class BadImage(ValueError):
         return BadImage, (self.path, self.reason, self.detail)
 
 
-@dataclass(frozen=True)
-class TarMember:
+class TarMember(namedtuple("TarMember", "tar name offset size")):
     """A file inside a tar (a webdataset shard's image): size bytes at offset, read directly."""
-    tar: str
-    name: str
-    offset: int
-    size: int
 
     def __str__(self):
         return f"{self.tar}:{self.name}"
@@ -159,8 +152,7 @@ class Report:
         s = self.split(split)
         s["skipped"][reason] = s["skipped"].get(reason, 0) + 1
         if len(s["first_skipped"]) < 1000:
-            entry = dict(item=str(item), reason=reason)
-            s["first_skipped"].append(dict(entry, detail=str(detail)) if detail else entry)
+            s["first_skipped"].append(dict(item=str(item), reason=reason, **{"detail": str(detail)} if detail else {}))
 
     def convert(self, split, mode):
         counts = self.split(split)["converted"]
@@ -178,11 +170,8 @@ class Report:
 
     def to_dict(self):
         """report.json: the splits, and the skipped and converted counts summed over them."""
-        total = {key: Counter() for key in ("skipped", "converted")}
-        for s in self.splits.values():
-            for key in total:
-                total[key].update(s[key])
-        return dict(total, splits=self.ordered())
+        return dict({key: sum((Counter(s[key]) for s in self.splits.values()), Counter())
+                     for key in ("skipped", "converted")}, splits=self.ordered())
 
     def summary(self):
         lines = []
@@ -250,23 +239,21 @@ def run_files(fn, tasks, workers):
 
 
 def shrink_npy(file, n):
-    """Keep the first n rows of a C-order .npy file in place (its header rewritten at its length)."""
+    """Keep the first n rows of a C-order .npy file of open_memmap's (a version 1.0 header, rewritten at its length)."""
     with open(file, "r+b") as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
-        start, prefix = f.tell(), 10 if version == (1, 0) else 12
+        np.lib.format.read_magic(f)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        start = f.tell()
         header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n, *shape[1:])})
-        f.seek(prefix)
-        f.write((header.ljust(start - prefix - 1) + "\n").encode("latin1"))
+        f.seek(10)  # the magic string and the header's length
+        f.write((header.ljust(start - 11) + "\n").encode("latin1"))
         f.truncate(start + n * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
 
 
 def write_rows(tmp, split, tasks, fn, rows, workers, report):
     """[(task index, extra)] of fn's results ({key: row}, mode converted, extra) over tasks, written into
     memory-mapped {split}.{key}.npy files, rows {key: (shape, dtype)}: a source is never all in memory."""
-    files = {key: os.path.join(tmp, f"{split}.{key}.npy") for key in rows}
-    out = {key: np.lib.format.open_memmap(files[key], "w+", dtype, (len(tasks), *shape))
+    out = {key: np.lib.format.open_memmap(os.path.join(tmp, f"{split}.{key}.npy"), "w+", dtype, (len(tasks), *shape))
            for key, (shape, dtype) in rows.items()}
     kept = []
     for i, (result, bad) in enumerate(run_files(fn, tasks, workers)):
@@ -280,8 +267,8 @@ def write_rows(tmp, split, tasks, fn, rows, workers, report):
             out[key][len(kept)] = row
         kept.append((i, extra))
     for key in rows:
+        file = out[key].filename
         out.pop(key).flush()  # and unmapped, before the file is cut
-    for file in files.values():
         shrink_npy(file, len(kept))
     return kept
 
@@ -370,8 +357,7 @@ def karpathy_items(split_file, root, report):
     items, seen = [], {"train"}
     for k, im in enumerate(doc["images"]):
         where = f"{split_file}: images[{k}]"
-        raw = im.get("split") if isinstance(im, dict) else None
-        split = KARPATHY_SPLITS.get(raw) if isinstance(raw, str) else None
+        split = KARPATHY_SPLITS.get(str(im.get("split"))) if isinstance(im, dict) else None  # str: a list is no key
         seen.add(split)
         if split is None:
             report.skip(None, "entry without a known split", where)
@@ -390,59 +376,53 @@ def karpathy_items(split_file, root, report):
     return by_split(items, split_file, report, [s for s in ("train", "val", "test") if s in seen])
 
 
-def table_rows(file, image_key, caption_key, report, split_of):
-    """(split, image path, caption) of each usable row of a CSV, TSV (header row) or JSONL file."""
+def table_lines(file, columns):
+    """(where, the row {column: value} or why it is skipped) of each line of a CSV, TSV (header row) or JSONL file."""
     if not os.path.isfile(file):
         raise ValueError(f"{file} does not exist")
     ext = os.path.splitext(file)[1].lower()
     if ext not in (".csv", ".tsv", ".jsonl"):
         raise ValueError(f"{file}: expected a .csv, .tsv or .jsonl file")
-    folder = os.path.dirname(os.path.abspath(file))
-
-    def row_of(where, row):
-        path = row.get(image_key)
-        if not isinstance(path, str) or not path.strip():
-            report.skip(None, f"{image_key} missing", where)
-            return None
-        split = split_of(os.path.normpath(path))
-        if not isinstance(row.get(caption_key), str):
-            report.skip(split, f"{caption_key} missing", where)
-            return None
-        return split, os.path.join(folder, os.path.normpath(path)), row[caption_key]
-
-    rows = []
     if ext == ".jsonl":
         with open(file, "rb") as f:
             for n, line in enumerate(f, 1):
-                where = f"{file}:{n}"
                 try:
                     row = json.loads(line.decode("utf-8-sig"))  # a byte order mark (Excel writes one) dropped
+                    row = row if isinstance(row, dict) else "not a JSON object"
                 except UnicodeDecodeError:
-                    report.skip(None, "not valid UTF-8", where)
-                    continue
+                    row = "not valid UTF-8"
                 except json.JSONDecodeError:
-                    if line.strip():
-                        report.skip(None, "not valid JSON", where)
-                    continue
-                if not isinstance(row, dict):
-                    report.skip(None, "not a JSON object", where)
-                elif (r := row_of(where, row)) is not None:
-                    rows.append(r)
-        return rows
+                    if not line.strip():
+                        continue
+                    row = "not valid JSON"
+                yield f"{file}:{n}", row
+        return
     with open(file, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
-        absent = [c for c in (image_key, caption_key) if c not in (reader.fieldnames or [])]
-        if absent:
+        if absent := [c for c in columns if c not in (reader.fieldnames or [])]:
             raise ValueError(f"{file} has no column {absent[0]!r} in its header row (it has {reader.fieldnames})")
         for row in reader:
-            where = f"{file}:{reader.line_num}"
             try:
                 [v.encode("utf-8") for v in row.values() if isinstance(v, str)]
             except UnicodeEncodeError:  # the bytes that were not UTF-8, kept as lone surrogates
-                report.skip(None, "not valid UTF-8", where)
-                continue
-            if (r := row_of(where, row)) is not None:
-                rows.append(r)
+                row = "not valid UTF-8"
+            yield f"{file}:{reader.line_num}", row
+
+
+def table_rows(file, image_key, caption_key, report, split_of):
+    """(split, image path, caption) of each usable row of a table (table_lines)."""
+    folder, rows = os.path.dirname(os.path.abspath(file)), []
+    for where, row in table_lines(file, (image_key, caption_key)):
+        path = row.get(image_key) if isinstance(row, dict) else None
+        if isinstance(row, str):
+            report.skip(None, row, where)
+        elif not isinstance(path, str) or not path.strip():
+            report.skip(None, f"{image_key} missing", where)
+        elif not isinstance(row.get(caption_key), str):
+            report.skip(split_of(os.path.normpath(path)), f"{caption_key} missing", where)
+        else:
+            path = os.path.normpath(path)
+            rows.append((split_of(path), os.path.join(folder, path), row[caption_key]))
     return rows
 
 
@@ -461,7 +441,7 @@ def table_items(file, report, val_file=None, val_fraction=0.0, image_column="ima
 def captioned_split(tmp, split, items, enc, args, report, source):
     """Write one split of captioned images: images, tokens (each image's valid captions repeated to fill the
     slots), n_captions and the texts ({split}.captions.json); returns its size."""
-    texts = [c for _, captions in items for c in captions]
+    t0, texts = time.time(), [c for _, captions in items for c in captions]
     tokens, problems = encode_checked(enc, texts, args.context_length)
     tasks, good, k = [], [], 0
     for path, captions in items:
@@ -491,6 +471,7 @@ def captioned_split(tmp, split, items, enc, args, report, source):
         json.dump([[texts[k] for k in r[:int(n)]] for r, n in zip(rows, n_captions)], f)
     report.keep(split, images=len(kept), captions=int(n_captions.sum()),
                 captions_unused=sum(len(r) - int(n) for r, n in zip(rows, n_captions)))
+    print(f"{split}: {len(kept)} images in {time.time() - t0:.1f} s")
     return len(kept)
 
 
@@ -522,11 +503,8 @@ def captioned_dataset(args, items, report, source, stream=None):
         with open(os.path.join(args.out, "report.json")) as f:
             report.splits = {**{s: v for s, v in json.load(f)["splits"].items() if s in kept}, **report.splits}
     with staged_dataset(args.out, replace=True) as tmp:
-        sizes = {}
-        for split, split_items in items.items():
-            t0 = time.time()
-            sizes[split] = captioned_split(tmp, split, split_items, enc, args, report, source)
-            print(f"{split}: {sizes[split]} images in {time.time() - t0:.1f} s")
+        sizes = {split: captioned_split(tmp, split, split_items, enc, args, report, source)
+                 for split, split_items in items.items()}
         sizes.update(link_split_files(tmp, old, keep))
         finish_dataset(tmp, args, meta, sizes, report)
 
@@ -563,14 +541,12 @@ def expand_shards(spec):
                 raise ValueError(f"webdataset shards {part}: no file matches")
         else:
             names = expand_braces(part)
-        missing = [n for n in names if not os.path.isfile(n)]
-        if missing:
+        if missing := [n for n in names if not os.path.isfile(n)]:
             raise ValueError(f"webdataset shard not found: {missing[0]}")
         paths += [os.path.abspath(n) for n in names]
     if not paths:
         raise ValueError(f"no webdataset shard in {spec!r}")
-    twice = [p for p, n in Counter(paths).items() if n > 1]
-    if twice:
+    if twice := [p for p, n in Counter(paths).items() if n > 1]:
         raise ValueError(f"webdataset shard {twice[0]} is named twice in {spec}")
     return paths
 
@@ -625,8 +601,7 @@ def webdataset_dataset(args, report):
     """A captioned dataset of the val shards' usable samples with the train split streamed: meta stream =
     {shards (but those without a usable sample), counts: each one's samples, samples: their sum}."""
     train_shards, val_shards = expand_shards(args.train), expand_shards(args.val)
-    both = [s for s in train_shards if s in set(val_shards)]
-    if both:
+    if both := [s for s in train_shards if s in set(val_shards)]:
         raise ValueError(f"webdataset shard {both[0]} is in both the train and the val shards")
     stream = dict(shards=[], counts=[], samples=0)
     for shard, found in shard_samples(train_shards, "train", report):
@@ -686,12 +661,12 @@ class ShardStream:
                  log=print):
         self.shards, self.counts, self.c, self.n, self.seed = shards, counts, consumer, n_consumers, seed
         self.enc, self.T, self.S, self.B, self.log = enc, context_length, image_size, batch_size, log
-        self.skipped = {}
+        self.skipped = Counter()
         self._walk, self._start, self._held = None, 0, []  # the walk, and its samples held from place _start on
 
     def skip(self, reason, item, action="passed over"):
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        n = sum(self.skipped.values())
+        self.skipped[reason] += 1
+        n = self.skipped.total()
         if n <= LOGGED_SKIPS or n & (n - 1) == 0:
             later = "; from here on a skip is logged when the count reaches a power of two" if n == LOGGED_SKIPS else ""
             self.log(f"webdataset: consumer {self.c} of {self.n}: {item}: {reason}, {action} "
@@ -714,8 +689,11 @@ class ShardStream:
                 if problem:
                     self.skip("damaged tar", shard, f"read as far as it goes: {problem}")
                 samples = [samples[i] for i in np.random.default_rng([self.seed, epoch, s]).permutation(len(samples))]
+                captions = [wds_caption(sample) for sample in samples]
+                tokens, problems = encode_checked(self.enc, [caption or "" for caption, _ in captions], self.T)
                 valid = []
-                for sample, row, reason in zip(samples, *self.caption_rows(samples)):
+                for sample, row, (_, reason), problem in zip(samples, tokens, captions, problems):
+                    reason = reason or problem and text_reason(problem, "caption")
                     place, walked[not reason] = walked[not reason], walked[not reason] + 1
                     if split or place % self.n == self.c:
                         if reason:
@@ -733,13 +711,6 @@ class ShardStream:
     def nothing_error(self, where):
         return ValueError(f"webdataset shards {few(self.shards)}: consumer {self.c} of {self.n} found no sample with "
                           f"an image and a usable caption in {where} (skipped: {count_text(self.skipped)})")
-
-    def caption_rows(self, samples):
-        """(tokens (n, T) int32, reasons): each sample's caption, and '' or why it is passed over."""
-        captions = [wds_caption(sample) for sample in samples]
-        tokens, problems = encode_checked(self.enc, [caption or "" for caption, _ in captions], self.T)
-        return tokens, [reason or problem and text_reason(problem, "caption")
-                        for (_, reason), problem in zip(captions, problems)]
 
     def samples(self, k):
         """The StreamSamples of batch k; an earlier batch than the last one starts the walk again."""
@@ -859,15 +830,7 @@ def mask_values(im):
 
 def class_regions(classmap):
     """Sorted [(value, x0, y0, x1, y1)] of each 8-connected region of a class (value > 0) of a class map."""
-    H, W = classmap.shape
-    runs, first = [], []  # runs (y, x0, x1, value); first[y]: the index of row y's first run
-    for y in range(H):
-        row = classmap[y]
-        cuts = [0, *(np.flatnonzero(row[1:] != row[:-1]) + 1).tolist(), W]
-        first.append(len(runs))
-        runs += [(y, x0, x1, int(row[x0])) for x0, x1 in zip(cuts, cuts[1:]) if row[x0]]
-    first.append(len(runs))
-    parent = list(range(len(runs)))
+    runs, parent, above = [], [], []  # runs [value, x0, y, x1, y + 1] (a box), by row; above: the last row's
 
     def root(i):
         while parent[i] != i:
@@ -875,20 +838,23 @@ def class_regions(classmap):
             i = parent[i]
         return i
 
-    for y in range(1, H):
-        for i in range(first[y], first[y + 1]):
-            _, x0, x1, v = runs[i]
-            for j in range(first[y - 1], first[y]):
-                _, p0, p1, pv = runs[j]
-                if p0 > x1:
+    for y, row in enumerate(classmap):
+        cuts = [0, *(np.flatnonzero(row[1:] != row[:-1]) + 1).tolist(), len(row)]
+        first = len(runs)
+        runs += [[int(row[x0]), x0, y, x1, y + 1] for x0, x1 in zip(cuts, cuts[1:]) if row[x0]]
+        parent += range(first, len(runs))
+        for i in range(first, len(runs)):
+            for j in above:
+                if runs[j][1] > runs[i][3]:
                     break
-                if pv == v and x0 <= p1:  # columns within one of each other
+                if runs[j][0] == runs[i][0] and runs[i][1] <= runs[j][3]:  # columns within one of each other
                     parent[root(i)] = root(j)
+        above = range(first, len(runs))
     boxes = {}
-    for i, (y, x0, x1, v) in enumerate(runs):
-        b = boxes.setdefault(root(i), [v, x0, y, x1, y + 1])
-        b[1], b[3], b[4] = min(b[1], x0), max(b[3], x1), y + 1
-    return sorted(tuple(b) for b in boxes.values())
+    for i, (v, x0, y0, x1, y1) in enumerate(runs):
+        b = boxes.setdefault(root(i), [v, x0, y0, x1, y1])
+        b[1], b[3], b[4] = min(b[1], x0), max(b[3], x1), y1
+    return sorted(map(tuple, boxes.values()))
 
 
 def mask_row(pair, size, n_classes, void):
@@ -987,8 +953,7 @@ def multi_dataset(args, sets, report):
             pool = {paths[i]: n for n, (i, _) in enumerate(kept)}
             rows = []
             for i in good:
-                lost = [p for p in split_sets[i][0] if p not in pool]
-                if lost:
+                if lost := [p for p in split_sets[i][0] if p not in pool]:
                     report.skip(split, "unusable image", split_sets[i][1][:200], lost[0])
                 else:
                     rows.append(i)
@@ -1011,8 +976,8 @@ def multi_dataset(args, sets, report):
 # the command line
 
 
-def command_line():
-    """The parser of `python prepare.py SOURCE ...`."""
+def parse_args(argv):
+    """The arguments of `python prepare.py SOURCE ...`; a usage error exits with the command's own usage."""
     parser = argparse.ArgumentParser(prog="prepare.py",
                                      description="Prepare real data into a nanoVLP dataset directory.")
     sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -1057,35 +1022,27 @@ def command_line():
                    "ranges, comma-separated (quoted), e.g. 'shards/{00000..00099}.tar'")
     p.add_argument("--val", required=True, help="the val shards, prepared (one caption per image)")
     p.set_defaults(captions_per_image=1)
-    for p in sub.choices.values():
-        p.set_defaults(parser=p)  # usage errors are told with the command's own usage
-    return parser
-
-
-def usage_problem(args):
-    """What is wrong with the parsed arguments, or ''."""
+    args = parser.parse_args(argv)
+    error = sub.choices[args.source].error
     if args.image_size < 1 or args.context_length < 3 or args.workers < 1:
-        return "--image_size and --workers must be at least 1, --context_length at least 3"
+        error("--image_size and --workers must be at least 1, --context_length at least 3")
     if getattr(args, "captions_per_image", 1) < 1:
-        return "--captions_per_image must be at least 1"
+        error("--captions_per_image must be at least 1")
     if not 0 <= getattr(args, "val_fraction", 0) < 1:
-        return "--val_fraction must be in [0, 1)"
+        error("--val_fraction must be in [0, 1)")
     if getattr(args, "val", None) and getattr(args, "val_fraction", 0):
-        return "give --val or --val_fraction, not both"
+        error("give --val or --val_fraction, not both")
     if args.source == "masks" and (bool(args.val_images) != bool(args.val_masks) or
                                    bool(args.val_images) and bool(args.val_fraction)):
-        return "give --val_images with --val_masks, or --val_fraction, or neither"
+        error("give --val_images with --val_masks, or --val_fraction, or neither")
     if args.source == "multi" and not (3 <= args.answer_length < args.context_length and args.max_images >= 1):
-        return "--answer_length must be at least 3 and below --context_length, --max_images at least 1"
-    return ""
+        error("--answer_length must be at least 3 and below --context_length, --max_images at least 1")
+    return args
 
 
 def main(argv=None):
     """python prepare.py SOURCE ...: prepare a real source; bad input stops with 'error: ...'."""
-    args = command_line().parse_args(argv)
-    problem = usage_problem(args)
-    if problem:
-        args.parser.error(problem)
+    args = parse_args(argv)
     report = Report()
     try:
         args.tokenizer = load_tokenizer(args.tokenizer)  # (kind, the text of its tiktoken file)

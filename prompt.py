@@ -1,7 +1,6 @@
 """
 The prompt stage: few-shot detection of new classes on the frozen model with coupled prompt vectors (MaPLe):
-dense patch-by-class scores, refined along the image's edges (PAMR), each connected region a box.
-How it is built and evaluated: docs/prompt.md.
+dense patch-by-class scores, refined along the image's edges (PAMR), each connected region a box (docs/prompt.md).
 
     python train.py --config small --stage prompt --init_from out/ckpt.pt
 """
@@ -70,8 +69,7 @@ def parse_layers(spec, n_layers):
 
 
 def patch_targets(target, patch_size, n_classes, min_fraction):
-    """(B, H / p, W / p) long: each patch's class from per-pixel classes (B, H, W), the named class that
-    covers most of it if it covers at least min_fraction, else background."""
+    """(B, H / p, W / p): each patch's class, the named class covering most of it if at least min_fraction, else 0."""
     share = F.avg_pool2d(F.one_hot(target, n_classes).permute(0, 3, 1, 2).float(), patch_size)[:, 1:]
     top = share.max(1)
     return torch.where(top.values >= min_fraction, top.indices + 1, 0)
@@ -82,13 +80,10 @@ def refine_masks(image, probs, iters=10, dilations=(1, 2, 4, 8)):
     made to follow the edges of image (B, 3, H, W), by repeated means over neighbours weighted by colour similarity."""
     H, W = image.shape[-2:]
 
-    def neighbours(x):  # (B, c, H, W) -> (B, c, K, H, W), replicate padding
-        out = []
-        for d in dilations:
-            xp = F.pad(x, (d, d, d, d), mode="replicate")
-            out += [xp[:, :, d + dy:d + dy + H, d + dx:d + dx + W]
-                    for dy in (-d, 0, d) for dx in (-d, 0, d) if dy or dx]
-        return torch.stack(out, dim=2)
+    def neighbours(x):  # (B, c, H, W) -> (B, c, K, H, W): the 8 around each pixel per dilation, replicate padding
+        out = torch.cat([F.unfold(F.pad(x, (d,) * 4, mode="replicate"), 3, dilation=d).unflatten(1, (-1, 9))
+                         for d in dilations], 2)  # (B, c, 9 per dilation, H * W)
+        return out[:, :, [k for k in range(out.size(2)) if k % 9 != 4]].unflatten(-1, (H, W))  # the centres left out
 
     nb = neighbours(image)
     spread = nb.std(dim=2, keepdim=True)
@@ -101,10 +96,9 @@ def refine_masks(image, probs, iters=10, dilations=(1, 2, 4, 8)):
 def connected_regions(masks):
     """masks (N, H, W) bool -> (N, H, W) long: each 8-connected region its own label, 0 elsewhere,
     by spreading the smallest label with a 3x3 min-pool until nothing changes."""
-    N, H, W = masks.shape
+    H, W = masks.shape[1:]
     none = float(H * W + 1)
-    labels = torch.arange(1, H * W + 1, dtype=torch.float32, device=masks.device).view(1, H, W).expand(N, H, W)
-    labels = torch.where(masks, labels, none)
+    labels = torch.where(masks, torch.arange(1, H * W + 1, dtype=torch.float32, device=masks.device).view(H, W), none)
     while True:
         spread = torch.where(masks, -F.max_pool2d(-labels[:, None], 3, 1, 1)[:, 0], none)
         if torch.equal(spread, labels):
@@ -151,8 +145,7 @@ class PromptVLM(VLM):
 
     @torch.no_grad()
     def init_prompts(self, class_tokens):
-        """Start the layer-1 text prompts from the embeddings of prompt_init (positions 1..n_ctx of
-        the class rows): the first layer then reads the zero-shot prompt."""
+        """Start the layer-1 text prompts from prompt_init's embeddings (positions 1..n_ctx of the class rows)."""
         if len(self.prompt.text_ctx):
             self.prompt.text_ctx[0].copy_(self.text.token_embedding(class_tokens[0, 1:1 + self.cfg.n_ctx]))
 
@@ -165,9 +158,7 @@ class PromptVLM(VLM):
         t = self.text
         x = splice(t.token_embedding(class_tokens), 1, prompts[0]) + t.positional_embedding[:class_tokens.size(1)]
         for i, block in enumerate(t.blocks):
-            if 0 < i < len(prompts):
-                x = splice(x, 1, prompts[i])
-            x = block(x, is_causal=True)
+            x = block(splice(x, 1, prompts[i]) if 0 < i < len(prompts) else x, is_causal=True)
         return self._text_embedding(t, class_tokens, t.ln_final(x))
 
     def vit_states(self, pixels, prompts=()):
@@ -176,29 +167,22 @@ class PromptVLM(VLM):
         v = self.visual
         x = v.embed(pixels)
         L = x.size(1)
-        if len(prompts):
-            x = splice(x, L, prompts[0])
-        x = v.ln_pre(x)
+        x = v.ln_pre(splice(x, L, prompts[0]) if len(prompts) else x)
         states = []
         for i, block in enumerate(v.blocks):
-            if 0 < i < len(prompts):
-                x = splice(x, L, prompts[i])
-            x = block(x)
+            x = block(splice(x, L, prompts[i]) if 0 < i < len(prompts) else x)
             states.append(x[:, :L])
         return states
 
     def score_maps(self, pixels, class_emb, prompted=True):
-        """The fused map (B, C, g, g) and the layers' maps (L, B, C, g, g): at each dense layer the patch
-        tokens' cosine with each class embedding times the ITC temperature, fused by the softmax of the fusion
-        logits. Zero-shot (prompted False): no prompts, the last layer alone."""
+        """The fused map (B, C, g, g) and the layers' maps (L, B, C, g, g): per dense layer, the patch tokens' cosine
+        with each class embedding times the ITC temperature, fused by softmax(fusion); unprompted: the last layer."""
         states = self.vit_states(pixels, self.prompt.image_prompts() if prompted else ())
         layers = self.prompt.dense_layers if prompted else (self.cfg.vit_layers,)
-        g = math.isqrt(self.visual.n_patches)
-        maps = []
-        for layer in layers:
-            x = F.normalize(self.visual.proj(self.visual.ln_post(states[layer - 1][:, 1:])), dim=-1)  # (B, P, D)
-            maps.append((x @ class_emb.t().to(x.dtype)).transpose(1, 2).unflatten(2, (g, g)))
-        maps = torch.stack(maps) * self.logit_scale.exp().clamp(max=100)
+        v, g = self.visual, math.isqrt(self.visual.n_patches)
+        patches = [F.normalize(v.proj(v.ln_post(states[layer - 1][:, 1:])), dim=-1) for layer in layers]  # (B, P, D)
+        maps = torch.stack([(x @ class_emb.t().to(x.dtype)).transpose(1, 2).unflatten(2, (g, g)) for x in patches])
+        maps = maps * self.logit_scale.exp().clamp(max=100)
         weights = self.prompt.fusion.softmax(0) if prompted else maps.new_ones(1)
         return (weights.view(-1, 1, 1, 1, 1).to(maps.dtype) * maps).sum(0), maps
 
@@ -218,8 +202,7 @@ class PromptVLM(VLM):
 
     @torch.no_grad()
     def detect(self, pixels, class_tokens, prompted=True):
-        """The class map (B, H, W): the fused scores upsampled (bilinear), their softmax refined by
-        refine_masks, the argmax; also the upsampled scores (B, C, H, W) and the anchor boxes."""
+        """The class map (B, H, W) (argmax of the refined softmax), the upsampled scores (B, C, H, W), the boxes."""
         fused, _ = self.score_maps(pixels, self.class_embeddings(class_tokens, prompted), prompted)
         scores = fp32(F.interpolate(fused, size=pixels.shape[-2:], mode="bilinear", align_corners=False))
         probs = scores.softmax(1)
@@ -280,10 +263,9 @@ def batches(cfg, ds, model, device, rank, world_size):
             cols = (np.where(flips[:, None], S - 1 - pos[None], pos[None]) - shifts[:, 1:]) % S
             b, r, c = (torch.from_numpy(a).to(device)
                        for a in (np.arange(n)[:, None, None], rows[:, :, None], cols[:, None]))
-            x, t = x[b, r, c], t[b, r, c]
-            x = x[..., torch.from_numpy(rng.permutation(3)).to(device)]
+            x, t = x[b, r, c][..., torch.from_numpy(rng.permutation(3)).to(device)], t[b, r, c]
         return dict(pixels=model.normalize_pixels(x), target=t, class_tokens=tokens)
-    return fetch, lambda parts: parts, len(idx)
+    return fetch, lambda parts: parts, n
 
 
 def class_iou_counts(pred, truth, n_classes):
@@ -296,12 +278,10 @@ def class_iou_counts(pred, truth, n_classes):
 
 def box_iou(a, b):
     """(N, M) IoU of boxes a (N, 4) and b (M, 4), (x0, y0, x1, y1) with x1, y1 one past the end."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    inter = w * h
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+    a, b = np.asarray(a, np.float64).reshape(-1, 1, 4), np.asarray(b, np.float64).reshape(1, -1, 4)
+    inter = np.clip(np.minimum(a[..., 2:], b[..., 2:]) - np.maximum(a[..., :2], b[..., :2]), 0, None).prod(-1)
+    area = lambda x: (x[..., 2:] - x[..., :2]).prod(-1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
 
 
 def average_precision(detections, truths, classes, threshold=0.5):
@@ -325,16 +305,13 @@ def average_precision(detections, truths, classes, threshold=0.5):
                 if iou[best] >= threshold:
                     matched[i][best] = hit[j] = True
         tp = np.cumsum(hit)
-        recall = np.concatenate([[0.0], tp / n_true])
-        precision = np.concatenate([[1.0], tp / np.arange(1, len(dets) + 1)])
-        precision = np.maximum.accumulate(precision[::-1])[::-1]
-        out[c] = float(np.sum((recall[1:] - recall[:-1]) * precision[1:]))
+        precision = np.maximum.accumulate((tp / np.arange(1, len(dets) + 1))[::-1])[::-1]
+        out[c] = float(np.sum(np.diff(tp / n_true, prepend=0.0) * precision))
     return out
 
 
 def true_boxes(ds, split, idx, names):
-    """Per image idx, the true boxes (class, x0, y0, x1, y1) of the named classes, class an index into
-    ['background', *names]."""
+    """Per image of idx, the true boxes (class, x0, y0, x1, y1) of the named classes, class i + 1 names[i]."""
     lookup = {value - 1: c for c, value in enumerate(ds.class_values(names), 1)}  # objects record the shape index
     return [[(lookup[o[0]], *map(int, o[3:7])) for o in rows if o[0] >= 0 and o[0] in lookup]
             for rows in ds.array(split, "objects")[np.asarray(idx)]]
@@ -380,12 +357,10 @@ def evaluate(model, ds, names, class_tokens, prompted=True, max_images=None, spl
 
 
 def run(cfg, sub_run):
-    """One training run per K-shot sample (out_dir/seed<k>), then out_dir/eval.json: each metric's mean and
-    standard deviation (<key>_std) over the samples."""
-    results = []
-    for k in range(cfg.shot_seed, cfg.shot_seed + cfg.shot_seeds):
-        run = {"out_dir": os.path.join(cfg.out_dir, f"seed{k}"), "shot_seed": k}
-        results.append(sub_run(run, f"shot sample {k} ({k - cfg.shot_seed + 1} of {cfg.shot_seeds})"))
+    """One training run per K-shot sample (out_dir/seed<k>); out_dir/eval.json: each metric's mean and <key>_std."""
+    results = [sub_run({"out_dir": os.path.join(cfg.out_dir, f"seed{k}"), "shot_seed": k},
+                       f"shot sample {k} ({k - cfg.shot_seed + 1} of {cfg.shot_seeds})")
+               for k in range(cfg.shot_seed, cfg.shot_seed + cfg.shot_seeds)]
     summary = {"shot_seeds": len(results), "shots": cfg.shots, "step": max(r["step"] for r in results)}
     print(f"over {len(results)} shot samples of {cfg.shots} shots per class (mean +- std):")
     for key in [k for k, v in results[0].items() if isinstance(v, float)]:

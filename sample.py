@@ -36,14 +36,6 @@ def load_images(paths, size):
         raise SystemExit(f"error: {e}") from None
 
 
-@torch.no_grad()
-def score(model, tokenizer, images, texts, device):
-    """(n_images, n_texts) cosine similarities."""
-    tokens = torch.from_numpy(data.encode_texts(tokenizer, texts, model.cfg.context_length)).long().to(device)
-    return model.encode_image(model.normalize_pixels(images)) @ model.encode_text(tokens).t()
-
-
-@torch.no_grad()
 def answer(model, tokenizer, images, question, device):
     """The greedy answer to a question about images (K, H, W, 3), with a checkpoint of the instruct stage."""
     cfg = model.cfg
@@ -51,21 +43,19 @@ def answer(model, tokenizer, images, question, device):
         raise SystemExit("error: this checkpoint was not trained to answer questions (train.py --stage instruct)")
     if len(images) > cfg.image_slots:
         raise SystemExit(f"error: {len(images)} images, the model takes at most {cfg.image_slots}")
+    T = cfg.context_length - cfg.answer_length
     try:
-        tokens = data.encode_texts(tokenizer, [question], cfg.context_length - cfg.answer_length)
+        tokens = data.encode_texts(tokenizer, [question], T)
     except ValueError:
-        raise SystemExit(f"error: the question is longer than the model's {cfg.context_length - cfg.answer_length} "
-                         f"tokens: {question!r}") from None
+        raise SystemExit(f"error: the question is longer than the model's {T} tokens: {question!r}") from None
     tokens = np.pad(tokens, ((0, 0), (0, cfg.answer_length)), constant_values=cfg.pad_id)
     out = model.answer(model.multi_pixels(images[None]), torch.ones(1, len(images), dtype=torch.bool, device=device),
                        torch.from_numpy(tokens).long().to(device))
     return data.decode_tokens(tokenizer, out[0].tolist())
 
 
-@torch.no_grad()
 def detect(model, tokenizer, image, classes, device):
-    """The class map (H, W) (0 background, i + 1 classes[i]) and the boxes [(name, x0, y0, x1, y1, score)] in one
-    image (H, W, 3); zero-shot unless the checkpoint is of the prompt stage."""
+    """The class map (H, W) (0 background, i + 1 classes[i]) and boxes [(name, x0, y0, x1, y1, score)] of image."""
     cfg = model.cfg
     try:
         tokens = data.class_prompt_tokens(tokenizer, classes, cfg.prompt_init, cfg.context_length)
@@ -84,28 +74,20 @@ CLASS_COLOURS = np.array([(255, 60, 60), (60, 220, 60), (70, 120, 255), (255, 22
 
 
 def draw_detections(image, classmap, boxes, classes, scale=4):
-    """A PIL image: the image scaled up (nearest), each class's pixels half blended with its colour, and
-    each box drawn with its class and score."""
+    """A PIL image: image scaled up, each class's pixels half blended with its colour, boxes with class and score."""
     from PIL import Image, ImageDraw
-    out = image.astype(np.float64)
-    colour = lambda c: CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)]  # noqa: E731
-    fg = classmap > 0
-    out[fg] = 0.5 * out[fg] + 0.5 * colour(classmap[fg])
-    H, W = classmap.shape
-    im = Image.fromarray(out.round().astype(np.uint8)).resize((W * scale, H * scale), Image.NEAREST)
+    fg = (classmap > 0)[..., None]  # class c takes colour c - 1
+    out = np.where(fg, 0.5 * image + 0.5 * CLASS_COLOURS.take(classmap.astype(int) - 1, 0, mode="wrap"), image)
+    im = Image.fromarray(out.round().astype(np.uint8).repeat(scale, 0).repeat(scale, 1))  # scaled up (nearest)
     draw = ImageDraw.Draw(im)
     for name, x0, y0, x1, y1, s in boxes:
-        rgb = tuple(int(v) for v in colour(classes.index(name) + 1))
+        rgb = tuple(int(v) for v in CLASS_COLOURS.take(classes.index(name), 0, mode="wrap"))
         draw.rectangle([x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1], outline=rgb, width=2)
         draw.text((x0 * scale + 3, max(0, y0 * scale - 11)), f"{name} {s:.1f}", fill=rgb)
     return im
 
 
-def probabilities(model, sim):
-    """Softmax over the last dimension of cosine similarities at the model's learned temperature."""
-    return (model.logit_scale.exp().clamp(max=100) * sim).softmax(-1)
-
-
+@torch.no_grad()
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="out/ckpt.pt")
@@ -131,9 +113,8 @@ def main(argv=None):
     ans.add_argument("--question", required=True)
     det = sub.add_parser("detect", help="detect named classes in an image, write a PNG with the class map and boxes")
     det.add_argument("image")
-    det.add_argument("--classes", nargs="+", default=None,
-                     help="class names (default: the classes the prompts learned)")
-    det.add_argument("--out", default=None, help="the PNG to write (default: <image>.detect.png)")
+    det.add_argument("--classes", nargs="+", help="class names (default: the classes the prompts learned)")
+    det.add_argument("--out", help="the PNG to write (default: <image>.detect.png)")
     exp = sub.add_parser("export",
                          help="write the ViT, text transformer and projections as a Hugging Face CLIP directory")
     exp.add_argument("--out", required=True,
@@ -144,7 +125,6 @@ def main(argv=None):
         model, tokenizer, ckpt = load_checkpoint(args.ckpt, args.device)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
-    size = model.cfg.image_size
     if args.command == "export":
         tok = ckpt["tokenizer"]
         try:  # with the tokenizer's files: transformers' AutoTokenizer and our --tokenizer and --init_from read them
@@ -154,7 +134,7 @@ def main(argv=None):
         print(f"wrote {args.out}: load it with transformers.CLIPModel.from_pretrained({args.out!r}) and "
               f"transformers.AutoTokenizer.from_pretrained({args.out!r}) (a {HF_TOKENIZER_CLASSES[tok['kind']]})")
     elif args.command == "caption":
-        images = load_images(args.images, size)
+        images = load_images(args.images, model.cfg.image_size)
         generator = torch.Generator(args.device).manual_seed(args.seed)
         for _ in range(args.num_samples):
             texts = generate_captions(model, tokenizer, images, temperature=args.temperature,
@@ -165,7 +145,7 @@ def main(argv=None):
         classes = args.classes or [c for c in ckpt["config"].get("classes", "").split(",") if c]
         if not classes:
             raise SystemExit("error: name the classes to detect: --classes NAME [NAME ...]")
-        image = load_images([args.image], size)[0]
+        image = load_images([args.image], model.cfg.image_size)[0]
         classmap, boxes = detect(model, tokenizer, image, classes, args.device)
         out = args.out or os.path.splitext(args.image)[0] + ".detect.png"
         data.write_file(out, lambda f: draw_detections(image, classmap, boxes, classes).save(f, format="PNG"))
@@ -173,19 +153,17 @@ def main(argv=None):
             print(f"{name:16s} box ({x0}, {y0}, {x1}, {y1})  score {s:.3f}")
         print(f"wrote {out}")
     elif args.command == "answer":
-        print(answer(model, tokenizer, load_images(args.images, size), args.question, args.device))
-    elif args.command == "score":
-        sim = score(model, tokenizer, load_images([args.image], size), args.texts, args.device)[0]
-        for text, s, p in zip(args.texts, sim.tolist(), probabilities(model, sim).tolist()):
-            print(f"{p:7.2%}  cos {s:+.3f}  {text}")
-    else:
-        templates = args.template or ["a {}"]
-        texts = [t.format(label) for label in args.labels for t in templates]
-        sim = score(model, tokenizer, load_images([args.image], size), texts, args.device)[0]
-        per_label = sim.view(len(args.labels), len(templates)).mean(1)  # prompt ensembling by mean similarity
-        prob = probabilities(model, per_label)
-        for i in prob.argsort(descending=True).tolist():
-            print(f"{prob[i].item():7.2%}  {args.labels[i]}")
+        print(answer(model, tokenizer, load_images(args.images, model.cfg.image_size), args.question, args.device))
+    else:  # score, or classify by prompt ensembling: a label's similarity is the mean of its templates'
+        names, templates = (args.texts, ["{}"]) if args.command == "score" else (args.labels, args.template or ["a {}"])
+        images = load_images([args.image], model.cfg.image_size)
+        tokens = data.encode_texts(tokenizer, [t.format(n) for n in names for t in templates], model.cfg.context_length)
+        text = model.encode_text(torch.from_numpy(tokens).long().to(args.device))
+        sim = (model.encode_image(model.normalize_pixels(images)) @ text.t())[0].view(len(names), -1).mean(1)
+        prob = (model.logit_scale.exp().clamp(max=100) * sim).softmax(-1)  # at the model's learned temperature
+        cos = [f"cos {s:+.3f}  " for s in sim.tolist()] if args.command == "score" else [""] * len(names)
+        for i in range(len(names)) if args.command == "score" else prob.argsort(descending=True).tolist():
+            print(f"{prob[i].item():7.2%}  {cos[i]}{names[i]}")
 
 
 if __name__ == "__main__":
