@@ -30,6 +30,7 @@ import train
 from eval import ABLATION_ROWS, OBJECTIVES_OFF, write_json
 from hf import hf_clip_config
 from model import VLM, VLMConfig, fused_pairs, loss_weights, transformer_flops, uses_electra
+from parallel import compile_mode, compile_model
 
 
 @dataclass
@@ -251,9 +252,9 @@ def fmt_mfu(mfu, why):
 
 
 def runtime(cfg):
-    """(device, device type, dtype, autocast context, compile?) as train.py picks them."""
+    """(device, device type, dtype, autocast context, compile mode) as train.py picks them."""
     device, device_type, dtype, ctx = train.pick_runtime(cfg)
-    return device, device_type, dtype, ctx, train.compile_enabled(cfg, device_type)
+    return device, device_type, dtype, ctx, compile_mode(cfg, device_type)
 
 
 # -----------------------------------------------------------------------------
@@ -262,36 +263,62 @@ def runtime(cfg):
 
 def pretrain_step(cfg, mcfg, device, device_type, ctx, compiled):
     """(model, a function that takes one pretraining step of it on a fixed random batch)."""
+    torch.manual_seed(cfg.seed)  # eager and compiled steps start from the same weights
     raw = VLM(mcfg).to(device)
     raw.codebook.uniform_()  # random centroids: the cost is the same
-    model = torch.compile(raw) if compiled else raw
+    model = compile_model(raw, compiled)
     batch = random_batch(raw, cfg.batch_size, device, cfg.seed)
     step = optimizer_step(raw, lambda: model(**batch, groups=None, alpha=mcfg.momentum_alpha)["loss"], cfg, device_type,
                           ctx, after=raw.momentum_update)
     return raw, step
 
 
+def dynamo_counts():
+    """(graphs compiled, graph breaks) so far in this process."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
 def bench_train(cfg, bench):
-    """Samples/s, FLOPs and MFU of the pretraining step with the preset's objectives."""
+    """Samples/s, FLOPs and MFU of the pretraining step with the preset's objectives; compiled, also the
+    eager step in alternating blocks, the compile time and the graphs compiled after the first step."""
     device, device_type, dtype, ctx, compiled = runtime(cfg)
     mcfg = bench_model_config(cfg.model)
     raw, step = pretrain_step(cfg, mcfg, device, device_type, ctx, compiled)
-    timed(step, bench.warmup, device_type)
-    seconds = timed(step, bench.steps, device_type)
     flops = pretrain_flops(mcfg, cfg.batch_size)
     peak, why = resolve_peak(bench, device_type)
     out = dict(params=raw.num_params(), flops_per_step=flops,
-               forward_flops_per_step=pretrain_flops(mcfg, cfg.batch_size, backward=False),
-               **throughput("train", flops, cfg.batch_size, bench.steps, seconds, peak))
-    objectives = ", ".join(k for k, v in loss_weights(raw.cfg).items() if v > 0) + (" + momentum" if raw.momentum else "")
+               forward_flops_per_step=pretrain_flops(mcfg, cfg.batch_size, backward=False))
+    if compiled == "false":
+        timed(step, bench.warmup, device_type)
+        out.update(throughput("train", flops, cfg.batch_size, bench.steps, timed(step, bench.steps, device_type), peak))
+    else:
+        first_s = timed(step, 1, device_type)  # tracing and compiling, then the step
+        graphs, breaks = dynamo_counts()
+        eager = pretrain_step(cfg, mcfg, device, device_type, ctx, "false")[1]
+        each, rates, n, blocks, _ = alternate({"train": step, "eager": eager}, dict.fromkeys(("train", "eager"), flops),
+                                              cfg, bench, device_type)
+        out.update(**each["train"], **each["eager"], compile_s=first_s - each["eager"]["eager_step_ms"] / 1e3,
+                   graphs=graphs, graph_breaks=breaks, recompiles=dynamo_counts()[0] - graphs)
+        out["compiled_over_eager"] = out["train_samples_per_s"] / out["eager_samples_per_s"]
+    objectives = ", ".join(k for k, v in loss_weights(raw.cfg).items() if v > 0)
+    objectives += " + momentum" if raw.momentum else ""
+    rows = [("parameters", f"{out['params'] / 1e6:.2f}M"),
+            ("step", f"{out['train_step_ms']:.1f} ms"),
+            ("samples/s", f"{out['train_samples_per_s']:.4g}"),
+            ("FLOPs/step", f"{flops / 1e9:.2f} GFLOP (forward {out['forward_flops_per_step'] / 1e9:.2f})"),
+            ("achieved", f"{out['train_tflops'] * 1e3:.1f} GFLOP/s"),
+            ("MFU", fmt_mfu(out["train_mfu"], why))]
+    if compiled != "false":
+        rows += [("eager samples/s", f"{out['eager_samples_per_s']:.4g} (alternating blocks: {n} steps each in "
+                                     f"{blocks}; compiled {min(rates['train']):.4g}..{max(rates['train']):.4g}, "
+                                     f"eager {min(rates['eager']):.4g}..{max(rates['eager']):.4g})"),
+                 ("compiled / eager", f"{out['compiled_over_eager']:.3f}"),
+                 ("compile", f"{out['compile_s']:.1f} s (the first step less an eager one)"),
+                 ("graphs", f"{graphs} compiled in the first step, {out['recompiles']} after it; "
+                            f"{breaks} graph breaks")]
     print_table(f"pretraining step: {objectives} | {device} {dtype} compile {compiled} | batch {cfg.batch_size}, "
-                f"{bench.steps} steps after {bench.warmup} warm-up", [
-                    ("parameters", f"{out['params'] / 1e6:.2f}M"),
-                    ("step", f"{out['train_step_ms']:.1f} ms"),
-                    ("samples/s", f"{out['train_samples_per_s']:.4g}"),
-                    ("FLOPs/step", f"{flops / 1e9:.2f} GFLOP (forward {out['forward_flops_per_step'] / 1e9:.2f})"),
-                    ("achieved", f"{out['train_tflops'] * 1e3:.1f} GFLOP/s"),
-                    ("MFU", fmt_mfu(out["train_mfu"], why))])
+                f"{bench.steps} steps after {bench.warmup} warm-up", rows)
     print_table("FLOPs by term (GFLOP per step: forward x (1 + b))", [
         (name, f"{f * (1 + b) / 1e9:8.3f}  (b={b})") for name, f, b in pretrain_terms(mcfg, cfg.batch_size)])
     return out
@@ -321,7 +348,8 @@ def bench_vs_hf(cfg, bench):
     mcfg = bench_model_config(cfg.model, **{**OBJECTIVES_OFF, "itc_weight": 1.0})
     ours_raw = VLM(mcfg).to(device)
     hf_raw = hf_clip(mcfg).to(device).train()
-    ours, hf = (torch.compile(m) if compiled else m for m in (ours_raw, hf_raw))
+    ours = compile_model(ours_raw, compiled)
+    hf = compile_model(hf_raw, compiled, (transformers.models.clip.modeling_clip.CLIPEncoderLayer,))
     batch = random_batch(ours_raw, cfg.batch_size, device, cfg.seed)
     pixels, tokens = batch["pixels"], batch["tokens"]
     mask = (tokens != mcfg.pad_id).long()
@@ -358,7 +386,6 @@ def bench_vs_itc_lm(cfg, bench):
     configs = {"all": bench_model_config(cfg.model), "itc_lm": bench_model_config(cfg.model, **ABLATION_ROWS["ITC+LM"])}
     steps, flops = {}, {}
     for name, mcfg in configs.items():
-        torch.manual_seed(cfg.seed)
         steps[name] = pretrain_step(cfg, mcfg, device, device_type, ctx, compiled)[1]
         flops[name] = pretrain_flops(mcfg, cfg.batch_size)
     each, rates, n, blocks, why = alternate(steps, flops, cfg, bench, device_type)

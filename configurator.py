@@ -129,7 +129,7 @@ def validate(cfg, world_size=None):
     checks = [
         (cfg.stage in STAGES, f"unknown --stage {cfg.stage!r}; stages: {', '.join(STAGES)}"),
         one_of("dtype", cfg.dtype, ("auto", "float32", "bfloat16", "float16")),
-        one_of("compile", cfg.compile, ("auto", "true", "false")),
+        one_of("compile", cfg.compile, ("auto", "regional", "true", "false")),
         one_of("converter", m.converter, ("mlp", "resampler")),
         one_of("activation", m.activation, tuple(ACTIVATIONS)),
         one_of("text_activation", m.text_activation, ("", *ACTIVATIONS)),

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import dist_info, fp32, loss_weights
+from model import Block, dist_info, fp32, loss_weights
 
 
 def all_gather(x):
@@ -98,6 +98,21 @@ def load_optimizer(raw_model, optimizer, state, cfg):
         set_optimizer_state_dict(raw_model, optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state)
+
+
+def compile_mode(cfg, device_type):
+    """--compile as it runs: 'auto' is 'regional' on CUDA and 'false' elsewhere."""
+    return cfg.compile if cfg.compile != "auto" else ("regional" if device_type == "cuda" else "false")
+
+
+def compile_model(model, mode, blocks=(Block,)):
+    """'true': the whole step traced as one graph (minutes to compile); 'regional': each transformer block
+    compiled alone and the rest eager, the blocks of one shape sharing one compile (seconds)."""
+    if mode == "regional":
+        for m in model.modules():
+            if isinstance(m, blocks):
+                m.compile()
+    return torch.compile(model) if mode == "true" else model
 
 
 def wrap_ddp(model, raw_model, cfg, device_type, local_rank, cached):

@@ -33,8 +33,8 @@ from configurator import PRETRAINING, apply_overrides, cached_steps, config_fiel
 from data import WorldConfig
 from eval import build_model, check_tokenizer, evaluate, print_captions, write_json
 from hf import hf_init
-from parallel import (cached_pretrain_step, full_state, global_losses, load_optimizer, setup_distributed, shard,
-                      uses_feature_cache, wrap_ddp)
+from parallel import (cached_pretrain_step, compile_mode, compile_model, full_state, global_losses, load_optimizer,
+                      setup_distributed, shard, uses_feature_cache, wrap_ddp)
 from model import VLMConfig, dist_info, draw_noise, pretrain_counts, uses_electra
 
 
@@ -89,7 +89,7 @@ class TrainConfig:
     # system
     device: str = "auto"  # 'auto' picks cuda, then mps, then cpu
     dtype: str = "auto"  # 'auto': bfloat16 on CUDA where supported, else float16 with a grad scaler; float32 off CUDA
-    compile: str = "auto"  # 'auto' (on for CUDA, off elsewhere), 'true' or 'false'
+    compile: str = "auto"  # 'regional' (each block), 'true' (the whole step), 'false'; 'auto': regional on CUDA
     seed: int = 1337  # initial weights, batches and every random draw
     model: VLMConfig = field(default_factory=VLMConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -219,11 +219,6 @@ def freeze_for_stage(model, stage, train_vit=False):
         trains = STAGE_TRAINS[stage] + (("visual.",) if train_vit else ())
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(trains))
-
-
-def compile_enabled(cfg, device_type):
-    """--compile: 'auto' compiles on CUDA only."""
-    return cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
 
 
 def optimizer_step(model, optimizer, scaler, cfg):
@@ -362,7 +357,7 @@ def train(cfg, ckpt=None, init=None):
     rank, local_rank, world_size = setup_distributed(cfg)
     master = rank == 0
     device, device_type, dtype, ctx = pick_runtime(cfg, local_rank)
-    use_compile = compile_enabled(cfg, device_type)
+    compiled = compile_mode(cfg, device_type)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     os.makedirs(cfg.out_dir, exist_ok=True)
 
@@ -403,13 +398,12 @@ def train(cfg, ckpt=None, init=None):
         step = ckpt["step"]
     start_step = step
     raw_model = model
-    if use_compile:
-        model = torch.compile(model)
+    model = compile_model(model, compiled)
     model = wrap_ddp(model, raw_model, cfg, device_type, local_rank, cached_steps(cfg))
     logger = Logger(os.path.join(cfg.out_dir, "log.jsonl"), master, start_step if ckpt is not None else None)
     if master:
         print(f"{raw_model.num_params() / 1e6:.2f}M trainable parameters | device {device} | {dtype} | "
-              f"compile {use_compile} | {world_size} rank(s) | data {ds.path}")
+              f"compile {compiled} | {world_size} rank(s) | data {ds.path}")
     make_batches = pretrain_batches if pretrain else stage.batches
     fetch, place, n_train = make_batches(cfg, ds, raw_model, device, rank, world_size)
     # the prompt stage's batches are made on the device: no loader processes
@@ -464,7 +458,8 @@ def train(cfg, ckpt=None, init=None):
         batches = [place(next(stream)) for _ in range(cfg.grad_accum)]  # micro-steps step * grad_accum + 0, 1, ...
         noise = None
         if pretrain:
-            batches = [{**b, "alpha": alpha} for b in batches]
+            alpha_t = torch.tensor(alpha, dtype=torch.float64)  # a tensor: a new value is no recompile
+            batches = [{**b, "alpha": alpha_t} for b in batches]
             noise = step_noise(cfg, step, cfg.batch_size * cfg.grad_accum * world_size, device)
         losses = train_step(model, raw_model, batches, scaler, ctx, noise)
         optimizer_step(model, optimizer, scaler, cfg)
