@@ -4,7 +4,8 @@ under `torchrun --nproc_per_node=2` (gloo) as
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_step.py OBJECTIVES GRAD_ACCUM DTYPE WRAP STATES OUT
 
-which runs the same steps on each rank's part of the batch with WRAP ('ddp' or 'fsdp'), each
+which runs the same steps on each rank's part of the batch with WRAP ('ddp', 'fsdp', or 'ddp-true' /
+'ddp-regional': DDP around the model compiled as --compile does it), each
 step after the first from the reference state in STATES ('-': from its own), and saves, on
 rank 0, what run_steps returns."""
 
@@ -108,7 +109,8 @@ if __name__ == "__main__":
     raw = make_model(config(objectives), getattr(torch, dtype))
     cfg = train.TrainConfig(model=raw.cfg, grad_accum=int(grad_accum), fsdp=wrap == "fsdp")
     parallel.shard(raw, cfg)
-    model = parallel.wrap_ddp(raw, raw, cfg, "cpu", 0, train.cached_steps(cfg))
+    model = parallel.compile_model(raw, wrap.partition("-")[2] or "false")
+    model = parallel.wrap_ddp(model, raw, cfg, "cpu", 0, train.cached_steps(cfg))
     result = run_steps(model, raw, cfg.grad_accum, dist.get_rank(), dist.get_world_size(),
                        torch.load(states, weights_only=True) if states != "-" else None)
     if dist.get_rank() == 0:

@@ -87,6 +87,16 @@ def test_two_ranks_equal_one_process(tmp_path, objectives, grad_accum, dtype):
                       *PRECISIONS[dtype])
 
 
+@pytest.mark.parametrize("objectives,mode", [("itc", "true")])
+def test_two_compiled_ranks_equal_one_process(tmp_path, objectives, mode):
+    """DDP around the compiled model (--compile=true: the whole step, gather-with-grad inside it) on
+    2 ranks: the losses, gradients and weights of one eager process, in float32 within 1e-5 (compiled
+    kernels sum in another order: test_compile.py sees up to 4e-6 in one process)."""
+    want = reference(objectives)
+    assert_same_steps(torchrun_steps(tmp_path, objectives, 1, torch.float32, f"ddp-{mode}", want["states"]), want,
+                      1e-5)
+
+
 def test_fsdp_equals_one_process(tmp_path):
     """FSDP2 on 2 ranks, every objective: the losses, gradients and weights of one process,
     and so of DDP (float64; both steps from the run's own weights)."""
