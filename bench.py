@@ -463,16 +463,23 @@ def bench_generate(cfg, bench):
             raise RuntimeError(f"generate (use_cache={use_cache}) made {tuple(tokens.shape)} tokens, "
                                f"not {(cfg.batch_size, n)}")
     made = cfg.batch_size * n * bench.steps
+    same = outputs[True] == outputs[False]
     out = {"cached_tokens_per_s": made / seconds[True], "uncached_tokens_per_s": made / seconds[False],
-           "identical": torch.equal(outputs[True], outputs[False])}
+           "identical": bool(same.all()), "rows_identical": same.all(1).float().mean().item(),
+           "tokens_equal": same.float().mean().item()}
     out["speedup"] = out["cached_tokens_per_s"] / out["uncached_tokens_per_s"]
     M = (mcfg.image_size // mcfg.patch_size) ** 2 if mcfg.converter == "mlp" else mcfg.n_queries
+    rows = [("KV cache", f"{out['cached_tokens_per_s']:.0f} tokens/s"),
+            ("no cache", f"{out['uncached_tokens_per_s']:.0f} tokens/s"),
+            ("speed-up", f"{out['speedup']:.2f}x"),
+            ("identical outputs", f"{out['identical']} (rows {100 * out['rows_identical']:.1f}%, "
+                                  f"tokens {100 * out['tokens_equal']:.1f}%)")]
+    if dtype != torch.float32:
+        rows.append(("why", f"in {dtype} the cached step rounds the new position's states alone and the uncached "
+                            "pass all of them, in other kernel shapes; greedy picks can differ at near-ties, and a "
+                            "row differs from there on (float32: identical)"))
     print_table(f"greedy captioning: {n} new tokens after {M} image tokens | {device} {dtype} | "
-                f"batch {cfg.batch_size}, {bench.steps} calls each after {bench.warmup}", [
-                    ("KV cache", f"{out['cached_tokens_per_s']:.0f} tokens/s"),
-                    ("no cache", f"{out['uncached_tokens_per_s']:.0f} tokens/s"),
-                    ("speed-up", f"{out['speedup']:.2f}x"),
-                    ("identical outputs", str(out["identical"]))])
+                f"batch {cfg.batch_size}, {bench.steps} calls each after {bench.warmup}", rows)
     return out
 
 

@@ -456,6 +456,12 @@ def fp32(x):
     return x.float() if x.element_size() < 4 else x
 
 
+def fp32_scores(fn, *xs):
+    """fn(*xs) in float32 (or wider) with autocast off: the embeddings and heads whose scores rank or threshold."""
+    with torch.autocast(xs[0].device.type, enabled=False):
+        return fn(*map(fp32, xs))
+
+
 def positive_mates(tokens, groups, all_tokens, all_groups):
     """(B, N) bool: column j is a positive of row i when their captions are the same text or, where the
     data knows it (groups >= 0), describe the same scene. Such pairs are never negatives."""
@@ -685,14 +691,14 @@ class VLM(nn.Module):
 
     @staticmethod
     def _image_embedding(visual, vit_tokens):
-        return F.normalize(visual.proj(vit_tokens[:, 0]), dim=-1)
+        return fp32_scores(lambda x: F.normalize(visual.proj(x), dim=-1), vit_tokens[:, 0])
 
     def _text_embedding(self, text, tokens, h=None):
         """The L2-normalised projection of text's causal states h (default: computed) at each row's first <eos>."""
         h = text(tokens) if h is None else h
         eos = (tokens == self.cfg.eos_id).int().argmax(-1)
         pooled = h[torch.arange(tokens.size(0), device=tokens.device), eos]
-        return F.normalize(text.text_projection(pooled), dim=-1)
+        return fp32_scores(lambda x: F.normalize(text.text_projection(x), dim=-1), pooled)
 
     def encode_image(self, pixels):
         """pixels (B, 3, H, W) float, normalised -> (B, embed_dim) L2-normalised."""
@@ -712,7 +718,7 @@ class VLM(nn.Module):
 
     def itm_logits(self, image_tokens, tokens):
         """(B, 2) ITM logits (no match, match) of image-text pairs, read at <bos>."""
-        return self.itm_head(self.fuse(image_tokens, tokens)[:, image_tokens.size(1)])
+        return fp32_scores(self.itm_head, self.fuse(image_tokens, tokens)[:, image_tokens.size(1)])
 
     # -- ELECTRA --
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import data
-from model import VLM, fp32
+from model import VLM, fp32, fp32_scores
 
 PRESETS = {
     "tiny": dict(max_iters=20, warmup_iters=2, eval_interval=10 ** 9, shots=2, shot_seeds=2, lr=1e-2, weight_decay=0.0,
@@ -180,8 +180,10 @@ class PromptVLM(VLM):
         states = self.vit_states(pixels, self.prompt.image_prompts() if prompted else ())
         layers = self.prompt.dense_layers if prompted else (self.cfg.vit_layers,)
         v, g = self.visual, math.isqrt(self.visual.n_patches)
-        patches = [F.normalize(v.proj(v.ln_post(states[layer - 1][:, 1:])), dim=-1) for layer in layers]  # (B, P, D)
-        maps = torch.stack([(x @ class_emb.t().to(x.dtype)).transpose(1, 2).unflatten(2, (g, g)) for x in patches])
+
+        def cosines(x, c):  # (B, P, w), (C, D) -> (B, C, g, g), in float32: the maps are argmax'ed and thresholded
+            return (F.normalize(v.proj(x), dim=-1) @ c.t()).transpose(1, 2).unflatten(2, (g, g))
+        maps = torch.stack([fp32_scores(cosines, v.ln_post(states[layer - 1][:, 1:]), class_emb) for layer in layers])
         maps = maps * self.logit_scale.exp().clamp(max=100)
         weights = self.prompt.fusion.softmax(0) if prompted else maps.new_ones(1)
         return (weights.view(-1, 1, 1, 1, 1).to(maps.dtype) * maps).sum(0), maps

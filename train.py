@@ -458,8 +458,7 @@ def train(cfg, ckpt=None, init=None):
         batches = [place(next(stream)) for _ in range(cfg.grad_accum)]  # micro-steps step * grad_accum + 0, 1, ...
         noise = None
         if pretrain:
-            alpha_t = torch.tensor(alpha, dtype=torch.float64)  # a tensor: a new value is no recompile
-            batches = [{**b, "alpha": alpha_t} for b in batches]
+            batches = [{**b, "alpha": torch.tensor(alpha, dtype=torch.float64)} for b in batches]  # no recompile
             noise = step_noise(cfg, step, cfg.batch_size * cfg.grad_accum * world_size, device)
         losses = train_step(model, raw_model, batches, scaler, ctx, noise)
         optimizer_step(model, optimizer, scaler, cfg)
