@@ -5,6 +5,7 @@ losses see the whole step's batch (cached_pretrain_step). The gathers that the l
 themselves use (gather_with_grad) live in model.py.
 """
 
+import datetime
 import os
 
 import torch
@@ -44,6 +45,12 @@ def setup_distributed(cfg):
     if use_cuda:
         torch.cuda.set_device(local_rank)
     return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def wait_for_rank0():
+    """Every rank waits here until rank 0 is done preparing data, for hours if need be: NCCL's default timeout
+    (10 minutes) is shorter than preparing a large world, so the wait is a gloo barrier of its own."""
+    dist.barrier(group=dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6)))
 
 
 def sync_gradients(model):

@@ -34,7 +34,7 @@ from data import WorldConfig
 from eval import build_model, check_tokenizer, evaluate, print_captions, write_json
 from hf import hf_init
 from parallel import (cached_pretrain_step, compile_mode, compile_model, full_state, global_losses, load_optimizer,
-                      setup_distributed, shard, uses_feature_cache, wrap_ddp)
+                      setup_distributed, shard, uses_feature_cache, wait_for_rank0, wrap_ddp)
 from model import VLMConfig, dist_info, draw_noise, pretrain_counts, uses_electra
 
 
@@ -176,7 +176,7 @@ def load_data(cfg, rank, world_size):
         if uses_electra(m) and cfg.stage in PRETRAINING:
             prepare.prepare_codebook(path, m.patch_size, m.n_codes)
     if world_size > 1:
-        dist.barrier()
+        wait_for_rank0()
     try:
         return data.Dataset(path)
     except (FileNotFoundError, ValueError) as e:

@@ -102,3 +102,29 @@ def test_fsdp_equals_one_process(tmp_path):
     and so of DDP (float64; both steps from the run's own weights)."""
     want = reference("all", torch.float64)
     assert_same_steps(torchrun_steps(tmp_path, "all", 1, torch.float64, "fsdp", None), want, *PRECISIONS[torch.float64])
+
+
+WAIT = """
+import datetime, sys, time
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+import parallel
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))  # a stand-in for NCCL's 10 minutes
+if dist.get_rank() == 0:
+    time.sleep(6)  # rank 0 prepares the data, past the default group's timeout
+{wait}
+print("rank", dist.get_rank(), "through")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("wait, ok", [("parallel.wait_for_rank0()", True), ("dist.barrier()", False)])
+def test_ranks_wait_for_data_past_the_process_group_timeout(tmp_path, wait, ok):
+    """The other ranks wait for rank 0's data preparation however long it takes (a plain barrier
+    on the default group times out: the reference that the test can fail)."""
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT.format(root=ROOT, wait=wait))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, timeout=300)
+    assert (result.returncode == 0) == ok, result.stderr[-2000:]
+    assert (result.stdout.count("through") == 2) == ok
