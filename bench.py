@@ -273,6 +273,11 @@ def pretrain_step(cfg, mcfg, device, device_type, ctx, compiled):
     return raw, step
 
 
+def peak_memory(device_type):
+    """GiB at the CUDA allocator's peak so far; None elsewhere."""
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if device_type == "cuda" else None
+
+
 def dynamo_counts():
     """(graphs compiled, graph breaks) so far in this process."""
     from torch._dynamo.utils import counters
@@ -292,8 +297,10 @@ def bench_train(cfg, bench):
     if compiled == "false":
         timed(step, bench.warmup, device_type)
         out.update(throughput("train", flops, cfg.batch_size, bench.steps, timed(step, bench.steps, device_type), peak))
+        out["peak_memory_gib"] = peak_memory(device_type)
     else:
         first_s = timed(step, 1, device_type)  # tracing and compiling, then the step
+        out["peak_memory_gib"] = peak_memory(device_type)  # before the eager copy is made
         graphs, breaks = dynamo_counts()
         eager = pretrain_step(cfg, mcfg, device, device_type, ctx, "false")[1]
         each, rates, n, blocks, _ = alternate({"train": step, "eager": eager}, dict.fromkeys(("train", "eager"), flops),
@@ -309,6 +316,8 @@ def bench_train(cfg, bench):
             ("FLOPs/step", f"{flops / 1e9:.2f} GFLOP (forward {out['forward_flops_per_step'] / 1e9:.2f})"),
             ("achieved", f"{out['train_tflops'] * 1e3:.1f} GFLOP/s"),
             ("MFU", fmt_mfu(out["train_mfu"], why))]
+    if out["peak_memory_gib"] is not None:
+        rows.append(("peak memory", f"{out['peak_memory_gib']:.2f} GiB allocated (torch.cuda.max_memory_allocated)"))
     if compiled != "false":
         rows += [("eager samples/s", f"{out['eager_samples_per_s']:.4g} (alternating blocks: {n} steps each in "
                                      f"{blocks}; compiled {min(rates['train']):.4g}..{max(rates['train']):.4g}, "
