@@ -14,15 +14,21 @@ The bench's own flags are BenchConfig's; every other flag is train.py's and mean
 The model runs on random data of the right shapes. What is measured, and the FLOP formula: docs/bench.md.
 """
 
+import contextlib
 import copy
 import math
 import re
 import sys
 import time
 import typing
+import warnings
+import weakref
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import configurator
 import data
@@ -35,7 +41,8 @@ from parallel import compile_mode, compile_model
 
 @dataclass
 class BenchConfig:
-    mode: str = "train"  # 'train' (the pretraining step), 'loader' (data) or 'generate' (captioning)
+    mode: str = "train"  # 'train' (the pretraining step), 'loader' (data), 'generate' (captioning) or 'memory'
+    memory_gb: float = 80.0  # memory: the accelerator's memory in GB (1e9 bytes); a step fits with 15% to spare
     vs: str = ""  # mode train, side by side: 'hf' (ITC against transformers.CLIPModel), 'itc_lm' (against ITC+LM)
     steps: int = 0  # timed steps (generate: timed calls of each kind); 0: the mode's default
     warmup: int = -1  # untimed steps first; -1: the mode's default
@@ -44,7 +51,7 @@ class BenchConfig:
     json: str = ""  # also write the numbers to this JSON file
 
 
-DEFAULT_STEPS = {"train": (20, 3), "loader": (200, 10), "generate": (3, 1)}  # (steps, warmup)
+DEFAULT_STEPS = {"train": (20, 3), "loader": (200, 10), "generate": (3, 1), "memory": (1, 1)}  # (steps, warmup)
 
 # dense bf16 (V100, T4: fp16) tensor-core peaks, TFLOP/s; the first match wins, \b keeps A10 from matching A100
 PEAK_TFLOPS = [
@@ -204,6 +211,7 @@ def optimizer_step(model, loss_fn, cfg, device_type, ctx, after=None):
         train.optimizer_step(model, optimizer, scaler, cfg)
         if after is not None:
             after()
+    step.optimizer = optimizer
     return step
 
 
@@ -410,6 +418,86 @@ def bench_vs_itc_lm(cfg, bench):
     return out
 
 
+class PeakMemory(TorchDispatchMode):
+    """Bytes of tensor storage alive and their peak, counted at every op from when it is entered (a storage is
+    freed when its last tensor goes), and the largest storages made: real or fake tensors alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak, self.largest = {}, 0, 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(storage := t.untyped_storage()) not in self.live:
+                self.live[id(storage)] = storage.nbytes()
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                self.largest = sorted(self.largest + [(storage.nbytes(), str(func), tuple(t.shape))])[-3:]
+                weakref.finalize(storage, self.free, id(storage))
+        return out
+
+    def free(self, key):
+        self.now -= self.live.pop(key)
+
+
+def memory_step(cfg, mcfg, batch_size, ctx):
+    """(a pretraining step function, the bytes of weights, buffers and AdamW state after a first step)."""
+    torch.manual_seed(cfg.seed)
+    raw = VLM(mcfg)
+    batch = random_batch(raw, batch_size, "cpu", cfg.seed)
+    step = optimizer_step(raw, lambda: raw(**batch, groups=None, alpha=mcfg.momentum_alpha)["loss"], cfg, "cpu", ctx,
+                          after=raw.momentum_update)
+    step()  # AdamW makes its state in its first step
+    tensors = [*raw.parameters(), *raw.buffers(), *(v for s in step.optimizer.state.values() for v in s.values())]
+    return step, sum({id(s := t.untyped_storage()): s.nbytes() for t in tensors if torch.is_tensor(t)}.values())
+
+
+def step_memory(cfg, mcfg, batch_size, ctx):
+    """(bytes of weights, buffers and AdamW state; the peak bytes a training step adds to them; its three largest
+    storages), counted on fake tensors, so that any size fits this machine."""
+    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")  # deepcopy's check, harmless
+        step, persistent = memory_step(cfg, mcfg, batch_size, ctx)
+        with PeakMemory() as tracked:
+            step()
+    return persistent, tracked.peak, tracked.largest
+
+
+def bench_memory(cfg, bench):
+    """The peak memory of one pretraining step at the preset's batch, under the CUDA dtype policy (bf16 autocast
+    unless --dtype says otherwise), and the largest batch whose step fits --memory_gb with 15% to spare."""
+    dtype = torch.float32 if cfg.dtype == "float32" else torch.float16 if cfg.dtype == "float16" else torch.bfloat16
+    ctx = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    mcfg, budget = bench_model_config(cfg.model), 0.85 * bench.memory_gb * 1e9
+    persistent, step_bytes, largest = step_memory(cfg, mcfg, cfg.batch_size, ctx)
+
+    def fits(batch):
+        return batch == 0 or sum(step_memory(cfg, mcfg, batch, ctx)[:2]) <= budget
+    lo, hi = 0, 8  # the largest multiple of 8 that fits: doubling, then bisection
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 8:
+        mid = (lo + hi) // 16 * 8
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    fit = lo
+    out = dict(persistent_gb=persistent / 1e9, step_gb=step_bytes / 1e9, peak_gb=(persistent + step_bytes) / 1e9,
+               per_sample_mb=step_bytes / cfg.batch_size / 1e6, fits=persistent + step_bytes <= budget,
+               largest_batch_that_fits=fit,
+               memory_gb=bench.memory_gb, vocab_size=mcfg.vocab_size, dtype=str(dtype))
+    print_table(f"memory of a pretraining step | {dtype} autocast (CUDA's dtype policy, on fake tensors) | batch "
+                f"{cfg.batch_size}, vocabulary {mcfg.vocab_size}", [
+                    ("weights, buffers, AdamW", f"{out['persistent_gb']:.2f} GB"),
+                    ("the step adds", f"{out['step_gb']:.2f} GB at its peak (gradients, saved activations, "
+                                      f"transients; {out['per_sample_mb']:.1f} MB a sample)"),
+                    ("peak", f"{out['peak_gb']:.2f} GB of {bench.memory_gb:g} GB: "
+                             f"{'fits' if out['fits'] else 'does NOT fit'} with 15% to spare"),
+                    ("largest batch that fits", f"{fit} (a multiple of 8; each size measured, not extrapolated)"),
+                    *((f"largest storage {i + 1}", f"{n / 1e9:.2f} GB from {op} {shape}")
+                      for i, (n, op, shape) in enumerate(reversed(largest)))])
+    return out
+
+
 def alternate(steps, flops, cfg, bench, device_type):
     """Time step functions ({name: fn}) in alternating blocks, so that all see the same machine: ({name: its
     throughput at flops[name] per step}, {name: samples/s per block}, steps each, blocks, where the peak comes from)."""
@@ -537,7 +625,7 @@ def main(argv=None):
     if cfg.grad_accum != 1:
         raise SystemExit("bench.py times steps of one batch: set --batch_size, not --grad_accum")
     torch.manual_seed(cfg.seed)
-    modes = {"train": bench_train, "loader": bench_loader, "generate": bench_generate}
+    modes = {"train": bench_train, "loader": bench_loader, "generate": bench_generate, "memory": bench_memory}
     run = {"hf": bench_vs_hf, "itc_lm": bench_vs_itc_lm}.get(bench.vs, modes[bench.mode])
     t0 = time.time()
     out = run(cfg, bench)

@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 out=out-gpu
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-batch=${BATCH:-256}
+batch=${BATCH:-160}
 status=0
 run() {  # name, seconds, command...: a step that fails or runs out of time is reported, and the rest still run
     local name=$1 limit=$2

@@ -110,9 +110,9 @@ PRESETS = {
         model=VLMConfig(image_size=64, patch_size=16, vit_width=128, vit_layers=4, vit_heads=4,
                         text_width=128, text_layers=4, text_heads=4, embed_dim=128, itc_temperature=0.03,
                         fused_rows=0.5, itm_negatives=0.5, image_axes=True, caption_weight=2.0)),
-    # GPU: ViT-B/16 at 224 px, a CLIP-B text transformer
+    # GPU: ViT-B/16 at 224 px, a CLIP-B text transformer; the batch fits 80 GB with 15% spare (bench.py --mode memory)
     "base": TrainConfig(
-        out_dir="out-base", batch_size=256, num_workers=4, max_iters=20000, warmup_iters=2000, eval_interval=2000,
+        out_dir="out-base", batch_size=160, num_workers=4, max_iters=20000, warmup_iters=2000, eval_interval=2000,
         eval_images=1000, lr=5e-4, min_lr=5e-5, weight_decay=0.2, ckpt_interval=1000,
         model=VLMConfig(image_size=224, patch_size=16, vit_width=768, vit_layers=12, vit_heads=12,
                         text_width=512, text_layers=12, text_heads=8, embed_dim=512, context_length=77,

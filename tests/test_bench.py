@@ -3,6 +3,8 @@ side-by-side and the generation benchmark's outputs. No timing is asserted."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+from conftest import ROOT
 from eval import OBJECTIVES_OFF
 from hf import load_into, state_from_hf_clip
 from model import VLM, VLMConfig
@@ -182,3 +185,50 @@ def test_train_and_loader_modes_run(world_root, tiny_world):
         out = bench.main(["--config", "tiny", "--mode", "loader", f"--data_dir={world_root}", "--steps=3", "--warmup=1",
                           f"--num_workers={workers}"])
         assert out["loader_samples_per_s"] > 0
+
+
+DIRECT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import bench, configurator, train
+preset, overrides = configurator.parse_args({args!r}, train.PRESETS)
+cfg = configurator.apply_overrides(train.PRESETS[preset], overrides)
+step, _ = bench.memory_step(cfg, bench.bench_model_config(cfg.model), cfg.batch_size,
+                            torch.autocast("cpu", dtype=torch.bfloat16))
+step()  # libraries and kernels loaded, the allocator settled
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+open("/proc/self/clear_refs", "w").write("5")  # the peak resident size starts again from here
+before = status("VmRSS")
+step()
+print(status("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux's peak resident size is the reference")
+def test_memory_estimate_on_fake_tensors_is_within_10_percent_of_the_real_step():
+    """--mode memory counts a step's peak on fake tensors; the same step run for real grows the process's
+    resident memory (VmHWM, with every allocation of 64 KiB or more its own mapping, so that a free returns
+    it at once) by as much, within 10%."""
+    args = ["--config", "small", "--batch_size=48"]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    result = subprocess.run([sys.executable, "-c", DIRECT.format(root=ROOT, args=args)], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    direct = int(result.stdout.split()[-1])
+    cfg = bench.train.PRESETS["small"]
+    _, estimate, _ = bench.step_memory(cfg, bench.bench_model_config(cfg.model), 48,
+                                             torch.autocast("cpu", dtype=torch.bfloat16))
+    assert abs(estimate - direct) <= 0.1 * direct, (estimate, direct)
+
+
+def test_memory_mode_reports_the_peak_and_the_largest_batch_that_fits(capsys):
+    out = bench.main(["--config", "tiny", "--mode", "memory", "--memory_gb=0.05"])
+    assert out["peak_gb"] == pytest.approx(out["persistent_gb"] + out["step_gb"])
+    fit = out["largest_batch_that_fits"]
+    assert fit % 8 == 0 and fit > 0
+    cfg, ctx = bench.train.PRESETS["tiny"], torch.autocast("cpu", dtype=torch.bfloat16)
+    mcfg = bench.bench_model_config(cfg.model)
+    assert sum(bench.step_memory(cfg, mcfg, fit, ctx)[:2]) <= 0.85 * 0.05e9  # it fits with 15% to spare
+    assert sum(bench.step_memory(cfg, mcfg, fit + 8, ctx)[:2]) > 0.85 * 0.05e9  # and 8 more do not
