@@ -1,6 +1,6 @@
 """
 Benchmark nanoVLP: training throughput and MFU, a side-by-side with Hugging Face CLIP, data
-loading, and captioning with and without the KV cache.
+loading, captioning with and without the KV cache, and the memory of a step.
 
     python bench.py --config small                        # samples/s and MFU of the pretraining step
     python bench.py --config base --batch_size=8 --steps=5   # any train.py flag applies
@@ -8,6 +8,7 @@ loading, and captioning with and without the KV cache.
     python bench.py --config small --vs itc_lm            # every objective against ITC + captioning, one run
     python bench.py --config small --mode loader          # pretraining batches from the shapes world (--num_workers=N)
     python bench.py --config small --mode generate        # caption tokens/s, KV cache on and off
+    python bench.py --config base --mode memory --vocab_size=49408   # a step's peak memory; the largest batch that fits
     python bench.py --config small --json out/bench.json  # the numbers also as JSON (written atomically)
 
 The bench's own flags are BenchConfig's; every other flag is train.py's and means what it means there.
