@@ -1,8 +1,8 @@
 """
 Many ranks and many micro-batches: DDP and FSDP2 set-up, torch.compile (whole or per block),
-gradients averaged by hand, whole checkpoints from shards, and gradient accumulation in which the contrastive and matching
-losses see the whole step's batch (cached_pretrain_step). The gathers that the losses
-themselves use (gather_with_grad) live in model.py.
+gradients averaged by hand, whole checkpoints from shards, and gradient accumulation in which
+the contrastive and matching losses see the whole step's batch (cached_pretrain_step). The
+gathers that the losses themselves use (gather_with_grad) live in model.py.
 """
 
 import datetime
