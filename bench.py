@@ -37,7 +37,7 @@ import train
 from eval import ABLATION_ROWS, OBJECTIVES_OFF, write_json
 from hf import hf_clip_config
 from model import VLM, VLMConfig, fused_pairs, loss_weights, transformer_flops, uses_electra
-from parallel import compile_mode, compile_model
+from parallel import checkpoint_blocks, compile_mode, compile_model
 
 
 @dataclass
@@ -275,7 +275,7 @@ def pretrain_step(cfg, mcfg, device, device_type, ctx, compiled):
     torch.manual_seed(cfg.seed)  # eager and compiled steps start from the same weights
     raw = VLM(mcfg).to(device)
     raw.codebook.uniform_()  # random centroids: the cost is the same
-    model = compile_model(raw, compiled)
+    model = compile_model(checkpoint_blocks(raw, cfg.checkpoint), compiled)
     batch = random_batch(raw, cfg.batch_size, device, cfg.seed)
     step = optimizer_step(raw, lambda: model(**batch, groups=None, alpha=mcfg.momentum_alpha)["loss"], cfg, device_type,
                           ctx, after=raw.momentum_update)
@@ -445,7 +445,7 @@ class PeakMemory(TorchDispatchMode):
 def memory_step(cfg, mcfg, batch_size, ctx):
     """(a pretraining step function, the bytes of weights, buffers and AdamW state after a first step)."""
     torch.manual_seed(cfg.seed)
-    raw = VLM(mcfg)
+    raw = checkpoint_blocks(VLM(mcfg), cfg.checkpoint)
     batch = random_batch(raw, batch_size, "cpu", cfg.seed)
     step = optimizer_step(raw, lambda: raw(**batch, groups=None, alpha=mcfg.momentum_alpha)["loss"], cfg, "cpu", ctx,
                           after=raw.momentum_update)

@@ -33,8 +33,8 @@ from configurator import PRETRAINING, apply_overrides, cached_steps, config_fiel
 from data import WorldConfig
 from eval import build_model, check_tokenizer, evaluate, print_captions, write_json
 from hf import hf_init
-from parallel import (cached_pretrain_step, compile_mode, compile_model, full_state, global_losses, load_optimizer,
-                      setup_distributed, shard, uses_feature_cache, wait_for_rank0, wrap_ddp)
+from parallel import (cached_pretrain_step, checkpoint_blocks, compile_mode, compile_model, full_state, global_losses,
+                      load_optimizer, setup_distributed, shard, uses_feature_cache, wait_for_rank0, wrap_ddp)
 from model import VLMConfig, dist_info, draw_noise, pretrain_counts, uses_electra
 
 
@@ -90,6 +90,7 @@ class TrainConfig:
     device: str = "auto"  # 'auto' picks cuda, then mps, then cpu
     dtype: str = "auto"  # 'auto': bfloat16 on CUDA where supported, else float16 with a grad scaler; float32 off CUDA
     compile: str = "auto"  # 'regional' (each block), 'true' (the whole step), 'false'; 'auto': regional on CUDA
+    checkpoint: bool = False  # recompute the text transformer's block activations in the backward pass (less memory)
     seed: int = 1337  # initial weights, batches and every random draw
     model: VLMConfig = field(default_factory=VLMConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -155,11 +156,9 @@ def pick_runtime(cfg, local_rank=0):
     device = cfg.device if cfg.device != "auto" else f"cuda:{local_rank}" if cuda else \
         "mps" if torch.backends.mps.is_available() else "cpu"
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    if cfg.dtype != "auto":
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    else:
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device_type == "cuda" \
-            else torch.float32
+    half = torch.bfloat16 if device_type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+             "auto": half if device_type == "cuda" else torch.float32}[cfg.dtype]
     if device_type == "cuda":  # TF32 matmuls
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ctx = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -398,7 +397,7 @@ def train(cfg, ckpt=None, init=None):
         step = ckpt["step"]
     start_step = step
     raw_model = model
-    model = compile_model(model, compiled)
+    model = compile_model(checkpoint_blocks(model, cfg.checkpoint), compiled)
     model = wrap_ddp(model, raw_model, cfg, device_type, local_rank, cached_steps(cfg))
     logger = Logger(os.path.join(cfg.out_dir, "log.jsonl"), master, start_step if ckpt is not None else None)
     if master:

@@ -1,6 +1,7 @@
 """bench.py: the FLOP formula against PyTorch's FLOP counter, the peak table, the Hugging Face
 side-by-side and the generation benchmark's outputs. No timing is asserted."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from conftest import ROOT
 from eval import OBJECTIVES_OFF
 from hf import load_into, state_from_hf_clip
 from model import VLM, VLMConfig
+from parallel import checkpoint_blocks
 
 CFG = VLMConfig(image_size=32, patch_size=8, vit_width=32, vit_layers=2, vit_heads=2, text_width=32, text_layers=2,
                 text_heads=2, embed_dim=16, vocab_size=60, context_length=12, n_codes=16, queue_size=8)
@@ -232,3 +234,25 @@ def test_memory_mode_reports_the_peak_and_the_largest_batch_that_fits(capsys):
     mcfg = bench.bench_model_config(cfg.model)
     assert sum(bench.step_memory(cfg, mcfg, fit, ctx)[:2]) <= 0.85 * 0.05e9  # it fits with 15% to spare
     assert sum(bench.step_memory(cfg, mcfg, fit + 8, ctx)[:2]) > 0.85 * 0.05e9  # and 8 more do not
+
+
+def test_checkpointed_text_blocks_give_the_same_step_in_less_memory():
+    """--checkpoint recomputes the text blocks' activations in the backward pass: the same loss and
+    gradients, bit for bit, and a smaller peak in --mode memory."""
+    cfg = bench.train.PRESETS["tiny"]
+    mcfg = bench.bench_model_config(cfg.model)
+    steps = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = checkpoint_blocks(VLM(mcfg), on)
+        batch = bench.random_batch(model, 8, "cpu")
+        torch.manual_seed(1)
+        loss = model(**batch, groups=None, alpha=0.4)["loss"]
+        loss.backward()
+        steps.append((loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert torch.equal(steps[0][0], steps[1][0]) and steps[0][1].keys() == steps[1][1].keys()
+    assert all(torch.equal(steps[0][1][n], steps[1][1][n]) for n in steps[0][1])
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+    plain = bench.step_memory(cfg, mcfg, 32, ctx)[1]
+    checkpointed = bench.step_memory(dataclasses.replace(cfg, checkpoint=True), mcfg, 32, ctx)[1]
+    assert checkpointed < 0.9 * plain, (checkpointed, plain)
