@@ -15,8 +15,8 @@ The bench's own flags are BenchConfig's; every other flag is train.py's and mean
 The model runs on random data of the right shapes. What is measured, and the FLOP formula: docs/bench.md.
 """
 
-import contextlib
 import copy
+import functools
 import math
 import re
 import sys
@@ -24,7 +24,7 @@ import time
 import typing
 import warnings
 import weakref
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -273,7 +273,8 @@ def runtime(cfg):
 def pretrain_step(cfg, mcfg, device, device_type, ctx, compiled):
     """(model, a function that takes one pretraining step of it on a fixed random batch)."""
     torch.manual_seed(cfg.seed)  # eager and compiled steps start from the same weights
-    raw = VLM(mcfg).to(device)
+    with torch.device(device):  # made there: no copy (and none of fake tensors, which --mode memory uses)
+        raw = VLM(mcfg)
     raw.codebook.uniform_()  # random centroids: the cost is the same
     model = compile_model(checkpoint_blocks(raw, cfg.checkpoint), compiled)
     batch = random_batch(raw, cfg.batch_size, device, cfg.seed)
@@ -443,12 +444,8 @@ class PeakMemory(TorchDispatchMode):
 
 
 def memory_step(cfg, mcfg, batch_size, ctx):
-    """(a pretraining step function, the bytes of weights, buffers and AdamW state after a first step)."""
-    torch.manual_seed(cfg.seed)
-    raw = checkpoint_blocks(VLM(mcfg), cfg.checkpoint)
-    batch = random_batch(raw, batch_size, "cpu", cfg.seed)
-    step = optimizer_step(raw, lambda: raw(**batch, groups=None, alpha=mcfg.momentum_alpha)["loss"], cfg, "cpu", ctx,
-                          after=raw.momentum_update)
+    """(a pretraining step function on the CPU, the bytes of weights, buffers and AdamW state after a first step)."""
+    raw, step = pretrain_step(replace(cfg, batch_size=batch_size), mcfg, "cpu", "cpu", ctx, "false")
     step()  # AdamW makes its state in its first step
     tensors = [*raw.parameters(), *raw.buffers(), *(v for s in step.optimizer.state.values() for v in s.values())]
     return step, sum({id(s := t.untyped_storage()): s.nbytes() for t in tensors if torch.is_tensor(t)}.values())
@@ -468,13 +465,14 @@ def step_memory(cfg, mcfg, batch_size, ctx):
 def bench_memory(cfg, bench):
     """The peak memory of one pretraining step at the preset's batch, under the CUDA dtype policy (bf16 autocast
     unless --dtype says otherwise), and the largest batch whose step fits --memory_gb with 15% to spare."""
-    dtype = torch.float32 if cfg.dtype == "float32" else torch.float16 if cfg.dtype == "float16" else torch.bfloat16
-    ctx = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    policy = "bfloat16" if cfg.dtype == "auto" else cfg.dtype  # CUDA's default, on the CPU's autocast
+    _, _, dtype, ctx = train.pick_runtime(replace(cfg, device="cpu", dtype=policy))
     mcfg, budget = bench_model_config(cfg.model), 0.85 * bench.memory_gb * 1e9
-    persistent, step_bytes, largest = step_memory(cfg, mcfg, cfg.batch_size, ctx)
+    measure = functools.cache(lambda batch: step_memory(cfg, mcfg, batch, ctx))  # each size once
+    persistent, step_bytes, largest = measure(cfg.batch_size)
 
     def fits(batch):
-        return batch == 0 or sum(step_memory(cfg, mcfg, batch, ctx)[:2]) <= budget
+        return batch == 0 or sum(measure(batch)[:2]) <= budget
     lo, hi = 0, 8  # the largest multiple of 8 that fits: doubling, then bisection
     while fits(hi):
         lo, hi = hi, 2 * hi

@@ -307,7 +307,10 @@ def cider_d(refs, cands, n=4, sigma=6.0):
         for counts in ref_counts[key]:
             rvec, rnorm, rlength = tfidf(counts)
             for k in range(n):
-                s = sum(min(v, rvec[k].get(gram, 0.0)) * rvec[k].get(gram, 0.0) for gram, v in vec[k].items())
+                s = 0.0
+                for gram, v in vec[k].items():
+                    r = rvec[k].get(gram, 0.0)
+                    s += min(v, r) * r
                 if norm[k] != 0 and rnorm[k] != 0:
                     s /= norm[k] * rnorm[k]
                 # np.e ** as pycocoevalcap computes it: np.exp can differ in the last bit

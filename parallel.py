@@ -112,8 +112,7 @@ def checkpoint_blocks(model, on=True):
     """--checkpoint: each text block's activations are recomputed in the backward pass instead of kept, for
     the fused and captioning passes' memory at about a third more compute. Returns the model."""
     for block in model.text.blocks if on else ():
-        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(block).forward.__get__(block),
-                                          use_reentrant=False)
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
     return model
 
 
