@@ -36,7 +36,7 @@ import data
 import train
 from eval import ABLATION_ROWS, OBJECTIVES_OFF, write_json
 from hf import hf_clip_config
-from model import VLM, VLMConfig, fused_pairs, loss_weights, transformer_flops, uses_electra
+from model import VLM, VLMConfig, fused_pairs, loss_weights, mask_slots, transformer_flops, uses_electra
 from parallel import checkpoint_blocks, compile_mode, compile_model
 
 
@@ -124,11 +124,11 @@ def pretrain_terms(c, batch_size):
                   ("momentum.text", B * text(T) + 2 * B * w * D, 0),
                   ("momentum.soft_targets", 2 * 2 * B * (N + Q) * D, 0)]
     if electra:
-        g, p2 = c.gen_width or w // 4, 3 * c.patch_size ** 2
+        g, p2, S = c.gen_width or w // 4, 3 * c.patch_size ** 2, mask_slots(c, T)  # MLM logits at S slots a row
         gen = [("generator.patch_embed", Bf * 2 * P * p2 * g, on["mlm"] or on["moc"]),
                ("generator.blocks", Bf * (2 * T * w * g + transformer_flops(c.gen_layers, g, P + T, r)),
                 2 * (on["mlm"] or on["moc"])),
-               ("generator.mlm_logits", Bf * (2 * T * g * w + 2 * T * w * V), 2 * on["mlm"]),
+               ("generator.mlm_logits", Bf * (2 * S * g * w + 2 * S * w * V), 2 * on["mlm"]),
                ("generator.moc_logits", Bf * 2 * P * g * c.n_codes, 2 * on["moc"])]
         terms += gen
         if c.momentum_alpha > 0 and on["mlm"]:  # soft MLM targets from the momentum generator

@@ -117,6 +117,13 @@ def attention_mask(n_prefix, q_len, k_len, q_start=0, key_valid=None, device=Non
     return mask
 
 
+def padding_hidden(n_prefix, tokens, pad_id):
+    """The bidirectional mask over [n_prefix image tokens | tokens (B, T)], the padding hidden as keys."""
+    valid = F.pad(tokens != pad_id, (n_prefix, 0), value=True)
+    L = valid.size(1)
+    return attention_mask(L, L, L, key_valid=valid, device=tokens.device)
+
+
 class KVCache:
     """Keys and values of one attention layer during generation, preallocated and filled left to right."""
 
@@ -356,9 +363,9 @@ def unpatchify(patches, p):
 
 
 class Generator(nn.Module):
-    """ELECTRA's generator over [masked patches | masked text]: a small bidirectional transformer. Text comes
-    in and goes out through the main token embedding table (shared, projected to its width); patches come
-    in as pixels (a masked one as a learned vector) and go out as logits over the visual codes."""
+    """ELECTRA's generator over [masked patches | masked text], padding hidden: a small bidirectional
+    transformer. Text comes in and goes out through the main token embedding table (shared, projected to its
+    width); patches come in as pixels (a masked one as a learned vector) and go out as logits over the codes."""
 
     def __init__(self, cfg, token_embedding):
         super().__init__()
@@ -366,6 +373,7 @@ class Generator(nn.Module):
         p = cfg.patch_size
         self.n_patches = (cfg.image_size // p) ** 2
         self.token_embedding = token_embedding  # shared with the text transformer, not a copy
+        self.pad_id = cfg.pad_id
         self.embed_proj = nn.Linear(cfg.text_width, w)
         self.patch_embed = nn.Linear(3 * p * p, w)
         self.mask_embedding = nn.Parameter(torch.zeros(w))
@@ -375,17 +383,20 @@ class Generator(nn.Module):
         self.mlm_head = nn.Linear(w, cfg.text_width)  # back to the table's width
         self.moc_head = nn.Linear(w, cfg.n_codes)
 
-    def forward(self, patches, patch_mask, tokens):
-        """patches (B, P, 3*p*p), patch_mask (B, P), tokens (B, T) masked -> MLM (B, T, V), MOC (B, P, K) logits."""
+    def forward(self, patches, patch_mask, tokens, slots):
+        """patches (B, P, 3*p*p), patch_mask (B, P), tokens (B, T) masked, slots (B, S) the masked positions ->
+        MLM logits at the slots (B, S, V), MOC logits (B, P, K)."""
         P, T = patches.size(1), tokens.size(1)
         img = self.patch_embed(patches)
         img = torch.where(patch_mask[..., None], self.mask_embedding.to(img.dtype), img)
         txt = self.embed_proj(self.token_embedding(tokens))
         x = torch.cat([img, txt], dim=1) + self.positional_embedding[:P + T]
+        mask = padding_hidden(P, tokens, self.pad_id)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask)
         x = self.ln_f(x)
-        return self.mlm_head(x[:, P:]) @ self.token_embedding.weight.t(), self.moc_head(x[:, :P])
+        at_slots = x[:, P:].gather(1, slots[..., None].expand(-1, -1, x.size(-1)))
+        return self.mlm_head(at_slots) @ self.token_embedding.weight.t(), self.moc_head(x[:, :P])
 
 
 def transformer_flops(layers, width, seq, mlp_ratio):
@@ -534,10 +545,19 @@ def draw_noise(cfg, B, T, generator=None, device=None):
     return {k: torch.rand(s, generator=generator, device=device) for k, s in shapes.items()}
 
 
+def mask_slots(cfg, T):
+    """The most tokens a row of T masks (ELECTRA's max_predictions): 4 standard deviations above the mean, so a
+    row rarely loses one; the generator computes its vocabulary-wide MLM logits at this many positions a row."""
+    n, p = T - 2, cfg.text_mask_rate
+    return max(1, min(n, math.ceil(n * p + 4 * math.sqrt(n * p * (1 - p)))))
+
+
 def electra_masks(cfg, tokens, noise):
-    """(text_mask, patch_mask): text_mask_rate of the non-special tokens, patch_mask_rate of the patches."""
+    """(text_mask, patch_mask): text_mask_rate of the non-special tokens (the first mask_slots of a row),
+    patch_mask_rate of the patches."""
     special = (tokens == cfg.bos_id) | (tokens == cfg.eos_id) | (tokens == cfg.pad_id)
     text_mask = (noise["text_mask"][:, :tokens.size(1)] < cfg.text_mask_rate) & ~special
+    text_mask &= text_mask.cumsum(1) <= mask_slots(cfg, tokens.size(1))
     return text_mask, noise["patch_mask"] < cfg.patch_mask_rate
 
 
@@ -710,10 +730,7 @@ class VLM(nn.Module):
 
     def fuse(self, image_tokens, tokens):
         """The fusion encoder: bidirectional over [image tokens | text], padding hidden -> states (B, P + T, w)."""
-        valid = torch.cat([torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=tokens.device),
-                           tokens != self.cfg.pad_id], dim=1)
-        L = valid.size(1)
-        mask = attention_mask(L, L, L, key_valid=valid, device=valid.device)
+        mask = padding_hidden(image_tokens.size(1), tokens, self.cfg.pad_id)
         return self.text(tokens, prefix=image_tokens, mask=mask)
 
     def itm_logits(self, image_tokens, tokens):
@@ -726,20 +743,24 @@ class VLM(nn.Module):
         """Mask, let the generator fill in, replace. A masked token becomes one sampled from the MLM
         distribution, a masked patch the centroid of a code sampled from the MOC distribution; a sample equal
         to the original counts as original (ELECTRA). Draws from noise (draw_noise), else rng. Returns the
-        masks, the generator's logits and input, the new pixels and tokens, and the RTD and R2D labels."""
+        masks, the generator's logits (MLM's at the slots) and input, the new pixels and tokens, and the RTD and
+        R2D labels."""
         cfg = self.cfg
         p = cfg.patch_size
         if noise is None:
             noise = draw_noise(cfg, tokens.size(0), tokens.size(1), rng, tokens.device)
         patches = patchify(pixels, p)
         text_mask, patch_mask = electra_masks(cfg, tokens, noise)
-        gen_input = (patches, patch_mask, tokens.masked_fill(text_mask, cfg.mask_id))
+        # each row's masked positions first (in order), then others to fill the fixed number of slots
+        key = text_mask * torch.arange(tokens.size(1), 0, -1, device=tokens.device)
+        slots = key.topk(mask_slots(cfg, tokens.size(1)), dim=1).indices
+        gen_input = (patches, patch_mask, tokens.masked_fill(text_mask, cfg.mask_id), slots)
         mlm_logits, moc_logits = self.generator(*gen_input)
         with torch.no_grad():
             logits = mlm_logits.detach().float().clone()
             logits[..., [cfg.bos_id, cfg.eos_id, cfg.pad_id, cfg.mask_id]] = float("-inf")  # never sample specials
-            sampled = sample_index(logits.softmax(-1), noise["token"][:, :tokens.size(1)])
-            new_tokens = torch.where(text_mask, sampled, tokens)
+            sampled = sample_index(logits.softmax(-1), noise["token"][:, :tokens.size(1)].gather(1, slots))
+            new_tokens = torch.where(text_mask, tokens.scatter(1, slots, sampled), tokens)  # every masked one is a slot
             sampled_code = sample_index(moc_logits.detach().float().softmax(-1), noise["code"])
             mean = self.pixel_mean.view(1, 3).repeat(p * p, 1).view(-1)  # per (row, column, channel)
             std = self.pixel_std.view(1, 3).repeat(p * p, 1).view(-1)
@@ -747,7 +768,7 @@ class VLM(nn.Module):
             replaced = patch_mask & (sampled_code != codes)
             new_pixels = unpatchify(torch.where(replaced[..., None], centroid.to(patches.dtype), patches), p)
         return dict(text_mask=text_mask, patch_mask=patch_mask, mlm_logits=mlm_logits, moc_logits=moc_logits,
-                    gen_input=gen_input, pixels=new_pixels, tokens=new_tokens,
+                    slots=slots, gen_input=gen_input, pixels=new_pixels, tokens=new_tokens,
                     rtd_label=new_tokens != tokens, r2d_label=replaced)
 
     def caption_loss(self, image_tokens, tokens, count=None):
@@ -840,12 +861,13 @@ class VLM(nn.Module):
         if E is not None:
             if per_sample:
                 logp = fp32(E["mlm_logits"]).log_softmax(-1)
-                mlm = -logp.gather(-1, part(tokens)[..., None]).squeeze(-1)  # the original token's NLL (no one-hot)
+                slots = E["slots"]
+                mlm = -logp.gather(-1, part(tokens).gather(1, slots)[..., None]).squeeze(-1)  # the original's NLL
                 if self.momentum is not None and on["mlm"]:
                     with torch.no_grad():
                         mlm_m, _ = self.momentum.generator(*E["gen_input"])
                     mlm = (1 - alpha) * mlm - alpha * (fp32(mlm_m).softmax(-1) * logp).sum(-1)
-                losses["mlm"] = masked_mean(mlm, E["text_mask"], counts["mlm"])
+                losses["mlm"] = masked_mean(mlm, E["text_mask"].gather(1, slots), counts["mlm"])
                 moc = F.cross_entropy(fp32(E["moc_logits"]).transpose(1, 2), part(codes).long(), reduction="none")
                 losses["moc"] = masked_mean(moc, E["patch_mask"], counts["moc"])
             rows.update(rtd_label=E["rtd_label"], r2d_label=E["r2d_label"])

@@ -307,6 +307,17 @@ def step_noise(cfg, step, n_rows, device):
     return draw_noise(cfg.model, n_rows, cfg.model.context_length, gen, device)
 
 
+def trim_text(batches, pad_id):
+    """The step's tokens cut to the bucket of its longest caption on any rank, a multiple of a quarter of the
+    context rounded up to 8: the text passes skip the padding (no query reads it) in at most 4 shapes."""
+    longest = torch.stack([(b["tokens"] != pad_id).sum(1).max() for b in batches]).max()
+    if dist_info()[1] > 1:
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)  # the gathers need one length on every rank
+    T = batches[0]["tokens"].size(1)
+    quantum = 8 * math.ceil(T / 32)
+    return [{**b, "tokens": b["tokens"][:, :min(T, quantum * math.ceil(int(longest) / quantum))]} for b in batches]
+
+
 def train_step(model, raw_model, batches, scaler, ctx, noise=None):
     """The forward and backward passes of one optimizer step over its micro-batches; returns their mean
     losses. Pretraining batches get their rows of the step's noise and the step's counts, so W ranks x k
@@ -315,6 +326,7 @@ def train_step(model, raw_model, batches, scaler, ctx, noise=None):
     k, (rank, world_size) = len(batches), dist_info()
     pretrain = "tokens" in batches[0]
     if pretrain:
+        batches = trim_text(batches, raw_model.cfg.pad_id)
         B = batches[0]["tokens"].size(0)
         offsets = [(rank * k + i) * B for i in range(k)]
         if noise is None:

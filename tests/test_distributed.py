@@ -7,11 +7,14 @@ weights and queues."""
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
 
-from dist_step import OBJECTIVES, config, make_model, run_steps
+import train
+from dist_step import N, OBJECTIVES, config, global_batch, make_model, run_steps
+from model import draw_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,6 +56,26 @@ def reference(objectives, dtype=torch.float32):
 
 # float32: 1e-6 for the whole gradient, 1e-5 for each parameter's; float64: 1e-12 for each
 PRECISIONS = {torch.float32: (1e-6, 1e-5), torch.float64: (1e-12, 1e-12)}
+
+
+def test_a_step_on_trimmed_text_equals_the_full_length_step():
+    """train_step cuts the captions to the bucket of the step's longest (8 of 12 positions for these 8 rows):
+    every objective's loss and gradient equal those of the model on the full-length tokens (float64)."""
+    cfg, lengths = config("all"), []
+    batch = {k: v if k == "alpha" else v[:N // 2].double() if k == "pixels" else v[:N // 2]
+             for k, v in global_batch(cfg, 0).items()}
+    noise = draw_noise(cfg, N // 2, cfg.context_length, torch.Generator().manual_seed(0))
+    model, full = make_model(cfg, torch.float64), make_model(cfg, torch.float64)
+    trimmed = train.train_step(lambda **b: lengths.append(b["tokens"].size(1)) or model(**b), model, [batch],
+                               torch.amp.GradScaler("cpu", enabled=False), nullcontext(), noise)
+    want = full(**batch, noise=noise)
+    want["loss"].backward()
+    assert lengths == [8] and trimmed.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(trimmed[name], want[name].detach(), rtol=1e-12, atol=0)
+    for (name, p), q in zip(model.named_parameters(), full.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        assert p.grad is None or rel(p.grad, q.grad) <= 1e-12, name
 
 
 @pytest.mark.parametrize("objectives", list(OBJECTIVES))

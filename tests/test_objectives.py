@@ -191,6 +191,28 @@ def test_masking_never_touches_special_tokens():
     assert 0.4 < rate < 0.6 and 0.4 < E["patch_mask"].float().mean() < 0.6
 
 
+def test_mlm_reads_the_generator_at_the_masked_tokens_only():
+    """The MLM loss with momentum targets equals its formula over the generator's logits at every position,
+    read at the masked tokens; a row masks at most mask_slots of its tokens, the first ones."""
+    import model as model_module
+    model = make_model(itc_weight=0, itm_weight=0, moc_weight=0, rtd_weight=0, r2d_weight=0, caption_weight=0,
+                       momentum_alpha=0.4)
+    B, K = 6, model_module.mask_slots(model.cfg, CFG.context_length)
+    tokens = captions(B, [10, 9, 3, 1, 6, 10])
+    pixels, codes = images_and_codes(B)
+    noise = model_module.draw_noise(model.cfg, B, tokens.size(1), torch.Generator().manual_seed(0))
+    noise["text_mask"][0] = 0.0  # row 0 draws all 10 of its words
+    E = model.electra_inputs(pixels, tokens, codes, noise=noise)
+    assert K == 7 and E["text_mask"][0].tolist() == [False] + [True] * K + [False] * 4
+    assert E["text_mask"][1:].sum() > 0
+    every = torch.arange(tokens.size(1)).expand(B, -1)
+    logp = model.generator(*E["gen_input"][:3], every)[0].log_softmax(-1)
+    soft = model.momentum.generator(*E["gen_input"][:3], every)[0].softmax(-1)
+    nll = -logp.gather(-1, tokens[..., None]).squeeze(-1)
+    want = (0.6 * nll - 0.4 * (soft * logp).sum(-1))[E["text_mask"]].mean()
+    torch.testing.assert_close(model(pixels, tokens, codes, noise=noise, alpha=0.4)["mlm"], want)
+
+
 def test_replacement_and_labels_follow_the_samples():
     """The generator is made to put all its probability on a chosen token (code): the
     original at even positions, another one at odd positions. The replaced inputs and the
@@ -206,8 +228,8 @@ def test_replacement_and_labels_follow_the_samples():
     want_tokens = torch.where(odd_t, (tokens + 1) % 40, tokens)
     want_codes = torch.where(odd_p, (codes + 1) % CFG.n_codes, codes)
 
-    def fake_generator(patches, patch_mask, masked_tokens):
-        mlm = F.one_hot(want_tokens, CFG.vocab_size).double() * 200.0
+    def fake_generator(patches, patch_mask, masked_tokens, slots):
+        mlm = F.one_hot(want_tokens.gather(1, slots), CFG.vocab_size).double() * 200.0
         moc = F.one_hot(want_codes, CFG.n_codes).double() * 200.0
         return mlm.requires_grad_(), moc.requires_grad_()
 
