@@ -128,7 +128,13 @@ def compile_model(model, mode, blocks=(Block,)):
         for m in model.modules():
             if isinstance(m, blocks):
                 m.compile()
-    return torch.compile(model) if mode == "true" else model
+    if mode != "true":
+        return model
+    # the instruct step's ViT reads a batch's valid images only: a data-dependent shape, traced (not a graph
+    # break) with the patch conv kept in its layout (channels-last fails Inductor's stride check on it)
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    torch._inductor.config.layout_optimization = False
+    return torch.compile(model)
 
 
 def wrap_ddp(model, raw_model, cfg, device_type, local_rank, cached):

@@ -75,7 +75,7 @@ def assert_same_step(got, want):
 
 
 @pytest.mark.parametrize("stage, mode", [("pretrain", "regional"), ("instruct", "regional"), ("prompt", "regional"),
-                                         ("ITC+LM+ITM", "true")])
+                                         ("ITC+LM+ITM", "true"), ("instruct", "true")])
 def test_compiled_step_equals_eager_and_compiles_once(stage, mode):
     make, inputs = STEPS[stage]
     torch.manual_seed(0)
@@ -85,7 +85,8 @@ def test_compiled_step_equals_eager_and_compiles_once(stage, mode):
     torch._dynamo.reset()
     counters.clear()
     for seed in (0, 1):
-        assert_same_step(step(run, compiled, inputs(seed)), step(eager, eager, inputs(seed)))
+        with torch._inductor.config.patch(fallback_random=True):  # the instruct step's modality drops: eager's draws
+            assert_same_step(step(run, compiled, inputs(seed)), step(eager, eager, inputs(seed)))
         if seed == 0:
             graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs, "a new graph compiled after the first step"
