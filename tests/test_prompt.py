@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import data
 import train
 from model import VLM, VLMConfig
 from prompt import (PromptVLM, anchor_boxes, average_precision, box_iou, class_iou_counts, patch_targets,
