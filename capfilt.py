@@ -25,7 +25,7 @@ from eval import (OBJECTIVES_OFF, binary_metrics, check_tokenizer, generate_capt
 CAPFILT_ROLES = {"captioner": dict(caption_weight=1.0), "filter": dict(itc_weight=1.0, itm_weight=1.0)}
 # the fields that decide a cleaned set (with init_from): they name its default directory and go in its report
 CAPFILT_SETTINGS = ("capfilt_split", "capfilt_tune", "capfilt_synthetic", "capfilt_top_p", "capfilt_temperature",
-                    "capfilt_threshold", "init_from", "seed")
+                    "capfilt_threshold", "capfilt_clean", "train_split", "train_images", "init_from", "seed")
 
 
 @torch.no_grad()
@@ -93,17 +93,32 @@ def capfilt_report(ds, split, keep, problems, margins, texts):
     return report
 
 
-def cleaned_split(ds, split, keep, synthetic):
-    """The arrays of the cleaned train split: every image with a kept caption, in two caption slots
-    ([own, synthetic], or the kept one twice), with caption_source, source_index and corruption."""
+def cleaned_split(ds, split, keep, synthetic, clean=None, n_clean=0):
+    """The arrays of the bootstrapped train split (BLIP's): the first n_clean (0: all) images of the clean split
+    with their captions (clean: its name), then every image of split with a kept caption, [own, synthetic] or
+    the kept one, repeated to fill the slots; n_captions (a row's own), caption_source, clean (from the clean
+    split), source_index and corruption."""
     rows = np.flatnonzero(keep.any(1))
     own, syn, k = ds.array(split, "tokens")[rows, 0], synthetic[rows], keep[rows]
-    arrays = dict(images=ds.array(split, "images")[rows], source_index=rows,
-                  tokens=np.stack([np.where(k[:, :1], own, syn), np.where(k[:, 1:], syn, own)], 1),
-                  caption_source=np.stack([~k[:, 0], k[:, 1]], 1).astype(np.int8))
-    if ds.has(split, "corruption"):
-        arrays["corruption"] = ds.array(split, "corruption")[rows]
-    return arrays
+    pair = np.stack([np.where(k[:, :1], own, syn), np.where(k[:, 1:], syn, own)], 1)
+    parts = [dict(images=ds.array(split, "images")[rows], tokens=pair, n_captions=k.sum(1).astype(np.int32),
+                  caption_source=np.stack([~k[:, 0], k[:, 1]], 1).astype(np.int8), clean=np.zeros(len(rows), bool),
+                  source_index=rows)]
+    if clean is not None:
+        n = min(ds.split_size(clean), n_clean or ds.split_size(clean))
+        tokens = ds.array(clean, "tokens")[:n]
+        valid = ds.array(clean, "n_captions")[:n] if ds.has(clean, "n_captions") else np.full(n, tokens.shape[1])
+        parts.insert(0, dict(images=ds.array(clean, "images")[:n], tokens=tokens, n_captions=valid.astype(np.int32),
+                             caption_source=np.zeros(tokens.shape[:2], np.int8), clean=np.ones(n, bool),
+                             source_index=np.arange(n)))
+    if ds.has(split, "corruption"):  # the clean split's captions are true of their images
+        parts[-1]["corruption"] = ds.array(split, "corruption")[rows]
+        parts[0].setdefault("corruption", np.zeros(len(parts[0]["images"]), np.int8))
+    slots = max(p["tokens"].shape[1] for p in parts)
+    for p in parts:  # a row's captions repeated to fill the slots (n_captions says how many are its own)
+        for key in ("tokens", "caption_source"):
+            p[key] = np.resize(p[key].swapaxes(0, 1), (slots, *p[key].shape[:1], *p[key].shape[2:])).swapaxes(0, 1)
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 def capfilt_source(cfg):
@@ -117,12 +132,18 @@ def capfilt_source(cfg):
     init = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
     try:
         ds = data.Dataset(cfg.data if cfg.data != "shapes" else init["data_path"])
+        if cfg.data == "shapes" and "capfilt" in ds.meta:  # a model pretrained on a CapFilt set: that set's source
+            ds = data.Dataset(ds.meta["capfilt"]["source"])
     except FileNotFoundError as e:
         raise SystemExit(f"--stage capfilt: {e}") from None
     check_tokenizer(init, ds)
     split, m = cfg.capfilt_split, init["config"]["model"]
-    if split not in ds.meta["splits"] or not ds.has(split, "tokens"):
-        raise SystemExit(f"--capfilt_split {split!r}: {ds.path} has no captioned split of that name")
+    for flag, name in (("capfilt_split", split), ("train_split", cfg.train_split if cfg.capfilt_clean else split)):
+        if name not in ds.meta["splits"] or not ds.has(name, "tokens"):
+            raise SystemExit(f"--{flag} {name!r}: {ds.path} has no captioned split of that name")
+    if cfg.capfilt_clean and cfg.train_split == split:
+        raise SystemExit(f"--capfilt_clean adds --train_split's images to the cleaned set, and {split!r} is the split "
+                         f"being bootstrapped: give another --train_split, or --capfilt_clean=false")
     if cfg.capfilt_tune == "none" and (m["itm_weight"] == 0 or cfg.capfilt_synthetic and m["caption_weight"] == 0):
         raise SystemExit(f"--capfilt_tune=none: {cfg.init_from} is used as it is, and it was trained without ITM "
                          f"(the filter) or without captioning (the captioner)")
@@ -188,7 +209,8 @@ def run(cfg, sub_run, runtime):
     if not keep.any():
         raise SystemExit(f"the filter kept no caption of {split} at --capfilt_threshold={cfg.capfilt_threshold}: "
                          f"no dataset written (the report is in {cfg.out_dir}/report.json)")
-    arrays = cleaned_split(ds, split, keep, synthetic)
+    # BLIP's bootstrapped set holds the human-annotated data: the clean images the captioner and filter tuned on
+    arrays = cleaned_split(ds, split, keep, synthetic, cfg.train_split if cfg.capfilt_clean else None, cfg.train_images)
     meta = {**{k: v for k, v in ds.meta.items() if k != "splits"}, "capfilt": summary}
     data.write_dataset(out, {"train": arrays}, meta, ds.bpe_text, copy_from=ds,
                        copy_splits=[s for s in ("val", "test") if s in ds.meta["splits"]], replace=True)

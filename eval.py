@@ -7,7 +7,7 @@ also on the held-out compositions), and train and tabulate the ablations. The pr
     python eval.py --ablation --train_split=web  # trains each objective subset, writes a table
     python eval.py --ablation --stage=instruct --init_from=out/ckpt.pt   # the two-pass rows
     python eval.py --ablation --stage=prompt --init_from=out/ckpt.pt     # the prompt rows, 3 shot samples each
-    python eval.py --ablation --stage=capfilt    # web pretraining, CapFilt, pretraining again, fine-tuning
+    python eval.py --ablation --stage=capfilt    # noisy pretraining, CapFilt, pretraining on its set, fine-tuning
 """
 
 import argparse
@@ -534,19 +534,25 @@ def run_ablation(args, train_args):
     write_text(args.table, text)
 
 
-# CapFilt experiment: (step, flags, init_from, the step whose cleaned set it pretrains on, the steps its pipeline needs)
-_WEB = ["web", "capfilt"]
+# CapFilt experiment: (step, flags, init_from, the step whose cleaned set it pretrains on, the steps its pipeline needs).
+# As BLIP: pretraining on the clean images plus the web captions as they are (noisy) against the clean images plus
+# the bootstrapped web (cleaned); the captioner and the filter are fine-tuned from the noisy model
+_KEEP_ALL = ["--stage=capfilt", "--capfilt_synthetic=false", "--capfilt_tune=none", "--capfilt_threshold=0"]
+_NOISY = ["web", "noisy-set", "noisy"]
 CAPFILT_STEPS = [
     ("web", ["--train_split=web"], None, None, []),
-    ("web-finetune", ["--stage=finetune"], "web/ckpt.pt", None, ["web"]),
-    ("capfilt", ["--stage=capfilt", "--capfilt_tune=separate"], "web/ckpt.pt", None, ["web"]),
-    ("cleaned", [], None, "capfilt", _WEB),
-    ("cleaned-finetune", ["--stage=finetune"], "cleaned/ckpt.pt", None, _WEB + ["cleaned"]),
+    ("noisy-set", _KEEP_ALL, "web/ckpt.pt", None, ["web"]),  # every web caption kept: the set, not its filter
+    ("noisy", [], None, "noisy-set", ["web", "noisy-set"]),
+    ("noisy-finetune", ["--stage=finetune"], "noisy/ckpt.pt", None, _NOISY),
+    ("capfilt", ["--stage=capfilt", "--capfilt_tune=separate"], "noisy/ckpt.pt", None, _NOISY),
+    ("cleaned", [], None, "capfilt", _NOISY + ["capfilt"]),
+    ("cleaned-finetune", ["--stage=finetune"], "cleaned/ckpt.pt", None, _NOISY + ["capfilt", "cleaned"]),
     # BLIP's "filter only": the same filter, no synthetic captions
     ("filter-only", ["--stage=capfilt", "--capfilt_synthetic=false", "--capfilt_tune=none"], "capfilt/filter/ckpt.pt",
-     None, _WEB),
-    ("filtered", [], None, "filter-only", _WEB + ["filter-only"]),
-    ("filtered-finetune", ["--stage=finetune"], "filtered/ckpt.pt", None, _WEB + ["filter-only", "filtered"]),
+     None, _NOISY + ["capfilt"]),
+    ("filtered", [], None, "filter-only", _NOISY + ["capfilt", "filter-only"]),
+    ("filtered-finetune", ["--stage=finetune"], "filtered/ckpt.pt", None, _NOISY + ["capfilt", "filter-only",
+                                                                                    "filtered"]),
     ("clean", ["--train_split=train"], None, None, []),
     ("clean-finetune", ["--stage=finetune"], "clean/ckpt.pt", None, ["clean"]),
 ]

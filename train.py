@@ -64,6 +64,7 @@ class TrainConfig:
     capfilt_temperature: float = 1.0  # the sampling temperature of the synthetic captions
     capfilt_threshold: float = 0.5  # a caption is kept when the filter's p(match) is at least this
     capfilt_data: str = ""  # where the cleaned dataset goes; default beside the source: <source>-capfilt-<hash>
+    capfilt_clean: bool = True  # the cleaned set also holds train_split's images and captions (BLIP); false: not
     # the prompt stage: few-shot detection of named classes on the frozen model
     classes: str = ""  # comma-separated class names; default the dataset's novel classes
     shots: int = 16  # K: training images per class, all of them in every step

@@ -90,32 +90,49 @@ def test_report_and_cleaned_dataset_follow_the_decisions(tmp_path, tiny_run, wor
     assert report["wrong_after"] == pytest.approx(wrong_kept / keep.sum())
 
     ds = data.Dataset(report["data_path"])  # a normal prepared dataset: its train split is cleaned_split's
-    rows = np.flatnonzero(keep.any(1))
-    np.testing.assert_array_equal(ds.array("train", "source_index"), rows)
-    np.testing.assert_array_equal(ds.array("train", "images"), tiny_world.array("web", "images")[rows])
+    rows, C = np.flatnonzero(keep.any(1)), 128  # after the fine-tuning's clean images (the tiny preset's 128)
+    np.testing.assert_array_equal(ds.array("train", "source_index")[C:], rows)
+    np.testing.assert_array_equal(ds.array("train", "images")[C:], tiny_world.array("web", "images")[rows])
+    np.testing.assert_array_equal(ds.array("train", "images")[:C], tiny_world.array("train", "images")[:C])
     own = tiny_world.array("web", "tokens")[:, 0]
-    for i, r in enumerate(rows):  # the first slot holds the web caption when it was kept, else the synthetic one
+    for i, r in enumerate(rows, start=C):  # the first slot holds the web caption when it was kept, else the synthetic
         np.testing.assert_array_equal(ds.array("train", "tokens")[i, 0], own[r] if keep[r, 0] else synthetic[r])
-    assert ds.meta["splits"] == {"train": len(rows), "val": tiny_world.split_size("val"), "test": tiny_world.split_size("test")}
+    assert ds.meta["splits"] == {"train": C + len(rows), "val": tiny_world.split_size("val"),
+                                 "test": tiny_world.split_size("test")}
     for split in ("val", "test"):
         np.testing.assert_array_equal(ds.array(split, "images"), tiny_world.array(split, "images"))
     assert ds.bpe_text == tiny_world.bpe_text and not ds.has("train", "scene")  # no paraphrase groups: not known true
 
 
-def test_cleaned_split_holds_each_kept_caption_in_two_slots(tiny_world):
+@pytest.mark.parametrize("clean", [None, "train"])
+def test_cleaned_split_holds_the_clean_split_and_each_kept_caption(tiny_world, clean):
+    """BLIP's bootstrapped set: the clean split as it is, then each web image with its kept captions
+    ([own, synthetic], or the kept one), repeated to fill the clean split's 4 slots."""
     N = 8
     keep = np.array([[1, 1], [1, 0], [0, 1], [0, 0]] * 2, bool)  # both kept, own only, synthetic only, none
     synthetic = np.arange(N)[:, None].repeat(tiny_world.context_length, 1).astype(np.int32) + 1000
     split = "web"
     own = tiny_world.array(split, "tokens")[:N, 0]
-    small = cf.cleaned_split(tiny_world, split, keep, synthetic)  # the first N images of web
+    small = cf.cleaned_split(tiny_world, split, keep, synthetic, clean)  # the first N images of web
+    C = 0 if clean is None else tiny_world.split_size(clean)
+    slots = 2 if clean is None else 4
+    if clean is not None:
+        np.testing.assert_array_equal(small["tokens"][:C], tiny_world.array(clean, "tokens"))
+        np.testing.assert_array_equal(small["images"][:C], tiny_world.array(clean, "images"))
+        assert (small["n_captions"][:C] == 4).all() and small["clean"][:C].all()
+        assert not small["caption_source"][:C].any()
+        assert small["source_index"][:C].tolist() == list(range(C)) and not small["corruption"][:C].any()
     expected = {(1, 1): lambda i: [own[i], synthetic[i]], (1, 0): lambda i: [own[i], own[i]],
                 (0, 1): lambda i: [synthetic[i], synthetic[i]]}
     rows = [i for i in range(N) if keep[i].any()]
-    assert small["source_index"].tolist() == rows
-    for j, i in enumerate(rows):
-        np.testing.assert_array_equal(small["tokens"][j], np.stack(expected[tuple(keep[i].astype(int))](i)))
-        assert small["caption_source"][j].tolist() == {(1, 1): [0, 1], (1, 0): [0, 0], (0, 1): [1, 1]}[tuple(keep[i].astype(int))]
+    assert small["source_index"][C:].tolist() == rows and not small["clean"][C:].any()
+    assert len(small["images"]) == C + len(rows) and small["tokens"].shape[1] == slots
+    for j, i in enumerate(rows, start=C):
+        kind = tuple(keep[i].astype(int))
+        np.testing.assert_array_equal(small["tokens"][j], np.stack(expected[kind](i) * (slots // 2)))
+        assert small["n_captions"][j] == sum(kind)
+        sources = {(1, 1): [0, 1], (1, 0): [0, 0], (0, 1): [1, 1]}[kind]
+        assert small["caption_source"][j].tolist() == sources * (slots // 2)
         np.testing.assert_array_equal(small["images"][j], tiny_world.array(split, "images")[i])
         assert small["corruption"][j] == tiny_world.array(split, "corruption")[i]
 
@@ -217,14 +234,19 @@ def test_capfilt_experiment_runs_every_step_and_resumes(tmp_path, world_root, ti
     assert result.returncode == 0, result.stderr[-3000:]
     done = json.load(open(tmp_path / "experiment.json"))
     assert list(done) == ["command", *(step[0] for step in CAPFILT_STEPS)]
-    for name in ("web", "cleaned", "clean"):
+    for name in ("web", "noisy", "cleaned", "clean"):
         assert done[name]["step"] == 20
-    assert done["web-finetune"]["step"] == train.STAGE_PRESETS["finetune"]["tiny"]["max_iters"]
-    cfg = torch.load(tmp_path / "cleaned" / "ckpt.pt", weights_only=True)
-    assert cfg["data_path"] == done["capfilt"]["data_path"]
+    assert done["noisy-finetune"]["step"] == train.STAGE_PRESETS["finetune"]["tiny"]["max_iters"]
+    for name, made_by in (("cleaned", "capfilt"), ("noisy", "noisy-set")):
+        assert torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["data_path"] == done[made_by]["data_path"]
+    noisy = data.Dataset(done["noisy-set"]["data_path"])  # the fine-tuning's 128 clean images and the whole web split
+    assert noisy.split_size("train") == 128 + tiny_world.split_size("web")
+    assert torch.load(tmp_path / "capfilt" / "filter" / "ckpt.pt", weights_only=True)["config"]["init_from"].endswith(
+        os.path.join("noisy", "ckpt.pt"))
     table = open(tmp_path / "capfilt.md").read()
     row = next(line for line in table.splitlines() if line.startswith("| cleaned-finetune |"))
-    pipeline = sum(done[n]["wall_time_s"] for n in ("web", "capfilt", "cleaned", "cleaned-finetune"))
+    pipeline = sum(done[n]["wall_time_s"] for n in ("web", "noisy-set", "noisy", "capfilt", "cleaned",
+                                                    "cleaned-finetune"))
     assert row.strip(" |").split(" | ")[-1] == str(pipeline)
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert again.returncode == 0 and again.stdout.count("finished before, kept") == len(CAPFILT_STEPS)
