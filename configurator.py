@@ -169,6 +169,8 @@ def validate(cfg, world_size=None):
         (m.fused_rows == 1 or cfg.batch_size % 2 == 0 or not pretraining,
          f"--fused_rows=0.5 takes every other row: --batch_size must be even, got {cfg.batch_size}"),
         (not m.instruct or 0 < m.keep_ratio <= 1, f"--keep_ratio={m.keep_ratio}: must be in (0, 1]"),
+        (0 <= m.pass1_layers <= m.text_layers,
+         f"--pass1_layers={m.pass1_layers}: must lie in 0..{m.text_layers} (0: every text block)"),
         (not m.prompt or 0 <= m.text_prompt_depth <= m.text_layers and 0 <= m.image_prompt_depth <= m.vit_layers,
          f"prompt depths {m.text_prompt_depth} (text), {m.image_prompt_depth} (image) must lie in 0..{m.text_layers} "
          f"and 0..{m.vit_layers}, the layers there are"),

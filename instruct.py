@@ -121,8 +121,8 @@ class InstructVLM(VLM):
             parts, valid = [rel] + parts, [image_valid] + valid
         valid = torch.cat(valid, 1)
         L = valid.size(1)
-        g = self.text(text, prefix=torch.cat(parts, 1), mask=attention_mask(L, L, L, key_valid=valid,
-                                                                            device=valid.device))[:, -1]
+        mask = attention_mask(L, L, L, key_valid=valid, device=valid.device)
+        g = self.text(text, prefix=torch.cat(parts, 1), mask=mask, n_layers=cfg.pass1_layers or None)[:, -1]
         scores = self.scorer(g, out["image"]).view(B, K, T)
         n = max(1, round(cfg.keep_ratio * T))
         kept = scores.topk(n, dim=-1).indices.sort(-1).values  # (B, K, n)
@@ -203,7 +203,7 @@ class InstructVLM(VLM):
             out["converter"] = K * (2 * P * vw * w + c.resampler_layers * per_layer)
         n = max(1, round(c.keep_ratio * T)) if c.two_pass else T
         if c.two_pass:
-            out["pass1"] = transformer_flops(c.text_layers, w, R + K * T + Lq + 1, c.mlp_ratio)
+            out["pass1"] = transformer_flops(c.pass1_layers or c.text_layers, w, R + K * T + Lq + 1, c.mlp_ratio)
             out["scorer"] = 2 * w * w + 2 * K * T * w * w + 2 * K * T * w
         out["pass2"] = transformer_flops(c.text_layers, w, int(c.two_pass) + R + K * n + Lq + Ta, c.mlp_ratio)
         out["logits"] = 2 * (Ta - 1) * w * c.vocab_size

@@ -73,6 +73,7 @@ class VLMConfig:
     relation_layers: int = 2  # the relation encoder's blocks
     two_pass: bool = True  # pass 1's global vector selects the image tokens that pass 2 reads
     keep_ratio: float = 0.5  # of each image's tokens, kept for pass 2
+    pass1_layers: int = 0  # pass 1 runs the first pass1_layers text blocks (FastV scores after 2); 0: all of them
     drop_instruction: float = 0.1  # per sample, the chance that pass 2 does not see the instruction (training only)
     drop_images: float = 0.1  # the same for the image tokens
     drop_relation: float = 0.1  # the same for the relation tokens
@@ -274,10 +275,10 @@ class TextTransformer(nn.Module):
         self.lm_head = nn.Linear(w, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # tied, as in GPT-2
 
-    def forward(self, tokens, prefix=None, mask="causal", caches=None, pos=0):
+    def forward(self, tokens, prefix=None, mask="causal", caches=None, pos=0, n_layers=None):
         """tokens (B, T) at text positions pos.., after an optional prefix (B, M, w) -> states (B, M+T, w).
         mask: 'causal', 'prefix' (the prefix seen by all, the text causal), 'bidirectional', or a tensor
-        for SDPA (attention_mask). caches: one KVCache per layer when generating."""
+        for SDPA (attention_mask). caches: one KVCache per layer when generating; n_layers: the first blocks only."""
         x = self.token_embedding(tokens) + self.positional_embedding[pos:pos + tokens.size(1)]
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
@@ -287,7 +288,7 @@ class TextTransformer(nn.Module):
             n_prefix = {"causal": 0, "prefix": L - tokens.size(1), "bidirectional": None}[mask]
             mask = None if is_causal or n_prefix is None or L == 1 else attention_mask(n_prefix, L, past + L, past,
                                                                                         device=x.device)
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks[:n_layers]):
             x = block(x, mask, is_causal, caches[i] if caches is not None else None)
         return self.ln_final(x)
 

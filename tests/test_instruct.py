@@ -198,19 +198,36 @@ def test_loss_covers_only_answer_tokens():
     torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("converter, two_pass, relation", [("mlp", True, True), ("mlp", False, True),
-                                                           ("resampler", True, True), ("resampler", True, False),
-                                                           ("mlp", True, False)])
-def test_flop_count_equals_pytorch_flop_counter(converter, two_pass, relation):
+@pytest.mark.parametrize("converter, two_pass, relation, pass1_layers", [
+    ("mlp", True, True, 0), ("mlp", False, True, 0), ("resampler", True, True, 0), ("resampler", True, False, 0),
+    ("mlp", True, False, 0), ("mlp", True, True, 1)])
+def test_flop_count_equals_pytorch_flop_counter(converter, two_pass, relation, pass1_layers):
     """instruct_flops against torch.utils.flop_counter over one training forward (attention in
     SDPA's math path, which the counter sees as matmuls)."""
-    model = make_model(converter=converter, two_pass=two_pass, relation=relation, keep_ratio=0.25).float()
+    model = make_model(converter=converter, two_pass=two_pass, relation=relation, keep_ratio=0.25,
+                       pass1_layers=pass1_layers).float()
     for n in (2, 4):
         pixels, valid, question, answer = batch((n,))
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model(pixels.float(), valid, question, answer)
         assert counter.get_total_flops() == sum(model.instruct_flops(n).values())
     assert make_model(keep_ratio=0.5).instruct_flops(4)["pass2"] < make_model(keep_ratio=1.0).instruct_flops(4)["pass2"]
+
+
+def test_pass1_on_the_first_layers_reads_their_states():
+    """pass1_layers=k: pass 1's global vector is the final norm of the <glob> state after the first k text
+    blocks (a model cut to k blocks gives it); k = every block is the full pass."""
+    pixels, valid, question, answer = batch()
+    model = make_model(pass1_layers=1)
+    cut = make_model(pass1_layers=0)
+    cut.text.blocks = cut.text.blocks[:1]
+    torch.testing.assert_close(model.instruct_prefix(pixels, valid, question)["g"],
+                               cut.instruct_prefix(pixels, valid, question)["g"], rtol=0, atol=0)
+    full, every = make_model(pass1_layers=0), make_model(pass1_layers=ICFG.text_layers)
+    torch.testing.assert_close(full.instruct_prefix(pixels, valid, question)["g"],
+                               every.instruct_prefix(pixels, valid, question)["g"], rtol=0, atol=0)
+    assert not torch.equal(full.instruct_prefix(pixels, valid, question)["g"],
+                           model.instruct_prefix(pixels, valid, question)["g"])
 
 
 def test_cross_attention_is_attention_with_keys_from_the_context():
