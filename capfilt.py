@@ -117,7 +117,7 @@ def cleaned_split(ds, split, keep, synthetic, clean=None, n_clean=0):
     slots = max(p["tokens"].shape[1] for p in parts)
     for p in parts:  # a row's captions repeated to fill the slots (n_captions says how many are its own)
         for key in ("tokens", "caption_source"):
-            p[key] = np.resize(p[key].swapaxes(0, 1), (slots, *p[key].shape[:1], *p[key].shape[2:])).swapaxes(0, 1)
+            p[key] = np.take(p[key], np.arange(slots) % p[key].shape[1], axis=1)
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
