@@ -455,6 +455,7 @@ INSTRUCT_ROWS = {
     "keep-1.0": dict(_INSTRUCT_BASE, keep_ratio=1.0),
     "keep-0.5": dict(_INSTRUCT_BASE),
     "keep-0.25": dict(_INSTRUCT_BASE, keep_ratio=0.25),
+    "keep-0.5-pass1-1": dict(_INSTRUCT_BASE, pass1_layers=1),  # pass 1 through the first text block only
     "keep-0.5-no-dropping": dict(_INSTRUCT_BASE, drop_instruction=0, drop_images=0, drop_relation=0),
     "keep-0.5-no-relation": dict(_INSTRUCT_BASE, relation=False),
     "keep-0.5-resampler": dict(_INSTRUCT_BASE, converter="resampler"),
@@ -462,8 +463,12 @@ INSTRUCT_ROWS = {
 
 
 def markdown_table(rows, keys):
-    """rows {name: metrics}; one table row per name, '-' where a metric does not apply."""
-    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    """rows {name: metrics}; one table row per name, '-' where a metric does not apply; a list (one value per
+    seed) is written as mean ± std (ddof 1), or as its value where every seed gave the same."""
+    def fmt(v):
+        if isinstance(v, list):
+            return fmt(v[0]) if len(set(v)) == 1 else f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}"
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
     lines = ["| config | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += ["| " + name + " | " + " | ".join(fmt(m.get(k)) for k in keys) + " |" for name, m in rows.items()]
     return "\n".join(lines) + "\n"
@@ -471,9 +476,13 @@ def markdown_table(rows, keys):
 
 def run_train(name, out, flags, log_dir=""):
     """Run `python train.py --out_dir=out *flags` as its own process; its eval.json with the wall time and
-    the median samples/s of out/log_dir/log.jsonl."""
+    the median samples/s of out/log_dir/log.jsonl. A run finished before with the same flags is kept (out/run.json)."""
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), f"--out_dir={out}",
            *flags]
+    record = os.path.join(out, "run.json")
+    if os.path.exists(record) and read_json(record)["command"] == cmd[1:]:
+        print(f"[{name}] finished before, kept", flush=True)
+        return read_json(record)["result"]
     print(f"[{name}]\n{' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
     if subprocess.run(cmd).returncode != 0:
@@ -481,8 +490,10 @@ def run_train(name, out, flags, log_dir=""):
     log = os.path.join(out, log_dir, "log.jsonl")
     with open(log) if os.path.exists(log) else nullcontext([]) as f:
         speeds = [json.loads(line)["samples_per_s"] for line in f if "samples_per_s" in line]
-    return {**read_json(os.path.join(out, "eval.json")), "wall_time_s": round(time.time() - t0),
-            "samples_per_s": round(float(np.median(speeds))) if speeds else None}
+    result = {**read_json(os.path.join(out, "eval.json")), "wall_time_s": round(time.time() - t0),
+              "samples_per_s": round(float(np.median(speeds))) if speeds else None}
+    write_json(record, {"command": cmd[1:], "result": result})
+    return result
 
 
 def write_text(path, text):
@@ -508,15 +519,26 @@ def run_ablation(args, train_args):
     if args.stage != "pretrain" and not any(a.startswith("--init_from") for a in train_args):
         raise SystemExit(f"--stage {args.stage}: give the pretrained checkpoint every row starts from, "
                          f"--init_from=PATH")
-    results = {name: run_train(name, os.path.join(args.ablation_dir, name.replace("+", "_")),
-                               ["--config", args.config, stage, f"--eval_interval={10 ** 9}", *iters,
-                                *[f"--{k}={v}" for k, v in table[name].items()], *train_args],
-                               log_dir="seed0" if args.stage == "prompt" else "") for name in names}
-    first, timing = next(iter(results.values())), ["wall_time_s", "samples_per_s"]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
+    results, runs = {}, {}
+    for name in names:
+        out = os.path.join(args.ablation_dir, name.replace("+", "_"))
+        runs[name] = [run_train(name if seed is None else f"{name}, seed {seed}",
+                                out if seed is None else os.path.join(out, f"seed{seed}"),
+                                ["--config", args.config, stage, f"--eval_interval={10 ** 9}", *iters,
+                                 *[f"--{k}={v}" for k, v in table[name].items()], *train_args,
+                                 *([] if seed is None else [f"--seed={seed}"])],
+                                log_dir="seed0" if args.stage == "prompt" else "") for seed in seeds]
+        # one value per seed of each number every seed reported
+        results[name] = runs[name][0] if len(seeds) == 1 else {
+            k: [r[k] for r in runs[name]] for k in runs[name][0]
+            if all(isinstance(r.get(k), (int, float)) for r in runs[name])}
+    first, timing = runs[names[0]][0], ["wall_time_s", "samples_per_s"]
     keys = [k for k in dict.fromkeys(k for m in results.values() for k in m)
             if k not in ("step", "train_time_s", *timing)]
-    steps = ", ".join(sorted({str(m.get("step")) for m in results.values()}))
-    text = f"Ablation: `{command}`; {steps} steps per row, the same seed.\n\n"
+    steps = ", ".join(sorted({str(r.get("step")) for rs in runs.values() for r in rs}))
+    text = (f"Ablation: `{command}`; {steps} steps per row, " + ("the same seed" if len(seeds) == 1 else
+            f"seeds {args.seeds}: the mean ± standard deviation (ddof 1) over them") + ".\n\n")
     if args.stage == "prompt":  # zero-shot (no prompts, nothing trained) as a row of its own
         zero = {k.removeprefix("zeroshot_"): v for k, v in first.items() if k.startswith("zeroshot_")}
         text += "novel_val, the mean and std over each row's shot samples:\n\n" + markdown_table(
@@ -561,9 +583,9 @@ CAPFILT_STEPS = [
 def run_capfilt_experiment(args, train_args, command, iters):
     """The CapFilt experiment (CAPFILT_STEPS, results/capfilt.md), each step a train.py process in
     ablation_dir/<step>; resumes from ablation_dir/experiment.json. Writes a Markdown table and the filter's reports."""
-    if args.rows or args.data or args.train_split != "train":
-        raise SystemExit("--stage=capfilt runs its own steps on their own data: --rows, --data and --train_split "
-                         "do not apply")
+    if args.rows or args.seeds or args.data or args.train_split != "train":
+        raise SystemExit("--stage=capfilt runs its own steps on their own data: --rows, --seeds, --data and "
+                         "--train_split do not apply (give --seed=S and an --ablation_dir per seed)")
     fixed = [f for f in train_args
              if f.split("=")[0] in ("--out_dir", "--data", "--init_from", "--capfilt_data", "--stage")]
     if fixed:
@@ -624,6 +646,8 @@ def main():
     ab.add_argument("--config", default="small")
     ab.add_argument("--train_split", default="train", help="'train' (clean) or 'web' (noisy captions)")
     ab.add_argument("--max_iters", type=int, default=0, help="steps per row (default: the preset's)")
+    ab.add_argument("--seeds", default="", help="comma-separated seeds, each row trained once per seed "
+                                                "(ablation_dir/<row>/seed<s>); default: the preset's seed, once")
     ab.add_argument("--ablation_dir", help="default out-ablation, or out-ablation-<stage>")
     ab.add_argument("--table", help="default results/ablation.md, or results/ablation-<stage>.md")
     args, rest = parser.parse_known_args()

@@ -3,7 +3,7 @@ Real data into prepared datasets (data.Dataset reads them), and webdataset shard
 
     python prepare.py coco --captions annotations/captions_train2017.json --images train2017 \\
         --out data/coco --tokenizer openai/clip-vit-base-patch32 --image_size 224 --context_length 77
-    python prepare.py karpathy | table | masks | multi | webdataset ...  (SOURCE --help: the options)
+    python prepare.py karpathy | table | masks | multi | questions | webdataset | export ...  (SOURCE --help)
 
 A bad image, caption, mask or question set is skipped with its reason in report.json (summed on screen);
 an unreadable source, or a split left empty, stops with an error naming it. Formats: docs/real-data.md.
@@ -939,6 +939,7 @@ def multi_dataset(args, sets, report):
         sizes, types = {}, {}
         for split, split_sets in sets.items():
             question, q_problems = encode_checked(enc, [s[1] for s in split_sets], args.context_length - A)
+            q_problems = [p if p != "empty" else "" for p in q_problems]  # no question: an instruction-free sample
             answer, a_problems = encode_checked(enc, [s[2] for s in split_sets], A)
             good = []
             for i, (_, q, a, _) in enumerate(split_sets):
@@ -970,6 +971,205 @@ def multi_dataset(args, sets, report):
         for split, ts in types.items():
             save_arrays(tmp, split, dict(qtype=np.array([meta["qtypes"].index(t) for t in ts], np.int16)))
         finish_dataset(tmp, args, meta, sizes, report)
+
+
+# -----------------------------------------------------------------------------
+# multi-image question sets generated from captions alone (no scene records, no hand labels)
+
+NUMBER_WORDS = {w: n for n, w in enumerate("zero one two three four five six seven eight nine ten".split())
+                if n} | {"a": 1, "an": 1}
+OTHER_DETERMINERS = {"the", "some", "several", "many", "this", "that", "these", "those", "his", "her", "its", "their"}
+# words that end a noun phrase: prepositions, conjunctions, common verbs (and a word in -ing after a noun)
+PHRASE_ENDS = set("""of in on at with near next to by under above below behind beside beneath over for into onto
+    from left right top bottom front and or while that who which is are was were has have sits sit stands stand
+    holds hold there here""".split())
+FRAME_NOUNS = {"photo", "picture", "image", "view", "photograph", "shot", "closeup", "scene"}  # the picture, no object
+COLOUR_WORDS = set(data.COLOUR_NAMES) | {"black", "grey", "gray", "brown", "pink", "magenta", "silver", "gold"}
+SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large", "huge": "large"}
+GEN_QTYPES = ("count", "most", "largest", "which", "change", "order", "free")
+
+
+def singular(noun):
+    """An English plural's singular, by rule (crosses -> cross, ponies -> pony, dogs -> dog)."""
+    for end, repl in (("ies", "y"), ("sses", "ss"), ("xes", "x"), ("ches", "ch"), ("shes", "sh"), ("s", "")):
+        if noun.endswith(end) and not noun.endswith("ss") and len(noun) > len(end) + 1:
+            return noun[:-len(end)] + repl
+    return noun
+
+
+def plural(noun):
+    """An English singular's plural, by rule: data.PLURALS agrees (cross -> crosses)."""
+    if noun.endswith(("s", "x", "ch", "sh")):
+        return noun + "es"
+    return noun[:-1] + "ies" if noun.endswith("y") and noun[-2:-1] not in "aeiou" else noun + "s"
+
+
+def caption_objects(text):
+    """The objects a caption names: [(count or None, size or None, colour or None, noun)], one per noun phrase
+    (a determiner or number word, then words up to a phrase end); a plain reader of English, no tagger."""
+    words = regex.findall(r"[a-z]+|\d+|[,.;:!?]", text.lower())
+    objects, i = [], 0
+    while i < len(words):
+        w = words[i]
+        if w not in NUMBER_WORDS and w not in OTHER_DETERMINERS and not w.isdigit():
+            i += 1
+            continue
+        count = int(w) if w.isdigit() else NUMBER_WORDS.get(w)
+        j = i + 1
+        while (j < len(words) and words[j].isalpha() and words[j] not in PHRASE_ENDS | NUMBER_WORDS.keys()
+               and words[j] not in OTHER_DETERMINERS and not (words[j].endswith("ing") and j > i + 1 and
+                                                              words[j - 1] not in COLOUR_WORDS | SIZE_WORDS.keys())):
+            j += 1  # a word in -ing after a noun is a verb ('a dog sitting'), not after a modifier ('a red ring')
+        phrase, i = words[i + 1:j], j
+        if not phrase or phrase[-1] in FRAME_NOUNS or phrase[-1] in COLOUR_WORDS or phrase[-1] in SIZE_WORDS:
+            continue
+        noun = singular(phrase[-1]) if count is None or count > 1 else phrase[-1]
+        size = next((SIZE_WORDS[x] for x in phrase[:-1] if x in SIZE_WORDS), None)
+        colour = next((x for x in phrase[:-1] if x in COLOUR_WORDS), None)
+        objects.append((count, size, colour, noun))
+    return objects
+
+
+def describe(obj):
+    return " ".join(x for x in obj[2:] if x)  # 'red circle', or 'dog'
+
+
+def one_change_index(units):
+    """{(the other objects, two of size/colour/noun): {the third: [images]}} for colour and noun changes;
+    units {image: sorted (size, colour, noun) of each object}."""
+    index = {"colour": {}, "shape": {}}
+    for i, u in units.items():
+        for j in range(len(u)):
+            if j and u[j] == u[j - 1]:
+                continue
+            rest, (size, colour, noun) = u[:j] + u[j + 1:], u[j]
+            index["colour"].setdefault((rest, size, noun), {}).setdefault(colour, []).append(i)
+            index["shape"].setdefault((rest, size, colour), {}).setdefault(noun, []).append(i)
+    return index
+
+
+def question_sets(images, n_sets, max_images, fits, rng, report, split, give_up=200):
+    """n_sets [(image indices, question, answer, type)] over images [([captions], objects)], the GEN_QTYPES in
+    turn; every answer is read from the captions. A draw the captions cannot answer, or that fits(question, answer)
+    refuses, is skipped and counted; a type with give_up such draws in a row is dropped."""
+    counted = [i for i, (_, objs) in enumerate(images) if objs and all(o[0] for o in objs)]  # every count known
+    units = {i: tuple(sorted((o[1] or "", o[2] or "", o[3]) for o in images[i][1] for _ in range(o[0])))
+             for i in counted}
+    small = [i for i in counted if all(x[0] == "small" for x in units[i])]
+    large = [i for i in counted if all(x[0] for x in units[i]) and any(x[0] == "large" for x in units[i])]
+    named = [i for i, (_, objs) in enumerate(images) if objs]
+    fewer = {}  # an image's objects -> the images with just those: one object added to them gives another image
+    for i, u in units.items():
+        fewer.setdefault(u, []).append(i)
+    changed = one_change_index(units)
+    out, alive, misses = [], list(GEN_QTYPES), Counter()
+
+    def pick(pool, k):
+        return [int(x) for x in rng.choice(pool, k, replace=False)] if len(pool) >= k else None
+
+    def change(i):
+        """Two images whose captions differ in one thing, and what: colour, shape, added or removed."""
+        u = units[i]
+        j = int(rng.integers(len(u)))
+        rest, (size, colour, noun) = u[:j] + u[j + 1:], u[j]
+        kind = ("colour", "shape", "added", "removed")[int(rng.integers(4))]
+        if kind in ("added", "removed"):
+            k = pick(fewer.get(rest, []), 1)
+            return k and ((k + [i] if kind == "added" else [i] + k), kind)
+        mine = colour if kind == "colour" else noun
+        group = changed[kind].get((rest, size, noun) if kind == "colour" else (rest, size, colour), {})
+        others = [k for value, ks in group.items() if value != mine and value and mine for k in ks]
+        return others and ([i, int(rng.choice(others))], kind)
+
+    while len(out) < n_sets and alive:
+        qtype = alive[len(out) % len(alive)]
+        K = int(rng.integers(2, max_images + 1))
+        made = None
+        if qtype == "count" and (ids := pick(counted, K)):
+            objs = [o for i in ids for o in images[i][1]]
+            o = objs[int(rng.integers(len(objs)))]
+            if rng.integers(2) and o[2]:
+                made = f"how many {o[2]} objects are there?", str(sum(x[0] for x in objs if x[2] == o[2]))
+            else:
+                made = f"how many {plural(o[3])} are there?", str(sum(x[0] for x in objs if x[3] == o[3]))
+        elif qtype == "most" and (ids := pick(counted, K)):
+            totals = [len(units[i]) for i in ids]
+            if totals.count(max(totals)) == 1:
+                made = "which image has the most objects?", f"image {totals.index(max(totals)) + 1}"
+        elif qtype == "largest" and (big := pick(large, 1)) and (rest := pick(small, K - 1)):
+            at = int(rng.integers(K))
+            ids, made = rest[:at] + big + rest[at:], ("which image has the largest object?", f"image {at + 1}")
+        elif qtype == "which" and (ids := pick(named, K)):
+            at = int(rng.integers(K))
+            o = images[ids[at]][1][int(rng.integers(len(images[ids[at]][1])))]
+            if not any(x[3] == o[3] for i in ids[:at] + ids[at + 1:] for x in images[i][1]):
+                made = f"which image shows the {describe(o)}?", f"image {at + 1}"
+        elif qtype == "change" and (first := pick(counted, 1)) and (pair := change(first[0])):
+            ids, made = pair[0], ("what changed between the two images?", pair[1])
+        elif qtype == "order" and (ids := pick(named, K)):
+            a, b = (int(x) for x in rng.choice(K, 2, replace=False))
+            oa, ob = (images[ids[k]][1][int(rng.integers(len(images[ids[k]][1])))] for k in (a, b))
+            nouns = [x[3] for i in ids for x in images[i][1]]
+            if nouns.count(oa[3]) == 1 and nouns.count(ob[3]) == 1:
+                made = f"is the {describe(oa)} before the {describe(ob)}?", "yes" if a < b else "no"
+        elif qtype == "free" and (ids := pick(named, 1)):
+            made = "", min(images[ids[0]][0], key=len)  # instruction-free: no question, a caption is the answer
+        if made is not None and fits(*made):
+            out.append((ids, *made, qtype))
+            misses[qtype] = 0
+            continue
+        report.skip(split, f"a {qtype} draw the captions cannot answer" if made is None else
+                    f"a {qtype} set too long for the context", ids if made is None else made[0] or made[1])
+        misses[qtype] += 1
+        if misses[qtype] == give_up:
+            alive.remove(qtype)
+            report.skip(split, f"{qtype}: dropped after {give_up} draws in a row gave no set", qtype)
+    if len(out) < n_sets:
+        raise ValueError(f"the captions of split {split!r} gave {len(out)} question sets of the {n_sets} asked: "
+                         f"no type could give more")
+    return out
+
+
+def generated_sets(args, report):
+    """{multi_train, multi_val: [([image paths], question, answer, type)]} made by question_sets from the captions
+    of a COCO captions file (the objects from each image's first); val from the images --val_fraction holds out."""
+    items = coco_items(args.captions, check_dir(args.images), None, report)
+    enc = get_tokenizer(*args.tokenizer)
+    fits = lambda q, a: (len(enc.encode_ordinary(q)) + 2 <= args.context_length - args.answer_length  # noqa: E731
+                         and len(enc.encode_ordinary(a)) + 2 <= args.answer_length)
+    rng, sets = np.random.default_rng(args.seed), {}
+    for split, n in (("multi_train", args.sets), ("multi_val", args.val_sets)):
+        mine = [(path, captions) for path, captions in items if captions and
+                held_out(os.path.relpath(path, args.images), args.val_fraction) == (split == "multi_val")]
+        made = question_sets([(cs, caption_objects(cs[0])) for _, cs in mine], n, args.max_images, fits, rng, report,
+                             split)
+        sets[split] = [([mine[i][0] for i in ids], q, a, t) for ids, q, a, t in made]
+    return sets
+
+
+def export_coco(args):
+    """A prepared dataset's captioned split (the shapes world's too) as a COCO captions file and image folder:
+    out/images/<n>.png and out/captions.json, written beside and renamed into place."""
+    ds = Dataset(check_dir(args.data))
+    if not ds.has(args.split, "tokens"):
+        raise ValueError(f"{args.data} has no captioned split {args.split!r}")
+    if os.path.exists(args.out):
+        raise ValueError(f"{args.out} exists: not writing over it")
+    texts = ds.captions(args.split)
+    tmp = f"{args.out}.tmp-{os.getpid()}"
+    os.makedirs(os.path.join(tmp, "images"))
+    images, annotations = [], []
+    for i, (pixels, rows) in enumerate(zip(ds.array(args.split, "images"), ds.array(args.split, "tokens"))):
+        name = f"{i:06d}.png"
+        Image.fromarray(np.asarray(pixels)).save(os.path.join(tmp, "images", name))
+        images.append({"id": i, "file_name": name})
+        captions = texts[i] if texts else [data.decode_tokens(ds.tokenizer, r) for r in rows]
+        for c in dict.fromkeys(c for c in captions if c):
+            annotations.append({"id": len(annotations), "image_id": i, "caption": c})
+    with open(os.path.join(tmp, "captions.json"), "w") as f:
+        json.dump({"images": images, "annotations": annotations}, f)
+    os.rename(tmp, args.out)
+    print(f"exported {len(images)} images and {len(annotations)} captions of {args.data} ({args.split}) to {args.out}")
 
 
 # -----------------------------------------------------------------------------
@@ -1017,6 +1217,20 @@ def parse_args(argv):
     p.add_argument("--val", help="a second such file for the val split")
     p.add_argument("--answer_length", type=int, default=8, help="the model's answer_length")
     p.add_argument("--max_images", type=int, default=4, help="the most images of a set (the model's image_slots)")
+    p = sub.add_parser("questions", parents=[common, held], help="multi-image question sets generated from the "
+                       "captions of a COCO captions file alone (counting, comparison, change, order, ...)")
+    p.add_argument("--captions", required=True, help="the COCO captions file")
+    p.add_argument("--images", required=True, help="its image folder")
+    p.add_argument("--sets", type=int, default=4000, help="question sets of multi_train")
+    p.add_argument("--val_sets", type=int, default=500, help="question sets of multi_val (the held-out images)")
+    p.add_argument("--answer_length", type=int, default=8, help="the model's answer_length")
+    p.add_argument("--max_images", type=int, default=4, help="the most images of a set (the model's image_slots)")
+    p.add_argument("--seed", type=int, default=0, help="the draws of images and questions")
+    p.set_defaults(val_fraction=0.1)
+    p = sub.add_parser("export", help="a prepared dataset's captioned split (the shapes world's too) as a COCO folder")
+    p.add_argument("--data", required=True, help="the prepared dataset directory")
+    p.add_argument("--split", default="train", help="the captioned split")
+    p.add_argument("--out", required=True, help="the folder to write: images/ and captions.json")
     p = sub.add_parser("webdataset", parents=[common], help="webdataset tar shards: val prepared, train streamed")
     p.add_argument("--train", required=True, help="the train shards, streamed in training: paths, globs or brace "
                    "ranges, comma-separated (quoted), e.g. 'shards/{00000..00099}.tar'")
@@ -1024,6 +1238,8 @@ def parse_args(argv):
     p.set_defaults(captions_per_image=1)
     args = parser.parse_args(argv)
     error = sub.choices[args.source].error
+    if args.source == "export":
+        return args
     if args.image_size < 1 or args.context_length < 3 or args.workers < 1:
         error("--image_size and --workers must be at least 1, --context_length at least 3")
     if getattr(args, "captions_per_image", 1) < 1:
@@ -1035,8 +1251,13 @@ def parse_args(argv):
     if args.source == "masks" and (bool(args.val_images) != bool(args.val_masks) or
                                    bool(args.val_images) and bool(args.val_fraction)):
         error("give --val_images with --val_masks, or --val_fraction, or neither")
-    if args.source == "multi" and not (3 <= args.answer_length < args.context_length and args.max_images >= 1):
+    if args.source in ("multi", "questions") and not (3 <= args.answer_length < args.context_length and
+                                                      args.max_images >= 1):
         error("--answer_length must be at least 3 and below --context_length, --max_images at least 1")
+    if args.source == "questions" and not (args.max_images >= 2 and args.sets >= 1 and args.val_sets >= 1 and
+                                           args.val_fraction > 0):
+        error("--max_images must be at least 2 (a set compares images), --sets and --val_sets at least 1, "
+              "--val_fraction above 0 (the val sets' images)")
     return args
 
 
@@ -1045,6 +1266,8 @@ def main(argv=None):
     args = parse_args(argv)
     report = Report()
     try:
+        if args.source == "export":
+            return export_coco(args)
         args.tokenizer = load_tokenizer(args.tokenizer)  # (kind, the text of its tiktoken file)
         if args.source == "coco":
             items = {args.split: coco_items(args.captions, args.images, args.split, report)}
@@ -1062,6 +1285,9 @@ def main(argv=None):
             pairs = two_splits(read, (args.images, args.masks), (args.val_images, args.val_masks) if args.val_images
                                else None, args.val_fraction, ("novel_train", "novel_val"), report, args.images)
             mask_dataset(args, pairs, classes, report)
+        elif args.source == "questions":
+            args.file = args.captions  # the source multi_dataset names
+            multi_dataset(args, generated_sets(args, report), report)
         else:
             sets = two_splits(lambda file, split_of: multi_items(file, args.max_images, report, split_of), args.file,
                               args.val, args.val_fraction, ("multi_train", "multi_val"), report, args.file)

@@ -1,0 +1,165 @@
+"""Question sets generated from captions alone (prepare.py questions): the caption reader against explicit
+objects, and on the shapes world every generated answer against the answer its scene records give."""
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+import prepare
+import train
+from conftest import TINY
+
+
+@pytest.mark.parametrize("caption, objects", [
+    ("a small purple diamond above a large cyan cross",
+     [(1, "small", "purple", "diamond"), (1, "large", "cyan", "cross")]),
+    ("from bottom to top: a large green circle, a small red square and a small purple diamond",
+     [(1, "large", "green", "circle"), (1, "small", "red", "square"), (1, "small", "purple", "diamond")]),
+    ("an image with a small white ring", [(1, "small", "white", "ring")]),  # 'ring' is a noun, not a verb
+    ("A man riding a wave on top of a surfboard.", [(1, None, None, "man"), (1, None, None, "wave"),
+                                                    (1, None, None, "surfboard")]),
+    ("Two dogs are playing with a red frisbee in the park",
+     [(2, None, None, "dog"), (1, None, "red", "frisbee"), (None, None, None, "park")]),
+    ("three small crosses and the big brown ponies", [(3, "small", None, "cross"), (None, "large", "brown", "pony")]),
+    ("a photo of 2 black cats sitting on a bench", [(2, None, "black", "cat"), (1, None, None, "bench")]),
+    ("sunset over the sea", [(None, None, None, "sea")]),
+    ("a picture", []),  # the frame, not an object
+])
+def test_caption_reader_finds_each_noun_phrase(caption, objects):
+    assert prepare.caption_objects(caption) == objects
+
+
+def test_plural_and_singular_round_trip_the_world_shapes():
+    for name in data.ALL_SHAPES:
+        assert prepare.plural(name) == data.PLURALS.get(name, name + "s")
+        assert prepare.singular(prepare.plural(name)) == name
+
+
+def world_answer(qtype, question, records):
+    """The answer the scene records give to a generated question; records: each image's (shape, colour, size)."""
+    def obj(words):  # 'red circle' -> (shape, colour)
+        colour, shape = words.split()
+        return data.ALL_SHAPES.index(shape), data.COLOUR_NAMES.index(colour)
+    if qtype == "count":
+        word = question.split()[2]
+        objs = [o for r in records for o in r]
+        if word in data.COLOUR_NAMES:
+            return str(sum(o[1] == data.COLOUR_NAMES.index(word) for o in objs))
+        shape = next(s for s in data.SHAPES if data.PLURALS.get(s, s + "s") == word)
+        return str(sum(o[0] == data.SHAPES.index(shape) for o in objs))
+    if qtype == "most":
+        n = [len(r) for r in records]
+        assert n.count(max(n)) == 1
+        return f"image {n.index(max(n)) + 1}"
+    if qtype == "largest":
+        big = [k for k, r in enumerate(records) if any(o[2] == 1 for o in r)]
+        assert len(big) == 1
+        return f"image {big[0] + 1}"
+    if qtype == "which":
+        s, c = obj(question.removeprefix("which image shows the ").removesuffix("?"))
+        where = [k for k, r in enumerate(records) if any(o[0] == s for o in r)]
+        assert len(where) == 1 and any(o[:2] == (s, c) for o in records[where[0]])
+        return f"image {where[0] + 1}"
+    if qtype == "order":
+        a, b = (obj(w) for w in question.removeprefix("is the ").removesuffix("?").split(" before the "))
+        at = [next(k for k, r in enumerate(records) if any(o[:2] == x for o in r)) for x in (a, b)]
+        return "yes" if at[0] < at[1] else "no"
+    assert qtype == "change" and len(records) == 2
+    before, after = Counter(records[0]), Counter(records[1])
+    if sum(after.values()) != sum(before.values()):
+        return "added" if sum(after.values()) > sum(before.values()) else "removed"
+    (x,), (y,) = before - after, after - before  # exactly one object differs
+    assert x[2] == y[2] and (x[0] == y[0]) != (x[1] == y[1])
+    return "colour" if x[0] == y[0] else "shape"
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_world, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("export") / "coco")
+    prepare.main(["export", "--data", tiny_world.path, "--split", "train", "--out", folder])
+    return folder
+
+
+def test_export_writes_the_split_as_a_coco_folder(tiny_world, exported):
+    doc = json.load(open(os.path.join(exported, "captions.json")))
+    assert [im["id"] for im in doc["images"]] == list(range(tiny_world.split_size("train")))
+    assert len({a["id"] for a in doc["annotations"]}) == len(doc["annotations"])
+    for k in (0, 7, 300):
+        pixels = np.asarray(Image.open(os.path.join(exported, "images", doc["images"][k]["file_name"])))
+        np.testing.assert_array_equal(pixels, tiny_world.array("train", "images")[k])  # PNG: lossless
+        captions = [a["caption"] for a in doc["annotations"] if a["image_id"] == k]
+        decoded = [data.decode_tokens(tiny_world.tokenizer, r) for r in tiny_world.array("train", "tokens")[k]]
+        assert captions == list(dict.fromkeys(decoded))
+    with pytest.raises(SystemExit, match="exists"):
+        prepare.main(["export", "--data", tiny_world.path, "--out", exported])
+
+
+def question_args(tiny_world, exported, out, *extra):
+    m = TINY.model
+    return ["questions", "--captions", os.path.join(exported, "captions.json"), "--images",
+            os.path.join(exported, "images"), "--out", str(out), "--tokenizer", tiny_world.path, "--image_size",
+            str(m.image_size), "--context_length", str(m.context_length), "--workers", "1", "--sets", "300",
+            "--val_sets", "40", "--val_fraction", "0.2", *extra]
+
+
+def test_every_generated_answer_is_what_the_scene_records_say(tiny_world, exported, tmp_path):
+    """The world's captions name every object, so each answer read from them must equal the ground truth's."""
+    args = prepare.parse_args(question_args(tiny_world, exported, tmp_path / "q"))
+    args.tokenizer = prepare.load_tokenizer(args.tokenizer)
+    report = prepare.Report()
+    sets = prepare.generated_sets(args, report)
+    objects = tiny_world.array("train", "objects")
+    records = lambda path: [tuple(int(v) for v in o[:3]) for o in objects[int(os.path.basename(path)[:6])]  # noqa
+                            if o[0] >= 0]
+    train_images = {p for s in sets["multi_train"] for p in s[0]}
+    assert not train_images & {p for s in sets["multi_val"] for p in s[0]}  # val sets use held-out images only
+    assert len(sets["multi_train"]) == 300 and len(sets["multi_val"]) == 40
+    types = Counter(t for *_, t in sets["multi_train"])
+    assert set(types) == set(prepare.GEN_QTYPES) and max(types.values()) - min(types.values()) <= 1
+    for paths, question, answer, qtype in sets["multi_train"] + sets["multi_val"]:
+        if qtype == "free":
+            assert question == "" and len(paths) == 1
+            assert data.parse_caption(answer) == tiny_world.array("train", "scene")[int(os.path.basename(paths[0])[:6])]
+        else:
+            assert 2 <= len(paths) <= 4 and len(set(paths)) == len(paths)
+            assert answer == world_answer(qtype, question, [records(p) for p in paths]), (qtype, question)
+
+
+def test_generated_sets_prepare_and_train_the_instruct_stage(tiny_world, exported, tiny_run, tmp_path, world_root):
+    out = tmp_path / "q"
+    prepare.main(question_args(tiny_world, exported, out))
+    ds = data.Dataset(str(out))
+    assert ds.meta["kind"] == "multi" and set(ds.meta["qtypes"]) == set(prepare.GEN_QTYPES)
+    free = ds.meta["qtypes"].index("free")
+    question = ds.array("multi_train", "question")[ds.array("multi_train", "qtype") == free]
+    ends = [ds.tokenizer.encode_single_token(t) for t in (data.BOS, data.EOS)]
+    assert len(question) and (question[:, :2] == ends).all()  # an empty question: <bos> <eos>
+    run = tmp_path / "run"
+    train.main(["--config", "tiny", "--stage=instruct", f"--init_from={tiny_run}/ckpt.pt", f"--data={out}",
+                f"--out_dir={run}", "--max_iters=3", "--eval_interval=1000000000"])
+    metrics = json.load(open(run / "eval.json"))
+    assert {f"instruct_acc_{t}" for t in prepare.GEN_QTYPES} <= set(metrics)
+
+
+def test_captions_that_name_nothing_are_a_clear_error(tiny_world, tmp_path, capsys):
+    folder = tmp_path / "coco"
+    os.makedirs(folder / "images")
+    images, annotations = [], []
+    for i in range(12):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "images" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png"})
+        annotations.append({"id": i, "image_id": i, "caption": "sunset"})
+    json.dump({"images": images, "annotations": annotations}, open(folder / "captions.json", "w"))
+    m = TINY.model
+    with pytest.raises(SystemExit, match="captions of split 'multi_train' gave 0 question sets of the 5 asked"):
+        prepare.main(["questions", "--captions", str(folder / "captions.json"), "--images", str(folder / "images"),
+                      "--out", str(tmp_path / "q"), "--tokenizer", tiny_world.path, "--image_size", str(m.image_size),
+                      "--context_length", str(m.context_length), "--sets", "5", "--val_sets", "2"])
+    with pytest.raises(SystemExit):
+        prepare.main(["questions", "--captions", "x", "--images", "y", "--out", "z", "--tokenizer", tiny_world.path,
+                      "--image_size", "8", "--context_length", "24", "--max_images", "1"])
+    assert "--max_images must be at least 2" in capsys.readouterr().err
