@@ -9,6 +9,7 @@ loading, captioning with and without the KV cache, and the memory of a step.
     python bench.py --config small --mode loader          # pretraining batches from the shapes world (--num_workers=N)
     python bench.py --config small --mode generate        # caption tokens/s, KV cache on and off
     python bench.py --config base --mode memory --vocab_size=49408   # a step's peak memory; the largest batch that fits
+    python bench.py --config small --mode instruct        # answering 3-image sets: one pass against two
     python bench.py --config small --json out/bench.json  # the numbers also as JSON (written atomically)
 
 The bench's own flags are BenchConfig's; every other flag is train.py's and means what it means there.
@@ -36,23 +37,26 @@ import data
 import train
 from eval import ABLATION_ROWS, OBJECTIVES_OFF, write_json
 from hf import hf_clip_config
+from instruct import InstructVLM
 from model import VLM, VLMConfig, fused_pairs, loss_weights, mask_slots, transformer_flops, uses_electra
 from parallel import checkpoint_blocks, compile_mode, compile_model
 
 
 @dataclass
 class BenchConfig:
-    mode: str = "train"  # 'train' (the pretraining step), 'loader' (data), 'generate' (captioning) or 'memory'
+    mode: str = "train"  # 'train' (the pretraining step), 'loader' (data), 'generate' (captioning), 'memory', 'instruct'
     memory_gb: float = 80.0  # memory: the accelerator's memory in GB (1e9 bytes); a step fits with 15% to spare
     vs: str = ""  # mode train, side by side: 'hf' (ITC against transformers.CLIPModel), 'itc_lm' (against ITC+LM)
     steps: int = 0  # timed steps (generate: timed calls of each kind); 0: the mode's default
     warmup: int = -1  # untimed steps first; -1: the mode's default
     new_tokens: int = 64  # generate: tokens per caption, exactly
+    n_images: int = 3  # instruct: images per question set
     peak_tflops: float = 0.0  # the accelerator's peak for MFU; 0: from PEAK_TFLOPS by device name
     json: str = ""  # also write the numbers to this JSON file
 
 
-DEFAULT_STEPS = {"train": (20, 3), "loader": (200, 10), "generate": (3, 1), "memory": (1, 1)}  # (steps, warmup)
+DEFAULT_STEPS = {"train": (20, 3), "loader": (200, 10), "generate": (3, 1), "memory": (1, 1),
+                 "instruct": (30, 3)}  # (steps, warmup)
 
 # dense bf16 (V100, T4: fp16) tensor-core peaks, TFLOP/s; the first match wins, \b keeps A10 from matching A100
 PEAK_TFLOPS = [
@@ -579,6 +583,46 @@ def bench_generate(cfg, bench):
     return out
 
 
+def bench_instruct(cfg, bench):
+    """Answering question sets of n_images images: one pass against two (pass 1 through every text block, and
+    through the first --pass1_layers, default 1), in alternating rounds: the latency of one set alone, the sets/s
+    of a batch, forward FLOPs per set. eos_id is -1, which no model emits: every answer takes answer_length - 1 steps."""
+    device, device_type, dtype, ctx, _ = runtime(cfg)
+    k = cfg.model.pass1_layers or 1
+    variants = {"one pass": dict(two_pass=False), "two passes": dict(two_pass=True, pass1_layers=0),
+                f"two passes, pass 1 on {k} block{'s' * (k > 1)}": dict(two_pass=True, pass1_layers=k)}
+    models = {}
+    for name, changes in variants.items():
+        torch.manual_seed(cfg.seed)
+        mcfg = bench_model_config(cfg.model, instruct=True, momentum_alpha=0.0, eos_id=-1, **changes)
+        models[name] = InstructVLM(mcfg).to(device).eval()
+    c, B, K = models["one pass"].cfg, cfg.batch_size, bench.n_images
+    g = torch.Generator().manual_seed(cfg.seed)
+    pixels = torch.randn(B, K, 3, c.image_size, c.image_size, generator=g).to(device)
+    question = torch.full((B, c.context_length - c.answer_length), c.pad_id)
+    question[:, 0], question[:, 9] = c.bos_id, c.vocab_size - 5  # <bos> 8 words <eos> (its id; the model's is -1)
+    question[:, 1:9] = torch.randint(0, c.vocab_size - 5, (B, 8), generator=g)
+    question, valid = question.to(device), torch.ones(B, K, dtype=torch.bool, device=device)
+    seconds = {name: {1: 0.0, B: 0.0} for name in models}
+    for i in range(bench.warmup + bench.steps):
+        for name in (list(models) if i % 2 == 0 else list(models)[::-1]):
+            for n in (1, B):
+                with ctx:
+                    t = timed(lambda: models[name].answer(pixels[:n], valid[:n], question[:n]), 1, device_type)
+                seconds[name][n] += t if i >= bench.warmup else 0.0
+    out, rows = {}, []
+    for name, model in models.items():
+        gflops = sum(model.instruct_flops(K).values()) / 1e9
+        key = name.replace(", ", "_").replace(" ", "_")
+        out[key] = dict(latency_ms=1000 * seconds[name][1] / bench.steps, sets_per_s=B * bench.steps / seconds[name][B],
+                        gflops=gflops)
+        rows.append((name, f"{out[key]['latency_ms']:.1f} ms a set alone | {out[key]['sets_per_s']:.0f} sets/s at "
+                           f"batch {B} | {gflops:.3f} GFLOP a set (training forward)"))
+    print_table(f"answering sets of {K} images, keep {c.keep_ratio} | {device} {dtype} | {bench.steps} rounds after "
+                f"{bench.warmup}, alternating", rows)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # the command line
 
@@ -624,7 +668,8 @@ def main(argv=None):
     if cfg.grad_accum != 1:
         raise SystemExit("bench.py times steps of one batch: set --batch_size, not --grad_accum")
     torch.manual_seed(cfg.seed)
-    modes = {"train": bench_train, "loader": bench_loader, "generate": bench_generate, "memory": bench_memory}
+    modes = {"train": bench_train, "loader": bench_loader, "generate": bench_generate, "memory": bench_memory,
+             "instruct": bench_instruct}
     run = {"hf": bench_vs_hf, "itc_lm": bench_vs_itc_lm}.get(bench.vs, modes[bench.mode])
     t0 = time.time()
     out = run(cfg, bench)

@@ -179,6 +179,21 @@ def test_generate_mode_cached_equals_uncached_with_exactly_new_tokens(capsys):
     assert "identical outputs  True" in capsys.readouterr().out
 
 
+def test_instruct_mode_times_one_pass_against_two(capsys):
+    """Three variants of one model, each timed: the FLOPs per set are instruct_flops' (pass 1 on 1 of the 2 tiny
+    blocks costs less than on both)."""
+    out = bench.main(["--config", "tiny", "--mode", "instruct", "--steps=1", "--warmup=0", "--batch_size=2"])
+    tiny = bench.train.PRESETS["tiny"].model
+    flops = {name: sum(bench.InstructVLM(bench.bench_model_config(tiny, instruct=True, **changes))
+                       .instruct_flops(3).values()) / 1e9
+             for name, changes in (("one_pass", dict(two_pass=False)), ("two_passes", dict(pass1_layers=0)),
+                                   ("two_passes_pass_1_on_1_block", dict(pass1_layers=1)))}
+    assert {name: out[name]["gflops"] for name in flops} == pytest.approx(flops)
+    assert flops["two_passes_pass_1_on_1_block"] < flops["two_passes"]
+    assert all(out[name]["latency_ms"] > 0 and out[name]["sets_per_s"] > 0 for name in flops)
+    assert "pass 1 on 1 block" in capsys.readouterr().out
+
+
 def test_train_and_loader_modes_run(world_root, tiny_world):
     out = bench.main(["--config", "tiny", "--steps=1", "--warmup=0", "--batch_size=4", "--peak_tflops=0.001"])
     assert out["flops_per_step"] == bench.pretrain_flops(bench.bench_model_config(bench.train.PRESETS["tiny"].model), 4)

@@ -328,9 +328,10 @@ def test_sample_answers_a_question_about_image_files(tiny_instruct, tiny_world, 
 
 
 def test_instruct_ablation_runner_writes_its_table(tiny_run, world_root, tmp_path):
+    """Two rows over two seeds: each cell the mean ± std of the seeds' eval.json; a second call keeps the runs."""
     table = tmp_path / "instruct.md"
     cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--ablation", "--stage=instruct", "--config", "tiny",
-           "--rows", "one-pass,keep-0.25", "--max_iters=3", f"--init_from={tiny_run}/ckpt.pt",
+           "--rows", "one-pass,keep-0.25", "--seeds=1,2", "--max_iters=3", f"--init_from={tiny_run}/ckpt.pt",
            f"--ablation_dir={tmp_path / 'runs'}", f"--table={table}", f"--data_dir={world_root}"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -343,8 +344,19 @@ def test_instruct_ablation_runner_writes_its_table(tiny_run, world_root, tmp_pat
             if line.startswith("| ") and not line.startswith("| config")}
     assert list(rows) == ["one-pass", "keep-0.25", "majority answer"]
     for name in ("one-pass", "keep-0.25"):
-        saved = json.load(open(tmp_path / "runs" / name / "eval.json"))
-        assert float(rows[name][cols.index("instruct_acc")]) == pytest.approx(saved["instruct_acc"], abs=5e-4)
-    # a quarter of the tokens in pass 2 costs less than all of them in the one pass
+        saved = [json.load(open(tmp_path / "runs" / name / f"seed{s}" / "eval.json")) for s in (1, 2)]
+        for key in ("instruct_acc", "instruct_latency_ms"):
+            values = [m[key] for m in saved]
+            cell = rows[name][cols.index(key)]
+            if values[0] == values[1]:
+                assert float(cell) == pytest.approx(values[0], abs=5e-4)
+            else:
+                mean, std = (float(x) for x in cell.split(" ± "))
+                assert mean == pytest.approx(np.mean(values), abs=5e-4)
+                assert std == pytest.approx(np.std(values, ddof=1), abs=5e-4)
+    # a quarter of the tokens in pass 2 costs less than all of them in the one pass (the same for both seeds)
     gflops = {name: float(rows[name][cols.index("instruct_pass2_gflops")]) for name in ("one-pass", "keep-0.25")}
     assert gflops["keep-0.25"] < gflops["one-pass"]
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("finished before, kept") == 4
+    assert table.read_text() == "\n".join(lines) + "\n"
