@@ -44,7 +44,7 @@ from parallel import checkpoint_blocks, compile_mode, compile_model
 
 @dataclass
 class BenchConfig:
-    mode: str = "train"  # 'train' (the pretraining step), 'loader' (data), 'generate' (captioning), 'memory', 'instruct'
+    mode: str = "train"  # 'train' (the pretraining step), 'loader', 'generate' (captioning), 'memory' or 'instruct'
     memory_gb: float = 80.0  # memory: the accelerator's memory in GB (1e9 bytes); a step fits with 15% to spare
     vs: str = ""  # mode train, side by side: 'hf' (ITC against transformers.CLIPModel), 'itc_lm' (against ITC+LM)
     steps: int = 0  # timed steps (generate: timed calls of each kind); 0: the mode's default
@@ -586,7 +586,7 @@ def bench_generate(cfg, bench):
 def bench_instruct(cfg, bench):
     """Answering question sets of n_images images: one pass against two (pass 1 through every text block, and
     through the first --pass1_layers, default 1), in alternating rounds: the latency of one set alone, the sets/s
-    of a batch, forward FLOPs per set. eos_id is -1, which no model emits: every answer takes answer_length - 1 steps."""
+    of a batch, forward FLOPs per set. eos_id is -1, which no model emits: each answer takes answer_length - 1 steps."""
     device, device_type, dtype, ctx, _ = runtime(cfg)
     k = cfg.model.pass1_layers or 1
     variants = {"one pass": dict(two_pass=False), "two passes": dict(two_pass=True, pass1_layers=0),
