@@ -430,6 +430,7 @@ ABLATION_ROWS = {
     "ITC+LM": objectives_only("itc", "caption"),
     "ITC+LM+ITM": objectives_only("itc", "caption", "itm"),
     "ITC+LM+ELECTRA": objectives_only("itc", "caption", "mlm", "moc", "rtd", "r2d"),
+    "ITC+LM+MLM+MOC": objectives_only("itc", "caption", "mlm", "moc"),  # ELECTRA's generator alone, no discriminator
     "ITC+LM+MoD": objectives_only("itc", "caption", "momentum"),
     "all": {},  # the preset as it is
 }
