@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from eval import (OBJECTIVES_OFF, binary_metrics, check_tokenizer, generate_captions, image_tokens_of, itm_margins,
-                  load_checkpoint, write_json)
+from eval import (OBJECTIVES_OFF, binary_metrics, check_tokenizer, checkpoint_file, generate_captions, image_tokens_of,
+                  itm_margins, load_checkpoint, read_checkpoint, write_json)
 
 # the objectives of the captioner's and the filter's fine-tuning runs (every other weight 0)
 CAPFILT_ROLES = {"captioner": dict(caption_weight=1.0), "filter": dict(itc_weight=1.0, itm_weight=1.0)}
@@ -127,9 +127,7 @@ def capfilt_source(cfg):
     if not cfg.init_from:
         raise SystemExit("--stage capfilt: give --init_from PATH "
                          "(with --resume too: finished fine-tuning runs are kept)")
-    if not os.path.exists(cfg.init_from):
-        raise SystemExit(f"--init_from: no checkpoint at {cfg.init_from}")
-    init = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+    init = read_checkpoint(cfg.init_from, "--init_from")
     try:
         ds = data.Dataset(cfg.data if cfg.data != "shapes" else init["data_path"])
         if cfg.data == "shapes" and "capfilt" in ds.meta:  # a model pretrained on a CapFilt set: that set's source
@@ -147,7 +145,8 @@ def capfilt_source(cfg):
     if cfg.capfilt_tune == "none" and (m["itm_weight"] == 0 or cfg.capfilt_synthetic and m["caption_weight"] == 0):
         raise SystemExit(f"--capfilt_tune=none: {cfg.init_from} is used as it is, and it was trained without ITM "
                          f"(the filter) or without captioning (the captioner)")
-    key = json.dumps({**{k: getattr(cfg, k) for k in CAPFILT_SETTINGS}, "init_from": os.path.abspath(cfg.init_from),
+    settings = {k: getattr(cfg, k) for k in CAPFILT_SETTINGS}
+    key = json.dumps({**settings, "init_from": os.path.abspath(checkpoint_file(cfg.init_from)),
                       "out_dir": os.path.abspath(cfg.out_dir)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     out = os.path.realpath(cfg.capfilt_data or f"{os.path.normpath(ds.path)}-capfilt-{digest}")
@@ -179,9 +178,9 @@ def run(cfg, sub_run, runtime):
     filter_path = paths.get("filter", paths.get("shared", cfg.init_from))
     captioner_path = paths.get("captioner", paths.get("shared", cfg.init_from)) if cfg.capfilt_synthetic else None
     device, _, _, ctx = runtime
-    filt = load_checkpoint(filter_path, device)[0]
+    filt = load_checkpoint(filter_path, device, "--init_from")[0]
     captioner = None if captioner_path is None else filt if captioner_path == filter_path else \
-        load_checkpoint(captioner_path, device)[0]
+        load_checkpoint(captioner_path, device, "--init_from")[0]
     split = cfg.capfilt_split
     print(f"bootstrapping {ds.split_size(split)} images of {split}: nucleus p {cfg.capfilt_top_p}, "
           f"threshold p(match) >= {cfg.capfilt_threshold}")

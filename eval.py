@@ -35,11 +35,38 @@ def build_model(cfg):
     return (instruct.InstructVLM if cfg.instruct else prompt.PromptVLM if cfg.prompt else VLM)(cfg)
 
 
-def load_checkpoint(path, device="cpu"):
-    """(model, tokenizer, checkpoint dict) from a ckpt.pt written by train.py."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+def read_checkpoint(path, flag="--ckpt", device="cpu"):
+    """The dict of a ckpt.pt written by train.py, or of the one in a run directory. A missing, damaged (cut
+    short, not a zip) or foreign file stops with an error naming the flag and the path."""
+    path = checkpoint_file(path)
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {flag}: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # zip, pickle and struct errors, EOF: what torch.load raises for a bad file varies
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SystemExit(f"error: {flag}: {path} cannot be read as a checkpoint ({reason}): is it cut short, "
+                         f"or another kind of file?") from None
+    if not (isinstance(ckpt, dict) and {"model", "config", "tokenizer"} <= set(ckpt)):
+        raise SystemExit(f"error: {flag}: {path} is not a checkpoint written by train.py (it has no model, config "
+                         f"and tokenizer)")
+    return ckpt
+
+
+def checkpoint_file(path):
+    """A run directory's ckpt.pt; any other path as it is."""
+    return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+
+
+def is_checkpoint(path):
+    """Whether a path names a train.py checkpoint (a file, a .pt path, a run directory holding ckpt.pt), not a
+    Hugging Face CLIP (a save_pretrained directory or a hub name)."""
+    return os.path.isfile(path) or path.endswith(".pt") or os.path.isfile(os.path.join(path, "ckpt.pt"))
+
+
+def load_checkpoint(path, device="cpu", flag="--ckpt"):
+    """(model, tokenizer, checkpoint dict) from read_checkpoint(path)."""
+    ckpt = read_checkpoint(path, flag, device)
     model = build_model(VLMConfig(**ckpt["config"]["model"]))
     model.load_state_dict(ckpt["model"])
     tok = ckpt["tokenizer"]
@@ -659,10 +686,7 @@ def main():
         return run_ablation(args, rest)
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
-    try:
-        model, _, ckpt = load_checkpoint(args.ckpt, args.device)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e))
+    model, _, ckpt = load_checkpoint(args.ckpt, args.device)
     ds = data.Dataset(args.data or ckpt["data_path"])
     if args.split != "val" and (model.cfg.prompt or model.cfg.instruct):
         raise SystemExit("error: --split is for pretraining checkpoints; the prompt and instruct stages evaluate "

@@ -121,10 +121,7 @@ def main(argv=None):
                      help="the directory to write (transformers.CLIPModel.from_pretrained reads it)")
     args = parser.parse_args(argv)
 
-    try:
-        model, tokenizer, ckpt = load_checkpoint(args.ckpt, args.device)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
+    model, tokenizer, ckpt = load_checkpoint(args.ckpt, args.device)
     if args.command == "export":
         tok = ckpt["tokenizer"]
         try:  # with the tokenizer's files: transformers' AutoTokenizer and our --tokenizer and --init_from read them

@@ -31,7 +31,7 @@ import prepare
 import prompt
 from configurator import PRETRAINING, apply_overrides, cached_steps, config_fields, parse_args, validate
 from data import WorldConfig
-from eval import build_model, check_tokenizer, evaluate, print_captions, write_json
+from eval import build_model, check_tokenizer, evaluate, is_checkpoint, print_captions, read_checkpoint, write_json
 from hf import hf_init
 from parallel import (cached_pretrain_step, checkpoint_blocks, compile_mode, compile_model, full_state, global_losses,
                       load_optimizer, setup_distributed, shard, uses_feature_cache, wait_for_rank0, wrap_ddp)
@@ -500,22 +500,17 @@ def train(cfg, ckpt=None, init=None):
 def start_state(cfg, changes, overrides):
     """(config, checkpoint to resume or None, checkpoint to start from or None) of a run."""
     if cfg.resume:
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        if not os.path.exists(path):
-            raise SystemExit(f"--resume: no checkpoint at {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), "--resume")
         # the run continues with its own config; flags given now (say a larger max_iters) still apply
         return apply_overrides(config_from_dict(ckpt["config"]), overrides), ckpt, None
     if not cfg.init_from:
         return cfg, None, None
     known = config_fields(cfg)
     model_changes = {k: v for k, v in changes.items() if known[k][0] == "model"}
-    if os.path.isfile(cfg.init_from):
+    if is_checkpoint(cfg.init_from):
         if cfg.init_text:
             raise SystemExit("--init_text goes with a Hugging Face CLIP as --init_from, not with a checkpoint")
-        init = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
-    elif cfg.init_from.endswith(".pt"):
-        raise SystemExit(f"--init_from: no checkpoint at {cfg.init_from}")
+        init = read_checkpoint(cfg.init_from, "--init_from")
     else:
         init = hf_init(cfg.init_from, cfg.init_text, model_changes, cfg.seed)
     # the architecture comes with the weights; what the stage and the flags set on the model still applies

@@ -12,6 +12,7 @@ from PIL import Image
 
 import data
 import eval as evaluation
+import train
 from conftest import ROOT
 
 
@@ -70,7 +71,43 @@ def test_sample_reports_bad_files_clearly(tiny_run, tmp_path):
     broken = run_sample("--ckpt", ckpt, "caption", str(tmp_path / "broken.jpg"))
     assert broken.returncode != 0 and "broken.jpg" in broken.stderr and "Traceback" not in broken.stderr
     no_ckpt = run_sample("--ckpt", str(tmp_path / "none.pt"), "caption", str(tmp_path / "broken.jpg"))
-    assert no_ckpt.returncode != 0 and "checkpoint not found" in no_ckpt.stderr
+    assert no_ckpt.returncode != 0 and f"--ckpt: no checkpoint at {tmp_path / 'none.pt'}" in no_ckpt.stderr
+
+
+def test_one_checkpoint_loader_names_a_bad_file_and_takes_a_run_directory(tiny_run, tiny_world, image_files, tmp_path):
+    """A file cut short, one that is not a zip, an empty one and a torch file of something else each stop with
+    the flag and the path named, in every script; a run directory stands for its ckpt.pt."""
+    good = os.path.join(tiny_run, "ckpt.pt")
+    assert evaluation.is_checkpoint(tiny_run) and not evaluation.is_checkpoint(str(tmp_path))  # tmp_path: a HF name
+    assert evaluation.read_checkpoint(tiny_run)["step"] == torch.load(good, weights_only=True)["step"] == 60
+    raw = open(good, "rb").read()
+    bad = {"cut.pt": raw[:len(raw) // 2], "text.pt": b"not a checkpoint", "empty.pt": b""}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SystemExit, match=f"--init_from: {tmp_path / name} cannot be read as a checkpoint"):
+            evaluation.read_checkpoint(str(tmp_path / name), "--init_from")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(SystemExit, match="foreign.pt is not a checkpoint written by train.py"):
+        evaluation.read_checkpoint(str(tmp_path / "foreign.pt"))
+    with pytest.raises(SystemExit, match=f"--ckpt: no checkpoint at {tmp_path / 'ckpt.pt'}"):
+        evaluation.read_checkpoint(str(tmp_path))  # a directory without one
+    # the scripts: sample.py and eval.py as processes, train.py's --init_from and --resume in this one
+    from_dir = run_sample("--ckpt", tiny_run, "caption", image_files["rgb"])
+    assert from_dir.returncode == 0 and from_dir.stdout.startswith(image_files["rgb"])
+    cut = str(tmp_path / "cut.pt")
+    for script in ("sample.py", "eval.py"):
+        args = ["caption", image_files["rgb"]] if script == "sample.py" else []
+        result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--ckpt", cut, *args],
+                                capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert result.returncode != 0 and f"--ckpt: {cut} cannot be read" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    run = ["--config", "tiny", f"--data_dir={os.path.dirname(tiny_world.path)}", "--max_iters=1"]
+    with pytest.raises(SystemExit, match=f"--init_from: {cut} cannot be read"):
+        train.main([*run, f"--init_from={cut}", f"--out_dir={tmp_path / 'a'}"])
+    os.makedirs(tmp_path / "b")
+    (tmp_path / "b" / "ckpt.pt").write_bytes(raw[:1000])
+    with pytest.raises(SystemExit, match=f"--resume: {tmp_path / 'b' / 'ckpt.pt'} cannot be read"):
+        train.main([*run, "--resume", f"--out_dir={tmp_path / 'b'}"])
 
 
 def test_every_template_parses_back_to_its_scene():
