@@ -38,7 +38,7 @@ import train
 from eval import ABLATION_ROWS, OBJECTIVES_OFF, write_json
 from hf import hf_clip_config
 from instruct import InstructVLM
-from model import VLM, VLMConfig, fused_pairs, loss_weights, mask_slots, transformer_flops, uses_electra
+from model import VLM, VLMConfig, fused_pairs, loss_weights, mask_slots, mlp_widths, transformer_flops, uses_electra
 from parallel import checkpoint_blocks, compile_mode, compile_model
 
 
@@ -94,12 +94,13 @@ def pretrain_terms(c, batch_size):
     distill = c.momentum_alpha > 0 and on["itc"]  # momentum encoders, soft targets and the queue
     Q = c.queue_size if distill else 0
     # forward FLOPs on one image: the ViT's patch conv and blocks, the converter (no relation tokens)
-    conv, vit = 2 * P * 3 * c.patch_size ** 2 * vw, transformer_flops(c.vit_layers, vw, 1 + P, r)
+    vit_mlp, text_mlp = mlp_widths(c)
+    conv, vit = 2 * P * 3 * c.patch_size ** 2 * vw, transformer_flops(c.vit_layers, vw, 1 + P, vit_mlp)
     converter = 2 * P * (vw * w + w * w + 4 * vw * w * c.image_axes) if c.converter == "mlp" else \
         2 * P * vw * w + c.resampler_layers * (2 * M * w * w * (2 + 2 * r) + 4 * P * w * w + 4 * M * P * w)
 
     def text(n):
-        return transformer_flops(c.text_layers, w, n, r)
+        return transformer_flops(c.text_layers, w, n, text_mlp)
 
     # shared_vit_pass: one ViT pass over the replaced pixels serves everything, else the fused pass reads a second one
     shared = electra and c.shared_vit_pass
@@ -130,7 +131,7 @@ def pretrain_terms(c, batch_size):
     if electra:
         g, p2, S = c.gen_width or w // 4, 3 * c.patch_size ** 2, mask_slots(c, T)  # MLM logits at S slots a row
         gen = [("generator.patch_embed", Bf * 2 * P * p2 * g, on["mlm"] or on["moc"]),
-               ("generator.blocks", Bf * (2 * T * w * g + transformer_flops(c.gen_layers, g, P + T, r)),
+               ("generator.blocks", Bf * (2 * T * w * g + transformer_flops(c.gen_layers, g, P + T, r * g)),
                 2 * (on["mlm"] or on["moc"])),
                ("generator.mlm_logits", Bf * (2 * S * g * w + 2 * S * w * V), 2 * on["mlm"]),
                ("generator.moc_logits", Bf * 2 * P * g * c.n_codes, 2 * on["moc"])]

@@ -143,6 +143,7 @@ def validate(cfg, world_size=None):
         *at_least(1, m, ("image_size", "patch_size", "vit_width", "vit_layers", "vit_heads", "text_width",
                          "text_layers", "text_heads", "embed_dim", "mlp_ratio", "context_length", "gen_heads",
                          "n_queries", "n_codes", "queue_size")),
+        *at_least(0, m, ("vit_mlp_width", "text_mlp_width")),
     ]
     checks += [] if not all(ok for ok, _ in checks) else [  # these divide by sizes checked above
         (m.image_size % m.patch_size == 0,

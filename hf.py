@@ -13,7 +13,7 @@ import torch
 
 from data import (BOS, EOS, PAD, SPECIAL_TOKENS, Dataset, bpe_from_text, bpe_to_text, get_tokenizer, staged_dataset,
                   tokenizer_meta, write_file)
-from model import VLM, VLMConfig, text_activation
+from model import VLM, VLMConfig, mlp_widths, text_activation
 
 # -----------------------------------------------------------------------------
 # tokenizers: GPT-2's and CLIP's byte-level BPE as tiktoken ranks (CLIP's word end '</w>' as a trailing space byte)
@@ -287,16 +287,23 @@ def hf_image_stats(name):
     return out
 
 
-def tower_fields(name, tower, width, mlp_width, act, eps):
-    """VLMConfig's mlp_ratio, layer_norm_eps and (text_)activation of a HF tower; an error where ours has no match."""
-    if mlp_width % width:
-        raise ValueError(f"{name}: the {tower} tower's MLP width {mlp_width} is not a whole multiple of its width "
-                         f"{width} (ours is mlp_ratio x width)")
+def tower_fields(name, tower, mlp_width, act, eps):
+    """VLMConfig's MLP width, layer_norm_eps and (text_)activation of a HF tower; an error where ours has no match."""
     if act not in HF_ACTIVATIONS:
         raise ValueError(f"{name}: the {tower} tower's activation {act!r} is not one we have "
                          f"(we read {', '.join(HF_ACTIVATIONS)})")
-    return {"mlp_ratio": mlp_width // width, "layer_norm_eps": eps,
+    return {"vit_mlp_width" if tower == "vision" else "text_mlp_width": mlp_width, "layer_norm_eps": eps,
             "activation" if tower == "vision" else "text_activation": HF_ACTIVATIONS[act]}
+
+
+def mlp_fields(fixed):
+    """fixed with mlp_ratio set from its towers' MLP widths: the text tower's ratio where it is whole, else the
+    ViT's, else the nearest; a tower keeps a width of its own only where that ratio does not give it."""
+    towers = [(k, fixed[k], fixed[w]) for k, w in (("text_mlp_width", "text_width"), ("vit_mlp_width", "vit_width"))
+              if k in fixed]
+    whole = [m // w for _, m, w in towers if m % w == 0]
+    ratio = whole[0] if whole else max(1, round(towers[0][1] / towers[0][2]))
+    return {**fixed, "mlp_ratio": ratio, **{k: 0 if m == ratio * w else m for k, m, w in towers}}
 
 
 def special_ids(name, V, **given):
@@ -316,7 +323,7 @@ def clip_vision_fields(config, name):
         raise ValueError(f"{name}: the vision tower reads {v.num_channels} channels; ours reads RGB")
     return dict(image_size=v.image_size, patch_size=v.patch_size, vit_width=v.hidden_size,
                 vit_layers=v.num_hidden_layers, vit_heads=v.num_attention_heads, embed_dim=config.projection_dim,
-                **tower_fields(name, "vision", v.hidden_size, v.intermediate_size, v.hidden_act, v.layer_norm_eps))
+                **tower_fields(name, "vision", v.intermediate_size, v.hidden_act, v.layer_norm_eps))
 
 
 def clip_text_fields(config, name):
@@ -324,7 +331,7 @@ def clip_text_fields(config, name):
     t = config.text_config
     out = dict(text_width=t.hidden_size, text_layers=t.num_hidden_layers, text_heads=t.num_attention_heads,
                context_length=t.max_position_embeddings,
-               **tower_fields(name, "text", t.hidden_size, t.intermediate_size, t.hidden_act, t.layer_norm_eps))
+               **tower_fields(name, "text", t.intermediate_size, t.hidden_act, t.layer_norm_eps))
     if getattr(config, "nanovlp_specials", None):
         return dict(out, vocab_size=t.vocab_size, **config.nanovlp_specials)
     V = t.vocab_size  # eos_token_id 2 is HF's legacy marker: <bos> and <eos> are then the last two ids
@@ -342,7 +349,7 @@ def gpt2_fields(config, name):
             raise ValueError(f"{name}: this GPT-2 has {what}; ours has not")
     return dict(text_width=config.n_embd, text_layers=config.n_layer, text_heads=config.n_head,
                 context_length=config.n_positions,
-                **tower_fields(name, "text", config.n_embd, config.n_inner or 4 * config.n_embd,
+                **tower_fields(name, "text", config.n_inner or 4 * config.n_embd,
                                config.activation_function, config.layer_norm_epsilon),
                 **special_ids(name, config.vocab_size, eos=config.eos_token_id))
 
@@ -371,11 +378,11 @@ def hf_clip_config(cfg):
         raise ValueError("eos_id 2: Hugging Face CLIP reads eos_token_id 2 as its legacy marker and pools the text at "
                          "the highest token id instead of at <eos>; give <eos> another id")
     common = dict(layer_norm_eps=cfg.layer_norm_eps, projection_dim=cfg.embed_dim)
-    text = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.text_width, intermediate_size=cfg.mlp_ratio * cfg.text_width,
+    text = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.text_width, intermediate_size=mlp_widths(cfg)[1],
                 num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
                 max_position_embeddings=cfg.context_length, hidden_act=HF_ACTIVATION_NAMES[text_activation(cfg)],
                 bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id, **common)
-    vision = dict(hidden_size=cfg.vit_width, intermediate_size=cfg.mlp_ratio * cfg.vit_width,
+    vision = dict(hidden_size=cfg.vit_width, intermediate_size=mlp_widths(cfg)[0],
                   num_hidden_layers=cfg.vit_layers, num_attention_heads=cfg.vit_heads, image_size=cfg.image_size,
                   patch_size=cfg.patch_size, num_channels=3, hidden_act=HF_ACTIVATION_NAMES[cfg.activation], **common)
     specials = {k: getattr(cfg, k) for k in ("bos_id", "eos_id", "pad_id", "mask_id", "glob_id")}
@@ -423,15 +430,14 @@ def from_pretrained(name_or_path, text=None, **overrides):
                              f"{text_config.model_type!r}); text= takes a GPT-2")
     clip = config.model_type == "clip"
     fixed = clip_text_fields(config, name_or_path) if text is None else gpt2_fields(text_config, text)
-    if clip:  # the towers share mlp_ratio and layer_norm_eps; text_activation '' when it is the ViT's
+    if clip:  # the towers share layer_norm_eps; text_activation '' when it is the ViT's
         vision = clip_vision_fields(config, name_or_path)
-        for k in ("mlp_ratio", "layer_norm_eps"):
-            if vision[k] != fixed[k]:
-                raise ValueError(f"{name}: {k} is {vision[k]} in the vision tower and {fixed[k]} in the text tower; "
-                                 f"ours has one {k} for both")
+        if vision["layer_norm_eps"] != fixed["layer_norm_eps"]:
+            raise ValueError(f"{name}: layer_norm_eps is {vision['layer_norm_eps']} in the vision tower and "
+                             f"{fixed['layer_norm_eps']} in the text tower; ours has one layer_norm_eps for both")
         same = fixed["text_activation"] == vision["activation"]
         fixed = {**vision, **fixed, "text_activation": "" if same else fixed["text_activation"]}
-    cfg = checked_config(name, fixed, {**(hf_image_stats(name_or_path) if clip else {}), **overrides})
+    cfg = checked_config(name, mlp_fields(fixed), {**(hf_image_stats(name_or_path) if clip else {}), **overrides})
     model = VLM(cfg).float()
     state = {}
     if clip:

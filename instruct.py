@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import data
-from model import VLM, Block, attention_mask, fp32, transformer_flops
+from model import VLM, Block, attention_mask, fp32, mlp_widths, transformer_flops
 
 # what the stage changes in a preset; the ViT stays frozen unless --train_vit
 PRESETS = {
@@ -192,9 +192,9 @@ class InstructVLM(VLM):
         R = K if c.relation else 0  # relation tokens
         Lq, Ta = c.context_length - c.answer_length, c.answer_length
         out = {"vit": K * (2 * P * 3 * c.patch_size ** 2 * vw
-                           + transformer_flops(c.vit_layers, vw, 1 + P, c.mlp_ratio))}
+                           + transformer_flops(c.vit_layers, vw, 1 + P, mlp_widths(c)[0]))}
         if c.relation:
-            out["relation"] = 2 * K * vw * w + transformer_flops(c.relation_layers, w, K, c.mlp_ratio)
+            out["relation"] = 2 * K * vw * w + transformer_flops(c.relation_layers, w, K, c.mlp_ratio * w)
         if c.converter == "mlp":
             out["converter"] = K * 2 * P * (vw * w + w * w)
         else:  # per layer: queries, keys and values, output, MLP, attention over P + R keys
@@ -203,9 +203,9 @@ class InstructVLM(VLM):
             out["converter"] = K * (2 * P * vw * w + c.resampler_layers * per_layer)
         n = max(1, round(c.keep_ratio * T)) if c.two_pass else T
         if c.two_pass:
-            out["pass1"] = transformer_flops(c.pass1_layers or c.text_layers, w, R + K * T + Lq + 1, c.mlp_ratio)
+            out["pass1"] = transformer_flops(c.pass1_layers or c.text_layers, w, R + K * T + Lq + 1, mlp_widths(c)[1])
             out["scorer"] = 2 * w * w + 2 * K * T * w * w + 2 * K * T * w
-        out["pass2"] = transformer_flops(c.text_layers, w, int(c.two_pass) + R + K * n + Lq + Ta, c.mlp_ratio)
+        out["pass2"] = transformer_flops(c.text_layers, w, int(c.two_pass) + R + K * n + Lq + Ta, mlp_widths(c)[1])
         out["logits"] = 2 * (Ta - 1) * w * c.vocab_size
         return out
 

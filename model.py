@@ -31,7 +31,9 @@ class VLMConfig:
     text_layers: int = 4  # the text transformer's blocks
     text_heads: int = 3  # the text transformer's attention heads
     # shared
-    mlp_ratio: int = 4  # MLP width / width, in every block
+    mlp_ratio: int = 4  # MLP width / width, in every block but where a tower's own width is given
+    vit_mlp_width: int = 0  # the ViT's MLP width; 0: mlp_ratio x vit_width (a CLIP's may be any: 8192 at 1664)
+    text_mlp_width: int = 0  # the text transformer's MLP width; 0: mlp_ratio x text_width
     activation: str = "gelu"  # 'gelu', 'quick_gelu' (OpenAI CLIP) or 'gelu_tanh' (GPT-2's gelu_new)
     text_activation: str = ""  # the text transformer's and the generator's; '' = activation
     layer_norm_eps: float = 1e-5  # every LayerNorm's
@@ -203,12 +205,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block."""
 
-    def __init__(self, width, n_head, cfg, activation):
+    def __init__(self, width, n_head, cfg, activation, mlp_width=0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
         self.attn = Attention(width, n_head)
         self.ln_2 = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(width, cfg.mlp_ratio * width, activation)
+        self.mlp = MLP(width, mlp_width or cfg.mlp_ratio * width, activation)
 
     def forward(self, x, mask=None, is_causal=False, cache=None, context=None):
         x = x + self.attn(self.ln_1(x), mask, is_causal, cache, context)
@@ -238,7 +240,8 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.zeros(w))
         self.positional_embedding = nn.Parameter(torch.zeros(self.n_patches + 1, w))
         self.ln_pre = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
-        self.blocks = nn.ModuleList(Block(w, cfg.vit_heads, cfg, cfg.activation) for _ in range(cfg.vit_layers))
+        self.blocks = nn.ModuleList(Block(w, cfg.vit_heads, cfg, cfg.activation, cfg.vit_mlp_width)
+                                    for _ in range(cfg.vit_layers))
         self.ln_post = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
         self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
 
@@ -269,7 +272,8 @@ class TextTransformer(nn.Module):
         w = cfg.text_width
         self.token_embedding = nn.Embedding(cfg.vocab_size, w)
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length, w))
-        self.blocks = nn.ModuleList(Block(w, cfg.text_heads, cfg, text_activation(cfg)) for _ in range(cfg.text_layers))
+        self.blocks = nn.ModuleList(Block(w, cfg.text_heads, cfg, text_activation(cfg), cfg.text_mlp_width)
+                                    for _ in range(cfg.text_layers))
         self.ln_final = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
         self.text_projection = nn.Linear(w, cfg.embed_dim, bias=False)
         self.lm_head = nn.Linear(w, cfg.vocab_size, bias=False)
@@ -400,10 +404,15 @@ class Generator(nn.Module):
         return self.mlm_head(at_slots) @ self.token_embedding.weight.t(), self.moc_head(x[:, :P])
 
 
-def transformer_flops(layers, width, seq, mlp_ratio):
+def transformer_flops(layers, width, seq, mlp_width):
     """Forward FLOPs (2 per multiply-add) of `layers` blocks over `seq` tokens: the q, k, v, output and MLP
     matmuls and attention over all keys (masks save no work); norms, softmax and biases left out."""
-    return layers * (2 * seq * width * width * (4 + 2 * mlp_ratio) + 4 * seq * seq * width)
+    return layers * (2 * seq * width * (4 * width + 2 * mlp_width) + 4 * seq * seq * width)
+
+
+def mlp_widths(cfg):
+    """The MLP widths of the ViT's and the text transformer's blocks."""
+    return cfg.vit_mlp_width or cfg.mlp_ratio * cfg.vit_width, cfg.text_mlp_width or cfg.mlp_ratio * cfg.text_width
 
 
 # -----------------------------------------------------------------------------

@@ -51,6 +51,7 @@ OBJECTIVES = {
     "all, image axes, the fused pass not training the ViT": dict(image_axes=True, fused_vit_grad=False),
     "resampler": dict(OBJECTIVES_OFF, itc_weight=1.0, itm_weight=1.0, caption_weight=1.0, converter="resampler",
                       n_queries=4),
+    "all, MLP widths of their own (no multiple of the widths)": dict(vit_mlp_width=52, text_mlp_width=70),
 }
 
 

@@ -198,14 +198,14 @@ def test_loss_covers_only_answer_tokens():
     torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("converter, two_pass, relation, pass1_layers", [
-    ("mlp", True, True, 0), ("mlp", False, True, 0), ("resampler", True, True, 0), ("resampler", True, False, 0),
-    ("mlp", True, False, 0), ("mlp", True, True, 1)])
-def test_flop_count_equals_pytorch_flop_counter(converter, two_pass, relation, pass1_layers):
+@pytest.mark.parametrize("converter, two_pass, relation, pass1_layers, mlp_width", [
+    ("mlp", True, True, 0, 0), ("mlp", False, True, 0, 0), ("resampler", True, True, 0, 0),
+    ("resampler", True, False, 0, 0), ("mlp", True, False, 0, 0), ("mlp", True, True, 1, 0), ("mlp", True, True, 0, 37)])
+def test_flop_count_equals_pytorch_flop_counter(converter, two_pass, relation, pass1_layers, mlp_width):
     """instruct_flops against torch.utils.flop_counter over one training forward (attention in
-    SDPA's math path, which the counter sees as matmuls)."""
+    SDPA's math path, which the counter sees as matmuls); mlp_width: the towers' own MLP widths."""
     model = make_model(converter=converter, two_pass=two_pass, relation=relation, keep_ratio=0.25,
-                       pass1_layers=pass1_layers).float()
+                       pass1_layers=pass1_layers, vit_mlp_width=mlp_width, text_mlp_width=mlp_width + 2).float()
     for n in (2, 4):
         pixels, valid, question, answer = batch((n,))
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
