@@ -349,6 +349,17 @@ def encode_texts(enc, texts, length):
     return out
 
 
+def encode_truncated(enc, texts, length):
+    """(rows as encode_texts gives them, the indices of the texts cut): a text too long keeps its first length - 2
+    tokens, as CLIP's tokenizers truncate."""
+    out, problems = encode_checked(enc, texts, length)
+    cut = [i for i, problem in enumerate(problems) if problem == "too long"]
+    for i in cut:
+        out[i, 0], out[i, -1] = enc.encode_single_token(BOS), enc.encode_single_token(EOS)
+        out[i, 1:-1] = enc.encode_ordinary(texts[i])[:length - 2]
+    return out, cut
+
+
 def class_prompt_tokens(enc, names, template, length):
     """Rows <bos> template name <eos> of background and each class name: dense scoring's texts."""
     return encode_texts(enc, [f"{template} {name}" for name in (BACKGROUND, *names)], length)

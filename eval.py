@@ -35,6 +35,18 @@ def build_model(cfg):
     return (instruct.InstructVLM if cfg.instruct else prompt.PromptVLM if cfg.prompt else VLM)(cfg)
 
 
+def checked_device(name):
+    """--device as a torch.device, or an error naming it: not a device name, or not one this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type != "cpu" and not (torch.accelerator.is_available() and
+                                     torch.accelerator.current_accelerator().type == device.type):
+        raise SystemExit(f"error: --device {name}: this machine has no {device.type} device (--device cpu)")
+    return name
+
+
 def read_checkpoint(path, flag="--ckpt", device="cpu"):
     """The dict of a ckpt.pt written by train.py, or of the one in a run directory. A missing, damaged (cut
     short, not a zip) or foreign file stops with an error naming the flag and the path."""
@@ -686,7 +698,7 @@ def main():
         return run_ablation(args, rest)
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
-    model, _, ckpt = load_checkpoint(args.ckpt, args.device)
+    model, _, ckpt = load_checkpoint(args.ckpt, checked_device(args.device))
     ds = data.Dataset(args.data or ckpt["data_path"])
     if args.split != "val" and (model.cfg.prompt or model.cfg.instruct):
         raise SystemExit("error: --split is for pretraining checkpoints; the prompt and instruct stages evaluate "

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import data
-from eval import generate_captions, load_checkpoint
+from eval import checked_device, generate_captions, load_checkpoint
 from hf import HF_TOKENIZER_CLASSES, export_hf_clip, hf_tokenizer_files
 from prepare import load_image
 from prompt import PromptVLM
@@ -120,8 +120,16 @@ def main(argv=None):
     exp.add_argument("--out", required=True,
                      help="the directory to write (transformers.CLIPModel.from_pretrained reads it)")
     args = parser.parse_args(argv)
+    if args.command == "caption" and not (args.temperature >= 0 and (args.top_k is None or args.top_k >= 1) and
+                                          (args.top_p is None or 0 < args.top_p <= 1) and args.num_samples >= 1):
+        cap.error(f"--temperature must be at least 0 (0 is greedy), --top_k at least 1, --top_p in (0, 1] and "
+                  f"--num_samples at least 1; got {args.temperature}, {args.top_k}, {args.top_p}, {args.num_samples}")
+    for template in (args.template or []) if args.command == "classify" else []:
+        rest = template.replace("{}", "", 1)
+        if "{}" not in template or "{" in rest or "}" in rest:
+            cl.error(f"--template {template!r}: a template holds {{}} once, where the label goes, and no other braces")
 
-    model, tokenizer, ckpt = load_checkpoint(args.ckpt, args.device)
+    model, tokenizer, ckpt = load_checkpoint(args.ckpt, checked_device(args.device))
     if args.command == "export":
         tok = ckpt["tokenizer"]
         try:  # with the tokenizer's files: transformers' AutoTokenizer and our --tokenizer and --init_from read them
@@ -145,6 +153,8 @@ def main(argv=None):
         image = load_images([args.image], model.cfg.image_size)[0]
         classmap, boxes = detect(model, tokenizer, image, classes, args.device)
         out = args.out or os.path.splitext(args.image)[0] + ".detect.png"
+        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            raise SystemExit(f"error: --out {out}: the folder {os.path.dirname(os.path.abspath(out))} does not exist")
         data.write_file(out, lambda f: draw_detections(image, classmap, boxes, classes).save(f, format="PNG"))
         for name, x0, y0, x1, y1, s in boxes:
             print(f"{name:16s} box ({x0}, {y0}, {x1}, {y1})  score {s:.3f}")
@@ -154,7 +164,11 @@ def main(argv=None):
     else:  # score, or classify by prompt ensembling: a label's similarity is the mean of its templates'
         names, templates = (args.texts, ["{}"]) if args.command == "score" else (args.labels, args.template or ["a {}"])
         images = load_images([args.image], model.cfg.image_size)
-        tokens = data.encode_texts(tokenizer, [t.format(n) for n in names for t in templates], model.cfg.context_length)
+        texts = [t.format(n) for n in names for t in templates]
+        tokens, cut = data.encode_truncated(tokenizer, texts, model.cfg.context_length)
+        for i in cut:  # as CLIP's tokenizers do, said
+            print(f"note: {texts[i]!r} is longer than the model's {model.cfg.context_length - 2} tokens: it reads the "
+                  f"first {model.cfg.context_length - 2}", file=sys.stderr)
         text = model.encode_text(torch.from_numpy(tokens).long().to(args.device))
         sim = (model.encode_image(model.normalize_pixels(images)) @ text.t())[0].view(len(names), -1).mean(1)
         prob = (model.logit_scale.exp().clamp(max=100) * sim).softmax(-1)  # at the model's learned temperature

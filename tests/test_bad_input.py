@@ -1,0 +1,120 @@
+"""Bad input as a user gives it, per script: each case must stop with a non-zero exit, no traceback, and a
+message that names the input. Run in-process (each script's main(argv), catching SystemExit)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import sample
+
+
+@pytest.fixture(scope="module")
+def files(tiny_run, tiny_world, tmp_path_factory):
+    """A good image, and bad files of several kinds, beside the tiny run's checkpoint."""
+    d = tmp_path_factory.mktemp("bad")
+    Image.fromarray(tiny_world.array("val", "images")[0]).save(d / "good.png")
+    (d / "text.png").write_text("not an image")
+    (d / "empty.png").write_bytes(b"")
+    os.makedirs(d / "folder.png")
+    raw = open(os.path.join(tiny_run, "ckpt.pt"), "rb").read()
+    (d / "cut.pt").write_bytes(raw[:len(raw) // 3])
+    torch.save({"weights": torch.zeros(1)}, d / "foreign.pt")
+    os.makedirs(d / "empty_run")
+    return {name: str(d / name) for name in ("good.png", "text.png", "empty.png", "folder.png", "cut.pt", "foreign.pt",
+                                             "empty_run")} | {"ckpt": os.path.join(tiny_run, "ckpt.pt"), "dir": str(d)}
+
+
+def stops(capsys, main, argv, *named):
+    """main(argv) exits non-zero (SystemExit, so no traceback) with a message holding each of named."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    message = capsys.readouterr().err + ("" if isinstance(stop.value.code, int) else str(stop.value.code))
+    assert stop.value.code not in (0, None), message
+    for text in named:
+        assert text in message, (argv, message)
+
+
+SAMPLE_CASES = {  # name: (arguments after --ckpt, what the message names); {x}: a path of the files fixture
+    "negative temperature": (["caption", "{good.png}", "--temperature=-1"], ["--temperature", "-1.0"]),
+    "top_p above 1": (["caption", "{good.png}", "--top_p=1.5"], ["--top_p", "1.5"]),
+    "top_p of 0": (["caption", "{good.png}", "--top_p=0"], ["--top_p"]),
+    "top_k of 0": (["caption", "{good.png}", "--top_k=0"], ["--top_k"]),
+    "no samples": (["caption", "{good.png}", "--num_samples=0"], ["--num_samples"]),
+    "temperature not a number": (["caption", "{good.png}", "--temperature=warm"], ["--temperature", "warm"]),
+    "top_k not a whole number": (["caption", "{good.png}", "--top_k=1.5"], ["--top_k", "1.5"]),
+    "seed not a number": (["caption", "{good.png}", "--seed=x"], ["--seed", "x"]),
+    "missing image": (["caption", "{dir}/nope.png"], ["nope.png"]),
+    "text file as an image": (["caption", "{text.png}"], ["text.png"]),
+    "empty image file": (["caption", "{empty.png}"], ["empty.png"]),
+    "folder as an image": (["caption", "{folder.png}"], ["folder.png"]),
+    "a bad image among good ones": (["caption", "{good.png}", "{text.png}"], ["text.png"]),
+    "no images": (["caption"], ["images"]),
+    "unknown command": (["describe", "{good.png}"], ["describe"]),
+    "no command": ([], ["command"]),
+    "score without texts": (["score", "{good.png}"], ["--texts"]),
+    "score of a missing image": (["score", "{dir}/nope.png", "--texts", "a"], ["nope.png"]),
+    "classify without labels": (["classify", "{good.png}"], ["--labels"]),
+    "template without a place": (["classify", "{good.png}", "--labels", "a", "--template", "a photo"], ["a photo"]),
+    "template with an index": (["classify", "{good.png}", "--labels", "a", "--template", "a {0} {1}"], ["a {0} {1}"]),
+    "template with two places": (["classify", "{good.png}", "--labels", "a", "--template", "{} {}"], ["{} {}"]),
+    "answer with a pretraining checkpoint": (["answer", "{good.png}", "--question", "how many?"], ["--stage instruct"]),
+    "answer without a question": (["answer", "{good.png}"], ["--question"]),
+    "detect without classes": (["detect", "{good.png}"], ["--classes"]),
+    "detect into a missing folder": (["detect", "{good.png}", "--classes", "star", "--out", "{dir}/no/x.png"],
+                                     ["{dir}/no"]),
+    "export over an existing path": (["export", "--out", "{dir}"], ["{dir}"]),
+    "unknown flag": (["caption", "{good.png}", "--temprature=1"], ["--temprature"]),
+}
+CKPT_CASES = {  # --ckpt (or --device) values that cannot work, with a good command
+    "missing checkpoint": (["--ckpt", "{dir}/none.pt"], ["--ckpt", "none.pt"]),
+    "checkpoint cut short": (["--ckpt", "{cut.pt}"], ["--ckpt", "cut.pt", "cannot be read"]),
+    "image as a checkpoint": (["--ckpt", "{good.png}"], ["good.png", "cannot be read"]),
+    "foreign torch file": (["--ckpt", "{foreign.pt}"], ["foreign.pt", "not a checkpoint written by train.py"]),
+    "run directory without a checkpoint": (["--ckpt", "{empty_run}"], ["empty_run"]),
+    "device that does not exist": (["--ckpt", "{ckpt}", "--device", "gpu0"], ["--device", "gpu0"]),
+    "device this machine lacks": (["--ckpt", "{ckpt}", "--device", "cuda" if not torch.cuda.is_available() else "mps"],
+                                  ["--device"]),
+}
+
+
+def filled(args, files):
+    """args with each {name} of the files fixture replaced by its path (other braces left as they are)."""
+    for name, path in files.items():
+        args = [a.replace("{" + name + "}", path) for a in args]
+    return args
+
+
+@pytest.mark.parametrize("case", list(SAMPLE_CASES))
+def test_sample_py_bad_input(case, files, capsys):
+    args, named = SAMPLE_CASES[case]
+    stops(capsys, sample.main, ["--ckpt", files["ckpt"], *filled(args, files)], *filled(named, files))
+
+
+@pytest.mark.parametrize("case", list(CKPT_CASES))
+def test_sample_py_bad_checkpoint_or_device(case, files, capsys):
+    args, named = CKPT_CASES[case]
+    stops(capsys, sample.main, [*filled(args, files), "caption", files["good.png"]], *filled(named, files))
+
+
+def test_sample_py_has_thirty_cases():
+    assert len(SAMPLE_CASES) + len(CKPT_CASES) >= 30
+
+
+def test_a_text_longer_than_the_context_is_truncated_and_said(files, tiny_world, capsys):
+    """As CLIP's tokenizers: the first context_length - 2 tokens are read, and a note says so; its score is the
+    score of that cut text."""
+    enc, T = tiny_world.tokenizer, 24
+    long = " ".join(["a small red circle"] * 10)
+    rows, cut = data.encode_truncated(enc, ["a circle", long], T)
+    assert cut == [1]
+    np.testing.assert_array_equal(rows[0], data.encode_texts(enc, ["a circle"], T)[0])
+    ids = enc.encode_ordinary(long)[:T - 2]
+    np.testing.assert_array_equal(rows[1], [enc.encode_single_token(data.BOS), *ids, enc.encode_single_token(data.EOS)])
+    sample.main(["--ckpt", files["ckpt"], "score", files["good.png"], "--texts", long, enc.decode(ids)])
+    out = capsys.readouterr()
+    assert f"{long!r} is longer than the model's {T - 2} tokens" in out.err
+    cosines = [line.split("cos ")[1].split()[0] for line in out.out.strip().splitlines()]
+    assert cosines[0] == cosines[1]
