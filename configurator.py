@@ -180,6 +180,7 @@ def validate(cfg, world_size=None):
          f"{m.image_prompt_depth} is more than --text_prompt_depth={m.text_prompt_depth} (--couple=false frees them)"),
         (0 <= cfg.capfilt_threshold <= 1 and 0 < cfg.capfilt_top_p <= 1 and cfg.capfilt_temperature >= 0,
          "--capfilt_threshold must be in [0, 1], --capfilt_top_p in (0, 1] and --capfilt_temperature >= 0"),
+        (not os.path.isfile(cfg.out_dir), f"--out_dir {cfg.out_dir} is a file: give a directory"),
         (cfg.stage == "pretrain" or cfg.init_from or cfg.resume,
          f"--stage {cfg.stage} starts from a pretrained checkpoint: give --init_from PATH"),
         (not cfg.init_text or cfg.init_from, "--init_text goes with --init_from (a Hugging Face CLIP for the ViT)"),

@@ -559,16 +559,29 @@ def run_ablation(args, train_args):
     if args.stage != "pretrain" and not any(a.startswith("--init_from") for a in train_args):
         raise SystemExit(f"--stage {args.stage}: give the pretrained checkpoint every row starts from, "
                          f"--init_from=PATH")
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
+    except ValueError:
+        raise SystemExit(f"error: --seeds={args.seeds}: give whole numbers, comma-separated: --seeds=1337,1,2") \
+            from None
+
+    def planned(name, seed):
+        """(out_dir, train.py flags) of a row's run with a seed (None: the preset's)."""
+        out = os.path.join(args.ablation_dir, name.replace("+", "_"), *([] if seed is None else [f"seed{seed}"]))
+        flags = ["--config", args.config, stage, f"--eval_interval={10 ** 9}", *iters,
+                 *[f"--{k}={v}" for k, v in table[name].items()], *train_args]
+        return out, flags + ([] if seed is None else [f"--seed={seed}"])
+    import train  # here, as train.py imports this file
+    for name in names:  # every run's flags checked before the first one starts
+        for out, flags in (planned(name, s) for s in seeds):
+            try:
+                train.checked_config([f"--out_dir={out}", *flags])
+            except SystemExit as e:
+                raise SystemExit(f"error: ablation row {name}: {e.code}") from None
     results, runs = {}, {}
     for name in names:
-        out = os.path.join(args.ablation_dir, name.replace("+", "_"))
-        runs[name] = [run_train(name if seed is None else f"{name}, seed {seed}",
-                                out if seed is None else os.path.join(out, f"seed{seed}"),
-                                ["--config", args.config, stage, f"--eval_interval={10 ** 9}", *iters,
-                                 *[f"--{k}={v}" for k, v in table[name].items()], *train_args,
-                                 *([] if seed is None else [f"--seed={seed}"])],
-                                log_dir="seed0" if args.stage == "prompt" else "") for seed in seeds]
+        runs[name] = [run_train(name if s is None else f"{name}, seed {s}", *planned(name, s),
+                                log_dir="seed0" if args.stage == "prompt" else "") for s in seeds]
         # one value per seed of each number every seed reported
         results[name] = runs[name][0] if len(seeds) == 1 else {
             k: [r[k] for r in runs[name]] for k in runs[name][0]
@@ -667,7 +680,7 @@ def run_capfilt_experiment(args, train_args, command, iters):
     write_text(args.table, text)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="out/ckpt.pt")
     parser.add_argument("--data", help="prepared dataset directory (default: the checkpoint's)")
@@ -690,16 +703,27 @@ def main():
                                                 "(ablation_dir/<row>/seed<s>); default: the preset's seed, once")
     ab.add_argument("--ablation_dir", help="default out-ablation, or out-ablation-<stage>")
     ab.add_argument("--table", help="default results/ablation.md, or results/ablation-<stage>.md")
-    args, rest = parser.parse_known_args()
+    args, rest = parser.parse_known_args(argv)
     suffix = "" if args.stage == "pretrain" else f"-{args.stage}"
     args.ablation_dir = args.ablation_dir or f"out-ablation{suffix}"
     args.table = args.table or f"results/ablation{suffix}.md"
     if args.ablation:
+        if os.path.isfile(args.ablation_dir) or os.path.isdir(args.table):
+            parser.error(f"--ablation_dir {args.ablation_dir} must be a directory and --table {args.table} a file")
         return run_ablation(args, rest)
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    if args.rerank_k < 1:
+        parser.error(f"--rerank_k={args.rerank_k}: must be at least 1")
+    out = args.out or os.path.join(os.path.dirname(checkpoint_file(args.ckpt)), "eval.json")
+    if os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        parser.error(f"--out {out}: give a file in a folder that exists")
     model, _, ckpt = load_checkpoint(args.ckpt, checked_device(args.device))
-    ds = data.Dataset(args.data or ckpt["data_path"])
+    try:
+        ds = data.Dataset(args.data or ckpt["data_path"])
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: --data: {e}") from None
+    check_tokenizer(ckpt, ds)
     if args.split != "val" and (model.cfg.prompt or model.cfg.instruct):
         raise SystemExit("error: --split is for pretraining checkpoints; the prompt and instruct stages evaluate "
                          "their own val splits")
@@ -719,7 +743,6 @@ def main():
             metrics = {f"{args.split}_{k}": v for k, v in metrics.items()}
     for k, v in metrics.items():
         print(f"{k:32s} {v:.4f}")
-    out = args.out or os.path.join(os.path.dirname(args.ckpt), "eval.json")
     if os.path.exists(out):  # keep what the training run wrote besides (its step, time, zero-shot numbers)
         metrics = {**read_json(out), **metrics}
     write_json(out, metrics)

@@ -537,11 +537,17 @@ def sub_run(cfg, changes, overrides, run, name):
     return train(*start_state(apply_overrides(cfg, run), {**changes, **run}, {**overrides, **run}))
 
 
-def main(argv=None):
-    preset, overrides = parse_args(sys.argv[1:] if argv is None else argv, PRESETS)
+def checked_config(argv):
+    """(config, the flags' changes to the preset, the flags) of a command line, every flag checked before any work."""
+    preset, overrides = parse_args(argv, PRESETS)
     changes = stage_overrides(preset, overrides)
     cfg = apply_overrides(PRESETS[preset], changes)
     validate(cfg)
+    return cfg, changes, overrides
+
+
+def main(argv=None):
+    cfg, changes, overrides = checked_config(sys.argv[1:] if argv is None else argv)
     if cfg.stage == "prompt":
         return prompt.run(cfg, lambda run, name: sub_run(cfg, changes, overrides, run, name))
     if cfg.stage == "capfilt":

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import data
+import eval as evaluation
 import sample
 
 
@@ -118,3 +119,51 @@ def test_a_text_longer_than_the_context_is_truncated_and_said(files, tiny_world,
     assert f"{long!r} is longer than the model's {T - 2} tokens" in out.err
     cosines = [line.split("cos ")[1].split()[0] for line in out.out.strip().splitlines()]
     assert cosines[0] == cosines[1]
+
+
+EVAL_CASES = {  # eval.py: evaluation and the ablation runner (no run starts: every case stops before)
+    "data missing": (["--ckpt", "{ckpt}", "--data", "{dir}/nope"], ["--data", "nope"]),
+    "data a file": (["--ckpt", "{ckpt}", "--data", "{good.png}"], ["--data", "good.png"]),
+    "data not a dataset": (["--ckpt", "{ckpt}", "--data", "{empty_run}"], ["--data", "empty_run"]),
+    "split missing": (["--ckpt", "{ckpt}", "--split", "nope"], ["'nope'"]),
+    "split not captioned": (["--ckpt", "{ckpt}", "--split", "multi_val"], ["'multi_val'"]),
+    "rerank_k of 0": (["--ckpt", "{ckpt}", "--rerank_k", "0"], ["--rerank_k=0"]),
+    "rerank_k negative": (["--ckpt", "{ckpt}", "--rerank_k", "-3"], ["--rerank_k=-3"]),
+    "rerank_k not a number": (["--ckpt", "{ckpt}", "--rerank_k", "x"], ["--rerank_k", "'x'"]),
+    "out in a missing folder": (["--ckpt", "{ckpt}", "--out", "{dir}/no/m.json"], ["--out", "{dir}/no/m.json"]),
+    "out a folder": (["--ckpt", "{ckpt}", "--out", "{dir}"], ["--out", "{dir}"]),
+    "unknown flag": (["--ckpt", "{ckpt}", "--nope=1"], ["--nope=1"]),
+    "seeds not numbers": (["--ablation", "--seeds=a,b"], ["--seeds=a,b"]),
+    "seeds with a gap": (["--ablation", "--seeds=1,,2"], ["--seeds=1,,2"]),
+    "unknown row": (["--ablation", "--rows", "XYZ"], ["XYZ"]),
+    "unknown stage": (["--ablation", "--stage", "nope"], ["--stage", "nope"]),
+    "stage without init_from": (["--ablation", "--stage=instruct"], ["--init_from"]),
+    "negative max_iters": (["--ablation", "--rows", "ITC", "--max_iters=-1"], ["--max_iters=-1"]),
+    "unknown preset": (["--ablation", "--rows", "ITC", "--config", "huge"], ["'huge'"]),
+    "a train flag that does not exist": (["--ablation", "--rows", "ITC", "--lrate=1"], ["--lrate"]),
+    "a train value that cannot work": (["--ablation", "--rows", "ITC", "--lr=-1"], ["--lr=-1"]),
+    "a train value of another type": (["--ablation", "--rows", "ITC", "--batch_size=big"], ["--batch_size", "big"]),
+    "capfilt with rows": (["--ablation", "--stage=capfilt", "--rows", "ITC"], ["--rows"]),
+    "capfilt with seeds": (["--ablation", "--stage=capfilt", "--seeds=1,2"], ["--seeds"]),
+    "capfilt with its own out_dir": (["--ablation", "--stage=capfilt", "--out_dir=x"], ["--out_dir"]),
+    "ablation_dir a file": (["--ablation", "--rows", "ITC", "--ablation_dir", "{good.png}"], ["--ablation_dir"]),
+    "table a folder": (["--ablation", "--rows", "ITC", "--table", "{dir}"], ["--table"]),
+}
+
+
+@pytest.mark.parametrize("case", list(EVAL_CASES))
+def test_eval_py_bad_input(case, files, capsys, monkeypatch):
+    args, named = EVAL_CASES[case]
+    monkeypatch.chdir(files["dir"])  # where a row would write, were one to start
+    stops(capsys, evaluation.main, filled(args, files), *filled(named, files))
+    assert not os.path.exists(os.path.join(files["dir"], "out-ablation"))
+
+
+@pytest.mark.parametrize("case", list(CKPT_CASES))
+def test_eval_py_bad_checkpoint_or_device(case, files, capsys):
+    args, named = CKPT_CASES[case]
+    stops(capsys, evaluation.main, filled(args, files), *filled(named, files))
+
+
+def test_eval_py_has_thirty_cases():
+    assert len(EVAL_CASES) + len(CKPT_CASES) >= 30
