@@ -13,6 +13,8 @@ import re
 import typing
 from dataclasses import fields
 
+import torch
+
 import prompt
 from model import ACTIVATIONS
 from parallel import uses_feature_cache
@@ -114,6 +116,18 @@ def apply_overrides(cfg, overrides):
     return cfg
 
 
+def checked_device(name):
+    """name, or an error naming it: not a device name, or a device this machine has not."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type != "cpu" and not (torch.accelerator.is_available() and
+                                     torch.accelerator.current_accelerator().type == device.type):
+        raise SystemExit(f"--device {name}: this machine has no {device.type} device (--device cpu)")
+    return name
+
+
 def validate(cfg, world_size=None):
     """Stop (SystemExit) on a flag, or a combination of flags, that cannot work, naming the flag, its value
     and what would work, before any work starts. Checks that need the data come when it is read."""
@@ -126,6 +140,12 @@ def validate(cfg, world_size=None):
     def at_least(low, owner, keys):
         return [(getattr(owner, k) >= low, f"--{k}={getattr(owner, k)}: must be at least {low}") for k in keys]
 
+    def within(owner, key, low, high, high_open=False):
+        v = getattr(owner, key)
+        return low <= v and (v < high if high_open else v <= high), \
+            f"--{key}={v}: must be in [{low}, {high}{')' if high_open else ']'}"
+
+    w = cfg.world
     checks = [
         (cfg.stage in STAGES, f"unknown --stage {cfg.stage!r}; stages: {', '.join(STAGES)}"),
         one_of("dtype", cfg.dtype, ("auto", "float32", "bfloat16", "float16")),
@@ -144,6 +164,17 @@ def validate(cfg, world_size=None):
                          "text_layers", "text_heads", "embed_dim", "mlp_ratio", "context_length", "gen_heads",
                          "n_queries", "n_codes", "queue_size")),
         *at_least(0, m, ("vit_mlp_width", "text_mlp_width")),
+        *at_least(1, w, ("n_train", "n_val", "n_test", "n_web", "n_novel_train", "n_novel_val", "n_multi_train",
+                         "n_multi_val", "captions_per_image")),
+        *at_least(2, w, ("max_images",)), *at_least(3, w, ("grid",)), *at_least(3, m, ("context_length",)),
+        within(m, "momentum", 0, 1), within(m, "momentum_alpha", 0, 1), within(m, "text_mask_rate", 0, 1, True),
+        within(m, "patch_mask_rate", 0, 1, True), within(w, "web_noise", 0, 1), within(m, "drop_instruction", 0, 1),
+        within(m, "drop_images", 0, 1), within(m, "drop_relation", 0, 1),
+        (m.itc_temperature > 0, f"--itc_temperature={m.itc_temperature}: must be above 0"),
+        (len(m.image_mean) == len(m.image_std) == 3 and min(m.image_std) > 0,
+         f"--image_mean and --image_std take 3 numbers each (RGB), the std above 0; got {m.image_mean}, {m.image_std}"),
+        (not m.instruct or 3 <= m.answer_length < m.context_length,
+         f"--answer_length={m.answer_length}: must be at least 3 and below --context_length={m.context_length}"),
     ]
     checks += [] if not all(ok for ok, _ in checks) else [  # these divide by sizes checked above
         (m.image_size % m.patch_size == 0,
@@ -195,6 +226,8 @@ def validate(cfg, world_size=None):
     for ok, message in checks:
         if not ok:
             raise SystemExit(message)
+    if cfg.device != "auto":
+        checked_device(cfg.device)
     if m.prompt:
         try:
             prompt.parse_layers(m.dense_layers, m.vit_layers)

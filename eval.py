@@ -27,24 +27,13 @@ import torch
 import data
 import instruct
 import prompt
+from configurator import checked_device
 from model import VLM, VLMConfig
 
 
 def build_model(cfg):
     """The model of a VLMConfig: the instruct or the prompt stage's when the config says so."""
     return (instruct.InstructVLM if cfg.instruct else prompt.PromptVLM if cfg.prompt else VLM)(cfg)
-
-
-def checked_device(name):
-    """--device as a torch.device, or an error naming it: not a device name, or not one this machine has."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: --device {name!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
-    if device.type != "cpu" and not (torch.accelerator.is_available() and
-                                     torch.accelerator.current_accelerator().type == device.type):
-        raise SystemExit(f"error: --device {name}: this machine has no {device.type} device (--device cpu)")
-    return name
 
 
 def read_checkpoint(path, flag="--ckpt", device="cpu"):
@@ -56,7 +45,7 @@ def read_checkpoint(path, flag="--ckpt", device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # zip, pickle and struct errors, EOF: what torch.load raises for a bad file varies
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
         raise SystemExit(f"error: {flag}: {path} cannot be read as a checkpoint ({reason}): is it cut short, "
                          f"or another kind of file?") from None
     if not (isinstance(ckpt, dict) and {"model", "config", "tokenizer"} <= set(ckpt)):

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 import data
-from eval import checked_device, generate_captions, load_checkpoint
+from configurator import checked_device
+from eval import generate_captions, load_checkpoint
 from hf import HF_TOKENIZER_CLASSES, export_hf_clip, hf_tokenizer_files
 from prepare import load_image
 from prompt import PromptVLM

@@ -170,17 +170,19 @@ def load_data(cfg, rank, world_size):
     """The prepared dataset (the shapes world made on first use) and its codebook; rank 0 prepares, the others wait."""
     m = cfg.model
     path = cfg.data if cfg.data != "shapes" else data.world_dir(cfg.data_dir, cfg.world, m.image_size, m.context_length)
-    if rank == 0:
-        if cfg.data == "shapes":
-            data.prepare_world(cfg.data_dir, cfg.world, m.image_size, m.context_length)
-        if uses_electra(m) and cfg.stage in PRETRAINING:
-            prepare.prepare_codebook(path, m.patch_size, m.n_codes)
-    if world_size > 1:
-        wait_for_rank0()
     try:
+        if rank == 0:
+            if cfg.data == "shapes":
+                data.prepare_world(cfg.data_dir, cfg.world, m.image_size, m.context_length)
+            if uses_electra(m) and cfg.stage in PRETRAINING:
+                prepare.prepare_codebook(path, m.patch_size, m.n_codes)
+        if world_size > 1:
+            wait_for_rank0()
         return data.Dataset(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--data: {e}") from None
+    except (OSError, ValueError) as e:  # a path that is no dataset, a world the flags cannot make
+        where = f"--data {cfg.data}" if cfg.data != "shapes" else f"the shapes world (--data_dir={cfg.data_dir}, " \
+            f"--image_size={m.image_size}, --context_length={m.context_length})"
+        raise SystemExit(f"{where}: {e}") from None
 
 
 def fit_model_to_data(mcfg, ds):

@@ -10,6 +10,7 @@ from PIL import Image
 import data
 import eval as evaluation
 import sample
+import train
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +168,60 @@ def test_eval_py_bad_checkpoint_or_device(case, files, capsys):
 
 def test_eval_py_has_thirty_cases():
     assert len(EVAL_CASES) + len(CKPT_CASES) >= 30
+
+
+TRAIN_CASES = {  # train.py flags after --config tiny --data_dir=<the tiny world's> --max_iters=1
+    "dtype that does not exist": (["--dtype=float64"], ["--dtype", "float64"]),
+    "device that does not exist": (["--device=tpu"], ["--device", "tpu"]),
+    "device this machine lacks": (["--device=" + ("cuda" if not torch.cuda.is_available() else "mps")], ["--device"]),
+    "batch of 0": (["--batch_size=0"], ["--batch_size=0"]),
+    "negative learning rate": (["--lr=-1"], ["--lr=-1"]),
+    "image size not a multiple of the patch": (["--image_size=50"], ["--image_size=50", "--patch_size"]),
+    "width not divisible by the heads": (["--text_width=30", "--text_heads=4"], ["--text_width=30", "--text_heads=4"]),
+    "data that does not exist": (["--data={dir}/nope"], ["--data", "nope"]),
+    "data a file": (["--data={good.png}"], ["--data", "good.png"]),
+    "out_dir a file": (["--out_dir={good.png}"], ["--out_dir", "good.png"]),
+    "data_dir a file": (["--data_dir={good.png}"], ["--data_dir", "good.png"]),
+    "init_from cut short": (["--init_from={cut.pt}"], ["--init_from", "cut.pt", "cannot be read"]),
+    "init_from a foreign file": (["--init_from={foreign.pt}"], ["--init_from", "foreign.pt"]),
+    "init_from missing": (["--init_from={dir}/nope.pt"], ["--init_from", "nope.pt"]),
+    "init_from a folder of nothing": (["--init_from={empty_run}"], ["--init_from", "empty_run"]),
+    "resume with nothing to resume": (["--resume", "--out_dir={empty_run}"], ["--resume", "empty_run"]),
+    "unknown preset": (["--config", "huge"], ["'huge'"]),
+    "steps not a number": (["--max_iters=x"], ["--max_iters", "'x'"]),
+    "unknown stage": (["--stage=nope"], ["--stage", "'nope'"]),
+    "stage without a checkpoint": (["--stage=instruct"], ["--init_from"]),
+    "misspelt flag": (["--lrate=1"], ["--lrate", "--lr"]),
+    "not a flag": (["foo"], ["'foo'"]),
+    "flag without its value": (["--batch_size"], ["--batch_size needs a value"]),
+    "compile mode that does not exist": (["--compile=maybe"], ["--compile", "'maybe'"]),
+    "pass 1 deeper than the model": (["--pass1_layers=99"], ["--pass1_layers=99"]),
+    "context too short": (["--context_length=2"], ["--context_length=2"]),
+    "image mean of 2 values": (["--image_mean=0.5,0.5"], ["--image_mean"]),
+    "image std of 0": (["--image_std=0,0,0"], ["--image_std"]),
+    "temperature of 0": (["--itc_temperature=0"], ["--itc_temperature=0.0"]),
+    "momentum above 1": (["--momentum=2"], ["--momentum=2.0"]),
+    "mask rate of 1": (["--text_mask_rate=1"], ["--text_mask_rate=1.0"]),
+    "grid of 2": (["--grid=2"], ["--grid=2"]),
+    "world of no images": (["--n_train=0"], ["--n_train=0"]),
+    "web noise below 0": (["--web_noise=-0.1"], ["--web_noise=-0.1"]),
+    "split that does not exist": (["--train_split=nope"], ["--train_split", "'nope'"]),
+    "init_text without init_from": (["--init_text=gpt2"], ["--init_text"]),
+    "a class the data lacks": (["--stage=prompt", "--init_from={ckpt}", "--classes=unicorn"], ["'unicorn'"]),
+    "keep none of the tokens": (["--stage=instruct", "--init_from={ckpt}", "--keep_ratio=0"], ["--keep_ratio=0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_train_py_bad_input(case, files, tiny_world, capsys):
+    args, named = TRAIN_CASES[case]
+    base = ["--config", "tiny", f"--data_dir={os.path.dirname(tiny_world.path)}", "--max_iters=1",
+            f"--out_dir={files['dir']}/run"]
+    stops(capsys, train.main, [*base, *filled(args, files)], *filled(named, files))
+
+
+def test_train_py_has_thirty_cases_and_help(capsys):
+    assert len(TRAIN_CASES) >= 30
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--help"])
+    assert stop.value.code == 0 and "--batch_size" in capsys.readouterr().out
