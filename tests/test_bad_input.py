@@ -1,5 +1,6 @@
 """Bad input as a user gives it, per script: each case must stop with a non-zero exit, no traceback, and a
 message that names the input. Run in-process (each script's main(argv), catching SystemExit)."""
+import json
 import os
 
 import numpy as np
@@ -9,6 +10,7 @@ from PIL import Image
 
 import data
 import eval as evaluation
+import prepare
 import sample
 import train
 
@@ -225,3 +227,92 @@ def test_train_py_has_thirty_cases_and_help(capsys):
     with pytest.raises(SystemExit) as stop:
         train.main(["--help"])
     assert stop.value.code == 0 and "--batch_size" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def sources(files, tiny_world):
+    """Source files for prepare.py, good and bad, beside the files fixture's."""
+    d = files["dir"]
+    with open(f"{d}/coco.json", "w") as f:
+        json.dump({"images": [{"id": 1, "file_name": "good.png"}], "annotations": [{"image_id": 1, "caption": "a"}]}, f)
+    with open(f"{d}/no_images.json", "w") as f:
+        json.dump({"images": [{"id": 1, "file_name": "gone.png"}], "annotations": [{"image_id": 1, "caption": "a"}]}, f)
+    with open(f"{d}/list.json", "w") as f:
+        json.dump([1, 2], f)
+    with open(f"{d}/broken.json", "w") as f:
+        f.write("{not json")
+    with open(f"{d}/table.csv", "w") as f:
+        f.write("path,text\ngood.png,a circle\n")
+    with open(f"{d}/classes.txt", "w") as f:
+        f.write("background\nstar\n")
+    return {**files, "coco": f"{d}/coco.json", "no_images": f"{d}/no_images.json", "list": f"{d}/list.json",
+            "broken": f"{d}/broken.json", "table": f"{d}/table.csv", "classes": f"{d}/classes.txt",
+            "world": tiny_world.path}
+
+
+COMMON = ["--out", "{dir}/prepared", "--tokenizer", "{world}", "--image_size", "16", "--context_length", "24"]
+COCO = ["coco", "--captions", "{coco}", "--images", "{dir}", "--split", "train"]
+PREPARE_CASES = {  # prepare.py: argv (COMMON is added where a source takes it), what the message names
+    "tokenizer that does not exist": ([*COCO, *COMMON[:2], "--tokenizer", "{dir}/nope", *COMMON[4:]], ["nope"]),
+    "image size of 0": ([*COCO, *COMMON[:4], "--image_size", "0", "--context_length", "24"], ["--image_size"]),
+    "context of 2": ([*COCO, *COMMON[:6], "--context_length", "2"], ["--context_length"]),
+    "no workers": ([*COCO, *COMMON, "--workers", "0"], ["--workers"]),
+    "size not a number": ([*COCO, *COMMON[:4], "--image_size", "big", "--context_length", "24"], ["--image_size"]),
+    "unknown source": (["flickr", *COMMON], ["flickr"]),
+    "no source": ([], ["SOURCE"]),
+    "coco captions missing": (["coco", "--captions", "{dir}/nope.json", "--images", "{dir}", "--split", "train",
+                               *COMMON], ["nope.json"]),
+    "coco captions not JSON": (["coco", "--captions", "{broken}", "--images", "{dir}", "--split", "train", *COMMON],
+                               ["broken.json"]),
+    "coco captions not COCO": (["coco", "--captions", "{list}", "--images", "{dir}", "--split", "train", *COMMON],
+                               ["list.json", "COCO"]),
+    "coco images missing": (["coco", "--captions", "{coco}", "--images", "{dir}/nope", "--split", "train", *COMMON],
+                            ["nope"]),
+    "coco images a file": (["coco", "--captions", "{coco}", "--images", "{good.png}", "--split", "train", *COMMON],
+                           ["good.png"]),
+    "coco with every image gone": (["coco", "--captions", "{no_images}", "--images", "{dir}", "--split", "train",
+                                    *COMMON], ["no_images.json", "nothing usable"]),
+    "no caption slots": ([*COCO, *COMMON, "--captions_per_image", "0"], ["--captions_per_image"]),
+    "out a file": ([*COCO, *COMMON[:1], "{good.png}", *COMMON[2:]], ["good.png"]),
+    "karpathy file missing": (["karpathy", "--json", "{dir}/nope.json", "--images", "{dir}", *COMMON], ["nope.json"]),
+    "karpathy file of another shape": (["karpathy", "--json", "{list}", "--images", "{dir}", *COMMON], ["list.json"]),
+    "table missing": (["table", "--file", "{dir}/nope.csv", *COMMON], ["nope.csv"]),
+    "table without its columns": (["table", "--file", "{table}", "--image_column", "img", *COMMON], ["img"]),
+    "val and val_fraction both": (["table", "--file", "{table}", "--val", "{table}", "--val_fraction", "0.1", *COMMON],
+                                  ["--val_fraction"]),
+    "val_fraction of 1.5": (["table", "--file", "{table}", "--val_fraction", "1.5", *COMMON], ["--val_fraction"]),
+    "masks folder missing": (["masks", "--images", "{dir}", "--masks", "{dir}/nope", "--classes", "{classes}",
+                              *COMMON], ["nope"]),
+    "classes file missing": (["masks", "--images", "{dir}", "--masks", "{dir}", "--classes", "{dir}/nope.txt",
+                              *COMMON], ["nope.txt"]),
+    "val images without val masks": (["masks", "--images", "{dir}", "--masks", "{dir}", "--classes", "{classes}",
+                                      "--val_images", "{dir}", *COMMON], ["--val_images"]),
+    "multi file missing": (["multi", "--file", "{dir}/nope.json", *COMMON], ["nope.json"]),
+    "multi file not a list of sets": (["multi", "--file", "{coco}", *COMMON], ["coco.json"]),
+    "multi answer of 2 tokens": (["multi", "--file", "{list}", "--answer_length", "2", *COMMON], ["--answer_length"]),
+    "questions captions missing": (["questions", "--captions", "{dir}/nope.json", "--images", "{dir}", *COMMON],
+                                   ["nope.json"]),
+    "questions images missing": (["questions", "--captions", "{coco}", "--images", "{dir}/nope", *COMMON], ["nope"]),
+    "questions of one image": (["questions", "--captions", "{coco}", "--images", "{dir}", "--max_images", "1",
+                                *COMMON], ["--max_images"]),
+    "questions with no val": (["questions", "--captions", "{coco}", "--images", "{dir}", "--val_fraction", "0",
+                               *COMMON], ["--val_fraction"]),
+    "questions from too few captions": (["questions", "--captions", "{coco}", "--images", "{dir}", *COMMON],
+                                        ["multi_train", "question sets"]),
+    "webdataset shards that match nothing": (["webdataset", "--train", "{dir}/none-*.tar", "--val", "{dir}/v.tar",
+                                              *COMMON], ["none-*.tar"]),
+    "export of a missing dataset": (["export", "--data", "{dir}/nope", "--out", "{dir}/e"], ["nope"]),
+    "export of a split without captions": (["export", "--data", "{world}", "--split", "novel_train", "--out",
+                                            "{dir}/e"], ["novel_train"]),
+    "export over a folder": (["export", "--data", "{world}", "--out", "{dir}"], ["{dir}"]),
+}
+
+
+@pytest.mark.parametrize("case", list(PREPARE_CASES))
+def test_prepare_py_bad_input(case, sources, capsys):
+    args, named = PREPARE_CASES[case]
+    stops(capsys, prepare.main, filled(args, sources), *filled(named, sources))
+
+
+def test_prepare_py_has_thirty_cases():
+    assert len(PREPARE_CASES) >= 30
