@@ -19,6 +19,7 @@ The model runs on random data of the right shapes. What is measured, and the FLO
 import copy
 import functools
 import math
+import os
 import re
 import sys
 import time
@@ -649,6 +650,13 @@ def parse_bench_args(argv):
         raise SystemExit(f"unknown --mode {bench.mode!r}; modes: {', '.join(DEFAULT_STEPS)}")
     if bench.vs not in ("", "hf", "itc_lm") or (bench.vs and bench.mode != "train"):
         raise SystemExit(f"--vs takes hf or itc_lm, with --mode train (got --vs={bench.vs!r}, --mode={bench.mode})")
+    folder = os.path.dirname(os.path.abspath(bench.json)) if bench.json else "."
+    if not (bench.steps >= 0 and bench.warmup >= -1 and bench.new_tokens >= 1 and bench.n_images >= 1 and
+            bench.memory_gb > 0 and bench.peak_tflops >= 0):
+        raise SystemExit(f"--steps must be at least 0 (0: the mode's default), --warmup at least -1, --new_tokens and "
+                         f"--n_images at least 1, --memory_gb above 0, --peak_tflops at least 0; got {bench}")
+    if bench.json and (os.path.isdir(bench.json) or not os.path.isdir(folder)):
+        raise SystemExit(f"--json {bench.json}: give a file in a folder that exists")
     steps, warmup = DEFAULT_STEPS[bench.mode]
     bench.steps = bench.steps if bench.steps > 0 else steps
     bench.warmup = bench.warmup if bench.warmup >= 0 else warmup
@@ -668,6 +676,9 @@ def main(argv=None):
     cfg = train.apply_overrides(train.PRESETS[preset], overrides)
     if cfg.grad_accum != 1:
         raise SystemExit("bench.py times steps of one batch: set --batch_size, not --grad_accum")
+    configurator.validate(cfg)
+    if bench.mode == "instruct" and bench.n_images > cfg.model.image_slots:
+        raise SystemExit(f"--n_images={bench.n_images}: the model takes at most --image_slots={cfg.model.image_slots}")
     torch.manual_seed(cfg.seed)
     modes = {"train": bench_train, "loader": bench_loader, "generate": bench_generate, "memory": bench_memory,
              "instruct": bench_instruct}

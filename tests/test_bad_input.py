@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import bench
 import data
 import eval as evaluation
 import prepare
@@ -316,3 +317,39 @@ def test_prepare_py_bad_input(case, sources, capsys):
 
 def test_prepare_py_has_thirty_cases():
     assert len(PREPARE_CASES) >= 30
+
+
+BENCH_CASES = {  # bench.py's own flags, then train.py's flags as bench.py reads them (no data needed)
+    "unknown mode": (["--mode=fast"], ["--mode", "'fast'"]),
+    "unknown side by side": (["--vs=timm"], ["--vs=", "timm"]),
+    "side by side in another mode": (["--vs=hf", "--mode=memory"], ["--vs", "--mode=memory"]),
+    "steps not a number": (["--steps=x"], ["--steps", "'x'"]),
+    "negative steps": (["--steps=-2"], ["--steps"]),
+    "warmup below -1": (["--warmup=-5"], ["--warmup"]),
+    "no new tokens": (["--mode=generate", "--new_tokens=0"], ["--new_tokens"]),
+    "no images": (["--mode=instruct", "--n_images=0"], ["--n_images"]),
+    "more images than slots": (["--mode=instruct", "--n_images=9"], ["--n_images=9", "--image_slots"]),
+    "no memory": (["--mode=memory", "--memory_gb=0"], ["--memory_gb"]),
+    "negative peak": (["--peak_tflops=-1"], ["--peak_tflops"]),
+    "json into a missing folder": (["--json={dir}/no/b.json"], ["--json", "{dir}/no/b.json"]),
+    "json a folder": (["--json={dir}"], ["--json", "{dir}"]),
+    "a stage": (["--stage=instruct"], ["--stage"]),
+    "accumulation": (["--grad_accum=2"], ["--grad_accum"]),
+    "bench flag without its value": (["--steps"], ["--steps needs a value"]),
+}
+BENCH_CASES |= {f"train flag: {name}": case for name, case in TRAIN_CASES.items() if name in (
+    "dtype that does not exist", "device that does not exist", "device this machine lacks", "batch of 0",
+    "negative learning rate", "image size not a multiple of the patch", "width not divisible by the heads",
+    "unknown preset", "misspelt flag", "not a flag", "flag without its value", "compile mode that does not exist",
+    "context too short", "image mean of 2 values", "image std of 0", "temperature of 0", "momentum above 1",
+    "mask rate of 1")}
+
+
+@pytest.mark.parametrize("case", list(BENCH_CASES))
+def test_bench_py_bad_input(case, files, capsys):
+    args, named = BENCH_CASES[case]
+    stops(capsys, bench.main, ["--config", "tiny", *filled(args, files)], *filled(named, files))
+
+
+def test_bench_py_has_thirty_cases():
+    assert len(BENCH_CASES) >= 30
