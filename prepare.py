@@ -978,7 +978,8 @@ def multi_dataset(args, sets, report):
 
 NUMBER_WORDS = {w: n for n, w in enumerate("zero one two three four five six seven eight nine ten".split())
                 if n} | {"a": 1, "an": 1}
-OTHER_DETERMINERS = {"the", "some", "several", "many", "this", "that", "these", "those", "his", "her", "its", "their"}
+DETERMINERS = NUMBER_WORDS.keys() | {"the", "some", "several", "many", "this", "that", "these", "those", "his", "her",
+                                     "its", "their"}  # a noun phrase starts at one (or at a number)
 # words that end a noun phrase: prepositions, conjunctions, common verbs (and a word in -ing after a noun)
 PHRASE_ENDS = set("""of in on at with near next to by under above below behind beside beneath over for into onto
     from left right top bottom front and or while that who which is are was were has have sits sit stands stand
@@ -1004,24 +1005,27 @@ def plural(noun):
     return noun[:-1] + "ies" if noun.endswith("y") and noun[-2:-1] not in "aeiou" else noun + "s"
 
 
+def ends_phrase(words, j, start):
+    """Whether words[j] ends the noun phrase that words[start] begins."""
+    verb = words[j].endswith("ing") and j > start + 1 and words[j - 1] not in COLOUR_WORDS | SIZE_WORDS.keys()
+    return not words[j].isalpha() or words[j] in PHRASE_ENDS | DETERMINERS or verb  # 'a dog sitting', 'a red ring'
+
+
 def caption_objects(text):
     """The objects a caption names: [(count or None, size or None, colour or None, noun)], one per noun phrase
-    (a determiner or number word, then words up to a phrase end); a plain reader of English, no tagger."""
+    (a determiner or number, then words up to a phrase end); a plain reader of English, no tagger."""
     words = regex.findall(r"[a-z]+|\d+|[,.;:!?]", text.lower())
     objects, i = [], 0
     while i < len(words):
-        w = words[i]
-        if w not in NUMBER_WORDS and w not in OTHER_DETERMINERS and not w.isdigit():
+        if not (words[i] in DETERMINERS or words[i].isdigit()):
             i += 1
             continue
-        count = int(w) if w.isdigit() else NUMBER_WORDS.get(w)
+        count = int(words[i]) if words[i].isdigit() else NUMBER_WORDS.get(words[i])  # None: 'the', 'some', ...
         j = i + 1
-        while (j < len(words) and words[j].isalpha() and words[j] not in PHRASE_ENDS | NUMBER_WORDS.keys()
-               and words[j] not in OTHER_DETERMINERS and not (words[j].endswith("ing") and j > i + 1 and
-                                                              words[j - 1] not in COLOUR_WORDS | SIZE_WORDS.keys())):
-            j += 1  # a word in -ing after a noun is a verb ('a dog sitting'), not after a modifier ('a red ring')
+        while j < len(words) and not ends_phrase(words, j, i):
+            j += 1
         phrase, i = words[i + 1:j], j
-        if not phrase or phrase[-1] in FRAME_NOUNS or phrase[-1] in COLOUR_WORDS or phrase[-1] in SIZE_WORDS:
+        if not phrase or phrase[-1] in FRAME_NOUNS | COLOUR_WORDS | SIZE_WORDS.keys():
             continue
         noun = singular(phrase[-1]) if count is None or count > 1 else phrase[-1]
         size = next((SIZE_WORDS[x] for x in phrase[:-1] if x in SIZE_WORDS), None)
@@ -1031,7 +1035,8 @@ def caption_objects(text):
 
 
 def describe(obj):
-    return " ".join(x for x in obj[2:] if x)  # 'red circle', or 'dog'
+    """An object's colour and noun: 'red circle', or 'dog'."""
+    return " ".join(x for x in obj[2:] if x)
 
 
 def one_change_index(units):
