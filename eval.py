@@ -503,11 +503,13 @@ def markdown_table(rows, keys):
     return "\n".join(lines) + "\n"
 
 
+TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+
+
 def run_train(name, out, flags, log_dir=""):
     """Run `python train.py --out_dir=out *flags` as its own process; its eval.json with the wall time and
     the median samples/s of out/log_dir/log.jsonl. A run finished before with the same flags is kept (out/run.json)."""
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), f"--out_dir={out}",
-           *flags]
+    cmd = [sys.executable, TRAIN_PY, f"--out_dir={out}", *flags]
     record = os.path.join(out, "run.json")
     if os.path.exists(record) and read_json(record)["command"] == cmd[1:]:
         print(f"[{name}] finished before, kept", flush=True)
@@ -560,13 +562,12 @@ def run_ablation(args, train_args):
         flags = ["--config", args.config, stage, f"--eval_interval={10 ** 9}", *iters,
                  *[f"--{k}={v}" for k, v in table[name].items()], *train_args]
         return out, flags + ([] if seed is None else [f"--seed={seed}"])
-    import train  # here, as train.py imports this file
-    for name in names:  # every run's flags checked before the first one starts
-        for out, flags in (planned(name, s) for s in seeds):
-            try:
-                train.checked_config([f"--out_dir={out}", *flags])
-            except SystemExit as e:
-                raise SystemExit(f"error: ablation row {name}: {e.code}") from None
+    for name in names:  # each row's flags checked by train.py before the first run starts (seeds differ only by --seed)
+        out, flags = planned(name, seeds[0])
+        check = subprocess.run([sys.executable, TRAIN_PY, "--check", f"--out_dir={out}", *flags], capture_output=True,
+                               text=True)
+        if check.returncode != 0:
+            raise SystemExit(f"error: ablation row {name}: {(check.stderr.strip().splitlines() or ['?'])[-1]}")
     results, runs = {}, {}
     for name in names:
         runs[name] = [run_train(name if s is None else f"{name}, seed {s}", *planned(name, s),

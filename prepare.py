@@ -1222,7 +1222,7 @@ def parse_args(argv):
     p.add_argument("--val", help="a second such file for the val split")
     p.add_argument("--answer_length", type=int, default=8, help="the model's answer_length")
     p.add_argument("--max_images", type=int, default=4, help="the most images of a set (the model's image_slots)")
-    p = sub.add_parser("questions", parents=[common, held], help="multi-image question sets generated from the "
+    p = sub.add_parser("questions", parents=[common], help="multi-image question sets generated from the "
                        "captions of a COCO captions file alone (counting, comparison, change, order, ...)")
     p.add_argument("--captions", required=True, help="the COCO captions file")
     p.add_argument("--images", required=True, help="its image folder")
@@ -1231,7 +1231,8 @@ def parse_args(argv):
     p.add_argument("--answer_length", type=int, default=8, help="the model's answer_length")
     p.add_argument("--max_images", type=int, default=4, help="the most images of a set (the model's image_slots)")
     p.add_argument("--seed", type=int, default=0, help="the draws of images and questions")
-    p.set_defaults(val_fraction=0.1)
+    p.add_argument("--val_fraction", type=float, default=0.1, help="the images held out for the val sets (by a hash "
+                   "of each path); its own default: a parent's set_defaults would change every source's")
     p = sub.add_parser("export", help="a prepared dataset's captioned split (the shapes world's too) as a COCO folder")
     p.add_argument("--data", required=True, help="the prepared dataset directory")
     p.add_argument("--split", default="train", help="the captioned split")

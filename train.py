@@ -549,7 +549,11 @@ def checked_config(argv):
 
 
 def main(argv=None):
-    cfg, changes, overrides = checked_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--check"]:  # the flags checked, nothing run (the ablation runner's check of each row)
+        checked_config(argv[1:])
+        return print("flags ok")
+    cfg, changes, overrides = checked_config(argv)
     if cfg.stage == "prompt":
         return prompt.run(cfg, lambda run, name: sub_run(cfg, changes, overrides, run, name))
     if cfg.stage == "capfilt":

@@ -657,7 +657,7 @@ def test_question_sets_are_prepared_as_the_instruct_stage_reads_them(tmp_path, c
         {"images": [rel[0], rel[2], rel[3]], "question": "what changed", "answer": "the colour"},
         {"images": [rel[1], "pool/gone.png"], "question": "is it there", "answer": "no"},
         {"images": rel, "question": "too many", "answer": "yes"},
-        {"images": rel[:1], "question": "", "answer": "yes"},
+        {"images": rel[:1], "question": "", "answer": "yes"},  # kept: an instruction-free sample
         {"images": rel[:1], "question": "a question", "answer": "word " * 10},
         {"images": rel[:1], "question": "word " * 20, "answer": "yes"},
         {"images": [], "question": "none", "answer": "no"},
@@ -670,9 +670,9 @@ def test_question_sets_are_prepared_as_the_instruct_stage_reads_them(tmp_path, c
     prepare(clip_dir, "multi", "--file", write_json(tmp_path / "sets.json", sets), "--val",
             write_json(tmp_path / "val.json", val), "--answer_length", "8", "--max_images", "4", "--out", out)
     ds = data.Dataset(out)
-    assert ds.meta["kind"] == "multi" and ds.meta["splits"] == {"multi_train": 3, "multi_val": 1}
+    assert ds.meta["kind"] == "multi" and ds.meta["splits"] == {"multi_train": 4, "multi_val": 1}
     assert ds.meta["qtypes"] == ["count", "other", "which"]
-    for split, kept in (("multi_train", sets[:3]), ("multi_val", val)):
+    for split, kept in (("multi_train", sets[:3] + sets[5:6]), ("multi_val", val)):
         images, valid, question, answer = ds.multi_batch(split, np.arange(len(kept)))
         assert question.shape[1] == T and answer.shape[1] == 8
         for i, s in enumerate(kept):
@@ -687,6 +687,6 @@ def test_question_sets_are_prepared_as_the_instruct_stage_reads_them(tmp_path, c
             assert ds.meta["qtypes"][ds.array(split, "qtype")[i]] == s.get("type", "other")
     assert ds.array("multi_train", "images").shape[0] == 4  # p0..p3 once each (gone.png could not be read)
     report = read_report(out)
-    assert report["skipped"] == {"image not found": 1, "unusable image": 1, "too many images": 1, "empty question": 1,
+    assert report["skipped"] == {"image not found": 1, "unusable image": 1, "too many images": 1,
                                  "answer too long": 1, "question too long": 1, "images missing": 1, "answer missing": 1,
                                  "type not a string": 1, "set not an object": 1}
