@@ -161,7 +161,7 @@ def validate(cfg, world_size=None):
         *at_least(0, cfg, ("max_iters", "warmup_iters", "num_workers", "train_images", "lr", "min_lr",
                            "weight_decay", "grad_clip", "stop_loss", "rerank_k")),
         *at_least(1, m, ("image_size", "patch_size", "vit_width", "vit_layers", "vit_heads", "text_width",
-                         "text_layers", "text_heads", "embed_dim", "mlp_ratio", "context_length", "gen_heads",
+                         "text_layers", "text_heads", "embed_dim", "mlp_ratio", "gen_heads",
                          "n_queries", "n_codes", "queue_size")),
         *at_least(0, m, ("vit_mlp_width", "text_mlp_width")),
         *at_least(1, w, ("n_train", "n_val", "n_test", "n_web", "n_novel_train", "n_novel_val", "n_multi_train",

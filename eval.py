@@ -62,7 +62,7 @@ def checkpoint_file(path):
 def is_checkpoint(path):
     """Whether a path names a train.py checkpoint (a file, a .pt path, a run directory holding ckpt.pt), not a
     Hugging Face CLIP (a save_pretrained directory or a hub name)."""
-    return os.path.isfile(path) or path.endswith(".pt") or os.path.isfile(os.path.join(path, "ckpt.pt"))
+    return os.path.isfile(checkpoint_file(path)) or path.endswith(".pt")
 
 
 def load_checkpoint(path, device="cpu", flag="--ckpt"):
@@ -599,7 +599,7 @@ def run_ablation(args, train_args):
     write_text(args.table, text)
 
 
-# CapFilt experiment: (step, flags, init_from, the step whose cleaned set it pretrains on, the steps its pipeline needs).
+# CapFilt experiment: (step, flags, init_from, the step whose cleaned set it pretrains on, the steps its pipeline needs)
 # As BLIP: pretraining on the clean images plus the web captions as they are (noisy) against the clean images plus
 # the bootstrapped web (cleaned); the captioner and the filter are fine-tuned from the noisy model
 _KEEP_ALL = ["--stage=capfilt", "--capfilt_synthetic=false", "--capfilt_tune=none", "--capfilt_threshold=0"]

@@ -240,7 +240,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.zeros(w))
         self.positional_embedding = nn.Parameter(torch.zeros(self.n_patches + 1, w))
         self.ln_pre = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
-        self.blocks = nn.ModuleList(Block(w, cfg.vit_heads, cfg, cfg.activation, cfg.vit_mlp_width)
+        self.blocks = nn.ModuleList(Block(w, cfg.vit_heads, cfg, cfg.activation, mlp_widths(cfg)[0])
                                     for _ in range(cfg.vit_layers))
         self.ln_post = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
         self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
@@ -272,7 +272,7 @@ class TextTransformer(nn.Module):
         w = cfg.text_width
         self.token_embedding = nn.Embedding(cfg.vocab_size, w)
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length, w))
-        self.blocks = nn.ModuleList(Block(w, cfg.text_heads, cfg, text_activation(cfg), cfg.text_mlp_width)
+        self.blocks = nn.ModuleList(Block(w, cfg.text_heads, cfg, text_activation(cfg), mlp_widths(cfg)[1])
                                     for _ in range(cfg.text_layers))
         self.ln_final = nn.LayerNorm(w, eps=cfg.layer_norm_eps)
         self.text_projection = nn.Linear(w, cfg.embed_dim, bias=False)

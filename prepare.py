@@ -1217,22 +1217,22 @@ def parse_args(argv):
     p.add_argument("--val_images", help="an image folder for the val split")
     p.add_argument("--val_masks", help="its mask folder")
     p.add_argument("--void", type=int, help="a mask value made background (PASCAL VOC marks object borders 255)")
-    p = sub.add_parser("multi", parents=[common, held], help="multi-image question sets for the instruct stage")
+    asked = argparse.ArgumentParser(add_help=False)  # the sizes of question sets, made or read
+    asked.add_argument("--answer_length", type=int, default=8, help="the model's answer_length")
+    asked.add_argument("--max_images", type=int, default=4, help="the most images of a set (the model's image_slots)")
+    p = sub.add_parser("multi", parents=[common, held, asked], help="multi-image question sets for the instruct stage")
     p.add_argument("--file", required=True, help='a JSON list of {"images": [paths], "question", "answer", "type"}')
     p.add_argument("--val", help="a second such file for the val split")
-    p.add_argument("--answer_length", type=int, default=8, help="the model's answer_length")
-    p.add_argument("--max_images", type=int, default=4, help="the most images of a set (the model's image_slots)")
-    p = sub.add_parser("questions", parents=[common], help="multi-image question sets generated from the "
+    p = sub.add_parser("questions", parents=[common, asked], help="multi-image question sets generated from the "
                        "captions of a COCO captions file alone (counting, comparison, change, order, ...)")
     p.add_argument("--captions", required=True, help="the COCO captions file")
     p.add_argument("--images", required=True, help="its image folder")
     p.add_argument("--sets", type=int, default=4000, help="question sets of multi_train")
     p.add_argument("--val_sets", type=int, default=500, help="question sets of multi_val (the held-out images)")
-    p.add_argument("--answer_length", type=int, default=8, help="the model's answer_length")
-    p.add_argument("--max_images", type=int, default=4, help="the most images of a set (the model's image_slots)")
     p.add_argument("--seed", type=int, default=0, help="the draws of images and questions")
+    # its own --val_fraction, not held's: set_defaults on a parent's argument changes it for every source
     p.add_argument("--val_fraction", type=float, default=0.1, help="the images held out for the val sets (by a hash "
-                   "of each path); its own default: a parent's set_defaults would change every source's")
+                   "of each path)")
     p = sub.add_parser("export", help="a prepared dataset's captioned split (the shapes world's too) as a COCO folder")
     p.add_argument("--data", required=True, help="the prepared dataset directory")
     p.add_argument("--split", default="train", help="the captioned split")

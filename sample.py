@@ -129,6 +129,9 @@ def main(argv=None):
         rest = template.replace("{}", "", 1)
         if "{}" not in template or "{" in rest or "}" in rest:
             cl.error(f"--template {template!r}: a template holds {{}} once, where the label goes, and no other braces")
+    folder = os.path.dirname(os.path.abspath(args.out)) if args.command == "detect" and args.out else ""
+    if folder and not os.path.isdir(folder):
+        det.error(f"--out {args.out}: the folder {folder} does not exist")
 
     model, tokenizer, ckpt = load_checkpoint(args.ckpt, checked_device(args.device))
     if args.command == "export":
@@ -153,9 +156,7 @@ def main(argv=None):
             raise SystemExit("error: name the classes to detect: --classes NAME [NAME ...]")
         image = load_images([args.image], model.cfg.image_size)[0]
         classmap, boxes = detect(model, tokenizer, image, classes, args.device)
-        out = args.out or os.path.splitext(args.image)[0] + ".detect.png"
-        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-            raise SystemExit(f"error: --out {out}: the folder {os.path.dirname(os.path.abspath(out))} does not exist")
+        out = args.out or os.path.splitext(args.image)[0] + ".detect.png"  # beside the image, which was read
         data.write_file(out, lambda f: draw_detections(image, classmap, boxes, classes).save(f, format="PNG"))
         for name, x0, y0, x1, y1, s in boxes:
             print(f"{name:16s} box ({x0}, {y0}, {x1}, {y1})  score {s:.3f}")
