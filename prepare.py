@@ -988,6 +988,9 @@ FRAME_NOUNS = {"photo", "picture", "image", "view", "photograph", "shot", "close
 COLOUR_WORDS = set(data.COLOUR_NAMES) | {"black", "grey", "gray", "brown", "pink", "magenta", "silver", "gold"}
 SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large", "huge": "large"}
 GEN_QTYPES = ("count", "most", "largest", "which", "change", "order", "free")
+# words that lay objects out along an axis: (axis, whether the caption names them from the far end)
+LAYOUT_WORDS = {w: k for table in (data.RELATIONS, data.DIRECTIONS) for k, w in table.items()} | {
+    "under": (2, True), "beneath": (2, True), "on top of": (2, False)}
 
 
 def singular(noun):
@@ -1034,28 +1037,53 @@ def caption_objects(text):
     return objects
 
 
+def caption_layout(text):
+    """(axis, the objects in order along it) where a caption of two or more single objects holds one layout
+    phrase ('a red ring left of a blue cross', 'from right to left: ...'), else None."""
+    found = [k for w, k in LAYOUT_WORDS.items() if regex.search(rf"\b{w}\b", text.lower())]
+    objects = caption_objects(text)
+    if len(found) != 1 or len(objects) < 2 or any(o[0] != 1 for o in objects):
+        return None
+    axis, reverse = found[0]
+    return axis, tuple(objects[::-1] if reverse else objects)
+
+
 def describe(obj):
     """An object's colour and noun: 'red circle', or 'dog'."""
     return " ".join(x for x in obj[2:] if x)
 
 
-def one_change_index(units):
-    """{(the other objects, two of size/colour/noun): {the third: [images]}} for colour and noun changes;
-    units {image: sorted (size, colour, noun) of each object}."""
-    index = {"colour": {}, "shape": {}}
+def change_partners(units, layouts):
+    """{kind: {image: [images whose objects differ from its in just that]}} for each of data.CHANGES: colour,
+    shape, position (the same objects, another layout), removed and added (one object fewer, one more);
+    units {image: sorted (size, colour, noun) of each object}, layouts {image: caption_layout or None}."""
+    index = {"colour": {}, "shape": {}, "position": {}, "whole": {}}
     for i, u in units.items():
-        for j in range(len(u)):
-            if j and u[j] == u[j - 1]:
-                continue
-            rest, (size, colour, noun) = u[:j] + u[j + 1:], u[j]
-            index["colour"].setdefault((rest, size, noun), {}).setdefault(colour, []).append(i)
-            index["shape"].setdefault((rest, size, colour), {}).setdefault(noun, []).append(i)
-    return index
+        index["whole"].setdefault(u, []).append(i)
+        if layouts.get(i):
+            index["position"].setdefault(u, {}).setdefault(layouts[i], []).append(i)
+        for j, (size, colour, noun) in enumerate(u):
+            index["colour"].setdefault((u[:j] + u[j + 1:], size, noun), {}).setdefault(colour, []).append(i)
+            index["shape"].setdefault((u[:j] + u[j + 1:], size, colour), {}).setdefault(noun, []).append(i)
+    found = {kind: {} for kind in data.CHANGES}
+    for i, u in units.items():
+        if layouts.get(i):
+            found["position"][i] = [k for at, ks in index["position"][u].items() if at != layouts[i] for k in ks]
+        for j, (size, colour, noun) in enumerate(u):
+            rest = u[:j] + u[j + 1:]
+            found["removed"].setdefault(i, []).extend(index["whole"].get(rest, []))
+            for kind, key, mine in (("colour", (rest, size, noun), colour), ("shape", (rest, size, colour), noun)):
+                group = index[kind][key].items() if mine else ()  # an unnamed colour cannot be said to change
+                found[kind].setdefault(i, []).extend(k for value, ks in group if value and value != mine for k in ks)
+    for i, ks in found["removed"].items():  # k has one object fewer than i: i has one more than k
+        for k in ks:
+            found["added"].setdefault(k, []).append(i)
+    return {kind: {i: sorted(set(ks)) for i, ks in found[kind].items() if ks} for kind in data.CHANGES}
 
 
-def question_sets(images, n_sets, max_images, fits, rng, report, split, give_up=200):
-    """n_sets [(image indices, question, answer, type)] over images [([captions], objects)], the GEN_QTYPES in
-    turn; every answer is read from the captions. A draw the captions cannot answer, or that fits(question, answer)
+def question_sets(images, n_sets, max_images, fits, rng, report, split, types=GEN_QTYPES, give_up=200):
+    """n_sets [(image indices, question, answer, type)] over images [([captions], objects)], the types in turn;
+    every answer is read from the captions. A draw the captions cannot answer, or that fits(question, answer)
     refuses, is skipped and counted; a type with give_up such draws in a row is dropped."""
     counted = [i for i, (_, objs) in enumerate(images) if objs and all(o[0] for o in objs)]  # every count known
     units = {i: tuple(sorted((o[1] or "", o[2] or "", o[3]) for o in images[i][1] for _ in range(o[0])))
@@ -1063,33 +1091,17 @@ def question_sets(images, n_sets, max_images, fits, rng, report, split, give_up=
     small = [i for i in counted if all(x[0] == "small" for x in units[i])]
     large = [i for i in counted if all(x[0] for x in units[i]) and any(x[0] == "large" for x in units[i])]
     named = [i for i, (_, objs) in enumerate(images) if objs]
-    fewer = {}  # an image's objects -> the images with just those: one object added to them gives another image
-    for i, u in units.items():
-        fewer.setdefault(u, []).append(i)
-    changed = one_change_index(units)
-    out, alive, misses = [], list(GEN_QTYPES), Counter()
+    partners = change_partners(units, {i: caption_layout(images[i][0][0]) for i in counted})
+    changes = {kind: list(p) for kind, p in partners.items() if p}  # the kinds these captions can show, each's images
+    out, alive, misses = [], list(types), Counter()
 
     def pick(pool, k):
         return [int(x) for x in rng.choice(pool, k, replace=False)] if len(pool) >= k else None
 
-    def change(i):
-        """Two images whose captions differ in one thing, and what: colour, shape, added or removed."""
-        u = units[i]
-        j = int(rng.integers(len(u)))
-        rest, (size, colour, noun) = u[:j] + u[j + 1:], u[j]
-        kind = ("colour", "shape", "added", "removed")[int(rng.integers(4))]
-        if kind in ("added", "removed"):
-            k = pick(fewer.get(rest, []), 1)
-            return k and ((k + [i] if kind == "added" else [i] + k), kind)
-        mine = colour if kind == "colour" else noun
-        group = changed[kind].get((rest, size, noun) if kind == "colour" else (rest, size, colour), {})
-        others = [k for value, ks in group.items() if value != mine and value and mine for k in ks]
-        return others and ([i, int(rng.choice(others))], kind)
-
     while len(out) < n_sets and alive:
         qtype = alive[len(out) % len(alive)]
         K = int(rng.integers(2, max_images + 1))
-        made = None
+        ids = made = None  # the images drawn (None: too few to draw from) and the question and answer
         if qtype == "count" and (ids := pick(counted, K)):
             objs = [o for i in ids for o in images[i][1]]
             o = objs[int(rng.integers(len(objs)))]
@@ -1101,16 +1113,18 @@ def question_sets(images, n_sets, max_images, fits, rng, report, split, give_up=
             totals = [len(units[i]) for i in ids]
             if totals.count(max(totals)) == 1:
                 made = "which image has the most objects?", f"image {totals.index(max(totals)) + 1}"
-        elif qtype == "largest" and (big := pick(large, 1)) and (rest := pick(small, K - 1)):
+        elif qtype == "largest" and (ids := pick(large, 1)) and (rest := pick(small, K - 1)):
             at = int(rng.integers(K))
-            ids, made = rest[:at] + big + rest[at:], ("which image has the largest object?", f"image {at + 1}")
+            ids, made = rest[:at] + ids + rest[at:], ("which image has the largest object?", f"image {at + 1}")
         elif qtype == "which" and (ids := pick(named, K)):
             at = int(rng.integers(K))
             o = images[ids[at]][1][int(rng.integers(len(images[ids[at]][1])))]
             if not any(x[3] == o[3] for i in ids[:at] + ids[at + 1:] for x in images[i][1]):
                 made = f"which image shows the {describe(o)}?", f"image {at + 1}"
-        elif qtype == "change" and (first := pick(counted, 1)) and (pair := change(first[0])):
-            ids, made = pair[0], ("what changed between the two images?", pair[1])
+        elif qtype == "change" and changes:  # each kind the captions can show as often, whatever its images
+            kind = list(changes)[int(rng.integers(len(changes)))]
+            i = int(rng.choice(changes[kind]))
+            ids, made = [i, int(rng.choice(partners[kind][i]))], ("what changed between the two images?", kind)
         elif qtype == "order" and (ids := pick(named, K)):
             a, b = (int(x) for x in rng.choice(K, 2, replace=False))
             oa, ob = (images[ids[k]][1][int(rng.integers(len(images[ids[k]][1])))] for k in (a, b))
@@ -1147,7 +1161,7 @@ def generated_sets(args, report):
         mine = [(path, captions) for path, captions in items if captions and
                 held_out(os.path.relpath(path, args.images), args.val_fraction) == (split == "multi_val")]
         made = question_sets([(cs, caption_objects(cs[0])) for _, cs in mine], n, args.max_images, fits, rng, report,
-                             split)
+                             split, args.types)
         sets[split] = [([mine[i][0] for i in ids], q, a, t) for ids, q, a, t in made]
     return sets
 
@@ -1230,6 +1244,8 @@ def parse_args(argv):
     p.add_argument("--sets", type=int, default=4000, help="question sets of multi_train")
     p.add_argument("--val_sets", type=int, default=500, help="question sets of multi_val (the held-out images)")
     p.add_argument("--seed", type=int, default=0, help="the draws of images and questions")
+    p.add_argument("--types", type=lambda s: tuple(s.split(",")), default=GEN_QTYPES,
+                   help=f"the question types, comma-separated, made in turn (default: all, {','.join(GEN_QTYPES)})")
     # its own --val_fraction, not held's: set_defaults on a parent's argument changes it for every source
     p.add_argument("--val_fraction", type=float, default=0.1, help="the images held out for the val sets (by a hash "
                    "of each path)")
@@ -1264,6 +1280,8 @@ def parse_args(argv):
                                            args.val_fraction > 0):
         error("--max_images must be at least 2 (a set compares images), --sets and --val_sets at least 1, "
               "--val_fraction above 0 (the val sets' images)")
+    if args.source == "questions" and not (args.types and set(args.types) <= set(GEN_QTYPES)):
+        error(f"--types {','.join(args.types)}: each must be one of {', '.join(GEN_QTYPES)}")
     return args
 
 

@@ -70,6 +70,8 @@ def world_answer(qtype, question, records):
         return "yes" if at[0] < at[1] else "no"
     assert qtype == "change" and len(records) == 2
     before, after = Counter(records[0]), Counter(records[1])
+    if before == after:  # the same objects: only their places can differ
+        return "position"
     if sum(after.values()) != sum(before.values()):
         return "added" if sum(after.values()) > sum(before.values()) else "removed"
     (x,), (y,) = before - after, after - before  # exactly one object differs
@@ -113,8 +115,8 @@ def test_every_generated_answer_is_what_the_scene_records_say(tiny_world, export
     report = prepare.Report()
     sets = prepare.generated_sets(args, report)
     objects = tiny_world.array("train", "objects")
-    records = lambda path: [tuple(int(v) for v in o[:3]) for o in objects[int(os.path.basename(path)[:6])]  # noqa
-                            if o[0] >= 0]
+    rows = lambda path: [tuple(int(v) for v in o) for o in objects[int(os.path.basename(path)[:6])] if o[0] >= 0]  # noqa
+    records = lambda path: [o[:3] for o in rows(path)]  # noqa: E731
     train_images = {p for s in sets["multi_train"] for p in s[0]}
     assert not train_images & {p for s in sets["multi_val"] for p in s[0]}  # val sets use held-out images only
     assert len(sets["multi_train"]) == 300 and len(sets["multi_val"]) == 40
@@ -127,6 +129,57 @@ def test_every_generated_answer_is_what_the_scene_records_say(tiny_world, export
         else:
             assert 2 <= len(paths) <= 4 and len(set(paths)) == len(paths)
             assert answer == world_answer(qtype, question, [records(p) for p in paths]), (qtype, question)
+            if answer == "position":  # and the places did differ: some object has no twin at the same box
+                assert sorted(rows(paths[0])) != sorted(rows(paths[1]))
+    assert {a for *_, a, t in sets["multi_train"] if t == "change"} <= set(data.CHANGES)
+
+
+@pytest.mark.parametrize("caption, layout", [
+    ("a small purple diamond above a large cyan cross",
+     (2, ((1, "small", "purple", "diamond"), (1, "large", "cyan", "cross")))),
+    ("a large red ring right of a small blue cross", (1, ((1, "small", "blue", "cross"), (1, "large", "red", "ring")))),
+    ("from right to left: a red ring, a blue cross and a cat",
+     (1, ((1, None, None, "cat"), (1, None, "blue", "cross"), (1, None, "red", "ring")))),
+    ("a cat beneath a table", (2, ((1, None, None, "table"), (1, None, None, "cat")))),
+    ("a small white ring", None),  # one object: no layout
+    ("two dogs left of a cat", None),  # which dog?
+    ("a dog under a table left of a cat", None),  # two layout phrases
+])
+def test_caption_layout_names_the_objects_along_their_axis(caption, layout):
+    assert prepare.caption_layout(caption) == layout
+
+
+def test_change_pairs_differ_in_the_one_thing_their_answer_names():
+    """Hand-written captions: every kind of change is made, each pair's objects differ in just what it names."""
+    captions = ["a red ring left of a blue cross", "a red ring above a blue cross", "a blue cross left of a red ring",
+                "a green ring left of a blue cross", "a red star left of a blue cross", "a red ring",
+                "a red ring, a blue cross and a moon from left to right", "a small red ring left of a blue cross"]
+    images = [([c], prepare.caption_objects(c)) for c in captions]
+    fits = lambda q, a: True  # noqa: E731
+    made = prepare.question_sets(images, 400, 2, fits, np.random.default_rng(0), prepare.Report(), "t", ("change",))
+    assert {a for *_, a, _ in made} == set(data.CHANGES)
+    for (i, k), _, answer, _ in made:
+        a, b = (Counter(o[1:] for o in images[x][1]) for x in (i, k))
+        if answer == "position":
+            assert a == b and prepare.caption_layout(captions[i]) != prepare.caption_layout(captions[k])
+        elif answer in ("added", "removed"):
+            small, big = (a, b) if answer == "added" else (b, a)
+            assert big.total() == small.total() + 1 and not small - big
+        else:
+            (x,), (y,) = a - b, b - a
+            field = 1 if answer == "colour" else 2  # (size, colour, noun): only that one differs
+            assert [f for f in range(3) if x[f] != y[f]] == [field]
+    assert all(7 not in ids for ids, *_ in made)  # 'small' names a size: no other caption differs from it in one
+
+
+def test_types_chooses_the_question_types(tiny_world, exported, tmp_path, capsys):
+    args = prepare.parse_args(question_args(tiny_world, exported, tmp_path / "q", "--types", "most,change"))
+    args.tokenizer = prepare.load_tokenizer(args.tokenizer)
+    sets = prepare.generated_sets(args, prepare.Report())
+    assert [t for *_, t in sets["multi_train"]] == ["most", "change"] * 150
+    with pytest.raises(SystemExit):
+        prepare.parse_args(question_args(tiny_world, exported, tmp_path / "q", "--types", "most,colour"))
+    assert "--types most,colour: each must be one of count, most" in capsys.readouterr().err
 
 
 def test_generated_sets_prepare_and_train_the_instruct_stage(tiny_world, exported, tiny_run, tmp_path, world_root):
