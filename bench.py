@@ -6,6 +6,7 @@ loading, captioning with and without the KV cache, and the memory of a step.
     python bench.py --config base --batch_size=8 --steps=5   # any train.py flag applies
     python bench.py --config small --vs hf                # the ITC step: ours against transformers.CLIPModel
     python bench.py --config small --vs itc_lm            # every objective against ITC + captioning, one run
+    python bench.py --config small --vs ITC+LM+ELECTRA,ITC+LM+MLM+MOC   # any two ablation rows of eval.py
     python bench.py --config small --mode loader          # pretraining batches from the shapes world (--num_workers=N)
     python bench.py --config small --mode generate        # caption tokens/s, KV cache on and off
     python bench.py --config base --mode memory --vocab_size=49408   # a step's peak memory; the largest batch that fits
@@ -47,7 +48,8 @@ from parallel import checkpoint_blocks, compile_mode, compile_model
 class BenchConfig:
     mode: str = "train"  # 'train' (the pretraining step), 'loader', 'generate' (captioning), 'memory' or 'instruct'
     memory_gb: float = 80.0  # memory: the accelerator's memory in GB (1e9 bytes); a step fits with 15% to spare
-    vs: str = ""  # mode train, side by side: 'hf' (ITC against transformers.CLIPModel), 'itc_lm' (against ITC+LM)
+    vs: str = ""  # mode train, side by side: 'hf' (ITC against transformers.CLIPModel), 'itc_lm' (the preset
+    # against ITC+LM) or two ablation rows 'ROW,ROW' (eval.py's ABLATION_ROWS)
     steps: int = 0  # timed steps (generate: timed calls of each kind); 0: the mode's default
     warmup: int = -1  # untimed steps first; -1: the mode's default
     new_tokens: int = 64  # generate: tokens per caption, exactly
@@ -404,25 +406,34 @@ def bench_vs_hf(cfg, bench):
     return out
 
 
-def bench_vs_itc_lm(cfg, bench):
-    """The preset's pretraining step against the ITC and captioning step of the same model, timed in
-    alternating blocks: what the other objectives cost."""
+def vs_rows(vs):
+    """{key: ablation row} of a --vs naming two rows ('ROW,ROW'; 'all' is the preset), or of 'itc_lm'."""
+    return {"all": "all", "itc_lm": "ITC+LM"} if vs == "itc_lm" else {row: row for row in vs.split(",")}
+
+
+def bench_vs_rows(cfg, bench):
+    """The pretraining steps of two ablation rows of the same model (the preset's against ITC+LM by default),
+    timed in alternating blocks: what the one's objectives cost against the other's."""
     device, device_type, dtype, ctx, compiled = runtime(cfg)
-    configs = {"all": bench_model_config(cfg.model), "itc_lm": bench_model_config(cfg.model, **ABLATION_ROWS["ITC+LM"])}
+    rows = vs_rows(bench.vs)
     steps, flops = {}, {}
-    for name, mcfg in configs.items():
+    for name, row in rows.items():
+        mcfg = bench_model_config(cfg.model, **ABLATION_ROWS[row])
         steps[name] = pretrain_step(cfg, mcfg, device, device_type, ctx, compiled)[1]
         flops[name] = pretrain_flops(mcfg, cfg.batch_size)
     each, rates, n, blocks, why = alternate(steps, flops, cfg, bench, device_type)
     out = {k: v for name in steps for k, v in [*each[name].items(), (f"{name}_flops_per_step", flops[name])]}
-    out["cost_ratio"] = out["itc_lm_samples_per_s"] / out["all_samples_per_s"]
-    rows = [(label, f"{out[name + '_samples_per_s']:8.4g} samples/s  {out[name + '_step_ms']:8.1f} ms/step  "
-                    f"{flops[name] / 1e9:6.2f} GFLOP/step  {out[name + '_tflops'] * 1e3:6.1f} GFLOP/s  "
-                    f"blocks {min(rates[name]):.4g}..{max(rates[name]):.4g}  MFU {fmt_mfu(out[name + '_mfu'], why)}")
-            for name, label in (("all", "the preset's objectives"), ("itc_lm", "ITC + captioning"))]
-    rows.append(("cost ratio", f"{out['cost_ratio']:.2f} (ITC+LM samples/s over the preset's)"))
-    print_table(f"pretraining step against ITC+LM | {device} {dtype} compile {compiled} | batch {cfg.batch_size}, "
-                f"{n} steps each in {blocks} alternating blocks after {bench.warmup} warm-up", rows)
+    first, second = rows
+    out["cost_ratio"] = out[f"{second}_samples_per_s"] / out[f"{first}_samples_per_s"]
+    table = [(f"{row} ({name})" if name != row else row,
+              f"{out[name + '_samples_per_s']:8.4g} samples/s  {out[name + '_step_ms']:8.1f} ms/step  "
+              f"{flops[name] / 1e9:6.2f} GFLOP/step  {out[name + '_tflops'] * 1e3:6.1f} GFLOP/s  "
+              f"blocks {min(rates[name]):.4g}..{max(rates[name]):.4g}  MFU {fmt_mfu(out[name + '_mfu'], why)}")
+             for name, row in rows.items()]
+    table.append(("cost ratio", f"{out['cost_ratio']:.2f} ({rows[second]} samples/s over {rows[first]}'s)"))
+    print_table(f"pretraining step, {rows[first]} against {rows[second]} | {device} {dtype} compile {compiled} | "
+                f"batch {cfg.batch_size}, {n} steps each in {blocks} alternating blocks after {bench.warmup} warm-up",
+                table)
     return out
 
 
@@ -648,8 +659,11 @@ def parse_bench_args(argv):
     bench = BenchConfig(**values)
     if bench.mode not in DEFAULT_STEPS:
         raise SystemExit(f"unknown --mode {bench.mode!r}; modes: {', '.join(DEFAULT_STEPS)}")
-    if bench.vs not in ("", "hf", "itc_lm") or (bench.vs and bench.mode != "train"):
-        raise SystemExit(f"--vs takes hf or itc_lm, with --mode train (got --vs={bench.vs!r}, --mode={bench.mode})")
+    rows = set(vs_rows(bench.vs).values())
+    two_rows = len(rows) == 2 and rows <= ABLATION_ROWS.keys()
+    if bench.vs and (bench.mode != "train" or bench.vs != "hf" and not two_rows):
+        raise SystemExit(f"--vs takes hf, itc_lm or two ablation rows ROW,ROW ({', '.join(ABLATION_ROWS)}), with "
+                         f"--mode train (got --vs={bench.vs!r}, --mode={bench.mode})")
     folder = os.path.dirname(os.path.abspath(bench.json)) if bench.json else "."
     if not (bench.steps >= 0 and bench.warmup >= -1 and bench.new_tokens >= 1 and bench.n_images >= 1 and
             bench.memory_gb > 0 and bench.peak_tflops >= 0):
@@ -682,7 +696,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     modes = {"train": bench_train, "loader": bench_loader, "generate": bench_generate, "memory": bench_memory,
              "instruct": bench_instruct}
-    run = {"hf": bench_vs_hf, "itc_lm": bench_vs_itc_lm}.get(bench.vs, modes[bench.mode])
+    run = bench_vs_hf if bench.vs == "hf" else bench_vs_rows if bench.vs else modes[bench.mode]
     t0 = time.time()
     out = run(cfg, bench)
     out.update(config=preset, mode=bench.mode + (f"_vs_{bench.vs}" if bench.vs else ""), batch_size=cfg.batch_size,

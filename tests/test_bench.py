@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 from conftest import ROOT
-from eval import OBJECTIVES_OFF
+from eval import ABLATION_ROWS, OBJECTIVES_OFF
 from hf import load_into, state_from_hf_clip
 from model import VLM, VLMConfig
 from parallel import checkpoint_blocks
@@ -168,6 +168,20 @@ def test_vs_itc_lm_times_both_steps_and_their_ratio():
     itc_lm = bench.bench_model_config(tiny, **{**OBJECTIVES_OFF, "itc_weight": 1.0, "caption_weight": 1.0})
     assert out["itc_lm_flops_per_step"] == bench.pretrain_flops(itc_lm, 4) < out["all_flops_per_step"]
     assert out["cost_ratio"] == pytest.approx(out["itc_lm_samples_per_s"] / out["all_samples_per_s"])
+
+
+def test_vs_two_ablation_rows_times_each_row_step():
+    out = bench.main(["--config", "tiny", "--vs", "ITC+LM+ELECTRA,ITC+LM+MLM+MOC", "--steps=2", "--warmup=0",
+                      "--batch_size=4"])
+    tiny = bench.train.PRESETS["tiny"].model
+    for row in ("ITC+LM+ELECTRA", "ITC+LM+MLM+MOC"):
+        flops = bench.pretrain_flops(bench.bench_model_config(tiny, **ABLATION_ROWS[row]), 4)
+        assert out[f"{row}_flops_per_step"] == flops
+    assert out["ITC+LM+MLM+MOC_flops_per_step"] < out["ITC+LM+ELECTRA_flops_per_step"]  # no discriminator
+    assert out["cost_ratio"] == pytest.approx(out["ITC+LM+MLM+MOC_samples_per_s"] / out["ITC+LM+ELECTRA_samples_per_s"])
+    for vs in ("ITC+LM", "ITC,ITC+LM,all", "ITC,nothing"):
+        with pytest.raises(SystemExit, match="--vs takes hf, itc_lm or two ablation rows"):
+            bench.main(["--config", "tiny", "--vs", vs])
 
 
 def test_generate_mode_cached_equals_uncached_with_exactly_new_tokens(capsys):

@@ -115,7 +115,8 @@ def test_every_generated_answer_is_what_the_scene_records_say(tiny_world, export
     report = prepare.Report()
     sets = prepare.generated_sets(args, report)
     objects = tiny_world.array("train", "objects")
-    rows = lambda path: [tuple(int(v) for v in o) for o in objects[int(os.path.basename(path)[:6])] if o[0] >= 0]  # noqa
+    rows = lambda path: [tuple(int(v) for v in o) for o in objects[int(os.path.basename(path)[:6])]  # noqa: E731
+                         if o[0] >= 0]
     records = lambda path: [o[:3] for o in rows(path)]  # noqa: E731
     train_images = {p for s in sets["multi_train"] for p in s[0]}
     assert not train_images & {p for s in sets["multi_val"] for p in s[0]}  # val sets use held-out images only
