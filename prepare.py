@@ -1053,10 +1053,20 @@ def describe(obj):
     return " ".join(x for x in obj[2:] if x)
 
 
+def kept_layout(a, b, before, after):
+    """Whether layout a with one object `before` made `after` (None: removed) is layout b: the objects that
+    did not change stay in their order along the same axis. Unknown layouts (None) agree with any."""
+    if not a or not b:
+        return True
+    return a[0] == b[0] and any(o == before and a[1][:n] + ((after,) if after else ()) + a[1][n + 1:] == b[1]
+                                for n, o in enumerate(a[1]))
+
+
 def change_partners(units, layouts):
     """{kind: {image: [images whose objects differ from its in just that]}} for each of data.CHANGES: colour,
-    shape, position (the same objects, another layout), removed and added (one object fewer, one more);
-    units {image: sorted (size, colour, noun) of each object}, layouts {image: caption_layout or None}."""
+    shape, position (the same objects, another layout), removed and added (one object fewer, one more), the
+    other objects kept in their layout; units {image: sorted (size, colour, noun) of each object}, layouts
+    {image: (axis, those objects in order along it), or None}."""
     index = {"colour": {}, "shape": {}, "position": {}, "whole": {}}
     for i, u in units.items():
         index["whole"].setdefault(u, []).append(i)
@@ -1067,14 +1077,18 @@ def change_partners(units, layouts):
             index["shape"].setdefault((u[:j] + u[j + 1:], size, colour), {}).setdefault(noun, []).append(i)
     found = {kind: {} for kind in data.CHANGES}
     for i, u in units.items():
-        if layouts.get(i):
-            found["position"][i] = [k for at, ks in index["position"][u].items() if at != layouts[i] for k in ks]
+        mine = layouts.get(i)
+        if mine:
+            found["position"][i] = [k for at, ks in index["position"][u].items() if at != mine for k in ks]
         for j, (size, colour, noun) in enumerate(u):
             rest = u[:j] + u[j + 1:]
-            found["removed"].setdefault(i, []).extend(index["whole"].get(rest, []))
-            for kind, key, mine in (("colour", (rest, size, noun), colour), ("shape", (rest, size, colour), noun)):
-                group = index[kind][key].items() if mine else ()  # an unnamed colour cannot be said to change
-                found[kind].setdefault(i, []).extend(k for value, ks in group if value and value != mine for k in ks)
+            found["removed"].setdefault(i, []).extend(k for k in index["whole"].get(rest, [])
+                                                      if kept_layout(mine, layouts.get(k), u[j], None))
+            for kind, key, was in (("colour", (rest, size, noun), colour), ("shape", (rest, size, colour), noun)):
+                group = index[kind][key].items() if was else ()  # an unnamed colour cannot be said to change
+                now = lambda value: (size, value, noun) if kind == "colour" else (size, colour, value)  # noqa: E731
+                found[kind].setdefault(i, []).extend(k for value, ks in group if value and value != was for k in ks
+                                                     if kept_layout(mine, layouts.get(k), u[j], now(value)))
     for i, ks in found["removed"].items():  # k has one object fewer than i: i has one more than k
         for k in ks:
             found["added"].setdefault(k, []).append(i)
@@ -1091,7 +1105,9 @@ def question_sets(images, n_sets, max_images, fits, rng, report, split, types=GE
     small = [i for i in counted if all(x[0] == "small" for x in units[i])]
     large = [i for i in counted if all(x[0] for x in units[i]) and any(x[0] == "large" for x in units[i])]
     named = [i for i, (_, objs) in enumerate(images) if objs]
-    partners = change_partners(units, {i: caption_layout(images[i][0][0]) for i in counted})
+    layouts = {i: caption_layout(images[i][0][0]) for i in counted}
+    partners = change_partners(units, {i: (at[0], tuple((o[1] or "", o[2] or "", o[3]) for o in at[1]))
+                                       for i, at in layouts.items() if at})
     changes = {kind: list(p) for kind, p in partners.items() if p}  # the kinds these captions can show, each's images
     out, alive, misses = [], list(types), Counter()
 

@@ -171,6 +171,22 @@ def test_change_pairs_differ_in_the_one_thing_their_answer_names():
             field = 1 if answer == "colour" else 2  # (size, colour, noun): only that one differs
             assert [f for f in range(3) if x[f] != y[f]] == [field]
     assert all(7 not in ids for ids, *_ in made)  # 'small' names a size: no other caption differs from it in one
+    pairs = {tuple(ids): answer for ids, _, answer, _ in made}
+    assert (pairs[(0, 3)], pairs[(0, 6)], pairs[(6, 0)], pairs[(1, 5)]) == ("colour", "added", "removed", "removed")
+    # the objects that stay keep their layout: 'above' against 'left of' is a second change
+    assert not {(1, 3), (1, 4), (1, 6), (2, 3)} & {tuple(sorted(ids)) for ids in pairs}
+
+
+@pytest.mark.parametrize("a, b, before, after, kept", [
+    ((1, ("r", "b")), (1, ("g", "b")), "r", "g", True),
+    ((1, ("r", "b")), (2, ("g", "b")), "r", "g", False),  # another axis
+    ((1, ("r", "b")), (1, ("b", "g")), "r", "g", False),  # another order
+    ((1, ("r", "b", "m")), (1, ("r", "m")), "b", None, True),  # removed, the rest in order
+    ((1, ("r", "b", "m")), (1, ("m", "r")), "b", None, False),
+    (None, (1, ("m", "r")), "b", None, True),  # an unknown layout agrees with any
+])
+def test_kept_layout(a, b, before, after, kept):
+    assert prepare.kept_layout(a, b, before, after) == kept
 
 
 def test_types_chooses_the_question_types(tiny_world, exported, tmp_path, capsys):
