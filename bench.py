@@ -412,7 +412,7 @@ def vs_rows(vs):
 
 
 def bench_vs_rows(cfg, bench):
-    """The pretraining steps of two ablation rows of the same model (the preset's against ITC+LM by default),
+    """The pretraining steps of two ablation rows of the same model (itc_lm: the preset's against ITC+LM),
     timed in alternating blocks: what the one's objectives cost against the other's."""
     device, device_type, dtype, ctx, compiled = runtime(cfg)
     rows = vs_rows(bench.vs)
