@@ -1048,6 +1048,11 @@ def caption_layout(text):
     return axis, tuple(objects[::-1] if reverse else objects)
 
 
+def unit(obj):
+    """One object of caption_objects as (size, colour, noun), '' for a word the caption leaves out."""
+    return obj[1] or "", obj[2] or "", obj[3]
+
+
 def describe(obj):
     """An object's colour and noun: 'red circle', or 'dog'."""
     return " ".join(x for x in obj[2:] if x)
@@ -1062,33 +1067,36 @@ def kept_layout(a, b, before, after):
                                 for n, o in enumerate(a[1]))
 
 
+CHANGED_FIELD = {"colour": 1, "shape": 2}  # which of (size, colour, noun) a colour or shape change changes
+
+
 def change_partners(units, layouts):
     """{kind: {image: [images whose objects differ from its in just that]}} for each of data.CHANGES: colour,
     shape, position (the same objects, another layout), removed and added (one object fewer, one more), the
-    other objects kept in their layout; units {image: sorted (size, colour, noun) of each object}, layouts
-    {image: (axis, those objects in order along it), or None}."""
+    other objects kept in their layout; units {image: sorted unit of each object}, layouts {image: (axis, those
+    units in order along it), or None}."""
     index = {"colour": {}, "shape": {}, "position": {}, "whole": {}}
     for i, u in units.items():
         index["whole"].setdefault(u, []).append(i)
         if layouts.get(i):
             index["position"].setdefault(u, {}).setdefault(layouts[i], []).append(i)
-        for j, (size, colour, noun) in enumerate(u):
-            index["colour"].setdefault((u[:j] + u[j + 1:], size, noun), {}).setdefault(colour, []).append(i)
-            index["shape"].setdefault((u[:j] + u[j + 1:], size, colour), {}).setdefault(noun, []).append(i)
+        for j, obj in enumerate(u):
+            for kind, f in CHANGED_FIELD.items():  # keyed by the other objects and this one's other two fields
+                index[kind].setdefault((u[:j] + u[j + 1:], obj[:f] + obj[f + 1:]), {}).setdefault(obj[f], []).append(i)
     found = {kind: {} for kind in data.CHANGES}
     for i, u in units.items():
         mine = layouts.get(i)
         if mine:
             found["position"][i] = [k for at, ks in index["position"][u].items() if at != mine for k in ks]
-        for j, (size, colour, noun) in enumerate(u):
+        for j, obj in enumerate(u):
             rest = u[:j] + u[j + 1:]
             found["removed"].setdefault(i, []).extend(k for k in index["whole"].get(rest, [])
-                                                      if kept_layout(mine, layouts.get(k), u[j], None))
-            for kind, key, was in (("colour", (rest, size, noun), colour), ("shape", (rest, size, colour), noun)):
-                group = index[kind][key].items() if was else ()  # an unnamed colour cannot be said to change
-                now = lambda value: (size, value, noun) if kind == "colour" else (size, colour, value)  # noqa: E731
-                found[kind].setdefault(i, []).extend(k for value, ks in group if value and value != was for k in ks
-                                                     if kept_layout(mine, layouts.get(k), u[j], now(value)))
+                                                      if kept_layout(mine, layouts.get(k), obj, None))
+            for kind, f in CHANGED_FIELD.items():
+                group = index[kind][rest, obj[:f] + obj[f + 1:]].items() if obj[f] else ()  # unnamed: no change
+                found[kind].setdefault(i, []).extend(
+                    k for value, ks in group if value and value != obj[f] for k in ks
+                    if kept_layout(mine, layouts.get(k), obj, obj[:f] + (value,) + obj[f + 1:]))
     for i, ks in found["removed"].items():  # k has one object fewer than i: i has one more than k
         for k in ks:
             found["added"].setdefault(k, []).append(i)
@@ -1100,14 +1108,12 @@ def question_sets(images, n_sets, max_images, fits, rng, report, split, types=GE
     every answer is read from the captions. A draw the captions cannot answer, or that fits(question, answer)
     refuses, is skipped and counted; a type with give_up such draws in a row is dropped."""
     counted = [i for i, (_, objs) in enumerate(images) if objs and all(o[0] for o in objs)]  # every count known
-    units = {i: tuple(sorted((o[1] or "", o[2] or "", o[3]) for o in images[i][1] for _ in range(o[0])))
-             for i in counted}
+    units = {i: tuple(sorted(unit(o) for o in images[i][1] for _ in range(o[0]))) for i in counted}
     small = [i for i in counted if all(x[0] == "small" for x in units[i])]
     large = [i for i in counted if all(x[0] for x in units[i]) and any(x[0] == "large" for x in units[i])]
     named = [i for i, (_, objs) in enumerate(images) if objs]
     layouts = {i: caption_layout(images[i][0][0]) for i in counted}
-    partners = change_partners(units, {i: (at[0], tuple((o[1] or "", o[2] or "", o[3]) for o in at[1]))
-                                       for i, at in layouts.items() if at})
+    partners = change_partners(units, {i: (at[0], tuple(map(unit, at[1]))) for i, at in layouts.items() if at})
     changes = {kind: list(p) for kind, p in partners.items() if p}  # the kinds these captions can show, each's images
     out, alive, misses = [], list(types), Counter()
 
