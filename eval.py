@@ -626,9 +626,14 @@ CAPFILT_STEPS = [
 def run_capfilt_experiment(args, train_args, command, iters):
     """The CapFilt experiment (CAPFILT_STEPS, results/capfilt.md), each step a train.py process in
     ablation_dir/<step>; resumes from ablation_dir/experiment.json. Writes a Markdown table and the filter's reports."""
-    if args.rows or args.seeds or args.data or args.train_split != "train":
-        raise SystemExit("--stage=capfilt runs its own steps on their own data: --rows, --seeds, --data and "
+    if args.seeds or args.data or args.train_split != "train":
+        raise SystemExit("--stage=capfilt runs its own steps on their own data: --seeds, --data and "
                          "--train_split do not apply (give --seed=S and an --ablation_dir per seed)")
+    steps = {name: needs for name, *_, needs in CAPFILT_STEPS}
+    asked = args.rows.split(",") if args.rows else list(steps)
+    if any(r not in steps for r in asked):
+        raise SystemExit(f"--rows={args.rows}: the CapFilt experiment's steps are {', '.join(steps)}")
+    wanted = {n for r in asked for n in [*steps[r], r]}  # each step asked for and the steps its model needs
     fixed = [f for f in train_args
              if f.split("=")[0] in ("--out_dir", "--data", "--init_from", "--capfilt_data", "--stage")]
     if fixed:
@@ -640,6 +645,8 @@ def run_capfilt_experiment(args, train_args, command, iters):
                          f"give another --ablation_dir, or remove it")
     capfilt = [name for name, flags, *_ in CAPFILT_STEPS if "--stage=capfilt" in flags]
     for name, flags, init, cleaned, _ in CAPFILT_STEPS:
+        if name not in wanted:
+            continue
         if name in done:
             print(f"[{name}] finished before, kept")
             continue
@@ -653,25 +660,27 @@ def run_capfilt_experiment(args, train_args, command, iters):
         write_json(state_file, done)
     write_json(state_file, done)  # with the command, also when every step was kept
     rows = {name: {**done[name], "pipeline_wall_time_s": sum(done[n]["wall_time_s"] for n in [*needs, name])}
-            for name, _, _, _, needs in CAPFILT_STEPS if name not in capfilt}
+            for name, _, _, _, needs in CAPFILT_STEPS if name in wanted and name not in capfilt}
     keys = ["retrieval_i2t_r1", "retrieval_t2i_r1", "caption_parse_acc", "heldout_retrieval_i2t_r1",
             "heldout_retrieval_t2i_r1", "heldout_caption_parse_acc", "step", "wall_time_s", "pipeline_wall_time_s"]
-    # report.json keeps the counts as integers
-    reports = {n: read_json(os.path.join(args.ablation_dir, n, "report.json")) for n in capfilt}
-    report_keys = [k for k in reports["capfilt"]
-                   if k.startswith(("images_", "own_", "synthetic_", "corrupted", "wrong_"))]
     text = (f"CapFilt experiment: `{command}`. Val split, and the test images with held-out colour-shape pairs "
             f"(`heldout_`). A pipeline's wall time sums the steps its model needed (filter-only's counts the whole "
-            f"capfilt step, though it reuses only its filter):\n\n" + markdown_table(rows, keys)
-            + f"\nThe filter on the {int(done['capfilt']['images'])} images of the web split (wall time: the step's, "
-            f"the captioner's and the filter's fine-tuning included):\n\n"
-            + markdown_table({n: {**reports[n], "wall_time_s": done[n]["wall_time_s"]} for n in capfilt},
-                             report_keys + ["wall_time_s"]))
+            f"capfilt step, though it reuses only its filter):\n\n" + markdown_table(rows, keys))
+    filters = [n for n in capfilt if n in wanted]
+    if filters:  # report.json keeps the counts as integers
+        reports = {n: read_json(os.path.join(args.ablation_dir, n, "report.json")) for n in filters}
+        report_keys = [k for k in dict.fromkeys(k for r in reports.values() for k in r)
+                       if k.startswith(("images_", "own_", "synthetic_", "corrupted", "wrong_"))]
+        text += (f"\nThe filter on the {int(done[filters[0]]['images'])} images of the web split (wall time: the "
+                 f"step's, the captioner's and the filter's fine-tuning included):\n\n"
+                 + markdown_table({n: {**reports[n], "wall_time_s": done[n]["wall_time_s"]} for n in filters},
+                                  report_keys + ["wall_time_s"]))
     write_text(args.table, text)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --seed=S goes to train.py, not to --seeds
     parser.add_argument("--ckpt", default="out/ckpt.pt")
     parser.add_argument("--data", help="prepared dataset directory (default: the checkpoint's)")
     parser.add_argument("--out", help="where to write the metrics (default: eval.json beside the checkpoint)")
@@ -685,7 +694,9 @@ def main(argv=None):
                          "(give --init_from=PATH); capfilt: the CapFilt experiment (run_capfilt_experiment)")
     ab.add_argument("--rows", default="", help=f"comma-separated subset of: {', '.join(ABLATION_ROWS)}; "
                                                f"with --stage instruct: {', '.join(INSTRUCT_ROWS)}; "
-                                               f"with --stage prompt: {', '.join(PROMPT_ROWS)}")
+                                               f"with --stage prompt: {', '.join(PROMPT_ROWS)}; with --stage "
+                                               f"capfilt, the steps to run (and those they need): "
+                                               f"{', '.join(s[0] for s in CAPFILT_STEPS)}")
     ab.add_argument("--config", default="small")
     ab.add_argument("--train_split", default="train", help="'train' (clean) or 'web' (noisy captions)")
     ab.add_argument("--max_iters", type=int, default=0, help="steps per row (default: the preset's)")

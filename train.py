@@ -72,6 +72,7 @@ class TrainConfig:
     shot_seeds: int = 3  # the stage runs samples shot_seed.. of them (out_dir/seed<k>); out_dir/eval.json: mean and std
     stop_loss: float = 0.0  # stop as soon as the training loss is under this (0: run max_iters steps)
     augment: bool = True  # shift by whole patches, mirror and permute the colour channels of the shots
+    zero_shot: bool = True  # also evaluate with no prompts (the same for every sample: run on the first alone)
     # data
     flip: bool = False  # pretraining: mirror half the images, 'left' and 'right' swapped in their captions
     batch_size: int = 128  # per rank and micro-step

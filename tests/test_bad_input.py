@@ -147,7 +147,9 @@ EVAL_CASES = {  # eval.py: evaluation and the ablation runner (no run starts: ev
     "a train flag that does not exist": (["--ablation", "--rows", "ITC", "--lrate=1"], ["--lrate"]),
     "a train value that cannot work": (["--ablation", "--rows", "ITC", "--lr=-1"], ["--lr=-1"]),
     "a train value of another type": (["--ablation", "--rows", "ITC", "--batch_size=big"], ["--batch_size", "big"]),
-    "capfilt with rows": (["--ablation", "--stage=capfilt", "--rows", "ITC"], ["--rows"]),
+    "capfilt with a row that is no step": (["--ablation", "--stage=capfilt", "--rows", "ITC"], ["--rows=ITC", "cleaned"]),
+    # --seed=S is train.py's flag, not an abbreviation of --seeds: the runner gets as far as the rows
+    "capfilt with a seed and a bad step": (["--ablation", "--stage=capfilt", "--seed=3", "--rows=nope"], ["--rows=nope"]),
     "capfilt with seeds": (["--ablation", "--stage=capfilt", "--seeds=1,2"], ["--seeds"]),
     "capfilt with its own out_dir": (["--ablation", "--stage=capfilt", "--out_dir=x"], ["--out_dir"]),
     "ablation_dir a file": (["--ablation", "--rows", "ITC", "--ablation_dir", "{good.png}"], ["--ablation_dir"]),

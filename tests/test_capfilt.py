@@ -230,10 +230,18 @@ def test_capfilt_experiment_runs_every_step_and_resumes(tmp_path, world_root, ti
     cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--ablation", "--stage=capfilt", "--config", "tiny",
            "--max_iters=20", f"--ablation_dir={tmp_path}", f"--table={tmp_path / 'capfilt.md'}", f"--data_dir={world_root}",
            "--capfilt_threshold=0.1"]
+    # --rows: a step and the steps its model needs, no more; the whole experiment then keeps them
+    part = subprocess.run([*cmd, "--rows=cleaned"], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert list(json.load(open(tmp_path / "experiment.json"))) == ["command", "web", "noisy-set", "noisy", "capfilt",
+                                                                    "cleaned"]
+    assert [line.split(" | ")[0] for line in open(tmp_path / "capfilt.md") if line.startswith("| ")] == [
+        "| config", "| web", "| noisy", "| cleaned", "| config", "| noisy-set", "| capfilt"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("finished before, kept") == 5
     done = json.load(open(tmp_path / "experiment.json"))
-    assert list(done) == ["command", *(step[0] for step in CAPFILT_STEPS)]
+    assert sorted(done) == sorted(["command", *(step[0] for step in CAPFILT_STEPS)])  # every step, once
     for name in ("web", "noisy", "cleaned", "clean"):
         assert done[name]["step"] == 20
     assert done["noisy-finetune"]["step"] == train.STAGE_PRESETS["finetune"]["tiny"]["max_iters"]

@@ -251,6 +251,9 @@ def test_prompt_stage_trains_only_prompts_and_leaves_the_backbone_bit_identical(
     values = [json.load(open(os.path.join(out, f"seed{k}", "eval.json")))["miou"] for k in range(2)]
     assert result["miou"] == pytest.approx(np.mean(values))
     assert result["miou_std"] == pytest.approx(np.std(values, ddof=1))
+    zero = [json.load(open(os.path.join(out, f"seed{k}", "eval.json"))).get("zeroshot_miou") for k in range(2)]
+    assert zero[0] is not None and zero[1] is None  # no prompts: the same for every sample, evaluated once
+    assert result["zeroshot_miou"] == zero[0] and result["zeroshot_miou_std"] == 0
 
 
 def test_prompt_stage_resume_keeps_finished_samples(prompt_run, world_root):
