@@ -580,7 +580,8 @@ def run_ablation(args, train_args):
     keys = [k for k in dict.fromkeys(k for m in results.values() for k in m)
             if k not in ("step", "train_time_s", *timing)]
     steps = ", ".join(sorted({str(r.get("step")) for rs in runs.values() for r in rs}))
-    text = (f"Ablation: `{command}`; {steps} steps per row, " + ("the same seed" if len(seeds) == 1 else
+    shown = " ".join([command, *[f"--{k}={v}" for k, v in (("rows", args.rows), ("seeds", args.seeds)) if v]])
+    text = (f"Ablation: `{shown}`; {steps} steps per row, " + ("the same seed" if len(seeds) == 1 else
             f"seeds {args.seeds}: the mean ± standard deviation (ddof 1) over them") + ".\n\n")
     if args.stage == "prompt":  # zero-shot (no prompts, nothing trained) as a row of its own
         zero = {k.removeprefix("zeroshot_"): v for k, v in first.items() if k.startswith("zeroshot_")}

@@ -488,9 +488,10 @@ def train(cfg, ckpt=None, init=None):
             logger.log(step=step, lr=lr, alpha=alpha, samples_per_s=speed, time_s=time.time() - t_start, **values)
             pbar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.1e}", samples_s=f"{speed:.0f}")
     pbar.close()
+    train_time = time.time() - t_start  # the steps alone, not the evaluation below
     metrics = run_eval(show_captions=pretrain) if master or cfg.fsdp else None
     if master:
-        metrics.update(step=step, train_time_s=time.time() - t_start, **extra)
+        metrics.update(step=step, train_time_s=train_time, **extra)
         write_json(os.path.join(cfg.out_dir, "eval.json"), metrics)
         logger.log(kind="eval", **metrics)
         for k, v in metrics.items():

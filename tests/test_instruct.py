@@ -336,6 +336,8 @@ def test_instruct_ablation_runner_writes_its_table(tiny_run, world_root, tmp_pat
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = table.read_text().splitlines()
+    assert lines[0].startswith("Ablation: `python eval.py --ablation --stage=instruct --config tiny --max_iters=3 ")
+    assert "--rows=one-pass,keep-0.25 --seeds=1,2`; 3 steps per row, seeds 1,2: the mean" in lines[0]
     header = next(line for line in lines if line.startswith("| config"))
     cols = [c.strip() for c in header.strip("|").split("|")]
     assert {"instruct_acc", "instruct_acc_count", "instruct_acc_no_images", "instruct_pass2_gflops",
