@@ -540,8 +540,9 @@ def run_ablation(args, train_args):
     iters = [f"--max_iters={args.max_iters}"] if args.max_iters else []
     # written above the table; the CapFilt experiment resumes only under the same command
     command = " ".join(["python eval.py --ablation", stage, "--config", args.config, *iters, *train_args])
+    shown = " ".join([command, *[f"--{k}={v}" for k, v in (("rows", args.rows), ("seeds", args.seeds)) if v]])
     if args.stage == "capfilt":
-        return run_capfilt_experiment(args, train_args, command, iters)
+        return run_capfilt_experiment(args, train_args, command, iters, shown)
     table = {"instruct": INSTRUCT_ROWS, "prompt": PROMPT_ROWS}.get(args.stage, ABLATION_ROWS)
     names = args.rows.split(",") if args.rows else list(table)
     unknown = [n for n in names if n not in table]
@@ -580,7 +581,6 @@ def run_ablation(args, train_args):
     keys = [k for k in dict.fromkeys(k for m in results.values() for k in m)
             if k not in ("step", "train_time_s", *timing)]
     steps = ", ".join(sorted({str(r.get("step")) for rs in runs.values() for r in rs}))
-    shown = " ".join([command, *[f"--{k}={v}" for k, v in (("rows", args.rows), ("seeds", args.seeds)) if v]])
     text = (f"Ablation: `{shown}`; {steps} steps per row, " + ("the same seed" if len(seeds) == 1 else
             f"seeds {args.seeds}: the mean ± standard deviation (ddof 1) over them") + ".\n\n")
     if args.stage == "prompt":  # zero-shot (no prompts, nothing trained) as a row of its own
@@ -624,9 +624,10 @@ CAPFILT_STEPS = [
 ]
 
 
-def run_capfilt_experiment(args, train_args, command, iters):
+def run_capfilt_experiment(args, train_args, command, iters, shown):
     """The CapFilt experiment (CAPFILT_STEPS, results/capfilt.md), each step a train.py process in
-    ablation_dir/<step>; resumes from ablation_dir/experiment.json. Writes a Markdown table and the filter's reports."""
+    ablation_dir/<step>; resumes from ablation_dir/experiment.json under the same command (shown: with --rows,
+    the table's). Writes a Markdown table and the filter's reports."""
     if args.seeds or args.data or args.train_split != "train":
         raise SystemExit("--stage=capfilt runs its own steps on their own data: --seeds, --data and "
                          "--train_split do not apply (give --seed=S and an --ablation_dir per seed)")
@@ -664,7 +665,7 @@ def run_capfilt_experiment(args, train_args, command, iters):
             for name, _, _, _, needs in CAPFILT_STEPS if name in wanted and name not in capfilt}
     keys = ["retrieval_i2t_r1", "retrieval_t2i_r1", "caption_parse_acc", "heldout_retrieval_i2t_r1",
             "heldout_retrieval_t2i_r1", "heldout_caption_parse_acc", "step", "wall_time_s", "pipeline_wall_time_s"]
-    text = (f"CapFilt experiment: `{command}`. Val split, and the test images with held-out colour-shape pairs "
+    text = (f"CapFilt experiment: `{shown}`. Val split, and the test images with held-out colour-shape pairs "
             f"(`heldout_`). A pipeline's wall time sums the steps its model needed (filter-only's counts the whole "
             f"capfilt step, though it reuses only its filter):\n\n" + markdown_table(rows, keys))
     filters = [n for n in capfilt if n in wanted]

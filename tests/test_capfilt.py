@@ -237,6 +237,7 @@ def test_capfilt_experiment_runs_every_step_and_resumes(tmp_path, world_root, ti
                                                                     "cleaned"]
     assert [line.split(" | ")[0] for line in open(tmp_path / "capfilt.md") if line.startswith("| ")] == [
         "| config", "| web", "| noisy", "| cleaned", "| config", "| noisy-set", "| capfilt"]
+    assert "--capfilt_threshold=0.1 --rows=cleaned`. Val split" in open(tmp_path / "capfilt.md").read()
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("finished before, kept") == 5
@@ -252,6 +253,7 @@ def test_capfilt_experiment_runs_every_step_and_resumes(tmp_path, world_root, ti
     assert torch.load(tmp_path / "capfilt" / "filter" / "ckpt.pt", weights_only=True)["config"]["init_from"].endswith(
         os.path.join("noisy", "ckpt.pt"))
     table = open(tmp_path / "capfilt.md").read()
+    assert "--capfilt_threshold=0.1`. Val split" in table  # the whole experiment: no --rows in its header
     row = next(line for line in table.splitlines() if line.startswith("| cleaned-finetune |"))
     pipeline = sum(done[n]["wall_time_s"] for n in ("web", "noisy-set", "noisy", "capfilt", "cleaned",
                                                     "cleaned-finetune"))
