@@ -221,10 +221,15 @@ class PromptVLM(VLM):
 
 
 def setup(cfg, ds):
-    """The stage's classes: --classes, else the dataset's novel ones."""
+    """The stage's classes: --classes, else the dataset's novel ones; each class's text must fit the context."""
     cfg.classes = cfg.classes or ",".join(ds.meta.get("novel_classes") or ds.meta.get("novel_shapes", []))
     if not cfg.classes:
         raise SystemExit(f"--stage prompt: {ds.path} names no novel classes; give --classes=a,b,...")
+    try:
+        class_rows(ds, cfg)
+    except ValueError as e:  # <bos> template name <eos> longer than the context
+        raise SystemExit(f"--prompt_init={cfg.model.prompt_init!r} with a class name: {e}; give a shorter "
+                         f"template or a longer --context_length") from None
 
 
 def start(model, cfg, run_eval):

@@ -213,6 +213,8 @@ TRAIN_CASES = {  # train.py flags after --config tiny --data_dir=<the tiny world
     "split that does not exist": (["--train_split=nope"], ["--train_split", "'nope'"]),
     "init_text without init_from": (["--init_text=gpt2"], ["--init_text"]),
     "a class the data lacks": (["--stage=prompt", "--init_from={ckpt}", "--classes=unicorn"], ["'unicorn'"]),
+    "a template too long for the context": (["--stage=prompt", "--init_from={ckpt}", "--prompt_init=" + "a " * 40],
+                                            ["--prompt_init", "background", "--context_length"]),
     "keep none of the tokens": (["--stage=instruct", "--init_from={ckpt}", "--keep_ratio=0"], ["--keep_ratio=0"]),
 }
 
