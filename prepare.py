@@ -23,7 +23,7 @@ import tarfile
 import time
 import warnings
 from collections import Counter, namedtuple
-from functools import cache, partial
+from functools import partial
 
 import numpy as np
 import regex
@@ -1103,11 +1103,10 @@ def change_partners(units, layouts):
     return {kind: {i: sorted(set(ks)) for i, ks in found[kind].items() if ks} for kind in data.CHANGES}
 
 
-def question_sets(images, n_sets, max_images, fits, rng, report, split, types=GEN_QTYPES, give_up=200, look=None):
+def question_sets(images, n_sets, max_images, fits, rng, report, split, types=GEN_QTYPES, give_up=200):
     """n_sets [(image indices, question, answer, type)] over images [([captions], objects)], the types in turn;
     every answer is read from the captions. A draw the captions cannot answer, or that fits(question, answer)
-    refuses, is skipped and counted; a type with give_up such draws in a row is dropped. look(image) -> pixels:
-    a change pairs an image with the partner the captions allow that looks most like it (None: any partner)."""
+    refuses, is skipped and counted; a type with give_up such draws in a row is dropped."""
     counted = [i for i, (_, objs) in enumerate(images) if objs and all(o[0] for o in objs)]  # every count known
     units = {i: tuple(sorted(unit(o) for o in images[i][1] for _ in range(o[0]))) for i in counted}
     small = [i for i in counted if all(x[0] == "small" for x in units[i])]
@@ -1147,9 +1146,7 @@ def question_sets(images, n_sets, max_images, fits, rng, report, split, types=GE
         elif qtype == "change" and changes:  # each kind the captions can show as often, whatever its images
             kind = list(changes)[int(rng.integers(len(changes)))]
             i = int(rng.choice(changes[kind]))
-            ks = partners[kind][i]
-            k = ks[int(np.argmin([((look(k) - look(i)) ** 2).sum() for k in ks]))] if look else int(rng.choice(ks))
-            ids, made = [i, k], ("what changed between the two images?", kind)
+            ids, made = [i, int(rng.choice(partners[kind][i]))], ("what changed between the two images?", kind)
         elif qtype == "order" and (ids := pick(named, K)):
             a, b = (int(x) for x in rng.choice(K, 2, replace=False))
             oa, ob = (images[ids[k]][1][int(rng.integers(len(images[ids[k]][1])))] for k in (a, b))
@@ -1174,15 +1171,6 @@ def question_sets(images, n_sets, max_images, fits, rng, report, split, types=GE
     return out
 
 
-def thumbnail(path, size=16):
-    """An image's pixels at size x size, floats in [0, 1]; an unreadable image looks black here (its sets are
-    skipped and counted when the images are read)."""
-    try:
-        return load_image(path, size).astype(np.float32) / 255
-    except BadImage:
-        return np.zeros((size, size, 3), np.float32)
-
-
 def generated_sets(args, report):
     """{multi_train, multi_val: [([image paths], question, answer, type)]} made by question_sets from the captions
     of a COCO captions file (the objects from each image's first); val from the images --val_fraction holds out."""
@@ -1194,9 +1182,8 @@ def generated_sets(args, report):
     for split, n in (("multi_train", args.sets), ("multi_val", args.val_sets)):
         mine = [(path, captions) for path, captions in items if captions and
                 held_out(os.path.relpath(path, args.images), args.val_fraction) == (split == "multi_val")]
-        look = cache(lambda i: thumbnail(mine[i][0])) if args.pairs == "nearest" else None
         made = question_sets([(cs, caption_objects(cs[0])) for _, cs in mine], n, args.max_images, fits, rng, report,
-                             split, args.types, look=look)
+                             split, args.types)
         sets[split] = [([mine[i][0] for i in ids], q, a, t) for ids, q, a, t in made]
     return sets
 
@@ -1279,8 +1266,6 @@ def parse_args(argv):
     p.add_argument("--sets", type=int, default=4000, help="question sets of multi_train")
     p.add_argument("--val_sets", type=int, default=500, help="question sets of multi_val (the held-out images)")
     p.add_argument("--seed", type=int, default=0, help="the draws of images and questions")
-    p.add_argument("--pairs", choices=("nearest", "random"), default="nearest", help="a change set's second "
-                   "image, of those whose captions differ in one thing: the nearest in pixels (16 x 16), or any")
     p.add_argument("--types", type=lambda s: tuple(s.split(",")), default=GEN_QTYPES,
                    help=f"the question types, comma-separated, made in turn (default: all, {','.join(GEN_QTYPES)})")
     # its own --val_fraction, not held's: set_defaults on a parent's argument changes it for every source

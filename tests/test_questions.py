@@ -178,29 +178,18 @@ def test_change_pairs_differ_in_the_one_thing_their_answer_names():
     assert not {(1, 3), (1, 4), (1, 6), (2, 3)} & {tuple(sorted(ids)) for ids in pairs}
 
 
-def test_a_change_pairs_each_image_with_the_partner_that_looks_most_like_it():
-    """Three colour twins at known looks: each image's partner is the nearest one (0 -> 2 -> 0, 1 -> 2); without
-    looks any partner is drawn."""
-    images = [([c], prepare.caption_objects(c)) for c in ("a red ring", "a blue ring", "a green ring")]
-    value = [0.0, 1.0, 0.1]
-    draw = lambda look: prepare.question_sets(images, 60, 2, lambda q, a: True, np.random.default_rng(0),  # noqa: E731
-                                              prepare.Report(), "t", ("change",), look=look)
-    nearest = {tuple(ids) for ids, *_ in draw(lambda i: np.full((2, 2, 3), value[i], np.float32))}
-    assert nearest == {(0, 2), (1, 2), (2, 0)}
-    assert {tuple(ids) for ids, *_ in draw(None)} == {(i, k) for i in range(3) for k in range(3) if i != k}
-
-
-def test_an_unreadable_image_among_the_partners_is_skipped_and_counted(tiny_world, exported, tmp_path):
+def test_unreadable_images_are_skipped_and_counted(tiny_world, exported, tmp_path):
+    """Every tenth image corrupt: each of the 300 sets drawn is kept or counted as skipped for an unusable image."""
     folder = tmp_path / "coco"
     shutil.copytree(exported, folder)
     names = sorted(os.listdir(folder / "images"))
-    for name in names[::10]:  # every tenth image, the change pools' included
+    for name in names[::10]:  # every tenth image
         (folder / "images" / name).write_bytes(b"not a png")
     out = tmp_path / "q"
     prepare.main(question_args(tiny_world, str(folder), out, "--types", "change"))
     skipped = json.load(open(out / "report.json"))["splits"]["multi_train"]["skipped"]
-    assert skipped["unusable image"] > 0 and data.Dataset(str(out)).meta["splits"]["multi_train"] > 0
-    assert prepare.thumbnail(str(folder / "images" / names[0])).max() == 0  # it looked black, nothing raised
+    kept = data.Dataset(str(out)).meta["splits"]["multi_train"]
+    assert skipped["unusable image"] > 0 and kept > 0 and kept + skipped["unusable image"] == 300
 
 
 @pytest.mark.parametrize("a, b, before, after, kept", [
