@@ -587,7 +587,7 @@ def run_ablation(args, train_args):
         zero = {k.removeprefix("zeroshot_"): v for k, v in first.items() if k.startswith("zeroshot_")}
         text += "novel_val, the mean and std over each row's shot samples:\n\n" + markdown_table(
             {"zero-shot": {**zero, "trainable_params": 0}, **results},
-            ["miou", "miou_std", "ap50", "ap50_std", "fg_iou", "miou_bilinear", "ap50_bilinear", "iou_star",
+            ["miou", "miou_std", "ap50", "ap50_std", "fg_iou", "miou_unrefined", "ap50_unrefined", "iou_star",
              "iou_heart", "iou_moon", "trainable_params", "step", "train_time_s", "wall_time_s"])
     elif args.stage == "instruct":  # the majority-answer baseline as a row of its own
         majority = {k.replace("majority", "acc"): v for k, v in first.items() if "majority" in k}

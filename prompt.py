@@ -208,7 +208,9 @@ class PromptVLM(VLM):
     def detect(self, pixels, class_tokens, prompted=True):
         """The class map (B, H, W) (argmax of the refined softmax), the upsampled scores (B, C, H, W), the boxes."""
         fused, _ = self.score_maps(pixels, self.class_embeddings(class_tokens, prompted), prompted)
-        scores = fp32(F.interpolate(fused, size=pixels.shape[-2:], mode="bilinear", align_corners=False))
+        # nearest: each patch's scores cover its own pixels and PAMR moves the edges; bilinear blending gives the
+        # rim of an object about one patch wide its background neighbours' scores (results/prompt.md)
+        scores = fp32(F.interpolate(fused, size=pixels.shape[-2:], mode="nearest"))
         probs = scores.softmax(1)
         if self.cfg.refine_iters > 0:
             probs = refine_masks(fp32(pixels), probs, self.cfg.refine_iters)
@@ -332,29 +334,30 @@ def true_boxes(ds, split, idx, names):
 def evaluate(model, ds, names, class_tokens, prompted=True, max_images=None, split="novel_val", batch_size=128,
              ctx=nullcontext()):
     """Few-shot detection on the first max_images of split (prompted False: zero-shot): IoU per named class, miou,
-    fg_iou, box AP at IoU 0.5 (ap50); the same without the edge refinement (*_bilinear). Protocol: docs/prompt.md."""
+    fg_iou, box AP at IoU 0.5 (ap50); the same without the edge refinement (*_unrefined). Protocol: docs/prompt.md."""
     was_training = model.training
     model.eval()
     n = min(ds.split_size(split), max_images or ds.split_size(split))
     C = len(names) + 1
     tokens = torch.as_tensor(np.asarray(class_tokens, np.int64), device=model.pixel_mean.device)
-    # per map (refined "", bilinear "_bilinear"): (intersection, union) per class and of the foreground; the boxes
-    counts, fg, dets = {"": 0, "_bilinear": 0}, {"": 0, "_bilinear": 0}, {"": [], "_bilinear": []}
+    # per map (refined "", upsampled alone "_unrefined"): (intersection, union) per class and of the foreground,
+    # the boxes
+    counts, fg, dets = {"": 0, "_unrefined": 0}, {"": 0, "_unrefined": 0}, {"": [], "_unrefined": []}
     for i in range(0, n, batch_size):
         idx = np.arange(i, min(n, i + batch_size))
         truth = ds.class_targets(split, idx, names)
         with ctx:
             classmap, scores, boxes = model.detect(model.normalize_pixels(ds.array(split, "images")[idx]), tokens,
                                                    prompted)
-        bilinear = scores.argmax(1)
+        unrefined = scores.argmax(1)
         dets[""] += boxes
-        dets["_bilinear"] += anchor_boxes(bilinear, scores, model.cfg.min_box_area)
-        for key, pred in (("", classmap.cpu().numpy()), ("_bilinear", bilinear.cpu().numpy())):
+        dets["_unrefined"] += anchor_boxes(unrefined, scores, model.cfg.min_box_area)
+        for key, pred in (("", classmap.cpu().numpy()), ("_unrefined", unrefined.cpu().numpy())):
             counts[key] += np.stack(class_iou_counts(pred, truth, C))
             fg[key] += np.stack(class_iou_counts(pred > 0, truth > 0, 2))[:, 1]
     truths = true_boxes(ds, split, np.arange(n), names)
     out = {}
-    for key in ("", "_bilinear"):
+    for key in ("", "_unrefined"):
         iou = counts[key][0] / np.maximum(counts[key][1], 1)  # a class in neither map: 0
         ap = average_precision(dets[key], truths, range(1, C))
         out[f"miou{key}"] = float(iou[1:].mean())

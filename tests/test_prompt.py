@@ -121,6 +121,19 @@ def test_score_maps_per_layer_and_fused_with_a_one_hot_weight():
     assert torch.allclose(model.score_maps(x, emb)[0], w[0] * maps[0] + w[1] * maps[1], atol=1e-12)
 
 
+def test_detect_gives_each_patch_its_scores_at_all_its_pixels_then_refines():
+    model = make_model(refine_iters=0)
+    x, tokens = pixels(), captions(3, [4, 5, 6])
+    fused = model.score_maps(x, model.class_embeddings(tokens))[0]
+    p = CFG.patch_size
+    ref = fused.repeat_interleave(p, dim=-2).repeat_interleave(p, dim=-1)  # patch (i, j) -> its p x p pixels
+    classmap, scores, boxes = model.detect(x, tokens)
+    assert torch.equal(scores, ref) and torch.equal(classmap, ref.argmax(1))
+    assert boxes == anchor_boxes(ref.argmax(1), ref, model.cfg.min_box_area)
+    model.cfg.refine_iters = 3
+    assert torch.equal(model.detect(x, tokens)[0], refine_masks(x, ref.softmax(1), 3).argmax(1))
+
+
 def test_prompt_config_errors_are_clear():
     def check(**changes):
         train.validate(train.TrainConfig(model=VLMConfig(**{**PCFG.__dict__, **changes})))
