@@ -124,7 +124,8 @@ def test_score_maps_per_layer_and_fused_with_a_one_hot_weight():
 def test_detect_gives_each_patch_its_scores_at_all_its_pixels_then_refines():
     model = make_model(refine_iters=0)
     x, tokens = pixels(), captions(3, [4, 5, 6])
-    fused = model.score_maps(x, model.class_embeddings(tokens))[0]
+    with torch.no_grad():
+        fused = model.score_maps(x, model.class_embeddings(tokens))[0]
     p = CFG.patch_size
     ref = fused.repeat_interleave(p, dim=-2).repeat_interleave(p, dim=-1)  # patch (i, j) -> its p x p pixels
     classmap, scores, boxes = model.detect(x, tokens)
