@@ -340,8 +340,7 @@ def evaluate(model, ds, names, class_tokens, prompted=True, max_images=None, spl
     n = min(ds.split_size(split), max_images or ds.split_size(split))
     C = len(names) + 1
     tokens = torch.as_tensor(np.asarray(class_tokens, np.int64), device=model.pixel_mean.device)
-    # per map (refined "", upsampled alone "_unrefined"): (intersection, union) per class and of the foreground,
-    # the boxes
+    # per map ("" refined, "_unrefined" not): (intersection, union) per class and of the foreground; the boxes
     counts, fg, dets = {"": 0, "_unrefined": 0}, {"": 0, "_unrefined": 0}, {"": [], "_unrefined": []}
     for i in range(0, n, batch_size):
         idx = np.arange(i, min(n, i + batch_size))
